@@ -17,6 +17,9 @@ Rules it keeps:
 from __future__ import annotations
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.errors import FleetlearnError
 
@@ -117,3 +120,61 @@ def dequantize(q: np.ndarray, *, clip: float, bits: int, count: int = 1) -> np.n
     out *= 2.0 * float(clip) / float(levels)
     out -= count * float(clip)
     return out
+
+
+# -------------------------------------------------------------------- shared-seed coordinates
+
+SEED_BYTES = 32
+# Label for the key derivation: a seed used for masks elsewhere never yields these coordinates.
+_RANDK_LABEL = b"fleetlearn/sparse/rand-k/v1"
+
+
+def coordinate_count(dim: int, density: float) -> int:
+    """k for a model of `dim` parameters at `density` (fraction in (0, 1]); at least 1.
+
+    Rounds to nearest so that density 0.01 of 100_000 is 1000 on every platform even though
+    0.01 * 100_000 is 1000.0000000000001 in binary floating point.
+    """
+    if type(dim) is not int or dim < 1:
+        raise CompressionError(f"dim must be an int >= 1, got {dim!r}")
+    if not isinstance(density, float | int) or not 0.0 < density <= 1.0:
+        raise CompressionError(f"density must be in (0, 1], got {density!r}")
+    return min(dim, max(1, round(density * dim)))
+
+
+def _keystream(key: bytes, nbytes: int) -> bytes:
+    # ChaCha20 with a key used for this purpose only; the all-zero nonce/counter is then safe.
+    cipher = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None)
+    return cipher.encryptor().update(b"\x00" * nbytes)
+
+
+def shared_coordinates(seed: bytes, dim: int, k: int) -> np.ndarray:
+    """The k coordinates of a `dim`-vector that every device of a round sends (rand-k).
+
+    Derived from the full 32-byte round seed alone: HKDF-SHA256 with a purpose label and `dim`
+    gives a ChaCha20 key; its keystream gives one 64-bit key per coordinate; the k coordinates
+    with the smallest keys are chosen (a uniformly random k-subset). The low bits of each key are
+    replaced by the coordinate's index, so keys are distinct and the chosen set does not depend
+    on how a numpy release breaks ties. For one seed the selections for k1 < k2 are nested.
+
+    Returns a sorted int64 array of length k.
+    """
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise CompressionError(f"seed must be {SEED_BYTES} bytes")
+    if type(dim) is not int or dim < 1:
+        raise CompressionError(f"dim must be an int >= 1, got {dim!r}")
+    if type(k) is not int or not 1 <= k <= dim:
+        raise CompressionError(f"k must be an int in 1..{dim}, got {k!r}")
+    if k == dim:
+        return np.arange(dim, dtype=np.int64)
+    key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=_RANDK_LABEL + dim.to_bytes(8, "big")
+    ).derive(seed)
+    keys = np.frombuffer(_keystream(key, 8 * dim), dtype="<u8").copy()
+    index_bits = max(1, (dim - 1).bit_length())
+    keys >>= np.uint64(index_bits)
+    keys <<= np.uint64(index_bits)
+    keys |= np.arange(dim, dtype=np.uint64)
+    chosen = np.argpartition(keys, k - 1)[:k]
+    chosen.sort()
+    return chosen.astype(np.int64, copy=False)
