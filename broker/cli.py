@@ -1,0 +1,141 @@
+"""`fleetlearn broker` and `fleetlearn provision`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from broker import provision as prov
+from broker.runner import DEFAULT_PORT, BrokerSettings, choose_mode, find_mosquitto, start_broker
+from shared.errors import ConfigError
+from shared.ids import id_problem
+
+DEFAULT_FLEET = "plant-7"
+DEFAULT_FLEET_DIR = Path("fleet")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..65535")
+    return value
+
+
+def _fleet_id(text: str) -> str:
+    problem = id_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"fleet id {problem}")
+    return text
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..100000")
+    return value
+
+
+def register(sub: Any) -> None:
+    b = sub.add_parser(
+        "broker",
+        help="run a local MQTT broker (mosquitto, or the embedded one when it is absent)",
+        description=(
+            "Start mosquitto with a generated config on a loopback port and keep it running "
+            "until Ctrl-C. Without mosquitto installed, runs the embedded amqtt broker "
+            "(MQTT 3.1.1) instead and says so."
+        ),
+    )
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    b.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (default 1883)")
+    b.add_argument(
+        "--fleet-dir",
+        type=Path,
+        help="provisioned fleet directory: enables password auth and the ACL from it",
+    )
+    b.add_argument("--state-dir", type=Path, help="where config, log and persistence live")
+    b.add_argument("--persistence", action="store_true", help="keep retained messages on disk")
+    which = b.add_mutually_exclusive_group()
+    which.add_argument("--embedded", action="store_true", help="use the embedded amqtt broker")
+    which.add_argument("--mosquitto", action="store_true", help="require mosquitto")
+    b.set_defaults(handler=run_broker)
+
+    p = sub.add_parser(
+        "provision",
+        help="write broker credentials, the ACL and identity keys for a fleet",
+        description=(
+            "Create or extend a fleet directory: mosquitto password and ACL files, the "
+            "aggregator's signing key, and per-device credentials and Ed25519 identity keys. "
+            "Re-running adds devices and keeps existing keys unless --rotate is given."
+        ),
+    )
+    p.add_argument("--fleet", type=_fleet_id, default=DEFAULT_FLEET, help="fleet id")
+    p.add_argument("--devices", type=_count, default=0, help="number of devices (ids PREFIX-0001...)")
+    p.add_argument("--prefix", default="dev", help="device id prefix (default dev)")
+    p.add_argument("--ids", default="", help="comma-separated device ids, in addition to --devices")
+    p.add_argument("--out", type=Path, default=DEFAULT_FLEET_DIR, help="fleet directory (default ./fleet)")
+    p.add_argument("--rotate", action="store_true", help="replace every key and password")
+    p.set_defaults(handler=run_provision)
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    ids = prov.device_ids(args.devices, args.prefix)
+    ids += [x.strip() for x in args.ids.split(",") if x.strip()]
+    for dev in ids:
+        problem = id_problem(dev)
+        if problem:
+            raise ConfigError("--ids/--prefix", f"device id {problem}")
+    report = prov.provision(args.out, args.fleet, ids, rotate=args.rotate)
+    total = len(report.added) + len(report.kept)
+    verb = "rotated" if report.rotated else "added"
+    print(
+        f"fleet {report.fleet!r} in {report.directory}: {total} devices "
+        f"({len(report.added)} {verb}, {len(report.kept)} kept)"
+    )
+    print(f"  broker files: {report.directory / 'passwd'}, {report.directory / 'acl'}")
+    print(f"  aggregator:   {report.directory / 'aggregator'}")
+    print(f"  devices:      {report.directory / 'devices'}/<id>/  (copy one to each gateway)")
+    return 0
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    mode = "embedded" if args.embedded else "mosquitto" if args.mosquitto else "auto"
+    chosen = choose_mode(mode)
+    if chosen == "embedded" and not args.embedded:
+        print(
+            "mosquitto not found: running the embedded amqtt broker instead "
+            "(MQTT 3.1.1 only, about half as fast; apt-get install mosquitto for production)",
+            file=sys.stderr,
+        )
+    settings = BrokerSettings(
+        host=args.host,
+        port=args.port,
+        fleet_dir=args.fleet_dir,
+        state_dir=args.state_dir,
+        persistence=args.persistence,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    broker = start_broker(settings, chosen)
+    try:
+        auth = f"auth+ACL from {args.fleet_dir}" if args.fleet_dir else "anonymous, no ACL"
+        binary = find_mosquitto() if chosen == "mosquitto" else "amqtt"
+        print(f"{chosen} ({binary}) listening on {broker.url} ({auth}); Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            if not broker.running():
+                print(f"{chosen} stopped unexpectedly:\n{broker.log_tail()}", file=sys.stderr)
+                return 1
+    finally:
+        broker.close()
+    print("broker stopped", flush=True)
+    return 0

@@ -1,0 +1,423 @@
+"""Fleet provisioning: broker credentials, the ACL, and Ed25519 identity keys.
+
+What `provision()` writes under its output directory (the "fleet directory"):
+
+    fleet.json                 public registry: fleet id, aggregator verify key, device verify keys
+    passwd                     mosquitto password file (PBKDF2-SHA512 `$7$` hashes, never plain)
+    acl                        mosquitto ACL implementing ARCHITECTURE §3
+    aggregator/identity.key    aggregator's Ed25519 release-signing key (secret)
+    aggregator/password        aggregator's MQTT password (secret)
+    dashboard/password         read-only dashboard user's MQTT password (secret)
+    devices/{id}/identity.key  device's Ed25519 identity key (secret)
+    devices/{id}/password      device's MQTT password (secret)
+    devices/{id}/device.json   device id, fleet id, aggregator verify key (what a gateway trusts)
+
+Rules: secrets are created 0600 inside 0700 directories and written atomically; the broker only
+ever sees hashes. Re-running adds missing devices and leaves existing keys and passwords alone;
+`rotate=True` replaces them all. The MQTT username of a device is its device id, and the ACL
+gives each device a section of its own that confines it to its own topics.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey, VerifyKey
+
+from shared import topics
+from shared.errors import FleetlearnError
+from shared.ids import id_problem
+
+AGGREGATOR_USER = "aggregator"
+DASHBOARD_USER = "dashboard"
+RESERVED_USERS = frozenset({AGGREGATOR_USER, DASHBOARD_USER})
+
+# mosquitto_passwd uses 101 iterations. Ten times that slows offline guessing of a stolen passwd
+# file tenfold while costing the broker well under a millisecond per CONNECT, which matters when a
+# simulated fleet of 1000 devices connects at once.
+PBKDF2_ITERATIONS = 1_000
+SALT_BYTES = 12  # what mosquitto_passwd uses
+
+
+class ProvisionError(FleetlearnError):
+    """The fleet directory is missing, unreadable, or inconsistent."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCredentials:
+    """What one device needs: loaded from `devices/{id}/`."""
+
+    device_id: str
+    fleet: str
+    password: str
+    identity: SigningKey
+    aggregator_key: VerifyKey
+
+    @property
+    def username(self) -> str:
+        return self.device_id
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorCredentials:
+    fleet: str
+    password: str
+    identity: SigningKey
+
+    @property
+    def username(self) -> str:
+        return AGGREGATOR_USER
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRegistry:
+    """The public half of a fleet: who exists and which keys they sign with."""
+
+    fleet: str
+    aggregator_key: VerifyKey
+    device_keys: dict[str, VerifyKey]
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionReport:
+    directory: Path
+    fleet: str
+    added: tuple[str, ...]
+    kept: tuple[str, ...]
+    rotated: bool
+
+
+# --------------------------------------------------------------------------------- file helpers
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Atomically write `text` to `path` with mode 0600 (created so, never chmod-ed after)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _write_public(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ProvisionError(f"{what} not found at {path}; run `fleetlearn provision`") from None
+    except OSError as exc:
+        raise ProvisionError(f"cannot read {what} at {path}: {exc.strerror}") from None
+
+
+def _signing_key(path: Path, what: str) -> SigningKey:
+    text = _read(path, what)
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise ProvisionError(f"{what} at {path} is not hex") from None
+    if len(seed) != 32:
+        raise ProvisionError(f"{what} at {path} holds {len(seed)} bytes; expected 32")
+    return SigningKey(seed)
+
+
+def _verify_key(text: object, what: str) -> VerifyKey:
+    if not isinstance(text, str):
+        raise ProvisionError(f"{what} must be a hex string")
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ProvisionError(f"{what} is not hex") from None
+    if len(raw) != 32:
+        raise ProvisionError(f"{what} holds {len(raw)} bytes; expected 32")
+    return VerifyKey(raw)
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+# ---------------------------------------------------------------------------- mosquitto formats
+
+
+def hash_password(password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None) -> str:
+    """A mosquitto 2.x password-file hash (`$7$`: PBKDF2-HMAC-SHA512, base64 salt and digest)."""
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def check_password(password: str, hashed: str) -> bool:
+    """Verify `password` against a `$7$` hash (used by the embedded broker)."""
+    parts = hashed.split("$")
+    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():
+        return False
+    try:
+        salt = base64.b64decode(parts[3], validate=True)
+        expected = base64.b64decode(parts[4], validate=True)
+    except ValueError:
+        return False
+    iterations = int(parts[2])
+    if not 1 <= iterations <= 10_000_000:
+        return False
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    return secrets.compare_digest(digest, expected)
+
+
+def acl_text(fleet: str, devices: Sequence[str]) -> str:
+    """The mosquitto ACL for one fleet (ARCHITECTURE §3).
+
+    Each device gets its own `user` section rather than shared `pattern ... %u` lines: mosquitto
+    applies patterns to every user, which would also let the dashboard read round traffic.
+    """
+    base = f"{topics.PREFIX}/{topics.check_id(fleet, 'fleet id')}"
+    lines = [
+        f"# fleetlearn ACL for fleet {fleet!r}; generated by `fleetlearn provision`, do not edit.",
+        "# mosquitto denies anything not granted here. Reload mosquitto (SIGHUP) after changes.",
+        "",
+        "# The aggregator runs the fleet: it reads and writes everything under the fleet prefix.",
+        f"user {AGGREGATOR_USER}",
+        f"topic readwrite {base}/#",
+        "",
+        "# Dashboards only read the JSON topics.",
+        f"user {DASHBOARD_USER}",
+        *(f"topic read {t}" for t in topics.dashboard_filters(fleet)),
+        "",
+        "# Devices (username = device id) write only under their own id and read the model,",
+        "# the round announcement, round-wide messages and their own inbox.",
+    ]
+    for dev in devices:
+        lines.append(f"user {dev}")
+        lines += (f"topic write {t}" for t in device_write_topics(fleet, dev))
+        lines += (f"topic read {t}" for t in topics.device_filters(fleet, dev))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def device_write_topics(fleet: str, device_id: str) -> list[str]:
+    """Filters a device may publish to: its status and health, and its round messages."""
+    base = f"{topics.PREFIX}/{topics.check_id(fleet, 'fleet id')}"
+    topics.check_id(device_id)
+    return [
+        f"{base}/dev/{device_id}/status",
+        f"{base}/dev/{device_id}/health",
+        *(
+            f"{base}/r/+/{kind.value}/{device_id}"
+            for kind in (
+                topics.Kind.ADVERTISE,
+                topics.Kind.SHARES,
+                topics.Kind.MASKED,
+                topics.Kind.UPDATE,
+                topics.Kind.UNMASK,
+            )
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------------ provision
+
+
+def device_ids(count: int, prefix: str = "dev") -> list[str]:
+    """`count` ids `prefix-0001`, ... (width grows past 9999)."""
+    if count < 0:
+        raise ProvisionError(f"device count must be >= 0, got {count}")
+    width = max(4, len(str(count)))
+    return [f"{prefix}-{i:0{width}d}" for i in range(1, count + 1)]
+
+
+def provision(
+    directory: Path | str,
+    fleet: str,
+    devices: Sequence[str],
+    *,
+    rotate: bool = False,
+    iterations: int = PBKDF2_ITERATIONS,
+) -> ProvisionReport:
+    """Create or extend the fleet directory for `fleet` with `devices` (see module docstring)."""
+    root = Path(directory)
+    problem = id_problem(fleet)
+    if problem:
+        raise ProvisionError(f"fleet id {problem}")
+    for dev in devices:
+        problem = id_problem(dev)
+        if problem:
+            raise ProvisionError(f"device id {problem}")
+        if dev in RESERVED_USERS:
+            raise ProvisionError(f"device id {dev!r} is reserved for the {dev} user")
+    if len(set(devices)) != len(devices):
+        raise ProvisionError("device ids repeat")
+
+    existing: dict[str, str] = {}
+    registry_path = root / "fleet.json"
+    if registry_path.exists():
+        registry = load_registry(root)
+        if registry.fleet != fleet:
+            raise ProvisionError(
+                f"{root} already holds fleet {registry.fleet!r}; use another directory for {fleet!r}"
+            )
+        existing = {d: k.encode().hex() for d, k in registry.device_keys.items()}
+
+    _private_dir(root)
+    agg_dir = _private_dir(root / "aggregator")
+    dash_dir = _private_dir(root / "dashboard")
+    dev_root = _private_dir(root / "devices")
+
+    agg_key_path = agg_dir / "identity.key"
+    if rotate or not agg_key_path.exists():
+        _write_secret(agg_key_path, SigningKey.generate().encode().hex() + "\n")
+    aggregator_key = _signing_key(agg_key_path, "aggregator identity key")
+    for pw_path in (agg_dir / "password", dash_dir / "password"):
+        if rotate or not pw_path.exists():
+            _write_secret(pw_path, _new_password() + "\n")
+
+    all_devices = list(dict.fromkeys([*existing, *devices]))
+    added, kept = [], []
+    verify_keys: dict[str, str] = {}
+    agg_verify_hex = aggregator_key.verify_key.encode().hex()
+    for dev in all_devices:
+        ddir = _private_dir(dev_root / dev)
+        key_path, pw_path = ddir / "identity.key", ddir / "password"
+        fresh = rotate or not key_path.exists() or not pw_path.exists()
+        if rotate or not key_path.exists():
+            _write_secret(key_path, SigningKey.generate().encode().hex() + "\n")
+        if rotate or not pw_path.exists():
+            _write_secret(pw_path, _new_password() + "\n")
+        (added if fresh and dev not in existing else kept).append(dev)
+        verify_keys[dev] = _signing_key(key_path, f"identity key of {dev}").verify_key.encode().hex()
+        _write_public(
+            ddir / "device.json",
+            json.dumps(
+                {"device_id": dev, "fleet": fleet, "aggregator_verify_key": agg_verify_hex},
+                indent=2,
+            )
+            + "\n",
+        )
+
+    users = [
+        (AGGREGATOR_USER, _read(agg_dir / "password", "aggregator password")),
+        (DASHBOARD_USER, _read(dash_dir / "password", "dashboard password")),
+        *((d, _read(dev_root / d / "password", f"password of {d}")) for d in all_devices),
+    ]
+    old_hashes = _read_passwd(root / "passwd") if (root / "passwd").exists() else {}
+    lines = []
+    for user, password in users:
+        # Keep an existing hash when it still matches, so re-runs leave passwd stable.
+        old = old_hashes.get(user)
+        if old is not None and not rotate and check_password(password, old):
+            lines.append(f"{user}:{old}")
+        else:
+            lines.append(f"{user}:{hash_password(password, iterations=iterations)}")
+    # mosquitto must read passwd and acl; in docker it runs as another user, so group-readable.
+    _write_public(root / "passwd", "\n".join(lines) + "\n", mode=0o640)
+    _write_public(root / "acl", acl_text(fleet, all_devices), mode=0o644)
+    _write_public(
+        registry_path,
+        json.dumps(
+            {"fleet": fleet, "aggregator_verify_key": agg_verify_hex, "devices": verify_keys},
+            indent=2,
+        )
+        + "\n",
+    )
+    return ProvisionReport(root, fleet, tuple(added), tuple(kept), rotate)
+
+
+def _read_passwd(path: Path) -> dict[str, str]:
+    out = {}
+    for line in _read(path, "password file").splitlines():
+        user, sep, hashed = line.partition(":")
+        if sep:
+            out[user] = hashed
+    return out
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def load_registry(directory: Path | str) -> FleetRegistry:
+    root = Path(directory)
+    text = _read(root / "fleet.json", "fleet registry")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProvisionError(f"{root / 'fleet.json'} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
+        raise ProvisionError(f"{root / 'fleet.json'} lacks a 'devices' map")
+    fleet = data.get("fleet")
+    if id_problem(fleet) is not None:
+        raise ProvisionError(f"{root / 'fleet.json'}: fleet id {id_problem(fleet)}")
+    devices = {}
+    for dev, key in data["devices"].items():
+        if id_problem(dev) is not None:
+            raise ProvisionError(f"{root / 'fleet.json'}: device id {id_problem(dev)}")
+        devices[dev] = _verify_key(key, f"verify key of {dev}")
+    return FleetRegistry(
+        fleet=str(fleet),
+        aggregator_key=_verify_key(data.get("aggregator_verify_key"), "aggregator verify key"),
+        device_keys=devices,
+    )
+
+
+def load_device(device_dir: Path | str) -> DeviceCredentials:
+    """Load `devices/{id}/` (the bundle a gateway is given)."""
+    ddir = Path(device_dir)
+    try:
+        info = json.loads(_read(ddir / "device.json", "device.json"))
+    except json.JSONDecodeError as exc:
+        raise ProvisionError(f"{ddir / 'device.json'} is not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ProvisionError(f"{ddir / 'device.json'} must hold a JSON object")
+    dev, fleet = info.get("device_id"), info.get("fleet")
+    for what, value in (("device_id", dev), ("fleet", fleet)):
+        if id_problem(value) is not None:
+            raise ProvisionError(f"{ddir / 'device.json'}: {what} {id_problem(value)}")
+    return DeviceCredentials(
+        device_id=str(dev),
+        fleet=str(fleet),
+        password=_read(ddir / "password", f"password of {dev}"),
+        identity=_signing_key(ddir / "identity.key", f"identity key of {dev}"),
+        aggregator_key=_verify_key(info.get("aggregator_verify_key"), "aggregator verify key"),
+    )
+
+
+def load_aggregator(directory: Path | str) -> AggregatorCredentials:
+    root = Path(directory)
+    registry = load_registry(root)
+    return AggregatorCredentials(
+        fleet=registry.fleet,
+        password=_read(root / "aggregator" / "password", "aggregator password"),
+        identity=_signing_key(root / "aggregator" / "identity.key", "aggregator identity key"),
+    )
+
+
+def dashboard_password(directory: Path | str) -> str:
+    return _read(Path(directory) / "dashboard" / "password", "dashboard password")
+
+
+def provisioned_devices(directory: Path | str) -> list[str]:
+    return sorted(load_registry(directory).device_keys)

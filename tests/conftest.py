@@ -1,0 +1,67 @@
+"""Shared fixtures: provisioned fleets and real brokers on free loopback ports.
+
+Broker tests use a real mosquitto started here. When mosquitto is missing they are skipped on a
+developer machine but fail under CI (CI=true), so a CI image without mosquitto cannot pass by
+skipping the tests that matter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker import provision as prov
+from broker.runner import BrokerProcess, BrokerSettings, find_mosquitto
+
+FLEET = "plant-7"
+DEVICES = ("dev-0001", "dev-0002", "dev-0003")
+
+
+def require_mosquitto() -> str:
+    binary = find_mosquitto()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is not installed; .ci/run must install it (apt-get install mosquitto)")
+        pytest.skip("mosquitto is not installed")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def fleet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fleet provisioned once per session with three devices (read-only for tests)."""
+    root = tmp_path_factory.mktemp("fleet")
+    prov.provision(root, FLEET, list(DEVICES))
+    return root
+
+
+def _broker(mode: str, fleet_dir: Path | None, tmp: Path) -> Iterator[BrokerProcess]:
+    if mode == "mosquitto":
+        require_mosquitto()
+    settings = BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=tmp)
+    proc = BrokerProcess(settings, mode)  # type: ignore[arg-type]
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture
+def mosquitto(fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A real mosquitto with the provisioned password and ACL files, on a free port."""
+    yield from _broker("mosquitto", fleet_dir, tmp_path / "mosquitto")
+
+
+@pytest.fixture
+def embedded(fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
+    """The embedded amqtt broker with the same password and ACL files."""
+    yield from _broker("embedded", fleet_dir, tmp_path / "embedded")
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def any_broker(request: pytest.FixtureRequest, fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
+    """Each test using this runs once against mosquitto and once against the embedded broker."""
+    yield from _broker(request.param, fleet_dir, tmp_path / request.param)
