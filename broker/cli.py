@@ -45,6 +45,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _owner(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    if not (uid.isdigit() and (not sep or gid.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not UID or UID:GID")
+    return int(uid), int(gid or uid)
+
+
 def register(sub: Any) -> None:
     b = sub.add_parser(
         "broker",
@@ -84,6 +91,11 @@ def register(sub: Any) -> None:
     p.add_argument("--ids", default="", help="comma-separated device ids, in addition to --devices")
     p.add_argument("--out", type=Path, default=DEFAULT_FLEET_DIR, help="fleet directory (default ./fleet)")
     p.add_argument("--rotate", action="store_true", help="replace every key and password")
+    p.add_argument(
+        "--broker-owner",
+        type=_owner,
+        help="UID:GID to own passwd and acl (the broker's user, e.g. 1883:1883 in docker)",
+    )
     p.set_defaults(handler=run_provision)
 
 
@@ -94,7 +106,9 @@ def run_provision(args: argparse.Namespace) -> int:
         problem = id_problem(dev)
         if problem:
             raise ConfigError("--ids/--prefix", f"device id {problem}")
-    report = prov.provision(args.out, args.fleet, ids, rotate=args.rotate)
+    report = prov.provision(
+        args.out, args.fleet, ids, rotate=args.rotate, broker_owner=args.broker_owner
+    )
     total = len(report.added) + len(report.kept)
     verb = "rotated" if report.rotated else "added"
     print(

@@ -3,7 +3,7 @@
 What `provision()` writes under its output directory (the "fleet directory"):
 
     fleet.json                 public registry: fleet id, aggregator verify key, device verify keys
-    passwd                     mosquitto password file (PBKDF2-SHA512 `$7$` hashes, never plain)
+    passwd                     mosquitto password file (PBKDF2-SHA512 `$7$` hashes, never plain), 0640
     acl                        mosquitto ACL implementing ARCHITECTURE §3
     aggregator/identity.key    aggregator's Ed25519 release-signing key (secret)
     aggregator/password        aggregator's MQTT password (secret)
@@ -13,8 +13,9 @@ What `provision()` writes under its output directory (the "fleet directory"):
     devices/{id}/device.json   device id, fleet id, aggregator verify key (what a gateway trusts)
 
 Rules: secrets are created 0600 inside 0700 directories and written atomically; the broker only
-ever sees hashes. Re-running adds missing devices and leaves existing keys and passwords alone;
-`rotate=True` replaces them all. The MQTT username of a device is its device id, and the ACL
+ever sees hashes. The fleet directory itself is 0755 so that a broker running as its own user
+(`broker_owner`) can reach passwd and acl. Re-running adds missing devices and leaves existing
+keys and passwords alone; `rotate=True` replaces them all. The MQTT username of a device is its device id, and the ACL
 gives each device a section of its own that confines it to its own topics.
 """
 
@@ -258,6 +259,7 @@ def provision(
     *,
     rotate: bool = False,
     iterations: int = PBKDF2_ITERATIONS,
+    broker_owner: tuple[int, int] | None = None,
 ) -> ProvisionReport:
     """Create or extend the fleet directory for `fleet` with `devices` (see module docstring)."""
     root = Path(directory)
@@ -283,7 +285,10 @@ def provision(
             )
         existing = {d: k.encode().hex() for d, k in registry.device_keys.items()}
 
-    _private_dir(root)
+    # The fleet directory itself stays traversable so a broker running as another user can read
+    # passwd and acl; every secret lives in a 0700 subdirectory.
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
     agg_dir = _private_dir(root / "aggregator")
     dash_dir = _private_dir(root / "dashboard")
     dev_root = _private_dir(root / "devices")
@@ -336,6 +341,16 @@ def provision(
     # mosquitto must read passwd and acl; in docker it runs as another user, so group-readable.
     _write_public(root / "passwd", "\n".join(lines) + "\n", mode=0o640)
     _write_public(root / "acl", acl_text(fleet, all_devices), mode=0o644)
+    if broker_owner is not None:
+        # e.g. 1883:1883, the mosquitto user of the eclipse-mosquitto image.
+        for name in ("passwd", "acl"):
+            try:
+                os.chown(root / name, *broker_owner)
+            except PermissionError:
+                raise ProvisionError(
+                    f"cannot hand {root / name} to uid:gid {broker_owner[0]}:{broker_owner[1]}; "
+                    "run provision as root or drop --broker-owner"
+                ) from None
     _write_public(
         registry_path,
         json.dumps(

@@ -38,7 +38,15 @@ class BrokerError(FleetlearnError):
 
 
 def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary: PATH first, then the sbin directories Debian uses."""
+    """Path of the mosquitto binary: $FLEETLEARN_MOSQUITTO, PATH, then Debian's sbin directories.
+
+    FLEETLEARN_MOSQUITTO=none makes mosquitto count as absent (to use or test the fallback).
+    """
+    override = os.environ.get("FLEETLEARN_MOSQUITTO")
+    if override is not None:
+        if override.lower() in ("", "none", "0", "no"):
+            return None
+        return override if os.access(override, os.X_OK) else None
     found = shutil.which("mosquitto")
     if found:
         return found

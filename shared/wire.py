@@ -561,7 +561,7 @@ def unframe(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LI
             max_bin_len=limits.max_decompressed,
             max_array_len=limits.max_items,
             max_map_len=limits.max_items,
-            max_ext_len=0,
+            max_ext_len=limits.max_decompressed,
         )
     except WireError:
         raise

@@ -1,0 +1,159 @@
+"""docker-compose.yml and mosquitto.conf agree with each other and with the CLI.
+
+There is no Docker engine on CI machines, so the compose file is checked structurally; the
+production mosquitto.conf is loaded by the real mosquitto with its paths pointed at a
+temporary fleet directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import posixpath
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
+
+from broker import provision as prov
+from broker.runner import DEFAULT_PORT, free_port, port_open
+from fleetlearn import build_parser
+from tests.conftest import require_mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _conf() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in (ROOT / "mosquitto.conf").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            out.setdefault(key, []).append(value.strip())
+    return out
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """container path -> host source, for short-syntax volume entries."""
+    out = {}
+    for entry in service.get("volumes", []):
+        source, target, *_ = entry.split(":")
+        out[target] = source
+    return out
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_services_present(compose: dict[str, Any]) -> None:
+    assert {"mosquitto", "aggregator", "simulator", "provision"} <= set(compose["services"])
+    for name, service in compose["services"].items():
+        assert "image" in service or "build" in service, name
+    for named in ("mosquitto-data", "aggregator-state"):
+        assert named in compose["volumes"]
+
+
+def test_mosquitto_service_matches_conf(compose: dict[str, Any]) -> None:
+    conf = _conf()
+    service = compose["services"]["mosquitto"]
+    mounts = _mounts(service)
+    assert mounts["/mosquitto/config/mosquitto.conf"] == "./mosquitto.conf"
+    assert (ROOT / "mosquitto.conf").is_file()
+    # passwd and acl live in the mounted fleet directory, which provision writes.
+    fleet_target = posixpath.dirname(conf["password_file"][0])
+    assert posixpath.dirname(conf["acl_file"][0]) == fleet_target
+    assert posixpath.basename(conf["password_file"][0]) == "passwd"
+    assert posixpath.basename(conf["acl_file"][0]) == "acl"
+    assert mounts[fleet_target] == "./fleet"
+    # persistence lands on a named volume.
+    assert conf["persistence"] == ["true"]
+    assert mounts[conf["persistence_location"][0].rstrip("/")] == "mosquitto-data"
+    # The plain listener is the CLI's default port, published on loopback only.
+    listeners = [v.split()[0] for v in conf["listener"]]
+    assert listeners == [str(DEFAULT_PORT)]
+    assert service["ports"] == [f"127.0.0.1:{DEFAULT_PORT}:{DEFAULT_PORT}"]
+    assert conf["allow_anonymous"] == ["false"]
+
+
+def test_fleetlearn_services_agree(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    provision = services["provision"]["command"]
+    fleet = _flag(provision, "--fleet")
+    fleet_out = _flag(provision, "--out")
+    assert _mounts(services["provision"])[fleet_out] == "./fleet"
+    # the broker user of the eclipse-mosquitto image must be able to read passwd and acl
+    assert _flag(provision, "--broker-owner") == "1883:1883"
+    for name in ("aggregator", "simulator"):
+        command = services[name]["command"]
+        assert _flag(command, "--broker") == f"mqtt://mosquitto:{DEFAULT_PORT}", name
+        assert _flag(command, "--fleet") == fleet, name
+        fleet_dir = _flag(command, "--fleet-dir")
+        assert _mounts(services[name])[fleet_dir] == "./fleet", name
+        assert fleet_dir == fleet_out
+
+
+def test_commands_parse_with_the_cli(compose: dict[str, Any]) -> None:
+    """Every command the compose file runs is accepted by `fleetlearn`'s own parser."""
+    parser = build_parser()
+    registered = set()
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        if isinstance(action, argparse._SubParsersAction):
+            registered = set(action.choices)
+    checked = []
+    for name, service in compose["services"].items():
+        if name == "mosquitto":
+            continue
+        command = service["command"]
+        if command[0] not in registered:
+            pytest.skip(f"`fleetlearn {command[0]}` is not built yet ({name} service)")
+        parser.parse_args(command)  # SystemExit on any flag the CLI does not accept
+        checked.append(name)
+    assert checked
+
+
+def test_dockerfile_installs_the_entrypoint() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["fleetlearn"]' in text
+    for package in ("shared", "aggregator", "device", "firmware_sim", "broker"):
+        assert f"COPY {package} ./{package}" in text
+
+
+@pytest.mark.broker
+async def test_production_conf_runs_in_real_mosquitto(tmp_path: Path) -> None:
+    binary = require_mosquitto()
+    fleet = tmp_path / "fleet"
+    prov.provision(fleet, "plant-7", ["dev-0001"])
+    port = free_port()
+    text = (ROOT / "mosquitto.conf").read_text()
+    text = text.replace("/fleet/", f"{fleet}/").replace("/mosquitto/data/", f"{tmp_path}/")
+    text = text.replace(f"listener {DEFAULT_PORT}", f"listener {port} 127.0.0.1")
+    text += "\nuser root\n"  # tests run as root; the image drops to its own mosquitto user
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            if port_open("127.0.0.1", port) or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        dev = prov.load_device(fleet / "devices" / "dev-0001")
+        async with aiomqtt.Client("127.0.0.1", port, username=dev.username, password=dev.password):
+            pass
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", port, username="dev-0001", password="bad"):
+                pass
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
