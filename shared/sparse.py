@@ -335,7 +335,9 @@ def _require_addressing(round_id: int, sender: str | None, cls: str) -> None:
 
 def _require_finite_float32(value: float, field: str) -> None:
     wire.require(
-        math.isfinite(value) and float(np.float32(value)) == value,
+        math.isfinite(value)
+        and abs(value) <= float(np.finfo(np.float32).max)
+        and float(np.float32(value)) == value,
         field,
         f"{value!r} is not a finite float32 number",
     )
