@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from broker import provision as prov
-from broker.runner import DEFAULT_PORT, BrokerSettings, choose_mode, find_mosquitto, start_broker
+from broker.runner import (
+    DEFAULT_PORT,
+    BrokerSettings,
+    Mode,
+    choose_mode,
+    find_mosquitto,
+    start_broker,
+)
 from shared.errors import ConfigError
 from shared.ids import id_problem
 
@@ -86,10 +93,14 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument("--fleet", type=_fleet_id, default=DEFAULT_FLEET, help="fleet id")
-    p.add_argument("--devices", type=_count, default=0, help="number of devices (ids PREFIX-0001...)")
+    p.add_argument(
+        "--devices", type=_count, default=0, help="number of devices (ids PREFIX-0001...)"
+    )
     p.add_argument("--prefix", default="dev", help="device id prefix (default dev)")
     p.add_argument("--ids", default="", help="comma-separated device ids, in addition to --devices")
-    p.add_argument("--out", type=Path, default=DEFAULT_FLEET_DIR, help="fleet directory (default ./fleet)")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_FLEET_DIR, help="fleet directory (default ./fleet)"
+    )
     p.add_argument("--rotate", action="store_true", help="replace every key and password")
     p.add_argument(
         "--broker-owner",
@@ -122,7 +133,7 @@ def run_provision(args: argparse.Namespace) -> int:
 
 
 def run_broker(args: argparse.Namespace) -> int:
-    mode = "embedded" if args.embedded else "mosquitto" if args.mosquitto else "auto"
+    mode: Mode = "embedded" if args.embedded else "mosquitto" if args.mosquitto else "auto"
     chosen = choose_mode(mode)
     if chosen == "embedded" and not args.embedded:
         print(

@@ -3,7 +3,7 @@
 What `provision()` writes under its output directory (the "fleet directory"):
 
     fleet.json                 public registry: fleet id, aggregator verify key, device verify keys
-    passwd                     mosquitto password file (PBKDF2-SHA512 `$7$` hashes, never plain), 0640
+    passwd                     mosquitto password file: PBKDF2-SHA512 `$7$` hashes, mode 0640
     acl                        mosquitto ACL implementing ARCHITECTURE §3
     aggregator/identity.key    aggregator's Ed25519 release-signing key (secret)
     aggregator/password        aggregator's MQTT password (secret)
@@ -15,8 +15,8 @@ What `provision()` writes under its output directory (the "fleet directory"):
 Rules: secrets are created 0600 inside 0700 directories and written atomically; the broker only
 ever sees hashes. The fleet directory itself is 0755 so that a broker running as its own user
 (`broker_owner`) can reach passwd and acl. Re-running adds missing devices and leaves existing
-keys and passwords alone; `rotate=True` replaces them all. The MQTT username of a device is its device id, and the ACL
-gives each device a section of its own that confines it to its own topics.
+keys and passwords alone; `rotate=True` replaces them all. The MQTT username of a device is its
+device id, and the ACL gives each device a section of its own confining it to its own topics.
 """
 
 from __future__ import annotations
@@ -167,7 +167,9 @@ def _new_password() -> str:
 # ---------------------------------------------------------------------------- mosquitto formats
 
 
-def hash_password(password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None) -> str:
+def hash_password(
+    password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None
+) -> str:
     """A mosquitto 2.x password-file hash (`$7$`: PBKDF2-HMAC-SHA512, base64 salt and digest)."""
     salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
     digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
@@ -281,7 +283,8 @@ def provision(
         registry = load_registry(root)
         if registry.fleet != fleet:
             raise ProvisionError(
-                f"{root} already holds fleet {registry.fleet!r}; use another directory for {fleet!r}"
+                f"{root} already holds fleet {registry.fleet!r}; "
+                f"use another directory for {fleet!r}"
             )
         existing = {d: k.encode().hex() for d, k in registry.device_keys.items()}
 
@@ -302,7 +305,8 @@ def provision(
             _write_secret(pw_path, _new_password() + "\n")
 
     all_devices = list(dict.fromkeys([*existing, *devices]))
-    added, kept = [], []
+    added: list[str] = []
+    kept: list[str] = []
     verify_keys: dict[str, str] = {}
     agg_verify_hex = aggregator_key.verify_key.encode().hex()
     for dev in all_devices:
@@ -314,7 +318,9 @@ def provision(
         if rotate or not pw_path.exists():
             _write_secret(pw_path, _new_password() + "\n")
         (added if fresh and dev not in existing else kept).append(dev)
-        verify_keys[dev] = _signing_key(key_path, f"identity key of {dev}").verify_key.encode().hex()
+        verify_keys[dev] = (
+            _signing_key(key_path, f"identity key of {dev}").verify_key.encode().hex()
+        )
         _write_public(
             ddir / "device.json",
             json.dumps(

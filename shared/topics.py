@@ -136,9 +136,7 @@ def per_device(fleet: str, round_id: int, kind: Kind, device_id: str) -> str:
     """Round topics of one device: ADVERTISE, SHARES, INBOX, MASKED, UPDATE, UNMASK."""
     if kind not in PER_ROUND_DEVICE:
         raise TopicError(f"{kind.value} is not a per-device round topic")
-    return (
-        f"{PREFIX}/{_fleet(fleet)}/r/{check_round(round_id)}/{kind.value}/{check_id(device_id)}"
-    )
+    return f"{PREFIX}/{_fleet(fleet)}/r/{check_round(round_id)}/{kind.value}/{check_id(device_id)}"
 
 
 def build(kind: Kind, fleet: str, round_id: int | None = None, device_id: str | None = None) -> str:
@@ -204,9 +202,7 @@ def parse(topic: str) -> Topic:
         kind = _BY_WORD.get(rest[2])
         if kind in PER_ROUND_DEVICE:
             assert kind is not None
-            return Topic(
-                kind, fleet, round_id=_parse_round(rest[1]), device_id=check_id(rest[3])
-            )
+            return Topic(kind, fleet, round_id=_parse_round(rest[1]), device_id=check_id(rest[3]))
     raise TopicError(f"{topic!r} is not a fleetlearn topic")
 
 

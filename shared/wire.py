@@ -28,7 +28,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 import numpy as np
@@ -135,6 +135,7 @@ _REGISTRY: dict[str, type[Message]] = {}
 _CODECS: dict[type[Message], tuple[_FieldCodec, ...]] = {}
 
 
+@dataclass_transform(kw_only_default=True, frozen_default=True, eq_default=False)
 def message(tag: str) -> Callable[[type[M]], type[M]]:
     """Declare a top-level wire message with type tag `tag`."""
     if not isinstance(tag, str) or not tag or len(tag) > 64:
@@ -146,7 +147,7 @@ def message(tag: str) -> Callable[[type[M]], type[M]]:
         made = dataclass(frozen=True, slots=True, kw_only=True, eq=False)(cls)
         if tag in _REGISTRY and _REGISTRY[tag].__qualname__ != made.__qualname__:
             raise TypeError(f"message tag {tag!r} is used by {_REGISTRY[tag].__qualname__}")
-        for f in dataclasses.fields(made):
+        for f in dataclasses.fields(made):  # type: ignore[arg-type]
             if f.name in ("v", "t"):
                 raise TypeError(f"{cls.__name__}: field names 'v' and 't' are reserved")
         made.TAG = tag
@@ -156,6 +157,7 @@ def message(tag: str) -> Callable[[type[M]], type[M]]:
     return wrap
 
 
+@dataclass_transform(kw_only_default=True, frozen_default=True, eq_default=False)
 def record(cls: type[M]) -> type[M]:
     """Declare a nested value type (a map inside a message, no type tag)."""
     if not issubclass(cls, Record):
@@ -236,7 +238,7 @@ def require_array(
 class _FieldCodec:
     """Turns one field's Python value into msgpack-able data and back, checking as it goes."""
 
-    __slots__ = ("default", "has_default", "name", "to_wire", "from_wire")
+    __slots__ = ("default", "from_wire", "has_default", "name", "to_wire")
 
     def __init__(
         self,
@@ -315,18 +317,16 @@ def _converters(
 
         def plain_out(v: Any, path: str) -> Any:
             if type(v) is not expected:
-                raise SchemaError(
-                    f"expected {expected.__name__}, got {_type_name(v)}", field=path
-                )
+                raise SchemaError(f"expected {expected.__name__}, got {_type_name(v)}", field=path)
             return v
 
         def plain_in(v: Any, path: str, limits: Limits) -> Any:
             if type(v) is not expected:
-                raise SchemaError(
-                    f"expected {expected.__name__}, got {_type_name(v)}", field=path
+                raise SchemaError(f"expected {expected.__name__}, got {_type_name(v)}", field=path)
+            if isinstance(v, str) and len(v) > limits.max_str:
+                raise LimitError(
+                    f"string of {len(v)} characters; limit {limits.max_str}", field=path
                 )
-            if expected is str and len(v) > limits.max_str:
-                raise LimitError(f"string of {len(v)} characters; limit {limits.max_str}", field=path)
             return v
 
         return plain_out, plain_in
@@ -440,7 +440,9 @@ def _array_in(v: Any, path: str, limits: Limits) -> Any:
     if not isinstance(dtype_str, str) or dtype_str not in ARRAY_DTYPES:
         raise SchemaError(f"dtype {dtype_str!r} is not allowed", field=path)
     if not isinstance(shape, list) or len(shape) > limits.max_array_ndim:
-        raise SchemaError(f"shape must be a list of at most {limits.max_array_ndim} ints", field=path)
+        raise SchemaError(
+            f"shape must be a list of at most {limits.max_array_ndim} ints", field=path
+        )
     count = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:
@@ -565,7 +567,7 @@ def unframe(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LI
         )
     except WireError:
         raise
-    except Exception as exc:  # noqa: BLE001 - msgpack raises a zoo of types on bad input
+    except Exception as exc:
         raise FrameError(f"bad msgpack ({type(exc).__name__}: {exc})") from None
 
 
@@ -587,7 +589,9 @@ def decode(
         raise SchemaError(f"top level must be a map, got {_type_name(obj)}")
     version = obj.pop("v", None)
     if version != WIRE_VERSION:
-        raise SchemaError(f"unsupported schema version {version!r}; this side speaks {WIRE_VERSION}", field="v")
+        raise SchemaError(
+            f"unsupported schema version {version!r}; this side speaks {WIRE_VERSION}", field="v"
+        )
     tag = obj.pop("t", None)
     if not isinstance(tag, str):
         raise SchemaError(f"type tag must be a string, got {_type_name(tag)}", field="t")

@@ -24,7 +24,9 @@ def require_mosquitto() -> str:
     binary = find_mosquitto()
     if binary is None:
         if os.environ.get("CI"):
-            pytest.fail("mosquitto is not installed; .ci/run must install it (apt-get install mosquitto)")
+            pytest.fail(
+                "mosquitto is not installed; .ci/run must install it (apt-get install mosquitto)"
+            )
         pytest.skip("mosquitto is not installed")
     return binary
 
@@ -62,6 +64,8 @@ def embedded(fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
 
 
 @pytest.fixture(params=["mosquitto", "embedded"])
-def any_broker(request: pytest.FixtureRequest, fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
+def any_broker(
+    request: pytest.FixtureRequest, fleet_dir: Path, tmp_path: Path
+) -> Iterator[BrokerProcess]:
     """Each test using this runs once against mosquitto and once against the embedded broker."""
     yield from _broker(request.param, fleet_dir, tmp_path / request.param)

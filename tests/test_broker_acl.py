@@ -51,8 +51,13 @@ async def _next(client: aiomqtt.Client, timeout: float = 10) -> aiomqtt.Message:
         return await anext(aiter(client.messages))
 
 
-async def test_device_publishes_own_status_not_others(any_broker: BrokerProcess, fleet_dir: Path) -> None:
-    async with _aggregator(any_broker, fleet_dir) as agg, _device(any_broker, fleet_dir, "dev-0001") as dev:
+async def test_device_publishes_own_status_not_others(
+    any_broker: BrokerProcess, fleet_dir: Path
+) -> None:
+    async with (
+        _aggregator(any_broker, fleet_dir) as agg,
+        _device(any_broker, fleet_dir, "dev-0001") as dev,
+    ):
         await agg.subscribe(f"fl/{FLEET}/dev/+/status", qos=1)
         forbidden = topics.status(FLEET, "dev-0002")
         own = topics.status(FLEET, "dev-0001")
@@ -63,8 +68,13 @@ async def test_device_publishes_own_status_not_others(any_broker: BrokerProcess,
         assert msg.payload == b"mine"
 
 
-async def test_device_reads_model_but_not_another_inbox(any_broker: BrokerProcess, fleet_dir: Path) -> None:
-    async with _aggregator(any_broker, fleet_dir) as agg, _device(any_broker, fleet_dir, "dev-0001") as dev:
+async def test_device_reads_model_but_not_another_inbox(
+    any_broker: BrokerProcess, fleet_dir: Path
+) -> None:
+    async with (
+        _aggregator(any_broker, fleet_dir) as agg,
+        _device(any_broker, fleet_dir, "dev-0001") as dev,
+    ):
         other_inbox = topics.per_device(FLEET, 3, topics.Kind.INBOX, "dev-0002")
         own_inbox = topics.per_device(FLEET, 3, topics.Kind.INBOX, "dev-0001")
         await agg.publish(topics.model(FLEET), b"release-1", qos=1, retain=True)
@@ -85,7 +95,10 @@ async def test_device_reads_model_but_not_another_inbox(any_broker: BrokerProces
 
 
 async def test_device_cannot_publish_model(any_broker: BrokerProcess, fleet_dir: Path) -> None:
-    async with _aggregator(any_broker, fleet_dir) as agg, _device(any_broker, fleet_dir, "dev-0001") as dev:
+    async with (
+        _aggregator(any_broker, fleet_dir) as agg,
+        _device(any_broker, fleet_dir, "dev-0001") as dev,
+    ):
         await agg.subscribe(topics.model(FLEET), qos=1)
         await agg.subscribe(topics.status(FLEET, "dev-0001"), qos=1)
         await dev.publish(topics.model(FLEET), b"forged", qos=1)

@@ -20,10 +20,22 @@ pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _start(port: int, fleet_dir: Path, env_extra: dict[str, str], *flags: str) -> subprocess.Popen[str]:
+def _start(
+    port: int, fleet_dir: Path, env_extra: dict[str, str], *flags: str
+) -> subprocess.Popen[str]:
     env = {**os.environ, **env_extra}
     return subprocess.Popen(
-        [sys.executable, "-m", "fleetlearn", "broker", "--port", str(port), "--fleet-dir", str(fleet_dir), *flags],
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn",
+            "broker",
+            "--port",
+            str(port),
+            "--fleet-dir",
+            str(fleet_dir),
+            *flags,
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -36,8 +48,12 @@ async def _round_trip(port: int, fleet_dir: Path) -> bytes:
     agg = prov.load_aggregator(fleet_dir)
     dev = prov.load_device(fleet_dir / "devices" / "dev-0001")
     async with (
-        aiomqtt.Client("127.0.0.1", port, username=agg.username, password=agg.password, timeout=10) as a,
-        aiomqtt.Client("127.0.0.1", port, username=dev.username, password=dev.password, timeout=10) as d,
+        aiomqtt.Client(
+            "127.0.0.1", port, username=agg.username, password=agg.password, timeout=10
+        ) as a,
+        aiomqtt.Client(
+            "127.0.0.1", port, username=dev.username, password=dev.password, timeout=10
+        ) as d,
     ):
         await d.subscribe(f"fl/{FLEET}/model", qos=1)
         await a.publish(f"fl/{FLEET}/model", b"v1", qos=1, retain=True)
@@ -82,7 +98,7 @@ async def test_broker_command_serves_with_auth(mode: str, fleet_dir: Path) -> No
 
 def test_require_mosquitto_when_absent_is_a_clear_error(fleet_dir: Path) -> None:
     proc = _start(free_port(), fleet_dir, {"FLEETLEARN_MOSQUITTO": "none"}, "--mosquitto")
-    out, err = proc.communicate(timeout=20)
+    _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert "mosquitto is not installed" in err
     assert "Traceback" not in err

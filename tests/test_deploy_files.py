@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _conf() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in (ROOT / "mosquitto.conf").read_text().splitlines():
-        line = line.strip()
+    for raw in (ROOT / "mosquitto.conf").read_text().splitlines():
+        line = raw.strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition(" ")
             out.setdefault(key, []).append(value.strip())
@@ -141,7 +141,9 @@ async def test_production_conf_runs_in_real_mosquitto(tmp_path: Path) -> None:
     text += "\nuser root\n"  # tests run as root; the image drops to its own mosquitto user
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(text)
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         for _ in range(200):
             if port_open("127.0.0.1", port) or proc.poll() is not None:

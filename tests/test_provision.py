@@ -26,7 +26,11 @@ def test_files_and_permissions(tmp_path: Path) -> None:
         root / "aggregator" / "identity.key",
         root / "aggregator" / "password",
         root / "dashboard" / "password",
-        *(root / "devices" / d / n for d in ("dev-0001", "dev-0003") for n in ("identity.key", "password")),
+        *(
+            root / "devices" / d / n
+            for d in ("dev-0001", "dev-0003")
+            for n in ("identity.key", "password")
+        ),
     ]:
         assert _mode(secret) == 0o600, secret
     assert _mode(root / "passwd") == 0o640

@@ -39,7 +39,9 @@ def test_registry_holds_the_foundation_types() -> None:
 @pytest.mark.parametrize(("tag", "cls"), ALL_TYPES, ids=[t for t, _ in ALL_TYPES])
 @FAST
 @given(data=st.data())
-def test_every_message_type_round_trips(tag: str, cls: type[wire.Message], data: st.DataObject) -> None:
+def test_every_message_type_round_trips(
+    tag: str, cls: type[wire.Message], data: st.DataObject
+) -> None:
     msg = data.draw(for_type(cls))
     payload = wire.encode(msg)
     back = wire.decode(payload)
@@ -55,7 +57,9 @@ def test_arrays_travel_as_bytes_dtype_shape() -> None:
     field = wire._array_out(arr, "x")
     assert field == {"d": "<f4", "s": [3, 4], "b": arr.tobytes()}
     back = wire._array_in(field, "x", wire.DEFAULT_LIMITS)
-    assert back.dtype == np.float32 and back.shape == (3, 4) and not back.flags.writeable
+    assert back.dtype == np.float32
+    assert back.shape == (3, 4)
+    assert not back.flags.writeable
 
 
 # --------------------------------------------------------------------------------- hostile input
@@ -92,9 +96,15 @@ def test_mutated_frames_only_raise_wire_error(data: st.DataObject) -> None:
 
 
 JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -102,7 +112,9 @@ JSONISH = st.recursive(
 @pytest.mark.parametrize(("tag", "cls"), ALL_TYPES, ids=[t for t, _ in ALL_TYPES])
 @FAST
 @given(data=st.data())
-def test_mutated_fields_only_raise_wire_error(tag: str, cls: type[wire.Message], data: st.DataObject) -> None:
+def test_mutated_fields_only_raise_wire_error(
+    tag: str, cls: type[wire.Message], data: st.DataObject
+) -> None:
     """Well-framed msgpack with one field replaced, dropped or added: schema errors only."""
     body = wire.to_map(data.draw(for_type(cls)))
     keys = sorted(body)
@@ -132,8 +144,14 @@ def test_mutated_fields_only_raise_wire_error(tag: str, cls: type[wire.Message],
         ({"v": 1, "t": "status", "device_id": "a/b", "online": True}, "device_id"),
         ({"v": 1, "t": "status", "device_id": "d", "online": 1}, "online: expected bool"),
         ({"v": 1, "t": "status", "device_id": "d", "online": True, "battery": 2.0}, "battery"),
-        ({"v": 1, "t": "status", "device_id": "d", "online": True, "extra": 1}, "unknown field 'extra'"),
-        ({"v": 1, "t": "status", "device_id": "d", "online": True, "eligibility": "x"}, "eligibility"),
+        (
+            {"v": 1, "t": "status", "device_id": "d", "online": True, "extra": 1},
+            "unknown field 'extra'",
+        ),
+        (
+            {"v": 1, "t": "status", "device_id": "d", "online": True, "eligibility": "x"},
+            "eligibility",
+        ),
     ],
 )
 def test_schema_errors_name_the_field(obj: Any, needle: str) -> None:
