@@ -1,0 +1,380 @@
+"""Build the fleet's model with TensorFlow: spec file -> tf.Module -> builtin-only .tflite.
+
+What it owns: the model spec (a TOML file, `ModelSpec`), the MLP classifier as a tf.Module
+with the four signatures devices and the aggregator rely on, its conversion, and the version-1
+manifest embedded in the result.
+
+Rules it keeps (ARCHITECTURE §6, each measured with TF 2.21):
+- TensorFlow is imported inside functions only: the aggregator runs without it, and without
+  it `fleetlearn model build` fails with one line naming `pip install 'fleetlearn[build]'`.
+- Builtin ops only (no Flex), resource variables. tf.nn.relu's gradient (ReluGrad) and the
+  fused softmax-cross-entropy op both need Flex, so ReLU has a custom gradient and the loss is
+  written out as log-softmax.
+- The training batch is fixed (static shapes keep shape arithmetic out of the gradient graph);
+  a partial last batch is padded and masked by a per-sample weight, and the loss is the
+  weighted mean, so padding changes nothing.
+- Every weight starts from a distinct value (biases get tiny random values, not zeros): the
+  converter merges identical constants, and a merged initial value cannot be patched.
+
+Signatures: `train(x[B,F], y[B] int32, sample_weight[B]) -> loss` (one optimizer step, loss
+before it), `infer(x[N,F]) -> logits, probabilities`, `get_weights() -> {name: array}`,
+`set_weights(**{name: array}) -> applied`. Weight names are the manifest layout's names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import tflite_model as tm
+from shared.errors import ConfigError
+from shared.ids import id_problem
+
+DEFAULT_SPEC_PATH = Path(__file__).with_name("models") / "pdm_default.toml"
+DEFAULT_MODEL_PATH = Path(__file__).with_name("models") / "pdm_default.tflite"
+
+OPTIMIZERS = ("sgd", "adam")
+# Adam's constants (Keras defaults); only the learning rate is part of the spec.
+_ADAM_BETA1 = 0.9
+_ADAM_BETA2 = 0.999
+_ADAM_EPSILON = 1e-7
+_BIAS_INIT_SCALE = 1e-3
+
+_MAX_WIDTH = 1 << 16  # per layer; keeps a typo from asking TF for a terabyte
+_MAX_LAYERS = 16
+_MAX_BATCH = 4096
+
+
+class ModelBuildError(tm.ModelError):
+    """The model cannot be built here (TensorFlow missing, conversion refused, ...)."""
+
+
+# ------------------------------------------------------------------------------------------ spec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """An MLP classifier and how devices train it. Validated on construction."""
+
+    model_id: str
+    input_width: int
+    hidden: tuple[int, ...]
+    labels: tuple[str, ...]  # one name per class
+    train_batch: int
+    optimizer: str
+    learning_rate: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        problem = id_problem(self.model_id)
+        if problem:
+            raise ConfigError("model.id", problem)
+        _check_width("model.input_width", self.input_width)
+        if len(self.hidden) > _MAX_LAYERS:
+            raise ConfigError("model.hidden", f"{len(self.hidden)} layers; at most {_MAX_LAYERS}")
+        for i, width in enumerate(self.hidden):
+            _check_width(f"model.hidden[{i}]", width)
+        if len(self.labels) < 2:
+            raise ConfigError("model.classes", "a classifier needs at least 2 classes")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError("model.classes", "class names repeat")
+        for label in self.labels:
+            if not 0 < len(label) <= 64 or not label.isprintable():
+                raise ConfigError("model.classes", f"{label!r} is not a usable class name")
+        if not 1 <= self.train_batch <= _MAX_BATCH:
+            raise ConfigError("train.batch", f"{self.train_batch} is outside 1..{_MAX_BATCH}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("train.optimizer", f"{self.optimizer!r} is not one of {OPTIMIZERS}")
+        if not (math.isfinite(self.learning_rate) and 0.0 < self.learning_rate <= 10.0):
+            raise ConfigError("train.learning_rate", f"{self.learning_rate} is outside (0, 10]")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError("model.seed", f"{self.seed} is outside 0..2^63-1")
+
+    @property
+    def classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def layer_widths(self) -> tuple[int, ...]:
+        return (self.input_width, *self.hidden, self.classes)
+
+    def layout(self) -> tuple[tm.WeightSpec, ...]:
+        """The weight layout, layer by layer: kernel then bias."""
+        specs = []
+        for i, (fan_in, fan_out) in enumerate(pairwise(self.layer_widths)):
+            specs.append(tm.WeightSpec(name=f"dense_{i}_kernel", shape=(fan_in, fan_out)))
+            specs.append(tm.WeightSpec(name=f"dense_{i}_bias", shape=(fan_out,)))
+        return tuple(specs)
+
+    @property
+    def parameter_count(self) -> int:
+        return tm.layout_size(self.layout())
+
+
+def _check_width(key: str, value: int) -> None:
+    if not 1 <= value <= _MAX_WIDTH:
+        raise ConfigError(key, f"{value} is outside 1..{_MAX_WIDTH}")
+
+
+# key -> (section, name, accepted types). Anything else in the file is a typo and refused.
+_SPEC_KEYS: dict[str, tuple[type, ...]] = {
+    "model.id": (str,),
+    "model.input_width": (int,),
+    "model.hidden": (list,),
+    "model.classes": (int, list),
+    "model.seed": (int,),
+    "train.batch": (int,),
+    "train.optimizer": (str,),
+    "train.learning_rate": (float, int),
+}
+
+
+def parse_spec(document: Mapping[str, Any]) -> ModelSpec:
+    """Turn a parsed TOML document into a ModelSpec; every problem is a ConfigError(key, ...)."""
+    values: dict[str, Any] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise ConfigError(section, "expected a [section] table")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            if key not in _SPEC_KEYS:
+                raise ConfigError(key, f"unknown setting (known: {', '.join(_SPEC_KEYS)})")
+            # bool is an int in Python, and never what a width or a seed means.
+            if isinstance(value, bool) or not isinstance(value, _SPEC_KEYS[key]):
+                wanted = " or ".join(t.__name__ for t in _SPEC_KEYS[key])
+                raise ConfigError(key, f"expected {wanted}, got {type(value).__name__}")
+            values[key] = value
+    for key in _SPEC_KEYS:
+        if key not in values:
+            raise ConfigError(key, "missing")
+
+    hidden = values["model.hidden"]
+    for i, width in enumerate(hidden):
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise ConfigError(f"model.hidden[{i}]", f"expected int, got {type(width).__name__}")
+    classes = values["model.classes"]
+    if isinstance(classes, int):
+        if not 2 <= classes <= _MAX_WIDTH:
+            raise ConfigError("model.classes", f"{classes} is outside 2..{_MAX_WIDTH}")
+        labels = tuple(f"class_{i}" for i in range(classes))
+    else:
+        if not all(isinstance(c, str) for c in classes):
+            raise ConfigError("model.classes", "expected a count or a list of class names")
+        labels = tuple(classes)
+    return ModelSpec(
+        model_id=values["model.id"],
+        input_width=values["model.input_width"],
+        hidden=tuple(hidden),
+        labels=labels,
+        train_batch=values["train.batch"],
+        optimizer=values["train.optimizer"].lower(),
+        learning_rate=float(values["train.learning_rate"]),
+        seed=values["model.seed"],
+    )
+
+
+def load_spec(path: Path | None = None) -> ModelSpec:
+    """Read a spec file (default: the predictive-maintenance spec shipped with fleetlearn)."""
+    path = DEFAULT_SPEC_PATH if path is None else path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--spec", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--spec", f"{path} is not valid TOML: {exc}") from None
+    return parse_spec(document)
+
+
+# ------------------------------------------------------------------------------------ TensorFlow
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, or one clear line saying how to get it."""
+    # TF's C++ info logs (oneDNN, CPU features) bury the CLI's output; warnings still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import tensorflow as tf  # heavy and optional: only builds need it
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "tensorflow":
+            raise
+        raise ModelBuildError(
+            "building a model needs TensorFlow: pip install 'fleetlearn[build]'"
+        ) from None
+    return tf
+
+
+def initial_weights(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Deterministic starting weights from `spec.seed`: He-normal kernels, tiny random biases."""
+    rng = np.random.default_rng(spec.seed)
+    weights: dict[str, np.ndarray] = {}
+    for i, (fan_in, fan_out) in enumerate(pairwise(spec.layer_widths)):
+        weights[f"dense_{i}_kernel"] = rng.normal(
+            0.0, math.sqrt(2.0 / fan_in), size=(fan_in, fan_out)
+        ).astype(np.float32)
+        # Zeros would be identical across equally wide layers (and equal to Adam's zero slots),
+        # and the converter would merge them into one unpatchable buffer.
+        weights[f"dense_{i}_bias"] = rng.uniform(
+            -_BIAS_INIT_SCALE, _BIAS_INIT_SCALE, size=fan_out
+        ).astype(np.float32)
+    return weights
+
+
+def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = None) -> Any:
+    """The tf.Module with its four tf.functions; `weights` default to `initial_weights(spec)`."""
+    tf = import_tensorflow()
+    layout = spec.layout()
+    start = dict(initial_weights(spec) if weights is None else weights)
+    batch, width, classes = spec.train_batch, spec.input_width, spec.classes
+    n_layers = len(spec.layer_widths) - 1
+
+    @tf.custom_gradient
+    def relu(x: Any) -> Any:
+        def grad(dy: Any) -> Any:
+            return dy * tf.cast(x > 0.0, tf.float32)
+
+        return tf.maximum(x, 0.0), grad
+
+    module = tf.Module(name="fleetlearn_mlp")
+    variables = [
+        tf.Variable(np.asarray(start[w.name], dtype=np.float32), name=w.name, trainable=True)
+        for w in layout
+    ]
+    module.weights_list = variables
+
+    def logits_of(x: Any) -> Any:
+        h = x
+        for i in range(n_layers):
+            h = tf.matmul(h, variables[2 * i]) + variables[2 * i + 1]
+            if i < n_layers - 1:
+                h = relu(h)
+        return h
+
+    def weighted_loss(x: Any, y: Any, sample_weight: Any) -> Any:
+        logits = logits_of(x)
+        log_probs = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+        per_sample = -tf.reduce_sum(tf.one_hot(y, classes) * log_probs, axis=1)
+        # Weighted mean over the real samples; the floor keeps an all-padding batch finite.
+        total = tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
+        return tf.reduce_sum(per_sample * sample_weight) / total
+
+    if spec.optimizer == "adam":
+        slots_m = [
+            tf.Variable(tf.zeros_like(v), name=f"adam_m_{w.name}", trainable=False)
+            for v, w in zip(variables, layout, strict=True)
+        ]
+        slots_v = [
+            tf.Variable(tf.zeros_like(v), name=f"adam_v_{w.name}", trainable=False)
+            for v, w in zip(variables, layout, strict=True)
+        ]
+        step = tf.Variable(0.0, name="adam_step", trainable=False)
+        module.optimizer_state = [*slots_m, *slots_v, step]
+
+    lr = spec.learning_rate
+
+    def apply(grads: list[Any]) -> None:
+        if spec.optimizer == "sgd":
+            for v, g in zip(variables, grads, strict=True):
+                v.assign_sub(lr * g)
+            return
+        t = step + 1.0
+        step.assign(t)
+        lr_t = lr * tf.sqrt(1.0 - tf.pow(_ADAM_BETA2, t)) / (1.0 - tf.pow(_ADAM_BETA1, t))
+        for v, g, m, s in zip(variables, grads, slots_m, slots_v, strict=True):
+            m.assign(_ADAM_BETA1 * m + (1.0 - _ADAM_BETA1) * g)
+            s.assign(_ADAM_BETA2 * s + (1.0 - _ADAM_BETA2) * g * g)
+            v.assign_sub(lr_t * m / (tf.sqrt(s) + _ADAM_EPSILON))
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([batch, width], tf.float32, name="x"),
+            tf.TensorSpec([batch], tf.int32, name="y"),
+            tf.TensorSpec([batch], tf.float32, name="sample_weight"),
+        ]
+    )
+    def train(x: Any, y: Any, sample_weight: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = weighted_loss(x, y, sample_weight)
+        apply(tape.gradient(loss, variables))
+        return {"loss": loss}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32, name="x")])
+    def infer(x: Any) -> Any:
+        logits = logits_of(x)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+    @tf.function(input_signature=[])
+    def get_weights() -> Any:
+        return {w.name: v.read_value() for v, w in zip(variables, layout, strict=True)}
+
+    # Positional parameters named after the weights: the TFLite signature keeps these names.
+    def set_weights(*values: Any) -> Any:
+        for v, value in zip(variables, values, strict=True):
+            v.assign(value)
+        return {"applied": tf.constant(len(values), tf.int32)}
+
+    module.train = train
+    module.infer = infer
+    module.get_weights = get_weights
+    module.set_weights = tf.function(
+        set_weights,
+        input_signature=[tf.TensorSpec(w.shape, tf.float32, name=w.name) for w in layout],
+    )
+    module.spec = spec
+    return module
+
+
+def convert_module(module: Any) -> bytes:
+    """Convert with builtin ops and resource variables; refuse anything that needs Flex."""
+    tf = import_tensorflow()
+    functions = [
+        module.train.get_concrete_function(),
+        module.infer.get_concrete_function(),
+        module.get_weights.get_concrete_function(),
+        module.set_weights.get_concrete_function(),
+    ]
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.experimental_enable_resource_variables = True
+    try:
+        data: bytes = converter.convert()
+    except Exception as exc:  # the converter raises a zoo of types; report any as ours
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelBuildError(f"TFLite conversion failed: {first}") from exc
+    custom = tm.describe_model(data).custom_ops
+    if custom:
+        raise ModelBuildError(f"converter emitted non-builtin ops {custom}; devices lack them")
+    return data
+
+
+def build_model(spec: ModelSpec) -> tuple[bytes, tm.ModelManifest]:
+    """Build, convert, check and embed the version-1 manifest. Returns (tflite bytes, manifest)."""
+    data = convert_module(build_module(spec))
+    try:
+        return tm.embed_manifest(
+            data, model_id=spec.model_id, version=1, layout=spec.layout(), labels=spec.labels
+        )
+    except tm.SharedBufferError as exc:
+        raise ModelBuildError(f"converted model cannot be patched: {exc}") from exc
+
+
+def build_to_file(spec: ModelSpec, out: Path) -> tm.ModelManifest:
+    """`build_model`, then write the file atomically (a half-written model never appears)."""
+    data, manifest = build_model(spec)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("--out", f"cannot write {out}: {exc.strerror or exc}") from None
+    return manifest
