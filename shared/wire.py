@@ -15,7 +15,9 @@ Rules this module keeps:
 
 Field vocabulary: `int`, `float`, `bool`, `str`, `bytes`, `numpy.ndarray` (little-endian numeric
 dtypes, shipped as bytes + dtype + shape), `tuple[T, ...]`, `dict[str, T]`, `T | None`, a
-`@record` dataclass (nested map without a type tag), and `enum.Enum` with str values.
+`@record` dataclass (nested map without a type tag), `enum.Enum` with str values, and another
+`@message` type or a union of them (nested map with its type tag, e.g. an update inside the
+envelope that adds its round metrics).
 """
 
 from __future__ import annotations
@@ -351,6 +353,28 @@ def _converters(
 
         return enum_out, enum_in
 
+    nested = _message_alternatives(hint)
+    if nested:
+        by_tag = {cls.TAG: cls for cls in nested}
+
+        def msg_out(v: Any, path: str) -> Any:
+            if type(v) not in nested:
+                names = ", ".join(c.__name__ for c in nested)
+                raise SchemaError(f"expected one of {names}, got {_type_name(v)}", field=path)
+            return {"t": type(v).TAG, **_fields_to_wire(v, path)}
+
+        def msg_in(v: Any, path: str, limits: Limits) -> Any:
+            if not isinstance(v, dict):
+                raise SchemaError(f"expected a map, got {_type_name(v)}", field=path)
+            body = dict(v)
+            tag = body.pop("t", None)
+            cls = by_tag.get(tag) if isinstance(tag, str) else None
+            if cls is None:
+                raise SchemaError(f"type {tag!r} is not allowed here", field=path)
+            return _fields_from_wire(cls, body, limits, path)
+
+        return msg_out, msg_in
+
     if isinstance(hint, type) and issubclass(hint, Record):
         rec_type = hint
 
@@ -421,6 +445,21 @@ def _converters(
         return opt_out, opt_in
 
     raise TypeError(f"{where}: annotation {hint!r} is outside the wire vocabulary")
+
+
+def _message_alternatives(hint: Any) -> tuple[type[Message], ...]:
+    """The message classes a field may hold: `SomeMessage` or `A | B | C` of tagged messages."""
+    candidates = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    if candidates and all(
+        isinstance(c, type) and issubclass(c, Message) and not issubclass(c, Record)
+        for c in candidates
+    ):
+        return tuple(candidates)
+    return ()
 
 
 def _array_out(v: Any, path: str) -> Any:

@@ -1,0 +1,236 @@
+"""The aggregator's state directory: sqlite for rounds, metrics and releases; model files beside it.
+
+Layout of `state_dir`:
+    fleetlearn.sqlite3          rounds, releases, key-value state (optimizer moments)
+    releases/v{N}.release       the signed release exactly as published (wire bytes)
+    releases/v{N}.tflite        the model inside it, for humans and `fleetlearn model inspect`
+
+Rules that make a SIGKILL at any instant harmless:
+- A release's files are written and fsync-ed *before* its row is committed; the row is the
+  commit point. A file without a row is an orphan from a crash and is overwritten later.
+- Versions come from the releases table: `latest_release()` is the highest committed one, the
+  next version is that plus one, so a version is never lost or issued twice.
+- A round row is written `running` when it starts. On startup, rows still `running` were
+  interrupted; the service marks them `aborted` with a reason (and announces that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import FleetlearnError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    version     INTEGER PRIMARY KEY,
+    round_id    INTEGER,
+    sha256      TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id        INTEGER PRIMARY KEY,
+    mode            TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('running', 'done', 'aborted')),
+    reason          TEXT NOT NULL DEFAULT '',
+    model_version   INTEGER NOT NULL,
+    new_version     INTEGER,
+    cohort          TEXT NOT NULL,
+    metrics         TEXT NOT NULL DEFAULT '{}',
+    started_at      REAL NOT NULL,
+    ended_at        REAL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"""
+
+
+class StoreError(FleetlearnError):
+    """The state directory is unusable (unreadable, corrupt, or from an incompatible run)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRelease:
+    version: int
+    round_id: int | None
+    sha256: str
+    payload: bytes  # the signed release as published
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    round_id: int
+    mode: str
+    status: str
+    reason: str
+    model_version: int
+    new_version: int | None
+    cohort: list[str]
+    metrics: dict[str, Any]
+    started_at: float
+    ended_at: float | None
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    def __init__(self, state_dir: Path | str) -> None:
+        self.root = Path(state_dir)
+        try:
+            (self.root / "releases").mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "fleetlearn.sqlite3", isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open state directory {self.root}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------------------ releases
+
+    def release_path(self, version: int) -> Path:
+        return self.root / "releases" / f"v{version}.release"
+
+    def save_release(
+        self,
+        version: int,
+        round_id: int | None,
+        sha256: str,
+        payload: bytes,
+        model: bytes,
+        now: float,
+    ) -> None:
+        latest = self.latest_version()
+        if version != latest + 1:
+            raise StoreError(f"release v{version} does not follow v{latest}")
+        _fsync_write(self.root / "releases" / f"v{version}.tflite", model)
+        _fsync_write(self.release_path(version), payload)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO releases (version, round_id, sha256, created_at) VALUES (?, ?, ?, ?)",
+                (version, round_id, sha256, now),
+            )
+
+    def latest_version(self) -> int:
+        row = self._db.execute("SELECT MAX(version) FROM releases").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def latest_release(self) -> StoredRelease | None:
+        row = self._db.execute(
+            "SELECT version, round_id, sha256 FROM releases ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        version, round_id, sha = row
+        try:
+            payload = self.release_path(version).read_bytes()
+        except OSError as exc:
+            raise StoreError(
+                f"release v{version} is recorded but its file is unreadable: {exc}"
+            ) from None
+        return StoredRelease(version, round_id, sha, payload)
+
+    def model_bytes(self, version: int) -> bytes:
+        return (self.root / "releases" / f"v{version}.tflite").read_bytes()
+
+    # -------------------------------------------------------------------------------- rounds
+
+    def next_round_id(self) -> int:
+        row = self._db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
+        return int(row[0]) + 1 if row and row[0] is not None else 1
+
+    def begin_round(
+        self, round_id: int, mode: str, model_version: int, cohort: list[str], now: float
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (round_id, mode, status, model_version, cohort, started_at)"
+                " VALUES (?, ?, 'running', ?, ?, ?)",
+                (round_id, mode, model_version, json.dumps(cohort), now),
+            )
+
+    def finish_round(
+        self,
+        round_id: int,
+        *,
+        status: str,
+        reason: str = "",
+        metrics: dict[str, Any] | None = None,
+        new_version: int | None = None,
+        now: float,
+    ) -> None:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE rounds SET status = ?, reason = ?, metrics = ?, new_version = ?,"
+                " ended_at = ?"
+                " WHERE round_id = ? AND status = 'running'",
+                (status, reason, json.dumps(metrics or {}), new_version, now, round_id),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"round {round_id} is not running")
+
+    def interrupted_rounds(self) -> list[int]:
+        rows = self._db.execute("SELECT round_id FROM rounds WHERE status = 'running'").fetchall()
+        return [int(r[0]) for r in rows]
+
+    def rounds(self) -> list[RoundRow]:
+        rows = self._db.execute(
+            "SELECT round_id, mode, status, reason, model_version, new_version, cohort, metrics,"
+            " started_at, ended_at FROM rounds ORDER BY round_id"
+        ).fetchall()
+        return [
+            RoundRow(
+                r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]), r[8], r[9]
+            )
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------------------ kv state
+
+    def save_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # npz, loaded with allow_pickle=False
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, buf.getvalue())
+            )
+
+    def load_arrays(self, key: str) -> dict[str, np.ndarray]:
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return {}
+        try:
+            with np.load(io.BytesIO(row[0]), allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"state {key!r} in {self.root} is corrupt: {exc}") from None

@@ -1,0 +1,335 @@
+"""The MQTT link: one aiomqtt connection that stays up, for devices and the aggregator alike.
+
+What it owns:
+- Connecting with credentials, a last will, and a persistent session (MQTT 5 session expiry, or
+  clean_session=False on 3.1.1), so QoS 1 messages sent while a device was away are delivered
+  when it returns.
+- Protocol choice: `auto` tries MQTT 5 and falls back to 3.1.1 when the broker does not speak it
+  (the embedded broker). With MQTT 5, publishes carry message expiry, content type and a
+  schema-version user property; with 3.1.1 the same payloads go without properties.
+- Reconnecting with exponential backoff and full jitter (so a fleet that lost its broker does not
+  return in lockstep), re-subscribing, and calling `on_connect` each time (e.g. to republish
+  status). Authentication failures are not retried forever: they raise `LinkAuthError`.
+- Handing each incoming message to a callback; the callback must be quick (queue and return).
+
+The aggregator imports this from `device/` because it is what a gateway installs anyway; it holds
+no device logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from shared.errors import ConfigError, FleetlearnError
+
+Protocol = Literal["auto", "5", "3.1.1"]
+MSGPACK_CONTENT_TYPE = "application/vnd.fleetlearn.v1+msgpack+zstd"
+JSON_CONTENT_TYPE = "application/json"
+SESSION_EXPIRY_SECONDS = 3600
+# CONNACK codes that mean "wrong credentials / not allowed": retrying will not help.
+_AUTH_CODES = {4, 5, 134, 135}
+_VERSION_CODES = {1, 132}
+
+log = logging.getLogger("fleetlearn.mqtt")
+
+
+class LinkError(FleetlearnError):
+    """The link cannot do what was asked (not connected in time, closed...)."""
+
+
+class LinkAuthError(LinkError):
+    """The broker refused our credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str, *, key: str = "--broker") -> BrokerAddress:
+        """`mqtt://host:port` or `mqtts://host:port` (TLS); the port defaults to 1883/8883."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(key, f"{url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ConfigError(key, f"{url!r} has no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(key, f"{url!r} has an invalid port") from None
+        if parts.path not in ("", "/") or parts.query or parts.username:
+            raise ConfigError(key, f"{url!r}: give only scheme, host and port")
+        tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**attempt))."""
+
+    base: float = 0.25
+    cap: float = 10.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap, self.base * (2 ** min(attempt, 30))))
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LastWill:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class Link:
+    """A self-healing MQTT connection. Use `run()` as a task; `publish()` from anywhere."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        subscriptions: Sequence[str] = (),
+        will: LastWill | None = None,
+        protocol: Protocol = "auto",
+        persistent: bool = True,
+        on_message: Callable[[Incoming], None] | None = None,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        backoff: Backoff = Backoff(),
+        rng: random.Random | None = None,
+        ca_file: str | None = None,
+        keepalive: int = 30,
+    ) -> None:
+        self.address = address
+        self.client_id = client_id
+        self._username = username
+        self._password = password
+        self._subscriptions = tuple(subscriptions)
+        self._will = will
+        self._protocol: Protocol = protocol
+        self._persistent = persistent
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+        self._ca_file = ca_file
+        self._keepalive = keepalive
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self._closing = False
+        self.connects = 0
+        self.version: Literal["5", "3.1.1"] | None = None
+
+    # --------------------------------------------------------------------------------- public
+
+    @property
+    def mqtt5(self) -> bool:
+        return self.version == "5"
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+        content_type: str = MSGPACK_CONTENT_TYPE,
+        wait: float = 30.0,
+    ) -> None:
+        """Publish once connected (waiting up to `wait` s); raises LinkError if that fails."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise LinkError(f"not connected to {self.address} within {wait:.0f} s")
+            try:
+                async with asyncio.timeout(remaining):
+                    await self.connected.wait()
+            except TimeoutError:
+                continue
+            client = self._client
+            if client is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await client.publish(
+                    topic,
+                    payload,
+                    qos=qos,
+                    retain=retain,
+                    properties=self._publish_properties(expiry, content_type),
+                    timeout=max(1.0, remaining),
+                )
+                return
+            except aiomqtt.MqttError as exc:
+                log.debug(
+                    "%s: publish to %s failed (%s); waiting for reconnect",
+                    self.client_id,
+                    topic,
+                    exc,
+                )
+                self.connected.clear()
+                await asyncio.sleep(0.05)
+
+    async def run(self) -> None:
+        """Connect, subscribe, deliver messages; reconnect on loss until `close()`."""
+        attempt = 0
+        while not self._closing:
+            try:
+                await self._session()
+                attempt = 0
+            except LinkAuthError:
+                raise
+            except (aiomqtt.MqttError, OSError) as exc:
+                if self._closing:
+                    break
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                log.info(
+                    "%s: connection to %s lost or refused (%s); retry %d in %.2f s",
+                    self.client_id,
+                    self.address,
+                    exc,
+                    attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self.connected.clear()
+                self._client = None
+
+    async def close(self) -> None:
+        """Stop reconnecting and disconnect cleanly (the broker then does NOT send the will)."""
+        self._closing = True
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, RuntimeError):
+                await client.__aexit__(None, None, None)
+
+    # -------------------------------------------------------------------------------- private
+
+    def _publish_properties(self, expiry: int | None, content_type: str) -> Properties | None:
+        if not self.mqtt5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = content_type
+        props.UserProperty = [("fl-schema", "1")]
+        if expiry is not None:
+            props.MessageExpiryInterval = int(expiry)
+        return props
+
+    def _make_client(self, version: Literal["5", "3.1.1"]) -> aiomqtt.Client:
+        will = None
+        if self._will is not None:
+            will = aiomqtt.Will(
+                self._will.topic, self._will.payload, qos=1, retain=self._will.retain
+            )
+        kwargs: dict[str, object] = {}
+        if version == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS if self._persistent else 0
+            kwargs["properties"] = props
+            kwargs["clean_start"] = not self._persistent
+            kwargs["protocol"] = aiomqtt.ProtocolVersion.V5
+        else:
+            kwargs["clean_session"] = not self._persistent
+            kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
+        if self.address.tls:
+            kwargs["tls_context"] = ssl.create_default_context(cafile=self._ca_file)
+        return aiomqtt.Client(
+            self.address.host,
+            self.address.port,
+            username=self._username,
+            password=self._password,
+            identifier=self.client_id,
+            will=will,
+            keepalive=self._keepalive,
+            timeout=15,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    async def _connect(self) -> aiomqtt.Client:
+        versions: list[Literal["5", "3.1.1"]]
+        if self._protocol == "auto":
+            versions = [self.version] if self.version else ["5", "3.1.1"]
+        else:
+            versions = [self._protocol]
+        last: Exception | None = None
+        for version in versions:
+            client = self._make_client(version)
+            try:
+                await client.__aenter__()
+            except aiomqtt.MqttCodeError as exc:
+                rc = exc.rc
+                code = int(rc.value) if isinstance(rc, ReasonCode) else int(rc or 0)
+                if code in _AUTH_CODES:
+                    raise LinkAuthError(
+                        f"{self.address} refused {self._username!r}: "
+                        "wrong credentials or not allowed"
+                    ) from None
+                last = exc
+                if code in _VERSION_CODES:
+                    continue
+                raise
+            except aiomqtt.MqttError as exc:
+                # The embedded broker drops an MQTT 5 CONNECT without a CONNACK.
+                last = exc
+                continue
+            self.version = version
+            return client
+        assert last is not None
+        raise last
+
+    async def _session(self) -> None:
+        client = await self._connect()
+        self._client = client
+        try:
+            for topic in self._subscriptions:
+                await client.subscribe(topic, qos=1)
+            self.connects += 1
+            self.connected.set()
+            if self._on_connect is not None:
+                await self._on_connect()
+            async for message in client.messages:
+                if self._on_message is not None:
+                    payload = message.payload
+                    if isinstance(payload, bytes | bytearray):
+                        data = bytes(payload)
+                    else:  # paho hands over str/int/float only for non-binary publishes
+                        data = str(payload).encode("utf-8")
+                    self._on_message(Incoming(str(message.topic), data, bool(message.retain)))
+        finally:
+            self.connected.clear()
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+            self._client = None
+        if not self._closing:
+            raise aiomqtt.MqttError("disconnected")

@@ -1,0 +1,160 @@
+"""Round-level messages: the announcement every device reads, and plain-mode updates.
+
+The secure stages' own messages live in `shared.secagg.messages`; model releases in
+`shared.tflite_model`. What is here:
+
+- `RoundAnnounce`, retained on `fl/{fleet}/round`: which round, which model version it trains,
+  who is in the cohort, the round seed (public: it picks the rand-k coordinates and the
+  neighbour graph), compression, SecAgg parameters, local training settings, and the stage
+  timings. Timings are *durations* from the announcement, never wall-clock times, because device
+  clocks are not synchronised; each side turns them into deadlines on its own clock.
+  The same topic later carries the round's end (`state` CLOSED or ABORTED, with a reason), so a
+  device that reconnects learns that the round it was in is over.
+- `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight and
+  training metrics, for plain (non-secure) rounds where the aggregator may see each update.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+from shared import wire
+from shared.secagg.config import SecAggConfig
+from shared.sparse import Compression, DenseUpdate, SharedUpdate, SparseMode, SparseUpdate
+
+SEED_BYTES = 32
+MAX_COHORT = 100_000
+
+
+class RoundMode(enum.Enum):
+    SECURE = "secure"  # SecAgg+: the aggregator learns only the sum
+    PLAIN = "plain"  # each update is visible; robust aggregation rules apply
+
+
+class RoundState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"  # aggregated and released
+    ABORTED = "aborted"
+
+
+@wire.record
+class StageTimes(wire.Record):
+    """Seconds after the announcement at which each stage closes (strictly increasing).
+
+    Plain rounds use only `collect` (updates due). `collect` must allow for local training.
+    """
+
+    advertise: float = 10.0
+    share: float = 20.0
+    collect: float = 60.0
+    unmask: float = 75.0
+
+    def __post_init__(self) -> None:
+        values = (self.advertise, self.share, self.collect, self.unmask)
+        names = ("advertise", "share", "collect", "unmask")
+        for name, value in zip(names, values, strict=True):
+            wire.require(
+                math.isfinite(value) and 0 < value <= 86_400,
+                f"StageTimes.{name}",
+                f"{value!r} must be in (0, 86400] seconds",
+            )
+        for (n1, v1), (n2, v2) in zip(
+            zip(names, values, strict=True), zip(names[1:], values[1:], strict=True), strict=False
+        ):
+            wire.require(v2 > v1, f"StageTimes.{n2}", f"must be later than {n1} ({v1})")
+
+
+@wire.record
+class TrainingPlan(wire.Record):
+    """What each device does locally before it sends an update."""
+
+    epochs: int = 1
+    max_samples: int = 2048  # a device trains on at most this many recent examples
+
+    def __post_init__(self) -> None:
+        wire.require(1 <= self.epochs <= 100, "TrainingPlan.epochs", "must be in 1..100")
+        wire.require(
+            1 <= self.max_samples <= 1_000_000, "TrainingPlan.max_samples", "must be in 1..1e6"
+        )
+
+
+@wire.message("round.announce")
+class RoundAnnounce(wire.Message):
+    round_id: int
+    mode: RoundMode
+    model_version: int
+    cohort: tuple[str, ...]
+    seed: bytes
+    compression: Compression
+    training: TrainingPlan
+    times: StageTimes
+    secagg: SecAggConfig | None = None
+    state: RoundState = RoundState.OPEN
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        wire.require(0 <= self.round_id < 2**31, "RoundAnnounce.round_id", "out of range")
+        wire.require(self.model_version >= 1, "RoundAnnounce.model_version", "must be >= 1")
+        wire.require(len(self.seed) == SEED_BYTES, "RoundAnnounce.seed", "must be 32 bytes")
+        wire.require(len(self.cohort) <= MAX_COHORT, "RoundAnnounce.cohort", "too large")
+        wire.require_ids(self.cohort, "RoundAnnounce.cohort")
+        wire.require(len(self.reason) <= 1000, "RoundAnnounce.reason", "too long")
+        if self.state is RoundState.OPEN:
+            wire.require(len(self.cohort) >= 1, "RoundAnnounce.cohort", "is empty")
+        if self.mode is RoundMode.SECURE and self.state is RoundState.OPEN:
+            wire.require(self.secagg is not None, "RoundAnnounce.secagg", "secure rounds need it")
+            wire.require(
+                self.compression.mode is not SparseMode.TOP_K,
+                "RoundAnnounce.compression",
+                "top-k cannot be masked: every device must send the same coordinates",
+            )
+            assert self.secagg is not None
+            wire.require(
+                self.secagg.cohort_size == len(self.cohort),
+                "RoundAnnounce.secagg",
+                f"cohort_size {self.secagg.cohort_size} != {len(self.cohort)} devices",
+            )
+
+    def closed(self, state: RoundState, reason: str = "") -> RoundAnnounce:
+        """The same round, marked over."""
+        return RoundAnnounce(
+            round_id=self.round_id,
+            mode=self.mode,
+            model_version=self.model_version,
+            cohort=self.cohort,
+            seed=self.seed,
+            compression=self.compression,
+            training=self.training,
+            times=self.times,
+            secagg=self.secagg,
+            state=state,
+            reason=reason[:1000],
+        )
+
+
+@wire.message("round.plain_update")
+class PlainUpdate(wire.Message):
+    """A device's update in a plain round, with what FedAvg and the metrics need."""
+
+    round_id: int
+    sender: str
+    update: SparseUpdate | SharedUpdate | DenseUpdate
+    weight: float  # FedAvg weight: the number of local examples trained on
+    loss: float  # mean training loss
+    correct: int  # correctly classified local examples (evaluated after training)
+    samples: int  # examples evaluated
+
+    def __post_init__(self) -> None:
+        wire.require(0 <= self.round_id < 2**31, "PlainUpdate.round_id", "out of range")
+        wire.require_id(self.sender, "PlainUpdate.sender")
+        wire.require(
+            math.isfinite(self.weight) and 0 < self.weight <= 1e9,
+            "PlainUpdate.weight",
+            "must be in (0, 1e9]",
+        )
+        wire.require(
+            math.isfinite(self.loss) and self.loss >= 0, "PlainUpdate.loss", "must be >= 0"
+        )
+        wire.require(0 <= self.samples <= 10**9, "PlainUpdate.samples", "out of range")
+        wire.require(0 <= self.correct <= self.samples, "PlainUpdate.correct", "> samples")
