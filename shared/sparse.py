@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, NamedTuple, TypeVar, cast, dataclass_transform
+from typing import NamedTuple, cast
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -28,21 +27,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared import wire
 from shared.errors import FleetlearnError
-
-_M = TypeVar("_M", bound=wire.Message)
-
-if TYPE_CHECKING:
-    # wire.message/record build frozen keyword-only dataclasses at runtime, but do not say so to
-    # type checkers yet; these typed aliases let mypy check the constructors below.
-    @dataclass_transform(kw_only_default=True, frozen_default=True)
-    def _message(tag: str) -> Callable[[type[_M]], type[_M]]: ...
-
-    @dataclass_transform(kw_only_default=True, frozen_default=True)
-    def _record(cls: type[_M]) -> type[_M]: ...
-
-else:
-    _message = wire.message
-    _record = wire.record
 
 # bits above 62 would leave no headroom in a uint64 for the sum of even a few contributions.
 MAX_QUANT_BITS = 62
@@ -273,7 +257,7 @@ class SparseMode(enum.Enum):
     RAND_K = "rand_k"  # secure-compatible: the round seed picks the same k for every device
 
 
-@_record
+@wire.record
 class Compression(wire.Record):
     """A round's compression settings. Every device of the round uses the same ones.
 
@@ -327,12 +311,6 @@ def _require_dim(dim: int, field: str) -> None:
     wire.require(1 <= dim <= MAX_DIM, field, f"{dim} is outside 1..{MAX_DIM}")
 
 
-def _require_addressing(round_id: int, sender: str | None, cls: str) -> None:
-    wire.require(round_id >= 0, f"{cls}.round_id", "must be >= 0")
-    if sender is not None:
-        wire.require_id(sender, f"{cls}.sender")
-
-
 def _require_finite_float32(value: float, field: str) -> None:
     wire.require(
         math.isfinite(value)
@@ -361,7 +339,7 @@ class _Sized:
         return len(wire.encode(self))
 
 
-@_message("update.sparse")
+@wire.message("update.sparse")
 class SparseUpdate(_Sized, wire.Message):
     """Plain-mode top-k update: delta-coded indices, int8/int16 values and one float32 scale.
 
@@ -369,19 +347,16 @@ class SparseUpdate(_Sized, wire.Message):
     indices are strictly increasing, hence sorted and distinct), and the last index is < dim.
     `gaps` uses the smallest unsigned dtype that holds the largest gap; zstd in the envelope
     takes care of the zero high bytes. Coordinate value = values[i] * scale.
-    `round_id` and `sender` are filled in by the adapter that publishes it.
+    Round, sender and FedAvg weight travel in the envelope that carries it (rounds.PlainUpdate).
     """
 
     dim: int
     gaps: np.ndarray
     values: np.ndarray
     scale: float
-    round_id: int = 0
-    sender: str | None = None
 
     def __post_init__(self) -> None:
         _require_dim(self.dim, "SparseUpdate.dim")
-        _require_addressing(self.round_id, self.sender, "SparseUpdate")
         wire.require_array(self.gaps, "SparseUpdate.gaps", ndim=1)
         wire.require(
             self.gaps.dtype in _GAP_DTYPES,
@@ -434,7 +409,7 @@ def _grid_wire_dtype(bits: int) -> np.dtype:
     return _GAP_DTYPES[0 if bits <= 8 else 1 if bits <= 16 else 2]
 
 
-@_message("update.randk")
+@wire.message("update.randk")
 class SharedUpdate(_Sized, wire.Message):
     """Secure-compatible rand-k update: q-bit grid values for the round's shared coordinates.
 
@@ -448,12 +423,9 @@ class SharedUpdate(_Sized, wire.Message):
     bits: int
     clip: float
     values: np.ndarray
-    round_id: int = 0
-    sender: str | None = None
 
     def __post_init__(self) -> None:
         _require_dim(self.dim, "SharedUpdate.dim")
-        _require_addressing(self.round_id, self.sender, "SharedUpdate")
         wire.require(1 <= self.bits <= 32, "SharedUpdate.bits", f"{self.bits} is outside 1..32")
         wire.require(
             math.isfinite(self.clip) and self.clip > 0.0,
@@ -482,16 +454,13 @@ class SharedUpdate(_Sized, wire.Message):
         return self.values.astype(quant_dtype(self.bits))
 
 
-@_message("update.dense")
+@wire.message("update.dense")
 class DenseUpdate(_Sized, wire.Message):
     """The baseline: every coordinate as float32."""
 
     values: np.ndarray
-    round_id: int = 0
-    sender: str | None = None
 
     def __post_init__(self) -> None:
-        _require_addressing(self.round_id, self.sender, "DenseUpdate")
         wire.require_array(self.values, "DenseUpdate.values", dtype="<f4", ndim=1)
         _require_dim(self.values.shape[0], "DenseUpdate.values")
         wire.require(
@@ -635,7 +604,7 @@ def compress(
             rng=rng,
             coordinates=indices,
         )
-    return Compressed(msg, _scatter(indices, _values_of(msg), dim))
+    return Compressed(msg, scatter(indices, _values_of(msg), dim))
 
 
 # ---------------------------------------------------------------------------------- decoders
@@ -647,7 +616,8 @@ def _values_of(msg: SparseUpdate | SharedUpdate) -> np.ndarray:
     return dequantize(msg.values, clip=msg.clip, bits=msg.bits)
 
 
-def _scatter(indices: np.ndarray, values: np.ndarray, dim: int) -> np.ndarray:
+def scatter(indices: np.ndarray, values: np.ndarray, dim: int) -> np.ndarray:
+    """A dense float64 vector of `dim` zeros with `values` placed at `indices`."""
     dense = np.zeros(dim, dtype=np.float64)
     dense[indices] = values
     return dense
@@ -689,17 +659,15 @@ def decode_update(
     *,
     config: Compression,
     dim: int,
-    context: Mapping[str, object] | None = None,
     limits: wire.Limits = wire.DEFAULT_LIMITS,
 ) -> Update:
-    """wire.decode a published update and check it against the round (any failure: WireError).
+    """wire.decode a bare update payload and check it against the round (failures: WireError).
 
-    `context` is passed to wire.decode, e.g. {"sender": topic_id, "round_id": r}.
+    An update nested in an envelope (rounds.PlainUpdate) is decoded with it; call
+    check_update(envelope.update, ...) then.
     """
     # decode() already restricted the type to the mode's; cast() only tells mypy so.
-    msg = cast(
-        Update, wire.decode(payload, _UPDATE_TYPE[config.mode], context=context, limits=limits)
-    )
+    msg = cast(Update, wire.decode(payload, _UPDATE_TYPE[config.mode], limits=limits))
     check_update(msg, config=config, dim=dim)
     return msg
 
@@ -726,7 +694,7 @@ def to_dense(
 ) -> np.ndarray:
     """The dense float64 vector the update stands for; checks it against the round first."""
     indices, values = to_sparse(msg, config=config, dim=dim, seed=seed)
-    return _scatter(indices, values, dim)
+    return scatter(indices, values, dim)
 
 
 def unpack_shared_sum(
@@ -745,13 +713,13 @@ def unpack_shared_sum(
     if grid.shape != (k,):
         raise CompressionError(f"sum has shape {grid.shape}; the round has k = {k}")
     values = dequantize(grid, clip=config.clip, bits=config.bits, count=count)
-    return _scatter(shared_coordinates(seed, dim, k), values, dim)
+    return scatter(shared_coordinates(seed, dim, k), values, dim)
 
 
 # ---------------------------------------------------------------------------- error feedback
 
 
-@_message("sparse.residual")
+@wire.message("sparse.residual")
 class ResidualState(wire.Message):
     """A device's error-feedback residual, as saved between restarts."""
 
@@ -776,16 +744,22 @@ class ErrorFeedback:
     accumulated - sent, where `sent` is exactly what the aggregator decodes (so quantization and
     clipping error are carried too, not only the unsent coordinates). Hence, over any number of
     rounds, sum(sent) + residual == sum(updates) up to float64 rounding.
+
+    `compress()` does all of it for the encoders here. When another layer does the quantizing
+    (SecAgg scales by the FedAvg weight, clips and rounds itself), use the two halves:
+    `accumulate(update)` gives residual + update, and `commit(sent)` takes the dense vector the
+    aggregator will decode from what was actually sent, in the same units.
     If a round's update never reaches the sum (round aborted, device not a survivor), call
     `reclaim(sent)` to put it back. Persist with save()/load() across restarts.
     """
 
-    __slots__ = ("_residual", "rounds")
+    __slots__ = ("_pending", "_residual", "rounds")
 
     def __init__(self, dim: int) -> None:
         if type(dim) is not int or not 1 <= dim <= MAX_DIM:
             raise CompressionError(f"dim must be an int in 1..{MAX_DIM}, got {dim!r}")
         self._residual = np.zeros(dim, dtype=np.float64)
+        self._pending: np.ndarray | None = None
         self.rounds = 0
 
     @property
@@ -799,6 +773,28 @@ class ErrorFeedback:
         view.flags.writeable = False
         return view
 
+    def _check(self, vector: np.ndarray, name: str) -> np.ndarray:
+        values = _as_update(vector)
+        if values.shape[0] != self.dim:
+            raise CompressionError(f"{name} has {values.shape[0]} parameters, expected {self.dim}")
+        return values
+
+    def accumulate(self, update: np.ndarray) -> np.ndarray:
+        """residual + update (a new float64 array): what this round should try to send.
+
+        Nothing changes until commit(); calling accumulate again replaces the pending sum.
+        """
+        self._pending = self._residual + self._check(update, "update")
+        return self._pending.copy()
+
+    def commit(self, sent: np.ndarray) -> None:
+        """Keep accumulated - sent as the residual. `sent` is dense, in the update's units."""
+        if self._pending is None:
+            raise CompressionError("commit() without accumulate(): nothing is pending")
+        self._residual = self._pending - self._check(sent, "sent")
+        self._pending = None
+        self.rounds += 1
+
     def compress(
         self,
         update: np.ndarray,
@@ -808,22 +804,13 @@ class ErrorFeedback:
         seed: bytes | None = None,
     ) -> Compressed:
         """Compress residual + update as `config` says and keep the rest for next round."""
-        values = _as_update(update)
-        if values.shape[0] != self.dim:
-            raise CompressionError(f"update has {values.shape[0]} parameters, expected {self.dim}")
-        accumulated = self._residual + values
-        result = compress(accumulated, config, rng=rng, seed=seed)
-        accumulated -= result.sent
-        self._residual = accumulated
-        self.rounds += 1
+        result = compress(self.accumulate(update), config, rng=rng, seed=seed)
+        self.commit(result.sent)
         return result
 
     def reclaim(self, sent: np.ndarray) -> None:
         """Add back an update that was compressed but never applied by the aggregator."""
-        values = _as_update(sent)
-        if values.shape[0] != self.dim:
-            raise CompressionError(f"sent has {values.shape[0]} parameters, expected {self.dim}")
-        self._residual = self._residual + values
+        self._residual = self._residual + self._check(sent, "sent")
 
     def save(self) -> bytes:
         """The residual as one wire payload, for the caller to store."""
