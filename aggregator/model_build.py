@@ -200,8 +200,11 @@ def load_spec(path: Path | None = None) -> ModelSpec:
 
 def import_tensorflow() -> Any:
     """TensorFlow, or one clear line saying how to get it."""
-    # TF's C++ info logs (oneDNN, CPU features) bury the CLI's output; warnings still show.
+    # TF's C++ info logs (CPU features) bury the CLI's output; warnings still show. oneDNN
+    # only reorders float sums here (a small graph, traced once) and announces itself on
+    # stderr, so it is off unless the caller asked for it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf  # heavy and optional: only builds need it
     except ModuleNotFoundError as exc:

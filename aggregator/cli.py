@@ -1,0 +1,127 @@
+"""`fleetlearn model build` and `fleetlearn model inspect`.
+
+`build` needs TensorFlow (the `build` extra) and says so in one line when it is missing;
+`inspect` reads any .tflite without TensorFlow or LiteRT. Both import their work modules in the
+handler, so `fleetlearn --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    model = sub.add_parser(
+        "model",
+        help="build and inspect the fleet's TFLite model",
+        description="Build the TFLite model from a spec (needs TensorFlow) or inspect one.",
+    )
+    commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+
+    b = commands.add_parser(
+        "build",
+        help="build a model from a spec file (needs: pip install 'fleetlearn[build]')",
+        description=(
+            "Build the MLP classifier a spec describes as a builtin-ops-only .tflite with "
+            "signatures train, infer, get_weights and set_weights, and embed its version-1 "
+            "manifest. Without --spec, builds the predictive-maintenance default."
+        ),
+    )
+    b.add_argument("--spec", type=Path, help="model spec (TOML); default: the shipped pdm spec")
+    b.add_argument("--out", type=Path, required=True, help="where to write the .tflite")
+    b.set_defaults(handler=run_build)
+
+    i = commands.add_parser(
+        "inspect",
+        help="print a .tflite's signatures, ops, variables and manifest",
+        description="Read a .tflite without TensorFlow: signatures, ops, variables, manifest.",
+    )
+    i.add_argument("file", type=Path, help="the .tflite file")
+    i.set_defaults(handler=run_inspect)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from aggregator import model_build  # imports TensorFlow only when it builds
+
+    spec = model_build.load_spec(args.spec)
+    manifest = model_build.build_to_file(spec, args.out)
+    size = args.out.stat().st_size
+    print(
+        f"wrote {args.out}: {spec.model_id} v{manifest.version}, "
+        f"{manifest.parameter_count:,} parameters, {size:,} bytes, "
+        f"content hash {manifest.content_hash.hex()[:16]}"
+    )
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise ConfigError("FILE", f"cannot read {args.file}: {exc.strerror or exc}") from None
+    print(format_model(data, str(args.file)))
+    return 0
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def format_model(data: bytes, name: str) -> str:
+    """The `inspect` report: what a field engineer needs to know about one model file."""
+    from shared import tflite_model as tm
+
+    info = tm.describe_model(data)
+    lines = [f"{name}: {info.size:,} bytes, TFLite schema {info.schema_version}"]
+
+    lines.append("signatures:")
+    for sig in info.signatures:
+        ins = ", ".join(f"{t.name}: {t.dtype}{_shape(t.shape)}" for t in sig.inputs)
+        outs = ", ".join(f"{t.name}: {t.dtype}{_shape(t.shape)}" for t in sig.outputs)
+        lines.append(f"  {sig.key}({ins}) -> {outs}")
+
+    counts = Counter(op for sg in info.subgraphs for op in sg.ops)
+    kind = f"custom: {', '.join(info.custom_ops)}" if info.custom_ops else "all builtin"
+    lines.append(f"ops ({len(info.op_codes)} kinds, {kind}):")
+    lines.append("  " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
+    subgraphs = []
+    for index, sg in enumerate(info.subgraphs):
+        tag = " [initializer]" if index == info.initializer else ""
+        subgraphs.append(f"{sg.name or index}{tag} ({len(sg.ops)} ops)")
+    lines.append("subgraphs: " + ", ".join(subgraphs))
+
+    lines.append(f"variables ({len(info.variables)}):")
+    width = max((len(v.name) for v in info.variables), default=4)
+    for var in info.variables:
+        where = f"buffer #{var.buffer}" if var.buffer is not None else "not a constant"
+        note = f"  SHARED with {', '.join(var.shared_with)}" if var.shared_with else ""
+        lines.append(
+            f"  {var.name:<{width}}  {var.dtype}{_shape(var.shape):<12} {where}, "
+            f"{var.nbytes:,} bytes{note}"
+        )
+
+    manifest = tm.read_manifest(data)
+    if manifest is None:
+        lines.append("manifest: none (not built by `fleetlearn model build`)")
+    else:
+        ok = tm.content_hash(data) == manifest.content_hash
+        lines.append(
+            f"manifest: {manifest.model_id} v{manifest.version}, "
+            f"{manifest.parameter_count:,} parameters in {len(manifest.layout)} weights"
+        )
+        lines.append(
+            f"  content hash {manifest.content_hash.hex()} "
+            + ("(matches the file)" if ok else "(DOES NOT MATCH the file: patched or corrupt)")
+        )
+        if manifest.labels:
+            lines.append(f"  labels: {', '.join(manifest.labels)}")
+        lines.append(
+            "  layout: " + ", ".join(f"{w.name}{_shape(w.shape)}" for w in manifest.layout)
+        )
+    return "\n".join(lines)
