@@ -1,0 +1,314 @@
+"""Parameters of one secure-aggregation round: cohort, graph, threshold, ring, quantization.
+
+What it owns: `SecAggConfig` (validated once, shared by server and devices, and a `wire.record`
+so the round announcement can carry it), `StageDeadlines`, the `Stage` names, and the sizing
+rules that tie them together:
+
+- every device has exactly k neighbours (so n*k must be even), and a threshold t > k/2 of them
+  must stay alive; k = n - 1 is classic SecAgg (Bonawitz et al. 2017), smaller k is SecAgg+
+  (Bell et al. 2020);
+- sums live in Z_2^b and must not wrap: b >= q + ceil(log2 n) for q-bit quantized updates;
+- the FedAvg weight and training metrics ride as `EXTRA_COORDINATES` after the d update
+  coordinates, each given the per-device budget b - ceil(log2 n) bits so their sum cannot wrap
+  either.
+
+Rules: a config that exists is valid. Every refusal raises `SecAggConfigError` naming the field
+and the fix. Nothing here draws randomness or reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+from shared import wire
+from shared.secagg.errors import SecAggConfigError
+
+# Order of the values appended after the update coordinates (see shared.secagg.contribution).
+EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples")
+
+MIN_COHORT = 3  # with two devices the sum reveals the other device's update
+MAX_COHORT = 65_536
+MAX_FIELD_BITS = 64  # arithmetic is numpy uint32/uint64 wraparound
+# Weight and loss are floats; past 52 bits float64 cannot resolve the quantization grid.
+MAX_FLOAT_GRID_BITS = 52
+
+
+class Stage(enum.Enum):
+    """The four message-carrying stages of a round, in order."""
+
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    COLLECT = "collect"
+    UNMASK = "unmask"
+
+
+STAGES = (Stage.ADVERTISE, Stage.SHARE, Stage.COLLECT, Stage.UNMASK)
+
+
+def sum_bits(cohort_size: int) -> int:
+    """ceil(log2 n): the headroom a sum of n values needs above one value's bits."""
+    return (cohort_size - 1).bit_length()
+
+
+def default_neighbours(cohort_size: int) -> int:
+    """About 2*log2(n) neighbours (Bell et al.), at most n-1, bumped so n*k is even."""
+    n = cohort_size
+    k = min(n - 1, max(2, round(2 * math.log2(n))))
+    if (n * k) % 2:
+        # n is odd here, so n-1 is even and k < n-1: k+1 still fits.
+        k += 1
+    return k
+
+
+def default_threshold(neighbours: int) -> int:
+    """The smallest threshold above k/2: most tolerant of dropouts while still secure."""
+    return neighbours // 2 + 1
+
+
+def abort_probability(cohort_size: int, neighbours: int, threshold: int, dropout: float) -> float:
+    """Union bound on the chance that some device keeps fewer than t live neighbours.
+
+    Each of at most 2n conditions (a survivor's self-mask seed, a dropped device's mask key)
+    needs t of k neighbours alive; with independent dropouts at rate `dropout` one condition
+    fails with probability P(Binomial(k, 1 - dropout) < t).
+    """
+    live = 1.0 - dropout
+    tail = sum(
+        math.comb(neighbours, i) * live**i * dropout ** (neighbours - i) for i in range(threshold)
+    )
+    return min(1.0, 2 * cohort_size * tail)
+
+
+def suggest_neighbours(
+    cohort_size: int, dropout: float, *, abort_risk: float = 1e-3
+) -> tuple[int, int]:
+    """(k, t) with the fewest neighbours whose `abort_probability` stays under `abort_risk`.
+
+    Never below `default_neighbours`; falls back to classic SecAgg (k = n-1) when no sparser
+    graph is safe enough. Example: n=1000 needs k=20 at 10% dropout but k=142 at 30%.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise SecAggConfigError("dropout", f"must be in [0, 1), got {dropout!r}")
+    n = cohort_size
+    k = default_neighbours(n)
+    while k < n - 1:
+        t = default_threshold(k)
+        if abort_probability(n, k, t, dropout) <= abort_risk:
+            return k, t
+        k += 1 if n % 2 == 0 else 2
+    return n - 1, default_threshold(n - 1)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@wire.record
+class SecAggConfig(wire.Record):
+    """One round's secure-aggregation parameters. Build with `SecAggConfig.create(...)`.
+
+    cohort_size   n, devices selected for the round (the roster)
+    dimension     d, update coordinates each device contributes (the rand-k shared coordinates)
+    neighbours    k, neighbours per device in the masking/sharing graph
+    threshold     t, shares needed to rebuild a secret; k/2 < t <= k
+    quant_bits    q, bits per quantized update coordinate
+    field_bits    b, bits of the ring Z_2^b the masked sums live in
+    clip          updates (already scaled by weight/max_weight) are clipped to [-clip, clip]
+    max_weight    largest FedAvg weight a device may declare (typically its sample count)
+    max_samples   largest sample count a device may report; sent exactly, as an integer
+    max_loss      mean training loss is clipped to [0, max_loss] before loss*samples is sent
+    min_survivors fewest devices whose masked inputs may be summed (privacy floor)
+    """
+
+    cohort_size: int
+    dimension: int
+    neighbours: int
+    threshold: int
+    quant_bits: int
+    field_bits: int
+    clip: float
+    max_weight: float
+    max_samples: int
+    max_loss: float
+    min_survivors: int
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        cohort_size: int,
+        dimension: int,
+        neighbours: int | None = None,
+        threshold: int | None = None,
+        quant_bits: int = 16,
+        field_bits: int | None = None,
+        clip: float = 1.0,
+        max_weight: float = 1.0,
+        max_samples: int = 65_535,
+        max_loss: float = 100.0,
+        min_survivors: int | None = None,
+    ) -> SecAggConfig:
+        """Fill the derived defaults (k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n))."""
+        if not _is_int(cohort_size) or not MIN_COHORT <= cohort_size <= MAX_COHORT:
+            raise SecAggConfigError(
+                "cohort_size", f"must be an int in {MIN_COHORT}..{MAX_COHORT}, got {cohort_size!r}"
+            )
+        k = default_neighbours(cohort_size) if neighbours is None else neighbours
+        t = default_threshold(k) if threshold is None and _is_int(k) else threshold
+        b = field_bits
+        if b is None and _is_int(quant_bits):
+            b = quant_bits + sum_bits(cohort_size)
+        return cls(
+            cohort_size=cohort_size,
+            dimension=dimension,
+            neighbours=k,
+            threshold=t if t is not None else 0,
+            quant_bits=quant_bits,
+            field_bits=b if b is not None else 0,
+            clip=float(clip) if _is_number(clip) else clip,
+            max_weight=float(max_weight) if _is_number(max_weight) else max_weight,
+            max_samples=max_samples,
+            max_loss=float(max_loss) if _is_number(max_loss) else max_loss,
+            min_survivors=(t if t is not None else 0) if min_survivors is None else min_survivors,
+        )
+
+    def __post_init__(self) -> None:
+        n, k, t = self.cohort_size, self.neighbours, self.threshold
+        if not _is_int(n) or not MIN_COHORT <= n <= MAX_COHORT:
+            raise SecAggConfigError(
+                "cohort_size", f"must be an int in {MIN_COHORT}..{MAX_COHORT}, got {n!r}"
+            )
+        if not _is_int(self.dimension) or self.dimension < 1:
+            raise SecAggConfigError("dimension", f"must be an int >= 1, got {self.dimension!r}")
+        if not _is_int(k) or not 2 <= k <= n - 1:
+            raise SecAggConfigError(
+                "neighbours", f"must be an int in 2..{n - 1} (n-1 is classic SecAgg), got {k!r}"
+            )
+        if (n * k) % 2:
+            raise SecAggConfigError(
+                "neighbours",
+                f"{n} devices cannot each have exactly {k} neighbours (n*k must be even); "
+                f"use {k - 1} or {k + 1}",
+            )
+        if not _is_int(t) or not (2 * t > k and t <= k):
+            raise SecAggConfigError(
+                "threshold",
+                f"must satisfy k/2 < t <= k, i.e. {k // 2 + 1}..{k} for k={k}, got {t!r}; "
+                "t <= k/2 would let the aggregator collect both shares of one device",
+            )
+        q, b = self.quant_bits, self.field_bits
+        if not _is_int(q) or not 1 <= q <= MAX_FIELD_BITS - 2:
+            raise SecAggConfigError("quant_bits", f"must be an int in 1..62, got {q!r}")
+        need = q + sum_bits(n)
+        if not _is_int(b) or b > MAX_FIELD_BITS:
+            raise SecAggConfigError("field_bits", f"must be an int <= {MAX_FIELD_BITS}, got {b!r}")
+        if b < need:
+            raise SecAggConfigError(
+                "field_bits",
+                f"{b} bits cannot hold the sum of {n} values of {q} bits without wrapping: "
+                f"need field_bits >= q + ceil(log2 n) = {need}"
+                + (f", or quant_bits <= {b - sum_bits(n)}" if b - sum_bits(n) >= 1 else ""),
+            )
+        for name in ("clip", "max_weight", "max_loss"):
+            value = getattr(self, name)
+            if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+                raise SecAggConfigError(name, f"must be a finite float > 0, got {value!r}")
+        limit = (1 << self.extra_bits) - 1
+        if not _is_int(self.max_samples) or not 1 <= self.max_samples <= limit:
+            raise SecAggConfigError(
+                "max_samples",
+                f"must be an int in 1..{limit} (2^(b - ceil(log2 n)) - 1, so that the sum of "
+                f"sample counts cannot wrap), got {self.max_samples!r}; raise field_bits to "
+                "allow more",
+            )
+        if not _is_int(self.min_survivors) or not 2 <= self.min_survivors <= n:
+            raise SecAggConfigError(
+                "min_survivors", f"must be an int in 2..{n}, got {self.min_survivors!r}"
+            )
+        packed = self.packed_bytes
+        budget = wire.DEFAULT_LIMITS.max_compressed - 4096  # masked bytes do not compress
+        if packed > budget:
+            raise SecAggConfigError(
+                "dimension",
+                f"a masked vector of {self.dimension} coordinates at {b} bits packs to {packed} "
+                f"bytes, over the wire limit of {budget}; lower dimension or field_bits",
+            )
+
+    # ---------------------------------------------------------------------- derived sizes
+
+    @property
+    def coordinates(self) -> int:
+        """Length of the vector that is masked: d update coordinates plus the extras."""
+        return self.dimension + len(EXTRA_COORDINATES)
+
+    @property
+    def extra_bits(self) -> int:
+        """Per-device bit budget of each extra coordinate: b - ceil(log2 n) >= q."""
+        return self.field_bits - sum_bits(self.cohort_size)
+
+    @property
+    def float_extra_bits(self) -> int:
+        """Quantization bits for the weight and loss sum (the budget, capped by float64)."""
+        return min(self.extra_bits, MAX_FLOAT_GRID_BITS)
+
+    @property
+    def word_bits(self) -> int:
+        """Width of the numpy words that carry Z_2^b: 32 or 64 (2^b divides 2^word_bits)."""
+        return 32 if self.field_bits <= 32 else 64
+
+    @property
+    def field_mask(self) -> int:
+        return (1 << self.field_bits) - 1
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of one masked vector on the wire: exactly b bits per coordinate, rounded up."""
+        return -(-self.coordinates * self.field_bits // 8)
+
+
+@wire.record
+class StageDeadlines(wire.Record):
+    """When each stage closes, in the adapter's clock (seconds). Strictly increasing.
+
+    The server closes a stage at its deadline (or earlier when everyone expected answered); a
+    device gives up waiting for the aggregator's reply to stage S at the deadline of S + 1.
+    """
+
+    advertise: float
+    share: float
+    collect: float
+    unmask: float
+
+    def __post_init__(self) -> None:
+        values = [self.advertise, self.share, self.collect, self.unmask]
+        for stage, value in zip(STAGES, values, strict=True):
+            if not _is_number(value):
+                raise SecAggConfigError(
+                    f"deadlines.{stage.value}", f"must be a finite number, got {value!r}"
+                )
+        for (s1, v1), (s2, v2) in zip(
+            zip(STAGES, values, strict=True), zip(STAGES[1:], values[1:], strict=True), strict=False
+        ):
+            if not v2 > v1:
+                raise SecAggConfigError(
+                    f"deadlines.{s2.value}",
+                    f"{v2} must be later than the {s1.value} deadline {v1}",
+                )
+
+    def of(self, stage: Stage) -> float:
+        return float(getattr(self, stage.value))
+
+    @classmethod
+    def evenly(cls, start: float, stage_seconds: float) -> StageDeadlines:
+        """Deadlines `stage_seconds` apart, the first one `stage_seconds` after `start`."""
+        return cls(
+            advertise=start + stage_seconds,
+            share=start + 2 * stage_seconds,
+            collect=start + 3 * stage_seconds,
+            unmask=start + 4 * stage_seconds,
+        )

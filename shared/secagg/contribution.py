@@ -1,0 +1,200 @@
+"""What a device contributes to the secure sum, and what the sum means once unmasked.
+
+What it owns: the layout of the vector that is masked, and the bounds of its decoding.
+
+    [ q(w/W * x_1) ... q(w/W * x_d) | weight | loss_sum | correct | samples ]
+      d update coordinates, q bits     the four EXTRA_COORDINATES, b - ceil(log2 n) bits each
+
+- The update is pre-scaled by w/W (FedAvg weight over `max_weight`), clipped to [-clip, clip]
+  and stochastically rounded to q bits by `shared.sparse.quantize` (the one implementation of
+  stochastic rounding in the code base; its dither generator is device-local noise, never mask
+  material). The weighted mean is then sum(w/W * x) / sum(w/W).
+- The weight and the loss sum (mean loss * samples) are stochastically rounded the same way on
+  the grid [0, max] with the extra-coordinate budget; `correct` and `samples` are integers and
+  travel exactly. So the aggregator learns only the four sums, never one device's values.
+- No sum can wrap: every coordinate of one device is below 2^(b - ceil(log2 n)) and at most n
+  devices add up (checked in SecAggConfig).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared import sparse
+from shared.secagg.config import SecAggConfig
+from shared.secagg.errors import LocalProtocolError, SecAggError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingMetrics:
+    """A device's local training figures for the round; summed securely with the update."""
+
+    loss: float = 0.0  # mean loss over `samples`; clipped to [0, max_loss] before summing
+    correct: int = 0
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loss, float | int) or not math.isfinite(self.loss):
+            raise LocalProtocolError(f"metrics.loss must be a finite number, got {self.loss!r}")
+        for name in ("correct", "samples"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise LocalProtocolError(f"metrics.{name} must be an int >= 0, got {value!r}")
+        if self.correct > self.samples:
+            raise LocalProtocolError(
+                f"metrics.correct ({self.correct}) cannot exceed metrics.samples ({self.samples})"
+            )
+
+
+def _loss_range(config: SecAggConfig) -> float:
+    return config.max_loss * config.max_samples
+
+
+def _quantize_scalar(value: float, high: float, bits: int, rng: np.random.Generator) -> int:
+    # sparse.quantize works on [-clip, clip]; shift [0, high] onto it (exact grid mapping).
+    half = high / 2.0
+    grid = sparse.quantize(np.array([value - half]), clip=half, bits=bits, rng=rng)
+    return int(grid[0])
+
+
+def encode(
+    config: SecAggConfig,
+    vector: np.ndarray,
+    *,
+    weight: float,
+    metrics: TrainingMetrics,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The device's contribution in Z_2^b: `config.coordinates` words of `config.word_bits`."""
+    values = np.asarray(vector)
+    if values.ndim != 1 or values.shape[0] != config.dimension:
+        raise LocalProtocolError(
+            f"input must be a 1-d vector of {config.dimension} values, got shape {values.shape}"
+        )
+    if values.dtype.kind != "f":
+        raise LocalProtocolError(f"input must be floating point, got {values.dtype}")
+    if not np.all(np.isfinite(values)):
+        raise LocalProtocolError("input holds NaN or infinity")
+    if not isinstance(weight, float | int) or not 0.0 <= weight <= config.max_weight:
+        raise LocalProtocolError(f"weight must be in [0, {config.max_weight}], got {weight!r}")
+    if metrics.samples > config.max_samples:
+        raise LocalProtocolError(
+            f"metrics.samples {metrics.samples} exceeds max_samples {config.max_samples}"
+        )
+    dtype = np.dtype(f"<u{config.word_bits // 8}")
+    out = np.empty(config.coordinates, dtype=dtype)
+    scaled = values.astype(np.float64) * (float(weight) / config.max_weight)
+    out[: config.dimension] = sparse.quantize(
+        scaled, clip=config.clip, bits=config.quant_bits, rng=rng
+    )
+    bits = config.float_extra_bits
+    loss_sum = min(max(float(metrics.loss), 0.0), config.max_loss) * metrics.samples
+    extras = (
+        _quantize_scalar(float(weight), config.max_weight, bits, rng),
+        _quantize_scalar(loss_sum, _loss_range(config), bits, rng),
+        metrics.correct,
+        metrics.samples,
+    )
+    out[config.dimension :] = np.array(extras, dtype=dtype)
+    return out
+
+
+def _dequantize_scalar_sum(total: int, high: float, bits: int, count: int) -> float:
+    half = high / 2.0
+    grid = np.array([total], dtype=np.uint64)
+    shifted = sparse.dequantize(grid, clip=half, bits=bits, count=count)
+    return float(shifted[0]) + count * half
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggResult:
+    """The unmasked outcome of a round: sums over the survivors, nothing per device.
+
+    `vector` is the sum of the survivors' quantized, weight-scaled updates in Z_2^b (exactly,
+    no wraparound by construction); `update_sum()`/`mean()` dequantize it.
+    """
+
+    config: SecAggConfig
+    survivors: tuple[str, ...]
+    vector: np.ndarray  # d coordinates, uint, the sum in Z_2^b
+    weight_sum: float
+    loss_sum: float
+    correct: int
+    samples: int
+
+    @property
+    def count(self) -> int:
+        return len(self.survivors)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.samples if self.samples else math.nan
+
+    def update_sum(self) -> np.ndarray:
+        """sum over survivors of clip(w/W * x), as float64 (within count * step per coordinate)."""
+        return sparse.dequantize(
+            self.vector, clip=self.config.clip, bits=self.config.quant_bits, count=self.count
+        )
+
+    def mean(self) -> np.ndarray:
+        """The FedAvg weighted mean sum(w x) / sum(w) (for inputs within the clip range)."""
+        if self.weight_sum <= 0.0:
+            raise SecAggError("the survivors' weights sum to zero; there is no weighted mean")
+        return self.update_sum() / (self.weight_sum / self.config.max_weight)
+
+    def mean_error_bound(self) -> np.ndarray:
+        """Per-coordinate bound on |mean() - exact weighted mean of the clipped updates|.
+
+        With m = N/D the exact mean and N^, D^ the quantized sums: |N^ - N| < U*step_q and
+        |D^ - D| < U*step_w (U survivors, each rounding below one grid step), so
+        |m^ - m| <= (a + |m^| r) / (1 - r) with a = U*step_q / D^ and r = U*step_w / D^.
+        Typical errors are ~sqrt(U) smaller (roundings are zero-mean and independent).
+        """
+        cfg = self.config
+        denominator = self.weight_sum / cfg.max_weight
+        if denominator <= 0.0:
+            raise SecAggError("the survivors' weights sum to zero; there is no weighted mean")
+        step_q = sparse.quant_step(cfg.clip, cfg.quant_bits)
+        step_w = 1.0 / ((1 << cfg.float_extra_bits) - 1)  # weight grid step, in units of W
+        a = self.count * step_q / denominator
+        r = self.count * step_w / denominator
+        if r >= 1.0:
+            return np.full(cfg.dimension, np.inf)
+        return (a + np.abs(self.mean()) * r) / (1.0 - r)
+
+
+def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) -> SecAggResult:
+    """Split an unmasked sum (reduced mod 2^b) into the update sum and the extra sums.
+
+    Raises sparse.CompressionError when a coordinate is larger than `len(survivors)` honest
+    contributions can make: the sum is corrupt (a bad masked vector or share got in).
+    """
+    d = config.dimension
+    count = len(survivors)
+    weight_total, loss_total, correct, samples = (int(v) for v in total[d:])
+    bits = config.float_extra_bits
+    integer_limit = count * ((1 << config.extra_bits) - 1)
+    if correct > integer_limit or samples > integer_limit or correct > samples:
+        raise sparse.CompressionError(
+            f"unmasked counts (correct={correct}, samples={samples}) are impossible for "
+            f"{count} devices"
+        )
+    vector = total[:d].copy()
+    # Decoding the update sum here runs dequantize's range check once, before anyone uses it.
+    sparse.dequantize(vector, clip=config.clip, bits=config.quant_bits, count=count)
+    return SecAggResult(
+        config=config,
+        survivors=survivors,
+        vector=vector,
+        weight_sum=_dequantize_scalar_sum(weight_total, config.max_weight, bits, count),
+        loss_sum=_dequantize_scalar_sum(loss_total, _loss_range(config), bits, count),
+        correct=correct,
+        samples=samples,
+    )
