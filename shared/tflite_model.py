@@ -1055,7 +1055,8 @@ def _insert_manifest_buffer(parsed: _Parsed, capacity: int) -> tuple[bytearray, 
     align(_BUFFER_ALIGN, phase=_BUFFER_ALIGN - 4)  # the bytes after the length are aligned
     data_at = put(_U32, capacity)
     block.extend(bytes(capacity))
-    align(_BUFFER_ALIGN)
+    # The shift itself must be a multiple of 16, so the moved rest of the file stays aligned.
+    block.extend(bytes(-len(block) % _BUFFER_ALIGN))
     shift = len(block)
 
     def point(at: int, target: int) -> None:
