@@ -367,8 +367,7 @@ class _Sized:
     @property
     def wire_bytes(self) -> int:
         """Length of wire.encode(self), i.e. what is published. Encodes on every access."""
-        assert isinstance(self, wire.Message)
-        return len(wire.encode(self))
+        return len(wire.encode(cast(wire.Message, self)))
 
 
 @wire.message("update.sparse")
@@ -570,7 +569,7 @@ def encode_rand_k(
     it (it is the same for every device of the round). Error: unsent coordinates dropped whole,
     clipping max(0, |x| - clip), rounding zero-mean and < 2*clip/(2^bits - 1).
     """
-    if not 1 <= bits <= 32:
+    if type(bits) is not int or not 1 <= bits <= 32:
         raise CompressionError(f"rand-k values travel with 1..32 bits, got {bits!r}")
     values = _as_update(update)
     dim = values.shape[0]
