@@ -120,6 +120,7 @@ class SecAggResult:
     config: SecAggConfig
     survivors: tuple[str, ...]
     vector: np.ndarray  # d coordinates, uint, the sum in Z_2^b
+    extra_grid: tuple[int, ...]  # the EXTRA_COORDINATES' sums as unmasked, in Z_2^b
     weight_sum: float
     loss_sum: float
     correct: int
@@ -193,6 +194,7 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
         config=config,
         survivors=survivors,
         vector=vector,
+        extra_grid=tuple(int(v) for v in total[d:]),
         weight_sum=_dequantize_scalar_sum(weight_total, config.max_weight, bits, count),
         loss_sum=_dequantize_scalar_sum(loss_total, _loss_range(config), bits, count),
         correct=correct,

@@ -65,8 +65,9 @@ class DeviceInput:
     metrics: TrainingMetrics = field(default_factory=TrainingMetrics)
 
 
-Uplink = Callable[[str, wire.Message], Sequence[wire.Message | bytes]]
-"""Hook on each device message: what actually goes on the network instead (tests tamper)."""
+Tamper = Callable[[str, wire.Message], Sequence[wire.Message | bytes]]
+"""Hook on a message to or from one device: what goes on the network instead (tests use it
+to inject garbage, duplicates, replays and forgeries)."""
 
 
 @dataclass
@@ -104,7 +105,8 @@ class InMemoryRound:
         inputs: Callable[[str], DeviceInput],
         random_for: Callable[[str], RandomSource],
         drops: Mapping[str, DropPoint] | None = None,
-        uplink: Uplink | None = None,
+        uplink: Tamper | None = None,
+        downlink: Tamper | None = None,
         lazy_inputs: bool = False,
         timer: Callable[[], float] | None = None,
         stage_seconds: float = 10.0,
@@ -135,6 +137,7 @@ class InMemoryRound:
         self._inputs = inputs
         self._drops = dict(drops or {})
         self._uplink = uplink
+        self._downlink = downlink
         self._lazy = lazy_inputs
         self._timer = timer
         self._now = 0.0
@@ -216,7 +219,12 @@ class InMemoryRound:
                 for device in targets:
                     per[device] = per.get(device, 0) + len(frame)
             for device in targets:
-                self._queue.append((AGGREGATOR, device, frame))
+                if self._downlink is None:
+                    self._queue.append((AGGREGATOR, device, frame))
+                    continue
+                for item in self._downlink(device, out.message):
+                    encoded = wire.encode(item) if isinstance(item, wire.Message) else item
+                    self._queue.append((AGGREGATOR, device, encoded))
 
     def _deliver_to_server(self, device: str, frame: bytes) -> None:
         stage = self.server.stage
