@@ -1105,8 +1105,11 @@ _SIGNATURE_SIZE = 64
 class ModelRelease(wire.Message):
     """A signed model: retained on `fl/{fleet}/model` (ARCHITECTURE §3, §6).
 
-    The Ed25519 signature covers a canonical header (domain label, every manifest field, the
-    model's size); the manifest's content hash binds the model bytes to it.
+    The Ed25519 signature covers a canonical header: a domain label, every manifest field, the
+    model's size and the SHA-256 of the compressed bytes. So every byte of a release is signed
+    (zstd ignores some bits of a frame; signing the frame itself leaves no byte to flip
+    unnoticed), the signature is checked before anything is decompressed, and the manifest's
+    content hash then binds the model bytes to the manifest.
     """
 
     manifest: ModelManifest
@@ -1126,7 +1129,7 @@ class ModelRelease(wire.Message):
         )
 
 
-def _release_header(manifest: ModelManifest, model_size: int) -> bytes:
+def _release_header(manifest: ModelManifest, model_size: int, model_zst: bytes) -> bytes:
     """The signed bytes: every variable-length part is length-prefixed, so the encoding is
     unambiguous, and the label keeps these signatures from meaning anything elsewhere."""
     parts = [_RELEASE_LABEL, manifest.model_id.encode()]
@@ -1134,6 +1137,7 @@ def _release_header(manifest: ModelManifest, model_size: int) -> bytes:
     for part in parts:
         out += _U32.pack(len(part)) + part
     out += _U64.pack(manifest.version) + _U64.pack(model_size)
+    out += _U32.pack(_HASH_SIZE) + hashlib.sha256(model_zst).digest()
     out += _U32.pack(len(manifest.content_hash)) + manifest.content_hash
     out += _U32.pack(len(manifest.layout))
     for spec in manifest.layout:
@@ -1164,7 +1168,8 @@ def make_release(
     compressed = zstandard.ZstdCompressor(
         level=_ZSTD_LEVEL, write_content_size=True, write_checksum=True
     ).compress(model_bytes)
-    signature = signing_key.sign(_release_header(manifest, len(model_bytes))).signature
+    header = _release_header(manifest, len(model_bytes), compressed)
+    signature = signing_key.sign(header).signature
     return ModelRelease(
         manifest=manifest,
         model_size=len(model_bytes),
@@ -1228,7 +1233,8 @@ def verify_release(
         raise ReleaseError(f"expected a ModelRelease, got {type(release).__name__}")
     manifest = release.manifest
     try:
-        verify_key.verify(_release_header(manifest, release.model_size), release.signature)
+        header = _release_header(manifest, release.model_size, release.model_zst)
+        verify_key.verify(header, release.signature)
     except nacl.exceptions.BadSignatureError:
         raise SignatureError(
             f"release {manifest.model_id} v{manifest.version} is not signed by this fleet's "
