@@ -149,11 +149,12 @@ class SecAggConfig(wire.Record):
         field_bits: int | None = None,
         clip: float = 1.0,
         max_weight: float = 1.0,
-        max_samples: int = 65_535,
+        max_samples: int | None = None,
         max_loss: float = 100.0,
         min_survivors: int | None = None,
     ) -> SecAggConfig:
-        """Fill the derived defaults (k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n))."""
+        """Fill the derived defaults: k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n),
+        min_survivors = t, max_samples = 65535 or what the extra-coordinate budget allows."""
         if not _is_int(cohort_size) or not MIN_COHORT <= cohort_size <= MAX_COHORT:
             raise SecAggConfigError(
                 "cohort_size", f"must be an int in {MIN_COHORT}..{MAX_COHORT}, got {cohort_size!r}"
@@ -163,6 +164,10 @@ class SecAggConfig(wire.Record):
         b = field_bits
         if b is None and _is_int(quant_bits):
             b = quant_bits + sum_bits(cohort_size)
+        samples = max_samples
+        if samples is None:
+            budget = (b or 0) - sum_bits(cohort_size)  # refused below when b is unusable
+            samples = min(65_535, (1 << budget) - 1) if 0 < budget <= MAX_FIELD_BITS else 65_535
         return cls(
             cohort_size=cohort_size,
             dimension=dimension,
@@ -172,7 +177,7 @@ class SecAggConfig(wire.Record):
             field_bits=b if b is not None else 0,
             clip=float(clip) if _is_number(clip) else clip,
             max_weight=float(max_weight) if _is_number(max_weight) else max_weight,
-            max_samples=max_samples,
+            max_samples=samples,
             max_loss=float(max_loss) if _is_number(max_loss) else max_loss,
             min_survivors=(t if t is not None else 0) if min_survivors is None else min_survivors,
         )
