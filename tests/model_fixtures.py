@@ -9,6 +9,7 @@ a test asks for a build (those tests are marked slow).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -143,6 +144,11 @@ def embedded_manifests() -> st.SearchStrategy[wire.Message]:
 
 
 # The wire property tests draw every registered message type; these two have rules (hash and
-# signature lengths, float32 layouts) that random fields almost never meet.
-EXPLICIT.setdefault(tm.ModelRelease.TAG, releases)
-EXPLICIT.setdefault(tm.EmbeddedManifest.TAG, embedded_manifests)
+# signature lengths, float32 layouts) that random fields almost never meet. Same shape as
+# wire_strategies.EXPLICIT, and registered there when this module is imported.
+STRATEGIES: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {
+    tm.ModelRelease.TAG: releases,
+    tm.EmbeddedManifest.TAG: embedded_manifests,
+}
+for _tag, _strategy in STRATEGIES.items():
+    EXPLICIT.setdefault(_tag, _strategy)
