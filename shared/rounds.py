@@ -115,6 +115,14 @@ class RoundAnnounce(wire.Message):
                 "RoundAnnounce.secagg",
                 f"cohort_size {self.secagg.cohort_size} != {len(self.cohort)} devices",
             )
+            if self.compression.mode is SparseMode.RAND_K:
+                # SecAgg quantizes the shared coordinates itself; one grid, stated once each.
+                wire.require(
+                    self.secagg.quant_bits == self.compression.bits
+                    and self.secagg.clip == self.compression.clip,
+                    "RoundAnnounce.compression",
+                    "bits and clip must equal secagg.quant_bits and secagg.clip",
+                )
 
     def closed(self, state: RoundState, reason: str = "") -> RoundAnnounce:
         """The same round, marked over."""

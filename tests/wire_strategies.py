@@ -53,6 +53,9 @@ def for_annotation(hint: Any) -> st.SearchStrategy[Any]:
         return st.sampled_from(list(hint))
     if isinstance(hint, type) and issubclass(hint, wire.Record):
         return for_type(hint)
+    nested = wire._message_alternatives(hint)
+    if nested:
+        return st.one_of(*(for_type(c) for c in nested))
     if origin is tuple:
         return st.lists(for_annotation(args[0]), max_size=5).map(tuple)
     if origin is dict:
@@ -66,7 +69,109 @@ def for_annotation(hint: Any) -> st.SearchStrategy[Any]:
 EXPLICIT: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {}
 
 
+def _register_explicit() -> None:
+    from tests.sparse_strategies import STRATEGIES as SPARSE
+
+    EXPLICIT.update(SPARSE)
+    EXPLICIT["status"] = _status
+    EXPLICIT["round.announce"] = _announce
+    EXPLICIT["round.plain_update"] = _plain_update
+
+
+unit = st.floats(0.0, 1.0)
+finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
+
+
+def _status() -> st.SearchStrategy[wire.Message]:
+    return st.builds(
+        wire.DeviceStatus,
+        device_id=ids,
+        online=st.booleans(),
+        eligibility=st.sampled_from(list(wire.Eligibility)),
+        charging=st.booleans(),
+        battery=unit,
+        model_version=st.integers(0, 2**40),
+        sdk_version=st.text(max_size=12),
+        samples=st.integers(0, 10**6),
+        note=st.text(max_size=40),
+    )
+
+
+@st.composite
+def _announce_draw(draw: st.DrawFn) -> wire.Message:
+    from shared import rounds
+    from shared.secagg.config import SecAggConfig
+    from shared.sparse import Compression, SparseMode
+
+    cohort = tuple(draw(st.lists(ids, min_size=3, max_size=8, unique=True)))
+    mode = draw(st.sampled_from(list(rounds.RoundMode)))
+    secure = mode is rounds.RoundMode.SECURE
+    sparse_mode = draw(
+        st.sampled_from([SparseMode.RAND_K, SparseMode.DENSE] if secure else list(SparseMode))
+    )
+    if sparse_mode is SparseMode.DENSE:
+        compression = Compression(mode=sparse_mode)
+    elif sparse_mode is SparseMode.TOP_K:
+        compression = Compression(mode=sparse_mode, density=draw(st.floats(0.001, 1.0)), bits=8)
+    else:
+        compression = Compression(
+            mode=sparse_mode, density=draw(st.floats(0.001, 1.0)), bits=draw(st.integers(1, 24))
+        )
+    secagg = None
+    if secure:
+        secagg = SecAggConfig.create(
+            cohort_size=len(cohort),
+            dimension=draw(st.integers(1, 5000)),
+            quant_bits=compression.bits if sparse_mode is SparseMode.RAND_K else 16,
+            clip=compression.clip,
+        )
+    t = sorted(draw(st.lists(st.floats(0.5, 3600), min_size=4, max_size=4, unique=True)))
+    return rounds.RoundAnnounce(
+        round_id=draw(st.integers(0, 2**31 - 1)),
+        mode=mode,
+        model_version=draw(st.integers(1, 2**40)),
+        cohort=cohort,
+        seed=draw(st.binary(min_size=32, max_size=32)),
+        compression=compression,
+        training=rounds.TrainingPlan(
+            epochs=draw(st.integers(1, 100)), max_samples=draw(st.integers(1, 10**6))
+        ),
+        times=rounds.StageTimes(advertise=t[0], share=t[1], collect=t[2], unmask=t[3]),
+        secagg=secagg,
+        state=draw(st.sampled_from(list(rounds.RoundState))),
+        reason=draw(st.text(max_size=30)),
+    )
+
+
+def _announce() -> st.SearchStrategy[wire.Message]:
+    return _announce_draw()
+
+
+@st.composite
+def _plain_update_draw(draw: st.DrawFn) -> wire.Message:
+    from shared import rounds
+    from tests.sparse_strategies import STRATEGIES as SPARSE
+
+    update = draw(st.one_of(SPARSE[t]() for t in ("update.sparse", "update.randk", "update.dense")))
+    samples = draw(st.integers(0, 10**6))
+    return rounds.PlainUpdate(
+        round_id=draw(st.integers(0, 2**31 - 1)),
+        sender=draw(ids),
+        update=update,  # type: ignore[arg-type]
+        weight=draw(st.floats(1e-6, 1e9)),
+        loss=draw(st.floats(0, 1e6)),
+        correct=draw(st.integers(0, samples)),
+        samples=samples,
+    )
+
+
+def _plain_update() -> st.SearchStrategy[wire.Message]:
+    return _plain_update_draw()
+
+
 def for_type(cls: type[wire.Message]) -> st.SearchStrategy[Any]:
+    if not EXPLICIT:
+        _register_explicit()
     if not issubclass(cls, wire.Record) and cls.TAG in EXPLICIT:
         return EXPLICIT[cls.TAG]()
     hints = typing.get_type_hints(cls)
