@@ -22,7 +22,9 @@ def main() -> None:
     data = np.concatenate(raw)
     print("command: python bench/data_calibration.py")
     print(f"{'feature':18s} {'mean':>10s} {'std':>10s} {'offset':>10s} {'scale':>10s}")
-    for name, mu, sd, (off, sc) in zip(FEATURES, data.mean(0), data.std(0), FEATURE_SCALE, strict=True):
+    for name, mu, sd, (off, sc) in zip(
+        FEATURES, data.mean(0), data.std(0), FEATURE_SCALE, strict=True
+    ):
         print(f"{name:18s} {mu:10.4g} {sd:10.4g} {off:10.4g} {sc:10.4g}")
 
 

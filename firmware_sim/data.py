@@ -226,8 +226,13 @@ def synthesize(
     )  # fmt: skip
 
 
-def device_machine(fleet_seed: int, device_index: int, site_index: int, machine_type: str,
-                   concentration: float = 2.0) -> Machine:
+def device_machine(
+    fleet_seed: int,
+    device_index: int,
+    site_index: int,
+    machine_type: str,
+    concentration: float = 2.0,
+) -> Machine:
     """The machine behind one simulated device, reproducible from the fleet seed."""
     if machine_type not in MACHINE_TYPES:
         raise ValueError(f"unknown machine type {machine_type!r}; known: {sorted(MACHINE_TYPES)}")
