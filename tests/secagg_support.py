@@ -74,6 +74,7 @@ def run_round(
     uplink: Tamper | None = None,
     downlink: Tamper | None = None,
     random_label: str = "r",
+    random_for: Callable[[str], RandomSource] | None = None,
     inputs: dict[str, DeviceInput] | None = None,
 ) -> RoundRun:
     ids = identities(config.cohort_size)
@@ -84,7 +85,7 @@ def run_round(
         round_seed=round_seed,
         identities=ids,
         inputs=given.__getitem__,
-        random_for=lambda d: deterministic_random(f"{random_label}/{round_id}/{d}"),
+        random_for=random_for or (lambda d: deterministic_random(f"{random_label}/{round_id}/{d}")),
         drops=drops,
         uplink=uplink,
         downlink=downlink,

@@ -361,10 +361,13 @@ class SecAggClient:
             if isinstance(message, Abort):
                 return self._on_abort(message)
             if isinstance(message, UnmaskRequest) and self._state in (
+                ClientState.INIT,
+                ClientState.ADVERTISE,
                 ClientState.SHARE,
                 ClientState.NEED_INPUT,
             ):
-                # The aggregator moved past COLLECT without our masked input: we dropped.
+                # The aggregator moved past COLLECT without our masked input: we were dropped
+                # (or excluded, e.g. for a bad advert) and can only stop.
                 self._abort("left behind: the aggregator closed COLLECT without this device")
                 return []
             expected = _EXPECTS.get(self._state)
