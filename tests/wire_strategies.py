@@ -70,9 +70,11 @@ EXPLICIT: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {}
 
 
 def _register_explicit() -> None:
+    from tests.secagg_strategies import STRATEGIES as SECAGG
     from tests.sparse_strategies import STRATEGIES as SPARSE
 
     EXPLICIT.update(SPARSE)
+    EXPLICIT.update(SECAGG)
     EXPLICIT["status"] = _status
     EXPLICIT["round.announce"] = _announce
     EXPLICIT["round.plain_update"] = _plain_update
