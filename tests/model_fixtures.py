@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from aggregator import model_build as mb
 from shared import tflite_model as tm
 from shared import wire
-from tests.wire_strategies import EXPLICIT, ids
+from tests.wire_strategies import ids
 
 SHIPPED_MODEL = mb.DEFAULT_MODEL_PATH
 
@@ -151,10 +151,8 @@ def embedded_manifests() -> st.SearchStrategy[wire.Message]:
 
 # The wire property tests draw every registered message type; these two have rules (hash and
 # signature lengths, float32 layouts) that random fields almost never meet. Same shape as
-# wire_strategies.EXPLICIT, and registered there when this module is imported.
+# wire_strategies.EXPLICIT, for its `_register_explicit` to merge.
 STRATEGIES: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {
     tm.ModelRelease.TAG: releases,
     tm.EmbeddedManifest.TAG: embedded_manifests,
 }
-for _tag, _strategy in STRATEGIES.items():
-    EXPLICIT.setdefault(_tag, _strategy)
