@@ -1,0 +1,756 @@
+"""The round engine: cohort selection, stages, deadlines and straggler accounting, sans-IO.
+
+One engine runs a fleet's rounds one after another. It knows devices from their retained status,
+selects a cohort, announces the round, and then either drives a `SecAggServer` (secure mode) or
+collects `PlainUpdate`s (plain mode) until the round closes. It never touches a socket, a clock
+or a global RNG: the adapter (`aggregator.service`) hands it decoded topics, raw payloads and
+the time, and publishes the `Publish` records it returns.
+
+    engine.observe_status(device_id, payload, now)
+    outs = engine.start_round(round_id=..., model_version=..., dim=..., now=...)
+    outs = engine.receive(topic, payload, now)     # any round message from a device
+    outs = engine.tick(now)                        # at or after engine.next_deadline
+    engine.outcome                                 # RoundOutcome once the round is over
+
+Rules:
+- Selection prefers eligible devices (online, not busy, battery above the floor, charging
+  first) that run the current model, and over-selects by `over_select` so that dropouts still
+  leave enough for the target cohort.
+- Every payload is decoded with the type the topic implies and the sender/round the topic
+  names. A bad payload raises nothing out of `receive`: it is counted under a reason, listed
+  in `events`, and the round goes on. A message for a stage that already closed, or for a round
+  that is over, is counted as late and has no effect.
+- Secure rounds: the aggregator learns only the sums (SecAgg+ via shared.secagg). Plain
+  rounds: robust aggregation rules apply (aggregator.rules).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from aggregator import rules
+from shared import rounds, sparse, topics, wire
+from shared.errors import FleetlearnError
+from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
+from shared.secagg import messages as sm
+from shared.secagg.config import SecAggConfig, Stage, StageDeadlines
+from shared.secagg.errors import RemoteProtocolError, SecAggError
+from shared.secagg.server import Outbound, SecAggServer, ServerState
+
+STAGE_ORDER = {Stage.ADVERTISE: 0, Stage.SHARE: 1, Stage.COLLECT: 2, Stage.UNMASK: 3}
+_MESSAGE_STAGE: dict[topics.Kind, Stage] = {
+    topics.Kind.ADVERTISE: Stage.ADVERTISE,
+    topics.Kind.SHARES: Stage.SHARE,
+    topics.Kind.MASKED: Stage.COLLECT,
+    topics.Kind.UPDATE: Stage.COLLECT,
+    topics.Kind.UNMASK: Stage.UNMASK,
+}
+_EXPECTED_TYPE: dict[topics.Kind, type[wire.Message]] = {
+    topics.Kind.ADVERTISE: sm.Advertise,
+    topics.Kind.SHARES: sm.Shares,
+    topics.Kind.MASKED: sm.MaskedInput,
+    topics.Kind.UNMASK: sm.Unmask,
+    topics.Kind.UPDATE: PlainUpdate,
+}
+# Round messages expire after this long on MQTT 5 brokers: nobody needs them later.
+ROUND_MESSAGE_EXPIRY = 600
+
+
+class EngineError(FleetlearnError):
+    """The engine cannot do what was asked (e.g. too few eligible devices to start)."""
+
+
+class NotEnoughDevicesError(EngineError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Something for the adapter to publish. `payload` is wire bytes, or a JSON-able dict."""
+
+    topic: str
+    payload: bytes | dict[str, Any]
+    retain: bool = False
+    qos: int = 1
+    expiry: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    mode: Literal["secure", "plain"] = "secure"
+    cohort: int = 20  # devices whose updates a round aims for
+    over_select: float = 1.2  # select this many times `cohort` when enough are eligible
+    min_cohort: int = 3
+    battery_floor: float = 0.2
+    times: StageTimes = field(default_factory=StageTimes)
+    training: rounds.TrainingPlan = field(default_factory=rounds.TrainingPlan)
+    sparsity: Literal["dense", "rand_k", "top_k"] = "rand_k"
+    density: float = 0.1
+    quant_bits: int = 16
+    clip: float = 0.5
+    top_k_bits: int = 8
+    neighbours: int = 0  # 0: about 2*log2(n)
+    threshold: int = 0  # 0: k/2 + 1
+    rule: rules.RuleName = "mean"
+    trim: float = 0.2
+    clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_cohort < (3 if self.mode == "secure" else 1):
+            raise EngineError(
+                f"rounds.min_cohort must be >= 3 in secure mode, got {self.min_cohort}"
+            )
+        if self.cohort < self.min_cohort:
+            raise EngineError(
+                f"rounds.cohort {self.cohort} is below rounds.min_cohort {self.min_cohort}"
+            )
+        if self.over_select < 1.0:
+            raise EngineError(f"rounds.over_select must be >= 1, got {self.over_select}")
+        if self.mode == "secure" and self.sparsity == "top_k":
+            raise EngineError(
+                "compression.sparsity top_k cannot be masked (each device picks its own "
+                "coordinates); use rand_k or dense in secure mode"
+            )
+        if self.mode == "secure" and self.rule != "mean":
+            raise EngineError(
+                f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "
+                "sees their sum, so it supports 'mean' only"
+            )
+
+
+@dataclass(slots=True)
+class StageStats:
+    expected: int = 0
+    arrived: int = 0
+    late: int = 0
+    dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "expected": self.expected,
+            "arrived": self.arrived,
+            "late": self.late,
+            "dropped": self.dropped,
+        }
+
+
+@dataclass(slots=True)
+class RoundOutcome:
+    round_id: int
+    state: RoundState
+    reason: str
+    model_version: int
+    mean_update: np.ndarray | None  # full-dimension float64, in FedAvg direction
+    error_bound: float  # max abs error of mean_update from quantization (0 for plain dense)
+    survivors: tuple[str, ...]
+    metrics: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Device:
+    status: wire.DeviceStatus
+    seen: float
+
+
+@dataclass(slots=True)
+class _Run:
+    announce: RoundAnnounce
+    started: float
+    deadlines: StageDeadlines
+    dim: int
+    coordinates: np.ndarray | None  # rand-k indices
+    server: SecAggServer | None
+    stages: dict[Stage, StageStats]
+    plain: dict[str, PlainUpdate] = field(default_factory=dict)
+    plain_closed: bool = False
+    uplink: Counter[str] = field(default_factory=Counter)
+    downlink: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        *,
+        fleet: str,
+        config: EngineConfig,
+        verify_keys: Mapping[str, bytes],
+        random: Callable[[int], bytes],
+    ) -> None:
+        topics.check_id(fleet, "fleet id")
+        self.fleet = fleet
+        self.config = config
+        self._verify_keys = dict(verify_keys)
+        self._random = random
+        self._devices: dict[str, _Device] = {}
+        self._run: _Run | None = None
+        self._finished: dict[int, RoundOutcome] = {}
+        self.outcome: RoundOutcome | None = None
+        self.rejected_total: Counter[str] = Counter()
+        self.late_total = 0
+        self.events: list[dict[str, Any]] = []  # drained by the adapter onto fl/{fleet}/events
+
+    # ------------------------------------------------------------------------- device status
+
+    def observe_status(self, device_id: str, payload: bytes, now: float) -> None:
+        """Record a retained status message (or last will) of one device."""
+        if device_id not in self._verify_keys:
+            self._reject(
+                "unknown_device", device_id, "status from a device that is not provisioned"
+            )
+            return
+        try:
+            status = wire.decode(payload, wire.DeviceStatus, context={"device_id": device_id})
+        except wire.WireError as exc:
+            self._reject("bad_payload", device_id, f"status: {exc}")
+            return
+        self._devices[device_id] = _Device(status, now)
+
+    def online(self) -> list[str]:
+        return sorted(d for d, info in self._devices.items() if info.status.online)
+
+    def eligible(self, model_version: int | None = None) -> list[str]:
+        c = self.config
+        out = []
+        for dev, info in self._devices.items():
+            s = info.status
+            if not s.online or s.eligibility is not wire.Eligibility.ELIGIBLE:
+                continue
+            if s.battery < c.battery_floor and not s.charging:
+                continue
+            if model_version is not None and s.model_version != model_version:
+                continue
+            out.append(dev)
+        return sorted(out)
+
+    # ------------------------------------------------------------------------------ rounds
+
+    @property
+    def running(self) -> bool:
+        return self._run is not None
+
+    @property
+    def round_id(self) -> int | None:
+        return None if self._run is None else self._run.announce.round_id
+
+    @property
+    def next_deadline(self) -> float | None:
+        run = self._run
+        if run is None:
+            return None
+        if run.server is not None:
+            return run.server.deadline
+        return run.started + run.announce.times.collect
+
+    def select(self, model_version: int) -> tuple[str, ...]:
+        """The cohort: eligible devices on the current model first, charging ones preferred."""
+        c = self.config
+        preferred = self.eligible(model_version)
+        fallback = [d for d in self.eligible() if d not in set(preferred)]
+
+        # Random order within each preference class, drawn from the injected source.
+        def shuffled(items: list[str]) -> list[str]:
+            keys = {d: self._random(8) for d in items}
+            charging = {d for d in items if self._devices[d].status.charging}
+            return sorted(items, key=lambda d: (d not in charging, keys[d]))
+
+        ordered = shuffled(preferred) + shuffled(fallback)
+        want = max(c.min_cohort, math.ceil(c.cohort * c.over_select))
+        chosen = ordered[:want]
+        if len(chosen) < c.min_cohort:
+            raise NotEnoughDevicesError(
+                f"only {len(chosen)} eligible devices (of {len(self.online())} online); "
+                f"a round needs at least {c.min_cohort}"
+            )
+        return tuple(sorted(chosen))
+
+    def _compression(self) -> sparse.Compression:
+        c = self.config
+        if c.sparsity == "dense":
+            return sparse.Compression(mode=sparse.SparseMode.DENSE)
+        if c.sparsity == "top_k":
+            return sparse.Compression(
+                mode=sparse.SparseMode.TOP_K, density=c.density, bits=c.top_k_bits
+            )
+        return sparse.Compression(
+            mode=sparse.SparseMode.RAND_K, density=c.density, bits=c.quant_bits, clip=c.clip
+        )
+
+    def start_round(
+        self,
+        *,
+        round_id: int,
+        model_version: int,
+        dim: int,
+        now: float,
+        cohort: tuple[str, ...] | None = None,
+    ) -> list[Publish]:
+        if self._run is not None:
+            raise EngineError(f"round {self._run.announce.round_id} is still running")
+        c = self.config
+        cohort = cohort if cohort is not None else self.select(model_version)
+        seed = self._random(rounds.SEED_BYTES)
+        compression = self._compression()
+        k = compression.k(dim)
+        coordinates = None
+        if compression.mode is sparse.SparseMode.RAND_K:
+            coordinates = sparse.shared_coordinates(seed, dim, k)
+        secagg = None
+        server = None
+        times = c.times
+        deadlines = StageDeadlines(
+            advertise=now + times.advertise,
+            share=now + times.share,
+            collect=now + times.collect,
+            unmask=now + times.unmask,
+        )
+        if c.mode == "secure":
+            if compression.mode is sparse.SparseMode.DENSE:
+                quant_bits, clip = c.quant_bits, c.clip
+            else:
+                quant_bits, clip = compression.bits, compression.clip
+            secagg = SecAggConfig.create(
+                cohort_size=len(cohort),
+                dimension=k,
+                neighbours=c.neighbours or None,
+                threshold=c.threshold or None,
+                quant_bits=quant_bits,
+                clip=clip,
+                # FedAvg weight = local examples trained on, at most the plan's max_samples.
+                max_weight=float(c.training.max_samples),
+                max_samples=c.training.max_samples,
+            )
+            server = SecAggServer(
+                config=secagg,
+                round_id=round_id,
+                round_seed=seed,
+                verify_keys={d: self._verify_keys[d] for d in cohort},
+                deadlines=deadlines,
+            )
+        announce = RoundAnnounce(
+            round_id=round_id,
+            mode=RoundMode(c.mode),
+            model_version=model_version,
+            cohort=cohort,
+            seed=seed,
+            compression=compression,
+            training=c.training,
+            times=times,
+            secagg=secagg,
+        )
+        stages = {s: StageStats() for s in Stage}
+        first = Stage.ADVERTISE if server is not None else Stage.COLLECT
+        stages[first].expected = len(cohort)
+        self._run = _Run(
+            announce=announce,
+            started=now,
+            deadlines=deadlines,
+            dim=dim,
+            coordinates=coordinates,
+            server=server,
+            stages=stages,
+        )
+        self.outcome = None
+        self._event(
+            "round_started", round_id, cohort=len(cohort), mode=c.mode, model_version=model_version
+        )
+        payload = wire.encode(announce)
+        for dev in cohort:
+            self._run.downlink[dev] += len(payload)
+        return [Publish(topics.round_announce(self.fleet), payload, retain=True)]
+
+    # ---------------------------------------------------------------------------- messages
+
+    def receive(self, topic: topics.Topic, payload: bytes, now: float) -> list[Publish]:
+        """One message from a device on a round topic. Never raises for bad input."""
+        device = topic.device_id or "?"
+        run = self._run
+        if topic.kind not in _EXPECTED_TYPE or topic.round_id is None:
+            self._reject("wrong_topic", device, f"{topic.kind.value} is not a device round topic")
+            return []
+        if run is None or topic.round_id != run.announce.round_id:
+            if topic.round_id in self._finished or (
+                run is not None and topic.round_id < run.announce.round_id
+            ):
+                self._late(topic.round_id, device, topic.kind, run_stats=None)
+            else:
+                self._reject("unknown_round", device, f"round {topic.round_id} is not running")
+            return []
+        if device not in run.announce.cohort:
+            self._reject("not_in_cohort", device, f"not selected for round {topic.round_id}")
+            return []
+        expected = _EXPECTED_TYPE[topic.kind]
+        stage = _MESSAGE_STAGE[topic.kind]
+        if (topic.kind is topics.Kind.UPDATE) != (run.server is None):
+            self._reject(
+                "wrong_mode",
+                device,
+                f"{topic.kind.value} message in a {run.announce.mode.value} round",
+            )
+            return []
+        try:
+            message = wire.decode(
+                payload,
+                expect=expected,
+                context={"round_id": topic.round_id, "sender": device},
+            )
+        except wire.WireError as exc:
+            self._reject("bad_payload", device, str(exc))
+            return []
+        run.uplink[device] += len(payload)
+        if run.server is None:
+            return self._plain_receive(run, device, message, now)
+        return self._secure_receive(run, device, stage, message, now)
+
+    def tick(self, now: float) -> list[Publish]:
+        run = self._run
+        if run is None:
+            return []
+        if run.server is None:
+            if now >= run.started + run.announce.times.collect:
+                return self._plain_close(run, now)
+            return []
+        before = run.server.state
+        try:
+            outs = run.server.tick(now)
+        except SecAggError as exc:
+            return self._finish(run, RoundState.ABORTED, f"secure aggregation failed: {exc}", now)
+        return self._after_server(run, before, outs, now)
+
+    # ----------------------------------------------------------------------------- secure
+
+    def _secure_receive(
+        self, run: _Run, device: str, stage: Stage, message: wire.Message, now: float
+    ) -> list[Publish]:
+        server = run.server
+        assert server is not None
+        current = server.stage
+        if current is None or STAGE_ORDER[stage] < STAGE_ORDER[current]:
+            self._late(run.announce.round_id, device, None, run_stats=run.stages[stage])
+            return []
+        before = server.state
+        try:
+            outs = server.receive(message, now)
+        except RemoteProtocolError as exc:
+            self._reject("protocol", device, exc.problem)
+            return []
+        except SecAggError as exc:
+            return self._finish(run, RoundState.ABORTED, f"secure aggregation failed: {exc}", now)
+        run.stages[stage].arrived += 1
+        return self._after_server(run, before, outs, now)
+
+    def _after_server(
+        self, run: _Run, before: ServerState, outs: list[Outbound], now: float
+    ) -> list[Publish]:
+        server = run.server
+        assert server is not None
+        publishes = [self._route(run, out) for out in outs]
+        after = server.state
+        if after is not before:
+            self._stage_closed(run, before, now)
+        if after is ServerState.DONE:
+            publishes += self._secure_done(run, now)
+        elif after in (ServerState.ABORTED, ServerState.ERROR):
+            publishes += self._finish(run, RoundState.ABORTED, server.reason or "aborted", now)
+        return publishes
+
+    def _stage_closed(self, run: _Run, before: ServerState, now: float) -> None:
+        server = run.server
+        assert server is not None
+        stage = {
+            ServerState.ADVERTISE: Stage.ADVERTISE,
+            ServerState.SHARE: Stage.SHARE,
+            ServerState.COLLECT: Stage.COLLECT,
+            ServerState.UNMASK: Stage.UNMASK,
+        }.get(before)
+        if stage is None:
+            return
+        stats = run.stages[stage]
+        dropped = [d for d, s in server.dropped.items() if s is stage]
+        stats.dropped = len(dropped)
+        following = {
+            Stage.ADVERTISE: (Stage.SHARE, server.advertised),
+            Stage.SHARE: (Stage.COLLECT, server.sharers),
+            Stage.COLLECT: (Stage.UNMASK, server.survivors),
+        }.get(stage)
+        if following is not None and server.state not in (ServerState.ABORTED, ServerState.ERROR):
+            run.stages[following[0]].expected = len(following[1])
+        self._event(
+            "stage_closed",
+            run.announce.round_id,
+            stage=stage.value,
+            arrived=stats.arrived,
+            expected=stats.expected,
+            dropped=sorted(dropped)[:20],
+            after_s=round(now - run.started, 3),
+        )
+
+    def _route(self, run: _Run, out: Outbound) -> Publish:
+        msg = out.message
+        r = run.announce.round_id
+        payload = wire.encode(msg)
+        if isinstance(msg, sm.Roster | sm.ShareInbox):
+            topic = topics.per_device(self.fleet, r, topics.Kind.INBOX, msg.recipient)
+            run.downlink[msg.recipient] += len(payload)
+        else:  # UnmaskRequest, Abort: one message for the whole cohort
+            topic = topics.per_round(self.fleet, r, topics.Kind.SURVIVORS)
+            for dev in run.announce.cohort:
+                run.downlink[dev] += len(payload)
+        return Publish(topic, payload, expiry=ROUND_MESSAGE_EXPIRY)
+
+    def _secure_done(self, run: _Run, now: float) -> list[Publish]:
+        server = run.server
+        assert server is not None
+        result = server.result
+        assert result is not None
+        try:
+            mean = result.mean()
+            bound = float(np.max(result.mean_error_bound())) if mean.size else 0.0
+        except SecAggError as exc:
+            return self._finish(run, RoundState.ABORTED, str(exc), now)
+        full = self._expand(run, mean)
+        dropped = server.dropped
+        recovered = sum(1 for s in dropped.values() if s in (Stage.COLLECT, Stage.UNMASK))
+        return self._finish(
+            run,
+            RoundState.CLOSED,
+            "",
+            now,
+            mean_update=full,
+            bound=bound,
+            survivors=tuple(sorted(result.survivors)),
+            extra={
+                "mean_loss": _finite(result.mean_loss),
+                "accuracy": _finite(result.accuracy),
+                "samples": result.samples,
+                "weight_sum": result.weight_sum,
+                "dropouts_recovered": recovered,
+            },
+        )
+
+    def _expand(self, run: _Run, values: np.ndarray) -> np.ndarray:
+        if run.coordinates is None:
+            return values.astype(np.float64)
+        return sparse.scatter(run.coordinates, values, run.dim)
+
+    # ------------------------------------------------------------------------------ plain
+
+    def _plain_receive(
+        self, run: _Run, device: str, message: wire.Message, now: float
+    ) -> list[Publish]:
+        assert isinstance(message, PlainUpdate)
+        stats = run.stages[Stage.COLLECT]
+        if run.plain_closed:
+            self._late(run.announce.round_id, device, None, run_stats=stats)
+            return []
+        if device in run.plain:
+            self._reject("duplicate", device, "second update in one round")
+            return []
+        try:
+            sparse.check_update(message.update, config=run.announce.compression, dim=run.dim)
+        except wire.WireError as exc:
+            self._reject("bad_payload", device, str(exc))
+            return []
+        run.plain[device] = message
+        stats.arrived += 1
+        if len(run.plain) == len(run.announce.cohort):
+            return self._plain_close(run, now)
+        return []
+
+    def _plain_close(self, run: _Run, now: float) -> list[Publish]:
+        run.plain_closed = True
+        c = self.config
+        stats = run.stages[Stage.COLLECT]
+        missing = [d for d in run.announce.cohort if d not in run.plain]
+        stats.dropped = len(missing)
+        self._event(
+            "stage_closed",
+            run.announce.round_id,
+            stage="collect",
+            arrived=stats.arrived,
+            expected=stats.expected,
+            dropped=sorted(missing)[:20],
+            after_s=round(now - run.started, 3),
+        )
+        if len(run.plain) < c.min_cohort:
+            return self._finish(
+                run,
+                RoundState.ABORTED,
+                f"only {len(run.plain)} of {len(run.announce.cohort)} devices sent an update "
+                f"by the deadline; at least {c.min_cohort} are needed",
+                now,
+            )
+        senders = sorted(run.plain)
+        updates = []
+        for dev in senders:
+            msg = run.plain[dev]
+            dense = sparse.to_dense(
+                msg.update, config=run.announce.compression, dim=run.dim, seed=run.announce.seed
+            )
+            updates.append(dense)
+        weights = [run.plain[d].weight for d in senders]
+        mean = rules.aggregate(updates, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
+        samples = sum(run.plain[d].samples for d in senders)
+        loss = sum(run.plain[d].loss * run.plain[d].samples for d in senders)
+        correct = sum(run.plain[d].correct for d in senders)
+        return self._finish(
+            run,
+            RoundState.CLOSED,
+            "",
+            now,
+            mean_update=mean,
+            bound=0.0,
+            survivors=tuple(senders),
+            extra={
+                "mean_loss": _finite(loss / samples) if samples else None,
+                "accuracy": _finite(correct / samples) if samples else None,
+                "samples": samples,
+                "weight_sum": float(sum(weights)),
+                "dropouts_recovered": 0,
+            },
+        )
+
+    # ----------------------------------------------------------------------------- finish
+
+    def abort(self, reason: str, now: float) -> list[Publish]:
+        """End the running round without a result (e.g. the service is shutting down)."""
+        run = self._run
+        if run is None:
+            return []
+        return self._finish(run, RoundState.ABORTED, reason, now)
+
+    def _finish(
+        self,
+        run: _Run,
+        state: RoundState,
+        reason: str,
+        now: float,
+        *,
+        mean_update: np.ndarray | None = None,
+        bound: float = 0.0,
+        survivors: tuple[str, ...] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> list[Publish]:
+        ann = run.announce
+        cohort = len(ann.cohort)
+        participants = max(1, len(survivors) or cohort)
+        late = sum(s.late for s in run.stages.values())
+        stages = (
+            run.stages if run.server is not None else {Stage.COLLECT: run.stages[Stage.COLLECT]}
+        )
+        metrics: dict[str, Any] = {
+            "round": ann.round_id,
+            "mode": ann.mode.value,
+            "state": state.value,
+            "reason": reason,
+            "model_version": ann.model_version,
+            "cohort": cohort,
+            "survivors": len(survivors),
+            "stragglers": sum(s.dropped for s in stages.values()),
+            "late_messages": late,
+            "rejected": sum(run.rejected.values()),
+            "rejected_by_reason": dict(run.rejected),
+            "stages": {s.value: st.as_dict() for s, st in stages.items()},
+            "uplink_bytes_per_device": round(sum(run.uplink.values()) / participants),
+            "downlink_bytes_per_device": round(sum(run.downlink.values()) / max(1, cohort)),
+            "duration_s": round(now - run.started, 3),
+            "dimension": run.dim,
+            "coordinates": int(run.coordinates.size) if run.coordinates is not None else run.dim,
+            "quantization_bound": bound,
+            "mean_loss": None,
+            "accuracy": None,
+            "samples": 0,
+            "dropouts_recovered": 0,
+        }
+        if extra:
+            metrics.update(extra)
+        outcome = RoundOutcome(
+            round_id=ann.round_id,
+            state=state,
+            reason=reason,
+            model_version=ann.model_version,
+            mean_update=mean_update if state is RoundState.CLOSED else None,
+            error_bound=bound,
+            survivors=survivors,
+            metrics=metrics,
+        )
+        self.outcome = outcome
+        self._finished[ann.round_id] = outcome
+        self._run = None
+        self._event("round_" + state.value, ann.round_id, reason=reason, survivors=len(survivors))
+        out = []
+        if state is RoundState.ABORTED:
+            out.append(
+                Publish(
+                    topics.round_announce(self.fleet),
+                    wire.encode(ann.closed(RoundState.ABORTED, reason)),
+                    retain=True,
+                )
+            )
+            if run.server is not None and run.server.state is not ServerState.ABORTED:
+                # The server did not abort on its own (shutdown, local failure): tell the cohort.
+                abort = sm.Abort(round_id=ann.round_id, reason=reason[: sm.MAX_REASON])
+                out.append(
+                    Publish(
+                        topics.per_round(self.fleet, ann.round_id, topics.Kind.SURVIVORS),
+                        wire.encode(abort),
+                        expiry=ROUND_MESSAGE_EXPIRY,
+                    )
+                )
+        return out
+
+    def closing_announce(self, outcome: RoundOutcome, announce: RoundAnnounce) -> Publish:
+        return Publish(
+            topics.round_announce(self.fleet),
+            wire.encode(announce.closed(outcome.state, outcome.reason)),
+            retain=True,
+        )
+
+    # ------------------------------------------------------------------------ bookkeeping
+
+    def _reject(self, reason: str, device: str, detail: str) -> None:
+        run = self._run
+        if run is not None:
+            run.rejected[reason] += 1
+        self.rejected_total[reason] += 1
+        self._event(
+            "rejected",
+            None if run is None else run.announce.round_id,
+            device=device,
+            reason=reason,
+            detail=detail[:300],
+        )
+
+    def _late(
+        self, round_id: int, device: str, kind: topics.Kind | None, *, run_stats: StageStats | None
+    ) -> None:
+        """A message for a stage or round that is over: counted, and otherwise ignored."""
+        if run_stats is not None:
+            run_stats.late += 1
+        self.late_total += 1
+        finished = self._finished.get(round_id)
+        if finished is not None and run_stats is None:
+            # After the round's summary went out; it shows on the events topic only.
+            finished.metrics["late_after_close"] = finished.metrics.get("late_after_close", 0) + 1
+        self._event("late", round_id, device=device, topic=kind.value if kind else None)
+
+    def _event(self, kind: str, round_id: int | None, **data: Any) -> None:
+        self.events.append({"event": kind, "round": round_id, **data})
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+    @property
+    def announce(self) -> RoundAnnounce | None:
+        return None if self._run is None else self._run.announce
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None

@@ -1,0 +1,360 @@
+"""A device's part in the fleet's rounds, sans-IO.
+
+The participant reads the three things the aggregator publishes for it — model releases, round
+announcements, and its round's addressed and cohort-wide messages — and answers with actions
+for the adapter (`device.agent`) to carry out:
+
+    Send(topic, payload)        publish this
+    LoadModel(model, manifest)  a verified release: load it into a fresh interpreter
+    Train(round_id, plan)       train the loaded model on local data, then call trained()
+    Note(text)                  something worth reporting in the retained status
+
+Rules:
+- A release is loaded only after its signature, manifest and content hash verify against the
+  aggregator key from provisioning, and only if it is newer than the loaded one. A refused
+  release leaves the previous model in place and is reported, never silently dropped.
+- The device joins a round only when it is in the cohort and runs the round's model version.
+  Secure rounds go through `SecAggClient`; plain rounds send a compressed `PlainUpdate`.
+- Error feedback: what a round did not transmit (unsent coordinates, clipping) is kept for the
+  next round; an update that never reached an aggregate (round aborted, device not a survivor)
+  is given back with `reclaim`. The adapter persists `feedback.save()` between restarts.
+- No I/O, no clock, no global RNG: `now` and a random-bytes source are passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from nacl.signing import SigningKey, VerifyKey
+
+from shared import sparse, topics, wire
+from shared import tflite_model as tm
+from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
+from shared.secagg import messages as sm
+from shared.secagg.client import ClientState, SecAggClient
+from shared.secagg.config import StageDeadlines
+from shared.secagg.contribution import TrainingMetrics
+from shared.secagg.errors import ProtocolError, SecAggError
+
+ROUND_MESSAGE_EXPIRY = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    expiry: int | None = ROUND_MESSAGE_EXPIRY
+
+
+@dataclass(frozen=True, slots=True)
+class LoadModel:
+    model: bytes
+    manifest: tm.ModelManifest
+
+
+@dataclass(frozen=True, slots=True)
+class Train:
+    round_id: int
+    announce: RoundAnnounce
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    text: str
+
+
+Action = Send | LoadModel | Train | Note
+
+
+@dataclass(frozen=True, slots=True)
+class LocalResult:
+    """What local training produced, in the manifest's flat layout."""
+
+    update: np.ndarray  # trained weights - release weights, float32/64, full dimension
+    weight: float  # FedAvg weight: examples trained on
+    loss: float  # mean loss of the release on local data (evaluated before training)
+    correct: int
+    samples: int
+
+
+@dataclass(slots=True)
+class _Round:
+    announce: RoundAnnounce
+    deadlines: StageDeadlines
+    client: SecAggClient | None
+    sent: np.ndarray | None = None  # what error feedback committed, to reclaim on failure
+    trained: bool = False
+    counted: bool | None = None  # True: in the aggregate; False: reclaimed
+
+
+class Participant:
+    def __init__(
+        self,
+        *,
+        fleet: str,
+        device_id: str,
+        identity: SigningKey,
+        aggregator_key: VerifyKey,
+        registry: Mapping[str, bytes],
+        random: Callable[[int], bytes],
+        feedback: sparse.ErrorFeedback | None = None,
+    ) -> None:
+        self.fleet = topics.check_id(fleet, "fleet id")
+        self.device_id = topics.check_id(device_id)
+        self._identity = identity
+        self._aggregator_key = aggregator_key
+        self._registry = dict(registry)
+        self._random = random
+        self.feedback = feedback
+        self.manifest: tm.ModelManifest | None = None
+        self._round: _Round | None = None
+        self._last_round = -1
+        self.refused: list[str] = []  # why releases were refused, newest last
+        self.last_input: tuple[int, np.ndarray, np.ndarray, float] | None = None  # audit/tests
+        self.rounds_joined = 0
+
+    @property
+    def model_version(self) -> int:
+        return 0 if self.manifest is None else self.manifest.version
+
+    @property
+    def round(self) -> RoundAnnounce | None:
+        return None if self._round is None else self._round.announce
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng(int.from_bytes(self._random(16), "big"))
+
+    # ---------------------------------------------------------------------------- releases
+
+    def on_model(self, payload: bytes, now: float) -> list[Action]:
+        try:
+            release = wire.decode(payload, tm.ModelRelease)
+        except wire.WireError as exc:
+            return self._refuse(f"unreadable release ({exc})")
+        version = release.manifest.version
+        if version == self.model_version:
+            return []  # the retained release again, after a reconnect
+        try:
+            model, manifest = tm.verify_release(
+                release, self._aggregator_key, min_version=self.model_version + 1
+            )
+        except tm.ModelError as exc:
+            return self._refuse(f"release v{version} refused: {exc}")
+        if self.manifest is not None and manifest.model_id != self.manifest.model_id:
+            return self._refuse(
+                f"release v{version} is model {manifest.model_id!r}, not {self.manifest.model_id!r}"
+            )
+        self.manifest = manifest
+        dim = tm.layout_size(manifest.layout)
+        if self.feedback is None or self.feedback.dim != dim:
+            self.feedback = sparse.ErrorFeedback(dim)
+        return [LoadModel(model, manifest)]
+
+    def _refuse(self, why: str) -> list[Action]:
+        self.refused.append(why)
+        return [Note(why)]
+
+    # ------------------------------------------------------------------------------ rounds
+
+    def on_round(self, payload: bytes, now: float) -> list[Action]:
+        try:
+            announce = wire.decode(payload, RoundAnnounce)
+        except wire.WireError as exc:
+            return [Note(f"unreadable round announcement ({exc})")]
+        current = self._round
+        if announce.state is not RoundState.OPEN:
+            if current is not None and current.announce.round_id == announce.round_id:
+                self._end_round(counted=announce.state is RoundState.CLOSED and self._survived())
+            return []
+        if announce.round_id <= self._last_round or self.device_id not in announce.cohort:
+            return []
+        if announce.model_version != self.model_version:
+            return [
+                Note(
+                    f"round {announce.round_id} trains model v{announce.model_version}; "
+                    f"this device has v{self.model_version}"
+                )
+            ]
+        if current is not None:
+            self._end_round(counted=False)  # a new round supersedes one we never saw end
+        self._last_round = announce.round_id
+        t = announce.times
+        deadlines = StageDeadlines(
+            advertise=now + t.advertise,
+            share=now + t.share,
+            collect=now + t.collect,
+            unmask=now + t.unmask,
+        )
+        out: list[Action] = [Train(announce.round_id, announce)]
+        client = None
+        if announce.mode is RoundMode.SECURE:
+            assert announce.secagg is not None
+            try:
+                keys = {d: self._registry[d] for d in announce.cohort}
+            except KeyError as exc:
+                return [Note(f"round {announce.round_id}: cohort member {exc} is not provisioned")]
+            client = SecAggClient(
+                config=announce.secagg,
+                round_id=announce.round_id,
+                device_id=self.device_id,
+                signing_key=self._identity,
+                verify_keys=keys,
+                round_seed=announce.seed,
+                random=self._random,
+                deadlines=deadlines,
+            )
+            out += self._sends(client.start(now))
+        self._round = _Round(announce, deadlines, client)
+        self.rounds_joined += 1
+        return out
+
+    def on_message(self, topic: topics.Topic, payload: bytes, now: float) -> list[Action]:
+        """An inbox or survivors message of a secure round."""
+        run = self._round
+        if run is None or run.client is None or topic.round_id != run.announce.round_id:
+            return []
+        expect: tuple[type[wire.Message], ...] = (
+            (sm.Roster, sm.ShareInbox)
+            if topic.kind is topics.Kind.INBOX
+            else (sm.UnmaskRequest, sm.Abort)
+        )
+        try:
+            message = wire.decode(payload, expect, context={"round_id": run.announce.round_id})
+            outs = run.client.receive(message, now)
+        except (wire.WireError, ProtocolError) as exc:
+            return [Note(f"round {run.announce.round_id}: ignored a message ({exc})")]
+        except SecAggError as exc:
+            self._end_round(counted=False)
+            return [Note(f"round {topic.round_id} failed on this device: {exc}")]
+        actions: list[Action] = self._sends(outs)
+        if isinstance(message, sm.UnmaskRequest):
+            run.counted = self.device_id in message.survivors
+        if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
+            actions.append(Note(f"round {run.announce.round_id}: {run.client.reason}"))
+            self._end_round(counted=False)
+        elif run.client.state is ClientState.DONE:
+            self._end_round(counted=bool(run.counted))
+        return actions
+
+    def trained(self, round_id: int, result: LocalResult, now: float) -> list[Action]:
+        """Local training for `round_id` finished (the adapter ran it off the event loop)."""
+        run = self._round
+        if run is None or run.announce.round_id != round_id or run.trained:
+            return []  # the round ended while we trained
+        run.trained = True
+        ann = run.announce
+        if self.feedback is None or self.feedback.dim != result.update.shape[0]:
+            return [Note(f"round {round_id}: update has {result.update.shape[0]} values")]
+        if not np.all(np.isfinite(result.update)) or not result.weight > 0:
+            self._end_round(counted=False)
+            return [Note(f"round {round_id}: training diverged; update not sent")]
+        samples = min(result.samples, ann.training.max_samples)
+        weight = float(min(result.weight, ann.training.max_samples))
+        loss = result.loss if math.isfinite(result.loss) else 0.0
+        if run.client is None:
+            compressed = self.feedback.compress(
+                result.update, ann.compression, rng=self._rng(), seed=ann.seed
+            )
+            run.sent = compressed.sent
+            message = PlainUpdate(
+                round_id=round_id,
+                sender=self.device_id,
+                update=compressed.message,
+                weight=weight,
+                loss=loss,
+                correct=min(result.correct, samples),
+                samples=samples,
+            )
+            run.counted = True  # plain rounds have no survivor list; aborts reclaim it
+            return [
+                Send(
+                    topics.per_device(self.fleet, round_id, topics.Kind.UPDATE, self.device_id),
+                    wire.encode(message),
+                )
+            ]
+        cfg = ann.secagg
+        assert cfg is not None
+        dim = self.feedback.dim
+        acc = self.feedback.accumulate(result.update)
+        idx = (
+            sparse.shared_coordinates(ann.seed, dim, cfg.dimension)
+            if ann.compression.mode is sparse.SparseMode.RAND_K
+            else np.arange(dim)
+        )
+        vector = acc[idx]
+        # What the aggregate receives from us, in update units: the clipped, weight-scaled
+        # values (their stochastic rounding is zero-mean and is not fed back).
+        scale = weight / cfg.max_weight
+        sent_values = np.clip(vector * scale, -cfg.clip, cfg.clip) / scale
+        run.sent = sparse.scatter(idx, sent_values, dim)
+        self.feedback.commit(run.sent)
+        self.last_input = (round_id, idx, vector.astype(np.float64), weight)
+        metrics = TrainingMetrics(
+            loss=min(loss, cfg.max_loss), correct=min(result.correct, samples), samples=samples
+        )
+        try:
+            outs = run.client.set_input(vector.astype(np.float64), weight=weight, metrics=metrics)
+        except SecAggError as exc:
+            self._end_round(counted=False)
+            return [Note(f"round {round_id}: {exc}")]
+        return list(self._sends(outs))
+
+    def tick(self, now: float) -> list[Action]:
+        run = self._round
+        if run is None or run.client is None:
+            return []
+        try:
+            run.client.tick(now)
+        except SecAggError as exc:
+            self._end_round(counted=False)
+            return [Note(f"round {run.announce.round_id}: {exc}")]
+        if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
+            reason = run.client.reason
+            self._end_round(counted=False)
+            return [Note(f"round {run.announce.round_id}: {reason}")]
+        return []
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _survived(self) -> bool:
+        run = self._round
+        return run is not None and (run.counted is True or run.client is None)
+
+    def _end_round(self, *, counted: bool) -> None:
+        run = self._round
+        if run is None:
+            return
+        if not counted and run.sent is not None and self.feedback is not None:
+            self.feedback.reclaim(run.sent)
+        self._round = None
+
+    def _sends(self, messages: list[wire.Message]) -> list[Action]:
+        out: list[Action] = []
+        for msg in messages:
+            kind = _KIND_OF[type(msg)]
+            assert isinstance(msg, sm.Advertise | sm.Shares | sm.MaskedInput | sm.Unmask)
+            r = msg.round_id
+            out.append(
+                Send(topics.per_device(self.fleet, r, kind, self.device_id), wire.encode(msg))
+            )
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "round": None if self._round is None else self._round.announce.round_id,
+            "rounds_joined": self.rounds_joined,
+        }
+
+
+_KIND_OF: dict[type[wire.Message], topics.Kind] = {
+    sm.Advertise: topics.Kind.ADVERTISE,
+    sm.Shares: topics.Kind.SHARES,
+    sm.MaskedInput: topics.Kind.MASKED,
+    sm.Unmask: topics.Kind.UNMASK,
+}
