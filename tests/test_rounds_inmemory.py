@@ -1,0 +1,252 @@
+"""Round engine + device participants wired through an in-memory broker (no MQTT, no LiteRT).
+
+Checks the glue between aggregator.engine, device.participant, shared.secagg and shared.sparse:
+topics, payloads, deadlines, stragglers, error feedback, and that the engine's mean equals the
+weighted mean of the survivors' inputs within the quantization bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from aggregator.engine import EngineConfig, Publish, RoundEngine
+from device.participant import LocalResult, Note, Participant, Send, Train
+from shared import rounds, topics, wire
+from shared import tflite_model as tm
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = (ROOT / "aggregator" / "models" / "pdm_default.tflite").read_bytes()
+FLEET = "plant-9"
+
+
+@dataclass
+class Fleet:
+    engine: RoundEngine
+    devices: dict[str, Participant]
+    agg_key: SigningKey
+    dim: int
+    now: float = 0.0
+    retained: dict[str, bytes] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)
+    drop_kinds: dict[str, set[topics.Kind]] = field(default_factory=dict)  # device -> kinds it won't send
+    pending: list[tuple[str, int, LocalResult]] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(5))
+
+    def publish(self, pubs: list[Publish]) -> None:
+        for p in pubs:
+            assert isinstance(p.payload, bytes)
+            if p.retain:
+                self.retained[p.topic] = p.payload
+            t = topics.parse(p.topic)
+            for dev, part in self.devices.items():
+                if dev in self.offline:
+                    continue
+                if t.kind is topics.Kind.MODEL:
+                    self.run_actions(dev, part.on_model(p.payload, self.now))
+                elif t.kind is topics.Kind.ROUND:
+                    self.run_actions(dev, part.on_round(p.payload, self.now))
+                elif t.kind is topics.Kind.SURVIVORS or (
+                    t.kind is topics.Kind.INBOX and t.device_id == dev
+                ):
+                    self.run_actions(dev, part.on_message(t, p.payload, self.now))
+
+    def run_actions(self, dev: str, actions: list) -> None:  # type: ignore[type-arg]
+        part = self.devices[dev]
+        for a in actions:
+            if isinstance(a, Send):
+                t = topics.parse(a.topic)
+                if t.kind in self.drop_kinds.get(dev, set()):
+                    self.offline.add(dev)  # disconnects instead of sending
+                    continue
+                self.publish(self.engine.receive(t, a.payload, self.now))
+            elif isinstance(a, Train):
+                dim = part.feedback.dim if part.feedback else self.dim
+                update = self.rng.normal(0, 0.05, dim).astype(np.float32)
+                weight = float(self.rng.integers(50, 300))
+                self.pending.append((dev, a.round_id, LocalResult(update, weight, 0.7, 30, 40)))
+            elif isinstance(a, Note):
+                self.notes.setdefault(dev, []).append(a.text)
+
+    def finish_training(self) -> None:
+        pending, self.pending = self.pending, []
+        for dev, r, result in pending:
+            if dev not in self.offline:
+                self.run_actions(dev, self.devices[dev].trained(r, result, self.now))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.publish(self.engine.tick(self.now))
+        for dev, part in self.devices.items():
+            if dev not in self.offline:
+                self.run_actions(dev, part.tick(self.now))
+
+
+def make_fleet(n: int, mode: str = "secure", **cfg: object) -> Fleet:
+    agg = SigningKey.generate()
+    ids = [f"d{i:02d}" for i in range(n)]
+    keys = {d: SigningKey.generate() for d in ids}
+    registry = {d: bytes(k.verify_key) for d, k in keys.items()}
+    config = EngineConfig(mode=mode, cohort=n, over_select=1.0, **cfg)  # type: ignore[arg-type]
+    counter = itertools.count()
+    engine = RoundEngine(fleet=FLEET, config=config, verify_keys=registry, random=os.urandom)
+    devices = {
+        d: Participant(
+            fleet=FLEET,
+            device_id=d,
+            identity=keys[d],
+            aggregator_key=agg.verify_key,
+            registry=registry,
+            random=lambda k, c=counter: os.urandom(k),
+        )
+        for d in ids
+    }
+    manifest = tm.read_manifest(MODEL)
+    assert manifest is not None
+    fleet = Fleet(engine, devices, agg, tm.layout_size(manifest.layout))
+    release = tm.make_release(MODEL, manifest, agg)
+    fleet.publish([Publish(topics.model(FLEET), wire.encode(release), retain=True)])
+    for d in ids:
+        status = wire.DeviceStatus(device_id=d, online=True, model_version=manifest.version)
+        engine.observe_status(d, wire.encode(status), 0.0)
+    return fleet
+
+
+def run_round(fleet: Fleet, round_id: int = 1) -> None:
+    manifest = tm.read_manifest(MODEL)
+    assert manifest is not None
+    fleet.publish(
+        fleet.engine.start_round(round_id=round_id, model_version=manifest.version, dim=fleet.dim, now=fleet.now)
+    )
+    for _ in range(400):
+        if fleet.engine.outcome is not None and fleet.engine.outcome.round_id == round_id:
+            return
+        fleet.finish_training()
+        fleet.advance(0.5)
+    raise AssertionError("round did not finish")
+
+
+def test_secure_round_matches_plain_weighted_mean() -> None:
+    fleet = make_fleet(8)
+    run_round(fleet)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert len(out.survivors) == 8
+    inputs = {d: p.last_input for d, p in fleet.devices.items()}
+    ann_cfg = None
+    idx = inputs["d00"][1]  # type: ignore[index]
+    total_w = sum(i[3] for i in inputs.values())  # type: ignore[index]
+    mean = sum(i[3] * i[2] for i in inputs.values()) / total_w  # type: ignore[index]
+    assert out.mean_update is not None
+    got = out.mean_update[idx]
+    assert np.max(np.abs(got - mean)) <= out.error_bound
+    assert out.error_bound < 1e-2
+    # outside the shared coordinates nothing moves
+    mask = np.ones(fleet.dim, bool)
+    mask[idx] = False
+    assert not np.any(out.mean_update[mask])
+    assert out.metrics["samples"] == 8 * 40
+    assert out.metrics["accuracy"] == pytest.approx(0.75)
+    del ann_cfg
+
+
+def test_secure_round_survives_dropouts_after_masking_and_before_advertise() -> None:
+    fleet = make_fleet(12)
+    fleet.drop_kinds = {
+        "d01": {topics.Kind.UNMASK},  # masked input sent, then gone
+        "d02": {topics.Kind.UNMASK},
+        "d03": {topics.Kind.ADVERTISE},  # never advertises
+    }
+    run_round(fleet)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert set(out.survivors) == {f"d{i:02d}" for i in range(12)} - {"d03"}
+    assert out.metrics["stages"]["advertise"]["dropped"] == 1
+    assert out.metrics["stages"]["unmask"]["dropped"] == 2
+    assert out.metrics["dropouts_recovered"] == 2
+
+
+def test_plain_round_with_late_device() -> None:
+    fleet = make_fleet(6, mode="plain", rule="median", sparsity="top_k", density=0.2)
+    late = "d05"
+    fleet.offline.add(late)
+    run_round(fleet)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED
+    assert late not in out.survivors
+    assert out.metrics["stages"]["collect"]["dropped"] == 1
+    # the late device wakes up and answers: counted late, no effect
+    fleet.offline.discard(late)
+    part = fleet.devices[late]
+    part._round = None  # it never saw the announcement
+    ann = wire.decode(fleet.retained[topics.round_announce(FLEET)], rounds.RoundAnnounce)
+    assert ann.state is rounds.RoundState.OPEN  # service closes it after publishing
+    before = fleet.engine.late_total
+    upd = rounds.PlainUpdate(
+        round_id=1,
+        sender=late,
+        update=fleet.devices["d00"].feedback.compress(  # type: ignore[union-attr]
+            np.ones(fleet.dim, np.float32), ann.compression, rng=np.random.default_rng(1), seed=ann.seed
+        ).message,
+        weight=10.0,
+        loss=0.1,
+        correct=1,
+        samples=1,
+    )
+    fleet.engine.receive(topics.parse(topics.per_device(FLEET, 1, topics.Kind.UPDATE, late)), wire.encode(upd), fleet.now)
+    assert fleet.engine.late_total == before + 1
+    assert out.metrics["late_after_close"] == 1
+
+
+def test_garbage_is_counted_and_round_goes_on() -> None:
+    fleet = make_fleet(5)
+    manifest = tm.read_manifest(MODEL)
+    assert manifest is not None
+    fleet.publish(fleet.engine.start_round(round_id=1, model_version=manifest.version, dim=fleet.dim, now=0.0))
+    t = topics.parse(topics.per_device(FLEET, 1, topics.Kind.ADVERTISE, "d00"))
+    for junk in (b"", b"\x00" * 50, os.urandom(300), wire.encode(wire.DeviceStatus(device_id="d00", online=True))):
+        assert fleet.engine.receive(t, junk, 0.1) == []
+    spoof = topics.parse(topics.per_device(FLEET, 1, topics.Kind.ADVERTISE, "stranger"))
+    fleet.engine.receive(spoof, b"x", 0.1)
+    for _ in range(100):
+        if fleet.engine.outcome:
+            break
+        fleet.finish_training()
+        fleet.advance(0.5)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert out.metrics["rejected_by_reason"]["bad_payload"] == 4
+    assert out.metrics["rejected_by_reason"]["not_in_cohort"] == 1
+
+
+def test_tampered_release_keeps_previous_model() -> None:
+    fleet = make_fleet(3)
+    part = fleet.devices["d00"]
+    assert part.model_version == 1
+    manifest = tm.read_manifest(MODEL)
+    assert manifest is not None
+    good = tm.release_weights(MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=fleet.agg_key)
+    raw = bytearray(wire.encode(good))
+    tampered = tm.ModelRelease(
+        manifest=good.manifest, model_size=good.model_size, model_zst=good.model_zst, signature=bytes(64)
+    )
+    actions = part.on_model(wire.encode(tampered), 0.0)
+    assert part.model_version == 1
+    assert isinstance(actions[0], Note)
+    assert "refused" in actions[0].text
+    forged = tm.release_weights(MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=SigningKey.generate())
+    part.on_model(wire.encode(forged), 0.0)
+    assert part.model_version == 1
+    part.on_model(bytes(raw), 0.0)
+    assert part.model_version == 2
