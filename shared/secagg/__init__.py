@@ -1,0 +1,89 @@
+"""Sans-IO SecAgg+ (Bell et al. 2020; k = n - 1 is Bonawitz et al. 2017): the aggregator
+learns the sum of the survivors' quantized updates and metric sums, nothing per device.
+
+What this package owns and how it is split (ARCHITECTURE §5, docs/secagg.md):
+
+    config        SecAggConfig (a wire.record), StageDeadlines, Stage, sizing rules
+    keys          X25519 / Ed25519 / HKDF / ChaCha20-Poly1305, one label per purpose
+    prg           mask expansion: ChaCha20 keystream into preallocated buffers
+    shamir        sharing whole 32-byte secrets over GF(2^521 - 1)
+    graph         the k-regular neighbour graph everyone derives from roster + round seed
+    packing       exactly b bits per coordinate on the wire
+    contribution  update + FedAvg weight + metrics -> Z_2^b, and the result's decoding
+    messages      the wire messages (tags "secagg.*")
+    client        SecAggClient: one device's state machine
+    server        SecAggServer: the aggregator's state machine, Outbound
+    harness       InMemoryRound: a whole round over a dict of queues (tests, bench)
+    errors        SecAggError and its subclasses
+
+Rules for all of it: no sockets, no clock reads (time comes in as `now`), no global RNG
+(randomness is an injected byte source; `keys.system_random` is the OS CSPRNG), bytes only via
+`shared.wire`. The adapters in aggregator/ and device/ do MQTT, timers and threads.
+"""
+
+from shared.secagg.client import ClientState, SecAggClient
+from shared.secagg.config import (
+    SecAggConfig,
+    Stage,
+    StageDeadlines,
+    default_neighbours,
+    suggest_neighbours,
+)
+from shared.secagg.contribution import SecAggResult, TrainingMetrics
+from shared.secagg.errors import (
+    CryptoError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    SecAggConfigError,
+    SecAggError,
+    ThresholdError,
+)
+from shared.secagg.keys import RandomSource, system_random
+from shared.secagg.messages import (
+    TO_AGGREGATOR,
+    TO_DEVICE,
+    Abort,
+    Advertise,
+    MaskedInput,
+    Roster,
+    ShareInbox,
+    Shares,
+    Unmask,
+    UnmaskRequest,
+)
+from shared.secagg.server import Outbound, SecAggServer, ServerState
+
+__all__ = [
+    "TO_AGGREGATOR",
+    "TO_DEVICE",
+    "Abort",
+    "Advertise",
+    "ClientState",
+    "CryptoError",
+    "LocalProtocolError",
+    "MaskedInput",
+    "Outbound",
+    "ProtocolError",
+    "RandomSource",
+    "RemoteProtocolError",
+    "Roster",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggConfigError",
+    "SecAggError",
+    "SecAggResult",
+    "SecAggServer",
+    "ServerState",
+    "ShareInbox",
+    "Shares",
+    "Stage",
+    "StageDeadlines",
+    "ThresholdError",
+    "TrainingMetrics",
+    "Unmask",
+    "UnmaskRequest",
+    "default_neighbours",
+    "suggest_neighbours",
+    "system_random",
+]

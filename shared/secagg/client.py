@@ -192,6 +192,7 @@ class SecAggClient:
         self._input: np.ndarray | None = None  # quantized contribution, until it is masked
         self._input_given = False
         self._adverts: dict[str, KeyAdvert] = {}  # neighbours in U1
+        self._channels: dict[str, bytes] = {}  # neighbour -> X25519(c_u, c_v), seals both ways
         self._held: dict[str, tuple[int, int] | None] = {}  # neighbours in U2 -> (s, b) shares
         self._revealed: dict[str, str] = {}  # neighbour -> "seed" | "key": at most one, ever
 
@@ -265,6 +266,7 @@ class SecAggClient:
 
     def _forget(self) -> None:
         self._round_secrets = None
+        self._channels = {}
         self._input = None
         self._held = {}
 
@@ -438,11 +440,13 @@ class SecAggClient:
         xs = [self._graph.share_x(v) for v in recipients]
         dealt = shamir.split([secrets.mask_private, secrets.seed], xs, t, self._random)
         sealed = []
+        channels: dict[str, bytes] = {}
         for v, (mask_share, seed_share) in zip(recipients, dealt, strict=True):
             try:
                 agreed = keys.agree(secrets.share_private, adverts[v].share_key)
             except CryptoError as exc:
                 raise self._refuse(f"neighbour {v!r}: {exc}") from None
+            channels[v] = agreed
             plaintext = shamir.encode_share(mask_share) + shamir.encode_share(seed_share)
             ciphertext = keys.seal_share(
                 plaintext,
@@ -454,6 +458,7 @@ class SecAggClient:
             )
             sealed.append(SealedShare(recipient=v, ciphertext=ciphertext))
         self._adverts = adverts
+        self._channels = channels
         self._transition(ClientEvent.ROSTER)
         return [Shares(round_id=self.round_id, sender=self.device_id, shares=tuple(sealed))]
 
@@ -461,10 +466,9 @@ class SecAggClient:
         """Decrypt one forwarded share; None when it does not open (the sender's loss)."""
         v = forwarded.sender
         try:
-            agreed = keys.agree(self._secrets.share_private, self._adverts[v].share_key)
             plaintext = keys.open_share(
                 forwarded.ciphertext,
-                agreed=agreed,
+                agreed=self._channels[v],
                 round_seed=self._round_seed,
                 round_id=self.round_id,
                 sender=v,

@@ -86,7 +86,7 @@ def encode(
         )
     dtype = np.dtype(f"<u{config.word_bits // 8}")
     out = np.empty(config.coordinates, dtype=dtype)
-    scaled = values.astype(np.float64) * (float(weight) / config.max_weight)
+    scaled = np.multiply(values, float(weight) / config.max_weight, dtype=np.float64)
     out[: config.dimension] = sparse.quantize(
         scaled, clip=config.clip, bits=config.quant_bits, rng=rng
     )

@@ -141,7 +141,11 @@ class InMemoryRound:
         self._lazy = lazy_inputs
         self._timer = timer
         self._now = 0.0
-        self._queue: deque[tuple[str, str, bytes]] = deque()  # (from, to, frame)
+        # Two queues: what devices send is handled before the next device is served, as an
+        # aggregator keeping up with its inbox would; it also bounds memory (a masked vector is
+        # summed and dropped before the next device computes its own).
+        self._uplink_queue: deque[tuple[str, bytes]] = deque()  # (from device, frame)
+        self._downlink_queue: deque[tuple[str, bytes]] = deque()  # (to device, frame)
         self._late: list[tuple[str, bytes]] = []
         self._contributions: dict[str, np.ndarray] = {}
         self._given: dict[str, DeviceInput] = {}
@@ -169,7 +173,17 @@ class InMemoryRound:
             self._contributions[device] = contribution
         for reply in replies:
             self._send_from_device(device, reply)
-        if self._lazy and self.clients[device].state is ClientState.NEED_INPUT:
+        # Lazy inputs arrive once the device has dealt its shares (training ran meanwhile), so
+        # the harness can still see each contribution before it is masked.
+        if (
+            self._lazy
+            and device not in self._given
+            and self.clients[device].state
+            in (
+                ClientState.SHARE,
+                ClientState.NEED_INPUT,
+            )
+        ):
             self._give_input(device)
 
     def _give_input(self, device: str) -> None:
@@ -200,7 +214,7 @@ class InMemoryRound:
             if isinstance(message, Unmask) and drop is DropPoint.DURING_UNMASK:
                 self._late.append((device, frame))
             else:
-                self._queue.append((device, AGGREGATOR, frame))
+                self._uplink_queue.append((device, frame))
         # Falling silent right after the message that marks the drop point.
         if _SILENT_AFTER.get(drop) is type(message):
             self._silent.add(device)
@@ -220,11 +234,11 @@ class InMemoryRound:
                     per[device] = per.get(device, 0) + len(frame)
             for device in targets:
                 if self._downlink is None:
-                    self._queue.append((AGGREGATOR, device, frame))
+                    self._downlink_queue.append((device, frame))
                     continue
                 for item in self._downlink(device, out.message):
                     encoded = wire.encode(item) if isinstance(item, wire.Message) else item
-                    self._queue.append((AGGREGATOR, device, encoded))
+                    self._downlink_queue.append((device, encoded))
 
     def _deliver_to_server(self, device: str, frame: bytes) -> None:
         stage = self.server.stage
@@ -271,12 +285,11 @@ class InMemoryRound:
         self._device_call(device, lambda: client.receive(message, self._now))
 
     def _pump(self) -> None:
-        while self._queue:
-            source, target, frame = self._queue.popleft()
-            if target == AGGREGATOR:
-                self._deliver_to_server(source, frame)
+        while self._uplink_queue or self._downlink_queue:
+            if self._uplink_queue:
+                self._deliver_to_server(*self._uplink_queue.popleft())
             else:
-                self._deliver_to_device(target, frame)
+                self._deliver_to_device(*self._downlink_queue.popleft())
 
     def _tick_all(self) -> None:
         stage = self.server.stage
@@ -315,7 +328,7 @@ class InMemoryRound:
         # Unmask answers that were held back arrive now, after the aggregator finished.
         self._now += 1.0
         for device, frame in self._late:
-            self._queue.append((device, AGGREGATOR, frame))
+            self._uplink_queue.append((device, frame))
         self._pump()
         mask = self._expected.dtype.type(self.config.field_mask)
         return RoundRun(
