@@ -21,6 +21,7 @@ import io
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     model_version   INTEGER NOT NULL,
     new_version     INTEGER,
     cohort          TEXT NOT NULL,
+    announce        BLOB,
     metrics         TEXT NOT NULL DEFAULT '{}',
     started_at      REAL NOT NULL,
     ended_at        REAL
@@ -94,9 +96,13 @@ def _fsync_write(path: Path, data: bytes) -> None:
 class Store:
     def __init__(self, state_dir: Path | str) -> None:
         self.root = Path(state_dir)
+        self._lock = threading.RLock()
         try:
             (self.root / "releases").mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.root / "fleetlearn.sqlite3", isolation_level=None)
+            # Used from the event loop and from worker threads, one call at a time (see _lock).
+            self._db = sqlite3.connect(
+                self.root / "fleetlearn.sqlite3", isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
@@ -104,17 +110,23 @@ class Store:
             raise StoreError(f"cannot open state directory {self.root}: {exc}") from None
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     # ------------------------------------------------------------------------------ releases
 
@@ -142,15 +154,16 @@ class Store:
             )
 
     def latest_version(self) -> int:
-        row = self._db.execute("SELECT MAX(version) FROM releases").fetchone()
+        row = self._query("SELECT MAX(version) FROM releases")[0]
         return int(row[0]) if row and row[0] is not None else 0
 
     def latest_release(self) -> StoredRelease | None:
-        row = self._db.execute(
+        rows = self._query(
             "SELECT version, round_id, sha256 FROM releases ORDER BY version DESC LIMIT 1"
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             return None
+        row = rows[0]
         version, round_id, sha = row
         try:
             payload = self.release_path(version).read_bytes()
@@ -166,18 +179,29 @@ class Store:
     # -------------------------------------------------------------------------------- rounds
 
     def next_round_id(self) -> int:
-        row = self._db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
+        row = self._query("SELECT MAX(round_id) FROM rounds")[0]
         return int(row[0]) + 1 if row and row[0] is not None else 1
 
     def begin_round(
-        self, round_id: int, mode: str, model_version: int, cohort: list[str], now: float
+        self,
+        round_id: int,
+        mode: str,
+        model_version: int,
+        cohort: list[str],
+        now: float,
+        announce: bytes = b"",
     ) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO rounds (round_id, mode, status, model_version, cohort, started_at)"
-                " VALUES (?, ?, 'running', ?, ?, ?)",
-                (round_id, mode, model_version, json.dumps(cohort), now),
+                "INSERT INTO rounds (round_id, mode, status, model_version, cohort, announce,"
+                " started_at) VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (round_id, mode, model_version, json.dumps(cohort), announce, now),
             )
+
+    def announce_of(self, round_id: int) -> bytes:
+        """The round's announcement as published (to close it after a restart)."""
+        rows = self._query("SELECT announce FROM rounds WHERE round_id = ?", (round_id,))
+        return bytes(rows[0][0]) if rows and rows[0][0] else b""
 
     def finish_round(
         self,
@@ -200,14 +224,14 @@ class Store:
                 raise StoreError(f"round {round_id} is not running")
 
     def interrupted_rounds(self) -> list[int]:
-        rows = self._db.execute("SELECT round_id FROM rounds WHERE status = 'running'").fetchall()
+        rows = self._query("SELECT round_id FROM rounds WHERE status = 'running'")
         return [int(r[0]) for r in rows]
 
     def rounds(self) -> list[RoundRow]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT round_id, mode, status, reason, model_version, new_version, cohort, metrics,"
             " started_at, ended_at FROM rounds ORDER BY round_id"
-        ).fetchall()
+        )
         return [
             RoundRow(
                 r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]), r[8], r[9]
@@ -226,9 +250,10 @@ class Store:
             )
 
     def load_arrays(self, key: str) -> dict[str, np.ndarray]:
-        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        rows = self._query("SELECT value FROM kv WHERE key = ?", (key,))
+        if not rows:
             return {}
+        row = rows[0]
         try:
             with np.load(io.BytesIO(row[0]), allow_pickle=False) as data:
                 return {name: data[name] for name in data.files}

@@ -115,7 +115,9 @@ class Participant:
         self._round: _Round | None = None
         self._last_round = -1
         self.refused: list[str] = []  # why releases were refused, newest last
-        self.last_input: tuple[int, np.ndarray, np.ndarray, float] | None = None  # audit/tests
+        # What went into SecAgg per round: (coordinates, values, weight), for local audit and
+        # tests; the last few rounds only.
+        self.inputs: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.rounds_joined = 0
 
     @property
@@ -293,7 +295,9 @@ class Participant:
         sent_values = np.clip(vector * scale, -cfg.clip, cfg.clip) / scale
         run.sent = sparse.scatter(idx, sent_values, dim)
         self.feedback.commit(run.sent)
-        self.last_input = (round_id, idx, vector.astype(np.float64), weight)
+        self.inputs[round_id] = (idx, vector.astype(np.float64), weight)
+        for old in sorted(self.inputs)[:-4]:
+            del self.inputs[old]
         metrics = TrainingMetrics(
             loss=min(loss, cfg.max_loss), correct=min(result.correct, samples), samples=samples
         )

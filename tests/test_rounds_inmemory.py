@@ -35,7 +35,9 @@ class Fleet:
     now: float = 0.0
     retained: dict[str, bytes] = field(default_factory=dict)
     offline: set[str] = field(default_factory=set)
-    drop_kinds: dict[str, set[topics.Kind]] = field(default_factory=dict)  # device -> kinds it won't send
+    drop_kinds: dict[str, set[topics.Kind]] = field(
+        default_factory=dict
+    )  # device -> kinds it won't send
     pending: list[tuple[str, int, LocalResult]] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(5))
@@ -123,7 +125,9 @@ def run_round(fleet: Fleet, round_id: int = 1) -> None:
     manifest = tm.read_manifest(MODEL)
     assert manifest is not None
     fleet.publish(
-        fleet.engine.start_round(round_id=round_id, model_version=manifest.version, dim=fleet.dim, now=fleet.now)
+        fleet.engine.start_round(
+            round_id=round_id, model_version=manifest.version, dim=fleet.dim, now=fleet.now
+        )
     )
     for _ in range(400):
         if fleet.engine.outcome is not None and fleet.engine.outcome.round_id == round_id:
@@ -140,11 +144,10 @@ def test_secure_round_matches_plain_weighted_mean() -> None:
     assert out is not None
     assert out.state is rounds.RoundState.CLOSED, out.reason
     assert len(out.survivors) == 8
-    inputs = {d: p.last_input for d, p in fleet.devices.items()}
-    ann_cfg = None
-    idx = inputs["d00"][1]  # type: ignore[index]
-    total_w = sum(i[3] for i in inputs.values())  # type: ignore[index]
-    mean = sum(i[3] * i[2] for i in inputs.values()) / total_w  # type: ignore[index]
+    inputs = {d: p.inputs[1] for d, p in fleet.devices.items()}
+    idx = inputs["d00"][0]
+    total_w = sum(i[2] for i in inputs.values())
+    mean = sum(i[2] * i[1] for i in inputs.values()) / total_w
     assert out.mean_update is not None
     got = out.mean_update[idx]
     assert np.max(np.abs(got - mean)) <= out.error_bound
@@ -155,7 +158,6 @@ def test_secure_round_matches_plain_weighted_mean() -> None:
     assert not np.any(out.mean_update[mask])
     assert out.metrics["samples"] == 8 * 40
     assert out.metrics["accuracy"] == pytest.approx(0.75)
-    del ann_cfg
 
 
 def test_secure_round_survives_dropouts_after_masking_and_before_advertise() -> None:
@@ -195,15 +197,24 @@ def test_plain_round_with_late_device() -> None:
     upd = rounds.PlainUpdate(
         round_id=1,
         sender=late,
-        update=fleet.devices["d00"].feedback.compress(  # type: ignore[union-attr]
-            np.ones(fleet.dim, np.float32), ann.compression, rng=np.random.default_rng(1), seed=ann.seed
-        ).message,
+        update=fleet.devices["d00"]
+        .feedback.compress(  # type: ignore[union-attr]
+            np.ones(fleet.dim, np.float32),
+            ann.compression,
+            rng=np.random.default_rng(1),
+            seed=ann.seed,
+        )
+        .message,
         weight=10.0,
         loss=0.1,
         correct=1,
         samples=1,
     )
-    fleet.engine.receive(topics.parse(topics.per_device(FLEET, 1, topics.Kind.UPDATE, late)), wire.encode(upd), fleet.now)
+    fleet.engine.receive(
+        topics.parse(topics.per_device(FLEET, 1, topics.Kind.UPDATE, late)),
+        wire.encode(upd),
+        fleet.now,
+    )
     assert fleet.engine.late_total == before + 1
     assert out.metrics["late_after_close"] == 1
 
@@ -212,9 +223,16 @@ def test_garbage_is_counted_and_round_goes_on() -> None:
     fleet = make_fleet(5)
     manifest = tm.read_manifest(MODEL)
     assert manifest is not None
-    fleet.publish(fleet.engine.start_round(round_id=1, model_version=manifest.version, dim=fleet.dim, now=0.0))
+    fleet.publish(
+        fleet.engine.start_round(round_id=1, model_version=manifest.version, dim=fleet.dim, now=0.0)
+    )
     t = topics.parse(topics.per_device(FLEET, 1, topics.Kind.ADVERTISE, "d00"))
-    for junk in (b"", b"\x00" * 50, os.urandom(300), wire.encode(wire.DeviceStatus(device_id="d00", online=True))):
+    for junk in (
+        b"",
+        b"\x00" * 50,
+        os.urandom(300),
+        wire.encode(wire.DeviceStatus(device_id="d00", online=True)),
+    ):
         assert fleet.engine.receive(t, junk, 0.1) == []
     spoof = topics.parse(topics.per_device(FLEET, 1, topics.Kind.ADVERTISE, "stranger"))
     fleet.engine.receive(spoof, b"x", 0.1)
@@ -236,16 +254,23 @@ def test_tampered_release_keeps_previous_model() -> None:
     assert part.model_version == 1
     manifest = tm.read_manifest(MODEL)
     assert manifest is not None
-    good = tm.release_weights(MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=fleet.agg_key)
+    good = tm.release_weights(
+        MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=fleet.agg_key
+    )
     raw = bytearray(wire.encode(good))
     tampered = tm.ModelRelease(
-        manifest=good.manifest, model_size=good.model_size, model_zst=good.model_zst, signature=bytes(64)
+        manifest=good.manifest,
+        model_size=good.model_size,
+        model_zst=good.model_zst,
+        signature=bytes(64),
     )
     actions = part.on_model(wire.encode(tampered), 0.0)
     assert part.model_version == 1
     assert isinstance(actions[0], Note)
     assert "refused" in actions[0].text
-    forged = tm.release_weights(MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=SigningKey.generate())
+    forged = tm.release_weights(
+        MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=SigningKey.generate()
+    )
     part.on_model(wire.encode(forged), 0.0)
     assert part.model_version == 1
     part.on_model(bytes(raw), 0.0)

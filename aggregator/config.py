@@ -1,0 +1,199 @@
+"""The aggregator's settings: one TOML file, every key overridable by environment or CLI.
+
+    fleetlearn aggregator --config aggregator.toml --set rounds.cohort=50
+    FLEETLEARN_ROUNDS_COHORT=50 fleetlearn aggregator ...
+
+`fleetlearn aggregator --print-config` prints the effective settings as TOML. A bad value stops
+the aggregator before it connects, with one line naming the key (shared.errors.ConfigError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aggregator import rules
+from aggregator.engine import EngineConfig, EngineError
+from shared import rounds
+from shared.errors import ConfigError
+from shared.ids import id_problem
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSection:
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    ca_file: str = ""  # for mqtts:// brokers with a private CA
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSection:
+    id: str = "plant-7"
+    dir: Path = Path("fleet")  # written by `fleetlearn provision`
+
+    def __post_init__(self) -> None:
+        problem = id_problem(self.id)
+        if problem:
+            raise ConfigError("fleet.id", problem)
+
+
+@dataclass(frozen=True, slots=True)
+class StateSection:
+    dir: Path = Path("state")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSection:
+    initial: str = ""  # .tflite with an embedded manifest; "" = the packaged default
+
+
+@dataclass(frozen=True, slots=True)
+class RoundsSection:
+    count: int = 10  # rounds to run, 0 = until stopped
+    mode: Literal["secure", "plain"] = "secure"
+    cohort: int = 20
+    over_select: float = 1.2
+    min_cohort: int = 3
+    battery_floor: float = 0.2
+    wait_for_devices: float = 120.0  # seconds to wait for min_cohort eligible devices
+    settle: float = 2.0  # seconds after a release before the next round (devices load it)
+    interval: float = 0.0  # extra pause between rounds
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ConfigError("rounds.count", f"must be >= 0, got {self.count}")
+        if not 0.0 <= self.battery_floor <= 1.0:
+            raise ConfigError("rounds.battery_floor", f"must be in 0..1, got {self.battery_floor}")
+        for key, value in (
+            ("rounds.wait_for_devices", self.wait_for_devices),
+            ("rounds.settle", self.settle),
+            ("rounds.interval", self.interval),
+        ):
+            if not 0.0 <= value <= 86_400:
+                raise ConfigError(key, f"must be in 0..86400 seconds, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class StagesSection:
+    """Seconds after the announcement at which each stage closes."""
+
+    advertise: float = 10.0
+    share: float = 20.0
+    collect: float = 60.0
+    unmask: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSection:
+    epochs: int = 1
+    max_samples: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionSection:
+    sparsity: Literal["dense", "rand_k", "top_k"] = "rand_k"
+    density: float = 0.1
+    quant_bits: int = 16
+    clip: float = 0.5
+    top_k_bits: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggSection:
+    neighbours: int = 0  # 0: about 2*log2(cohort)
+    threshold: int = 0  # 0: neighbours/2 + 1
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationSection:
+    rule: Literal["mean", "median", "trimmed"] = "mean"
+    trim: float = 0.2
+    clip_norm: float = 0.0  # 0: no norm clipping
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorSettings:
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
+    state: StateSection = field(default_factory=StateSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    rounds: RoundsSection = field(default_factory=RoundsSection)
+    stages: StagesSection = field(default_factory=StagesSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    server: ServerSection = field(default_factory=ServerSection)
+
+    def engine_config(self) -> EngineConfig:
+        """The round engine's view; errors name the settings key."""
+        from shared import wire
+
+        try:
+            times = rounds.StageTimes(
+                advertise=self.stages.advertise,
+                share=self.stages.share,
+                collect=self.stages.collect,
+                unmask=self.stages.unmask,
+            )
+        except wire.WireError as exc:
+            raise ConfigError("stages." + (exc.field or "").split(".")[-1], str(exc)) from None
+        try:
+            training = rounds.TrainingPlan(
+                epochs=self.training.epochs, max_samples=self.training.max_samples
+            )
+        except wire.WireError as exc:
+            raise ConfigError("training." + (exc.field or "").split(".")[-1], str(exc)) from None
+        c = self.compression
+        if not 0.0 < c.density <= 1.0:
+            raise ConfigError("compression.density", f"must be in (0, 1], got {c.density}")
+        if not 1 <= c.quant_bits <= 32:
+            raise ConfigError("compression.quant_bits", f"must be in 1..32, got {c.quant_bits}")
+        if c.top_k_bits not in (8, 16):
+            raise ConfigError("compression.top_k_bits", f"must be 8 or 16, got {c.top_k_bits}")
+        if not c.clip > 0:
+            raise ConfigError("compression.clip", f"must be > 0, got {c.clip}")
+        if not 0.0 <= self.aggregation.trim < 0.5:
+            raise ConfigError(
+                "aggregation.trim", f"must be in [0, 0.5), got {self.aggregation.trim}"
+            )
+        try:
+            return EngineConfig(
+                mode=self.rounds.mode,
+                cohort=self.rounds.cohort,
+                over_select=self.rounds.over_select,
+                min_cohort=self.rounds.min_cohort,
+                battery_floor=self.rounds.battery_floor,
+                times=times,
+                training=training,
+                sparsity=c.sparsity,
+                density=c.density,
+                quant_bits=c.quant_bits,
+                clip=c.clip,
+                top_k_bits=c.top_k_bits,
+                neighbours=self.secagg.neighbours,
+                threshold=self.secagg.threshold,
+                rule=self.aggregation.rule,
+                trim=self.aggregation.trim,
+                clip_norm=self.aggregation.clip_norm,
+            )
+        except EngineError as exc:
+            key = str(exc).split(" ", 1)[0]
+            raise ConfigError(key if "." in key else "rounds", str(exc)) from None
+
+    def optimizer_config(self) -> rules.OptimizerConfig:
+        s = self.server
+        return rules.OptimizerConfig(
+            name=s.optimizer, lr=s.lr, momentum=s.momentum, beta1=s.beta1, beta2=s.beta2, tau=s.tau
+        )

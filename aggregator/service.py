@@ -1,0 +1,407 @@
+"""The aggregator service: the round engine over MQTT, with persistence and releases.
+
+Tasks in one TaskGroup:
+- `link`: the MQTT connection (device/mqtt.Link: reconnect with jittered backoff, MQTT 5
+  properties when the broker has them).
+- `intake`: drains incoming messages into the engine, in arrival order.
+- `deadlines`: ticks the engine when a stage deadline passes.
+- `rounds`: waits for enough eligible devices, starts a round, waits for its outcome, then
+  applies the update with the server optimizer, patches the model (no TensorFlow), signs and
+  publishes the release (retained), then the round summary on `metrics` (retained).
+
+All engine calls run one at a time on a single worker thread (`_engine_call`), so crypto and
+numpy over large vectors never block the event loop and the engine needs no locks.
+
+Crash safety (see aggregator.store): a restarted service marks the interrupted round aborted,
+announces that, republishes the latest release, and continues with the next round id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from aggregator import rules
+from aggregator.config import AggregatorSettings
+from aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
+from aggregator.store import Store
+from broker.provision import AggregatorCredentials, FleetRegistry
+from device.mqtt import JSON_CONTENT_TYPE, BrokerAddress, Incoming, Link, LinkError
+from shared import tflite_model as tm
+from shared import topics, wire
+from shared.errors import ConfigError, FleetlearnError
+from shared.rounds import RoundState
+
+log = logging.getLogger("fleetlearn.aggregator")
+T = TypeVar("T")
+
+
+def default_model() -> bytes:
+    return (resources.files("aggregator") / "models" / "pdm_default.tflite").read_bytes()
+
+
+@dataclass(slots=True)
+class RoundSummary:
+    round_id: int
+    state: str
+    new_version: int | None
+    metrics: dict[str, Any]
+    survivors: tuple[str, ...] = ()
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        settings: AggregatorSettings,
+        credentials: AggregatorCredentials,
+        registry: FleetRegistry,
+        *,
+        on_round: Callable[[RoundSummary], None] | None = None,
+    ) -> None:
+        if registry.fleet != settings.fleet.id:
+            raise ConfigError(
+                "fleet.id",
+                f"{settings.fleet.id!r} but {settings.fleet.dir} holds {registry.fleet!r}",
+            )
+        self.settings = settings
+        self._creds = credentials
+        self._registry = registry
+        self._on_round = on_round
+        self.fleet = settings.fleet.id
+        self.engine = RoundEngine(
+            fleet=self.fleet,
+            config=settings.engine_config(),
+            verify_keys={d: bytes(k) for d, k in registry.device_keys.items()},
+            random=os.urandom,
+        )
+        self.store = Store(settings.state.dir)
+        self.optimizer = rules.ServerOptimizer(settings.optimizer_config())
+        self.optimizer.state = self.store.load_arrays("optimizer")
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._outcome = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.link = Link(
+            BrokerAddress.parse(settings.broker.url, key="broker.url"),
+            client_id=f"fleetlearn-aggregator-{self.fleet}",
+            username=credentials.username,
+            password=credentials.password,
+            subscriptions=topics.aggregator_filters(self.fleet),
+            protocol=settings.broker.protocol,
+            on_message=self._queue.put_nowait,
+            on_connect=self._on_connect,
+            ca_file=settings.broker.ca_file or None,
+        )
+        self.summaries: list[RoundSummary] = []
+        self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
+
+    # ------------------------------------------------------------------------------- setup
+
+    def _bootstrap(self) -> None:
+        """Make sure there is a version-1 release; close rounds a crash left open."""
+        now = time.time()
+        if self.store.latest_release() is None:
+            path = self.settings.model.initial
+            try:
+                model = Path(path).read_bytes() if path else default_model()
+            except OSError as exc:
+                raise ConfigError("model.initial", f"cannot read {path}: {exc.strerror}") from None
+            manifest = tm.read_manifest(model)
+            if manifest is None:
+                raise ConfigError("model.initial", f"{path or 'default model'} has no manifest")
+            if manifest.version != 1:
+                model, manifest = tm.embed_manifest(model, model_id=manifest.model_id, version=1)
+            release = tm.make_release(model, manifest, self._creds.identity)
+            self.store.save_release(
+                1, None, manifest.content_hash.hex(), wire.encode(release), model, now
+            )
+            log.info(
+                "initial release v1 of %s (%d parameters)",
+                manifest.model_id,
+                manifest.parameter_count,
+            )
+        self._interrupted = self.store.interrupted_rounds()
+        for round_id in self._interrupted:
+            self.store.finish_round(
+                round_id, status="aborted", reason="aggregator restarted during the round", now=now
+            )
+            log.warning("round %d was interrupted by a restart; recorded as aborted", round_id)
+
+    async def _on_connect(self) -> None:
+        latest = self.store.latest_release()
+        assert latest is not None
+        await self.link.publish(topics.model(self.fleet), latest.payload, retain=True)
+        log.info(
+            "connected to %s (MQTT %s); release v%d published",
+            self.link.address,
+            self.link.version,
+            latest.version,
+        )
+
+    # --------------------------------------------------------------------------------- run
+
+    async def run(self) -> list[RoundSummary]:
+        await asyncio.to_thread(self._bootstrap)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                loops = [
+                    tg.create_task(self.link.run(), name="link"),
+                    tg.create_task(self._intake(), name="intake"),
+                    tg.create_task(self._deadlines(), name="deadlines"),
+                ]
+                await self._announce_interrupted()
+                await self._rounds()
+                self._stop.set()
+                await self.link.close()
+                for task in loops:
+                    task.cancel()
+        except* LinkError as group:
+            raise group.exceptions[0] from None
+        finally:
+            self._worker.shutdown(wait=True)
+            self.store.close()
+        return self.summaries
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._outcome.set()
+
+    async def _engine_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, lambda: fn(*args, **kwargs))
+
+    async def _publish(self, pubs: list[Publish]) -> None:
+        for p in pubs:
+            if isinstance(p.payload, dict):
+                data = json.dumps(p.payload, separators=(",", ":"), allow_nan=False).encode()
+                await self.link.publish(
+                    p.topic, data, retain=p.retain, qos=p.qos, content_type=JSON_CONTENT_TYPE
+                )
+            else:
+                await self.link.publish(
+                    p.topic, p.payload, retain=p.retain, qos=p.qos, expiry=p.expiry
+                )
+        await self._flush_events()
+
+    async def _flush_events(self) -> None:
+        events = self.engine.drain_events()
+        for event in events:
+            self.recent_events.append(event)
+            event["fleet"] = self.fleet
+            event["ts"] = round(time.time(), 3)
+            data = json.dumps(event, separators=(",", ":"), default=str).encode()
+            with contextlib.suppress(LinkError):
+                await self.link.publish(
+                    topics.events(self.fleet), data, qos=0, content_type=JSON_CONTENT_TYPE, wait=5
+                )
+
+    async def _announce_interrupted(self) -> None:
+        for round_id in self._interrupted:
+            event = {
+                "event": "round_aborted",
+                "round": round_id,
+                "reason": "aggregator restarted during the round",
+            }
+            self.engine.events.append(event)
+        await self._flush_events()
+
+    async def _intake(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            try:
+                topic = topics.parse(msg.topic)
+            except topics.TopicError:
+                continue
+            now = time.monotonic()
+            if topic.kind is topics.Kind.STATUS and topic.device_id is not None:
+                await self._engine_call(
+                    self.engine.observe_status, topic.device_id, msg.payload, now
+                )
+                continue
+            pubs = await self._engine_call(self.engine.receive, topic, msg.payload, now)
+            await self._publish(pubs)
+            if self.engine.outcome is not None:
+                self._outcome.set()
+
+    async def _deadlines(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                pubs = await self._engine_call(self.engine.tick, now)
+                await self._publish(pubs)
+                if self.engine.outcome is not None:
+                    self._outcome.set()
+            await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------------------ rounds
+
+    async def _wait_for_devices(self, version: int) -> bool:
+        cfg = self.settings.rounds
+        deadline = time.monotonic() + cfg.wait_for_devices
+        while not self._stop.is_set():
+            eligible = len(self.engine.eligible(version))
+            if eligible >= min(self.engine.config.cohort, len(self._registry.device_keys)) or (
+                eligible >= cfg.min_cohort
+                and time.monotonic() >= deadline - cfg.wait_for_devices / 2
+            ):
+                return True
+            if time.monotonic() >= deadline:
+                return len(self.engine.eligible()) >= cfg.min_cohort
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _rounds(self) -> None:
+        cfg = self.settings.rounds
+        done = 0
+        while not self._stop.is_set() and (cfg.count == 0 or done < cfg.count):
+            latest = self.store.latest_release()
+            assert latest is not None
+            await self.link.connected.wait()
+            if not await self._wait_for_devices(latest.version):
+                if self._stop.is_set():
+                    break
+                log.warning(
+                    "too few eligible devices after %.0f s; waiting again", cfg.wait_for_devices
+                )
+                continue
+            round_id = self.store.next_round_id()
+            model = self.store.model_bytes(latest.version)
+            manifest = tm.read_manifest(model)
+            assert manifest is not None
+            now = time.monotonic()
+            self._outcome.clear()
+            try:
+                pubs = await self._engine_call(
+                    self.engine.start_round,
+                    round_id=round_id,
+                    model_version=latest.version,
+                    dim=manifest.parameter_count,
+                    now=now,
+                )
+            except NotEnoughDevicesError as exc:
+                log.warning("cannot start round %d: %s", round_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            announce = self.engine.announce
+            assert announce is not None
+            self.store.begin_round(
+                round_id, announce.mode.value, latest.version, list(announce.cohort), time.time()
+            )
+            log.info(
+                "round %d started: %d devices, model v%d",
+                round_id,
+                len(announce.cohort),
+                latest.version,
+            )
+            await self._publish(pubs)
+            await self._outcome.wait()
+            outcome = self.engine.outcome
+            if outcome is None or outcome.round_id != round_id:  # stopping
+                pubs = await self._engine_call(
+                    self.engine.abort, "aggregator stopped", time.monotonic()
+                )
+                await self._publish(pubs)
+                outcome = self.engine.outcome
+                assert outcome is not None
+            summary = await self._conclude(outcome, announce, model)
+            self.summaries.append(summary)
+            if self._on_round is not None:
+                self._on_round(summary)
+            done += 1
+            if self._stop.is_set():
+                break
+            await asyncio.sleep(cfg.settle + cfg.interval)
+
+    async def _conclude(self, outcome: RoundOutcome, announce: Any, model: bytes) -> RoundSummary:
+        metrics = dict(outcome.metrics)
+        metrics["fleet"] = self.fleet
+        new_version: int | None = None
+        if outcome.state is RoundState.CLOSED and outcome.mean_update is not None:
+            try:
+                new_version, payload, norm = await asyncio.to_thread(self._apply, outcome, model)
+            except (FleetlearnError, ValueError) as exc:
+                # Never publish a model we could not build cleanly; the round counts as aborted.
+                reason = f"update not applied: {exc}"
+                log.error("round %d: %s", outcome.round_id, reason)
+                outcome.state, outcome.reason = RoundState.ABORTED, reason
+                metrics.update(state="aborted", reason=reason)
+            else:
+                await self.link.publish(topics.model(self.fleet), payload, retain=True)
+                metrics["update_norm"] = norm
+        metrics["new_version"] = new_version
+        metrics["ts"] = round(time.time(), 3)
+        self.store.finish_round(
+            outcome.round_id,
+            status="done" if outcome.state is RoundState.CLOSED else "aborted",
+            reason=outcome.reason,
+            metrics=metrics,
+            new_version=new_version,
+            now=time.time(),
+        )
+        await self._publish([self.engine.closing_announce(outcome, announce)])
+        await self._publish([Publish(topics.metrics(self.fleet), _json_safe(metrics), retain=True)])
+        log.info(
+            "round %d %s: %d survivors%s",
+            outcome.round_id,
+            outcome.state.value,
+            len(outcome.survivors),
+            f", model v{new_version}" if new_version else f" ({outcome.reason})",
+        )
+        return RoundSummary(
+            outcome.round_id, outcome.state.value, new_version, metrics, outcome.survivors
+        )
+
+    def _apply(self, outcome: RoundOutcome, model: bytes) -> tuple[int, bytes, float]:
+        """Optimizer step, patch, sign, persist. Runs in a worker thread."""
+        manifest = tm.read_manifest(model)
+        assert manifest is not None
+        assert outcome.mean_update is not None
+        weights = tm.flatten(tm.read_weights(model), manifest.layout)
+        new = self.optimizer.step(weights, outcome.mean_update)
+        if not np.all(np.isfinite(new)):
+            raise ValueError("new weights hold NaN or infinity")
+        version = self.store.latest_version() + 1
+        release = tm.release_weights(
+            model, new.astype(np.float32), version=version, signing_key=self._creds.identity
+        )
+        payload = wire.encode(release)
+        new_model, _ = tm.verify_release(
+            release, self._creds.identity.verify_key, min_version=version
+        )
+        self.store.save_release(
+            version,
+            outcome.round_id,
+            release.manifest.content_hash.hex(),
+            payload,
+            new_model,
+            time.time(),
+        )
+        self.store.save_arrays("optimizer", self.optimizer.state)
+        return version, payload, float(np.linalg.norm(outcome.mean_update))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

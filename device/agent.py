@@ -1,0 +1,413 @@
+"""The device agent: what runs on a gateway (`fleetlearn device`) or per simulated sensor.
+
+It connects one MQTT link with the device's credentials and a retained last will of "offline",
+subscribes to the model, the round announcement and its own round topics, and carries out what
+the sans-IO `Participant` asks: publish, load a verified release into a fresh LiteRT interpreter,
+train on local data. Training and inference run in a thread pool, never on the event loop.
+
+After every new model it publishes its inference on recent local data as JSON on
+`fl/{fleet}/dev/{id}/health`, and its status (model version, eligibility, why a release was
+refused) retained on `fl/{fleet}/dev/{id}/status`. The error-feedback residual is saved in
+`state_dir` after each round, so a restart does not lose what was not yet transmitted.
+
+Hooks for the simulator (`firmware_sim`): `condition` (eligibility, battery), `before_send`
+(dropouts and latency per stage), `slowdown` (compute speed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from device.mqtt import (
+    JSON_CONTENT_TYPE,
+    BrokerAddress,
+    Incoming,
+    LastWill,
+    Link,
+)
+from device.mqtt import (
+    Protocol as MqttProtocol,
+)
+from device.participant import Action, LoadModel, LocalResult, Note, Participant, Send, Train
+from device.trainer import LiteRTTrainer, TrainerError
+from shared import sparse, topics, wire
+from shared.errors import FleetlearnError
+
+log = logging.getLogger("fleetlearn.device")
+SDK_VERSION = "fleetlearn-0.1"
+
+
+class DataError(FleetlearnError):
+    """The local data file is unusable."""
+
+
+class LocalData(Protocol):
+    """Where a device's examples come from. Labels may be missing for inference-only data."""
+
+    def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def recent(self, count: int) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+    def __len__(self) -> int: ...
+
+
+class ArrayData:
+    """Examples held in memory: the newest rows are the most recent."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    @classmethod
+    def load(cls, path: Path | str) -> ArrayData:
+        """An .npz with `x` (float, [n, features]) and `y` (int labels, [n])."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "x" not in data.files or "y" not in data.files:
+                    raise DataError(f"{path}: needs arrays 'x' and 'y', has {data.files}")
+                x, y = np.asarray(data["x"]), np.asarray(data["y"])
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npz ({exc})") from None
+        if x.ndim != 2 or x.dtype.kind not in "fiu" or not np.all(np.isfinite(x)):
+            raise DataError(f"{path}: 'x' must be a finite numeric [n, features] array")
+        if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
+            raise DataError(f"{path}: 'y' must hold one integer label per row of 'x'")
+        if x.shape[0] == 0:
+            raise DataError(f"{path}: holds no examples")
+        return cls(x.astype(np.float32), y.astype(np.int32))
+
+    def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[-max_samples:], self.y[-max_samples:]
+
+    def recent(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.x[-count:], self.y[-count:]
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    eligibility: wire.Eligibility = wire.Eligibility.ELIGIBLE
+    charging: bool = False
+    battery: float = 1.0
+
+
+@dataclass(slots=True)
+class AgentStats:
+    rounds_announced: int = 0
+    rounds_trained: int = 0
+    releases_loaded: int = 0
+    releases_refused: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    notes: int = 0
+
+
+class DeviceAgent:
+    def __init__(
+        self,
+        *,
+        participant: Participant,
+        address: BrokerAddress,
+        password: str,
+        data: LocalData,
+        protocol: MqttProtocol = "auto",
+        state_dir: Path | None = None,
+        labels: tuple[str, ...] = (),
+        condition: Callable[[], Condition] | None = None,
+        before_send: Callable[[topics.Kind, int], Awaitable[bool]] | None = None,
+        slowdown: float = 0.0,
+        executor: concurrent.futures.Executor | None = None,
+        train_seed: int | None = None,
+        ca_file: str | None = None,
+        health_window: int = 64,
+    ) -> None:
+        self.participant = participant
+        self.device_id = participant.device_id
+        self.fleet = participant.fleet
+        self.data = data
+        self._labels = labels
+        self._condition = condition or Condition
+        self._before_send = before_send
+        self._slowdown = slowdown
+        self._executor = executor
+        self._state_dir = state_dir
+        self._rng = np.random.default_rng(
+            train_seed if train_seed is not None else secrets.randbits(64)
+        )
+        self._health_window = health_window
+        self.trainer: LiteRTTrainer | None = None
+        self._trainer_lock = asyncio.Lock()
+        # The participant is not thread-safe: every call to it holds this lock, and the heavy
+        # ones (masking, error feedback) run in the executor while holding it.
+        self._participant_lock = asyncio.Lock()
+        self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._note = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats = AgentStats()
+        self._load_residual()
+        offline = wire.DeviceStatus(
+            device_id=self.device_id, online=False, eligibility=wire.Eligibility.OFFLINE
+        )
+        self.link = Link(
+            address,
+            client_id=self.device_id,
+            username=self.device_id,
+            password=password,
+            subscriptions=topics.device_filters(self.fleet, self.device_id),
+            will=LastWill(topics.status(self.fleet, self.device_id), wire.encode(offline)),
+            protocol=protocol,
+            on_message=self._queue.put_nowait,
+            on_connect=self.publish_status,
+            ca_file=ca_file,
+        )
+
+    # ---------------------------------------------------------------------------- running
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.link.run(), name=f"{self.device_id}-link")
+            tg.create_task(self._intake(), name=f"{self.device_id}-intake")
+            tg.create_task(self._ticker(), name=f"{self.device_id}-tick")
+
+    async def stop(self) -> None:
+        """Publish 'offline' and disconnect cleanly."""
+        offline = wire.DeviceStatus(
+            device_id=self.device_id,
+            online=False,
+            eligibility=wire.Eligibility.OFFLINE,
+            model_version=self.participant.model_version,
+        )
+        with contextlib.suppress(FleetlearnError):
+            await self.link.publish(
+                topics.status(self.fleet, self.device_id), wire.encode(offline), retain=True, wait=2
+            )
+        await self.link.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _call(
+        self, fn: Callable[..., list[Action]], *args: Any, offload: bool = False
+    ) -> list[Action]:
+        async with self._participant_lock:
+            if not offload:
+                return fn(*args)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await self._carry_out(await self._call(self.participant.tick, time.monotonic()))
+
+    async def _intake(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            self.stats.bytes_down += len(msg.payload)
+            try:
+                topic = topics.parse(msg.topic)
+            except topics.TopicError:
+                continue
+            now = time.monotonic()
+            if topic.kind is topics.Kind.MODEL:
+                # verification hashes and decompresses the model: off the loop
+                actions = await self._call(
+                    self.participant.on_model, msg.payload, now, offload=True
+                )
+            elif topic.kind is topics.Kind.ROUND:
+                actions = await self._call(self.participant.on_round, msg.payload, now)
+                if any(isinstance(a, Train) for a in actions):
+                    self.stats.rounds_announced += 1
+            elif topic.kind in (topics.Kind.INBOX, topics.Kind.SURVIVORS):
+                had_round = self.participant.round is not None
+                actions = await self._call(
+                    self.participant.on_message, topic, msg.payload, now, offload=True
+                )
+                if had_round and self.participant.round is None:
+                    self._save_residual()
+            else:
+                continue
+            await self._carry_out(actions)
+
+    async def _carry_out(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                await self._send(action)
+            elif isinstance(action, LoadModel):
+                await self._load(action)
+            elif isinstance(action, Train):
+                task = asyncio.create_task(self._train(action), name=f"{self.device_id}-train")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(action, Note):
+                self.stats.notes += 1
+                log.info("%s: %s", self.device_id, action.text)
+                if "release" in action.text:
+                    self.stats.releases_refused += 1
+                    self._note = action.text[:500]
+                    await self.publish_status()
+
+    async def _send(self, action: Send) -> None:
+        kind = topics.parse(action.topic).kind
+        round_id = topics.parse(action.topic).round_id or 0
+        if self._before_send is not None and not await self._before_send(kind, round_id):
+            return
+        self.stats.bytes_up += len(action.payload)
+        with contextlib.suppress(FleetlearnError):
+            await self.link.publish(
+                action.topic, action.payload, retain=action.retain, expiry=action.expiry
+            )
+
+    # ------------------------------------------------------------------------------ model
+
+    async def _load(self, action: LoadModel) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            trainer = await loop.run_in_executor(
+                self._executor, lambda: LiteRTTrainer(action.model, action.manifest)
+            )
+        except (TrainerError, FleetlearnError) as exc:
+            self._note = f"release v{action.manifest.version} verified but not loadable: {exc}"
+            self.stats.releases_refused += 1
+            await self.publish_status()
+            return
+        async with self._trainer_lock:
+            self.trainer = trainer
+        self.stats.releases_loaded += 1
+        self._note = ""
+        await self.publish_status()
+        await self.publish_health()
+
+    async def publish_status(self) -> None:
+        c = self._condition()
+        status = wire.DeviceStatus(
+            device_id=self.device_id,
+            online=True,
+            eligibility=c.eligibility,
+            charging=c.charging,
+            battery=min(1.0, max(0.0, c.battery)),
+            model_version=self.participant.model_version,
+            sdk_version=SDK_VERSION,
+            samples=len(self.data),
+            note=self._note,
+        )
+        with contextlib.suppress(FleetlearnError):
+            await self.link.publish(
+                topics.status(self.fleet, self.device_id), wire.encode(status), retain=True
+            )
+
+    async def publish_health(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        x, y = self.data.recent(self._health_window)
+        if x.shape[0] == 0:
+            return
+        loop = asyncio.get_running_loop()
+        async with self._trainer_lock:
+            probs = await loop.run_in_executor(self._executor, trainer.predict, x)
+        labels = (
+            self._labels or trainer.manifest.labels or tuple(str(i) for i in range(probs.shape[1]))
+        )
+        predicted = probs.argmax(axis=1)
+        counts = np.bincount(predicted, minlength=len(labels))
+        report: dict[str, Any] = {
+            "device_id": self.device_id,
+            "fleet": self.fleet,
+            "model_version": trainer.version,
+            "ts": round(time.time(), 3),
+            "windows": int(x.shape[0]),
+            "latest": {
+                "label": labels[int(predicted[-1])],
+                "confidence": round(float(probs[-1].max()), 4),
+            },
+            "predicted_share": {
+                labels[i]: round(float(counts[i]) / x.shape[0], 4) for i in range(len(labels))
+            },
+            "accuracy": None if y is None else round(float((predicted == y).mean()), 4),
+        }
+        with contextlib.suppress(FleetlearnError):
+            await self.link.publish(
+                topics.health(self.fleet, self.device_id),
+                json.dumps(report, separators=(",", ":")).encode(),
+                retain=True,
+                content_type=JSON_CONTENT_TYPE,
+            )
+
+    # --------------------------------------------------------------------------- training
+
+    async def _train(self, action: Train) -> None:
+        plan = action.announce.training
+        loop = asyncio.get_running_loop()
+        async with self._trainer_lock:
+            trainer = self.trainer
+            if trainer is None or trainer.version != action.announce.model_version:
+                return
+            try:
+                result = await loop.run_in_executor(
+                    self._executor, self._train_sync, trainer, plan.epochs, plan.max_samples
+                )
+            except (TrainerError, FleetlearnError) as exc:
+                await self._carry_out([Note(f"round {action.round_id}: training failed: {exc}")])
+                return
+        if self._slowdown > 0:
+            await asyncio.sleep(self._slowdown)
+        self.stats.rounds_trained += 1
+        actions = await self._call(
+            self.participant.trained, action.round_id, result, time.monotonic(), offload=True
+        )
+        self._save_residual()
+        await self._carry_out(actions)
+
+    def _train_sync(self, trainer: LiteRTTrainer, epochs: int, max_samples: int) -> LocalResult:
+        x, y = self.data.training_set(max_samples)
+        before = trainer.evaluate(x, y)  # the global model on local data: federated evaluation
+        trainer.train(x, y, epochs=epochs, rng=self._rng)
+        update = trainer.update()
+        trainer.set_flat_weights(trainer.initial)  # stay on the release for inference
+        correct = round(before.accuracy * before.samples) if math.isfinite(before.accuracy) else 0
+        return LocalResult(
+            update=update,
+            weight=float(x.shape[0]),
+            loss=before.loss if math.isfinite(before.loss) else 0.0,
+            correct=int(correct),
+            samples=before.samples,
+        )
+
+    # --------------------------------------------------------------------- error feedback
+
+    def _residual_path(self) -> Path | None:
+        return None if self._state_dir is None else self._state_dir / "residual.bin"
+
+    def _load_residual(self) -> None:
+        path = self._residual_path()
+        if path is None or not path.exists():
+            return
+        try:
+            self.participant.feedback = sparse.ErrorFeedback.load(path.read_bytes())
+        except (OSError, wire.WireError) as exc:
+            log.warning("%s: ignoring unreadable residual %s (%s)", self.device_id, path, exc)
+
+    def _save_residual(self) -> None:
+        path = self._residual_path()
+        feedback = self.participant.feedback
+        if path is None or feedback is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(feedback.save())
+        os.replace(tmp, path)

@@ -1,0 +1,141 @@
+"""Run an aggregator service and N device agents in one event loop against a real broker.
+
+Used by the integration tests: devices get synthetic predictive-maintenance data from
+firmware_sim.data, their own provisioned credentials, and optional hooks that script dropouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aggregator.config import AggregatorSettings
+from aggregator.service import AggregatorService, RoundSummary
+from broker import provision as prov
+from broker.runner import BrokerProcess
+from device.agent import ArrayData, DeviceAgent
+from device.mqtt import BrokerAddress
+from device.participant import Participant
+from firmware_sim.data import CLASSES, MACHINE_TYPES, device_machine
+from shared import settings, topics
+
+FAST_STAGES = {
+    "stages.advertise": "4",
+    "stages.share": "8",
+    "stages.collect": "20",
+    "stages.unmask": "26",
+}
+
+
+def device_data(index: int, samples: int = 300) -> ArrayData:
+    kinds = list(MACHINE_TYPES)
+    machine = device_machine(11, index, index % 4, kinds[index % len(kinds)])
+    x, y = machine.windows(samples)
+    return ArrayData(x, y)
+
+
+@dataclass
+class Harness:
+    broker: BrokerProcess
+    fleet_dir: Path
+    fleet: str
+    devices: list[str]
+    state_dir: Path
+    agents: dict[str, DeviceAgent] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    hooks: dict[str, Callable[[topics.Kind, int], Awaitable[bool]]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, broker: BrokerProcess, tmp: Path, n: int, fleet: str = "plant-7") -> Harness:
+        fleet_dir = tmp / "fleet"
+        devices = prov.device_ids(n)
+        prov.provision(fleet_dir, fleet, devices)
+        # The broker reads passwd/acl at start; this harness owns a fresh broker per test.
+        return cls(broker, fleet_dir, fleet, devices, tmp / "state")
+
+    def settings(self, **overrides: str) -> AggregatorSettings:
+        sets = {
+            "broker.url": self.broker.url,
+            "fleet.id": self.fleet,
+            "fleet.dir": str(self.fleet_dir),
+            "state.dir": str(self.state_dir),
+            "rounds.cohort": str(len(self.devices)),
+            "rounds.over_select": "1.0",
+            "rounds.wait_for_devices": "20",
+            "rounds.settle": "1.0",
+            "training.max_samples": "256",
+            **FAST_STAGES,
+            **overrides,
+        }
+        return settings.load(AggregatorSettings, sets=sets)
+
+    def aggregator(self, **overrides: str) -> AggregatorService:
+        s = self.settings(**overrides)
+        return AggregatorService(
+            s, prov.load_aggregator(self.fleet_dir), prov.load_registry(self.fleet_dir)
+        )
+
+    def make_agent(self, dev: str, index: int) -> DeviceAgent:
+        creds = prov.load_device(self.fleet_dir / "devices" / dev)
+        registry = prov.load_registry(self.fleet_dir)
+        participant = Participant(
+            fleet=self.fleet,
+            device_id=dev,
+            identity=creds.identity,
+            aggregator_key=creds.aggregator_key,
+            registry={d: bytes(k) for d, k in registry.device_keys.items()},
+            random=os.urandom,
+        )
+        hook = self.hooks.get(dev)
+        return DeviceAgent(
+            participant=participant,
+            address=BrokerAddress.parse(self.broker.url),
+            password=creds.password,
+            data=device_data(index),
+            protocol="5" if self.broker.kind == "mosquitto" else "3.1.1",
+            state_dir=self.state_dir / "devices" / dev,
+            labels=CLASSES,
+            before_send=hook,
+            train_seed=index,
+        )
+
+    def start_devices(self) -> None:
+        for i, dev in enumerate(self.devices):
+            self.start_device(dev, i)
+
+    def start_device(self, dev: str, index: int | None = None) -> None:
+        index = self.devices.index(dev) if index is None else index
+        agent = self.make_agent(dev, index)
+        self.agents[dev] = agent
+        self.tasks[dev] = asyncio.create_task(agent.run(), name=f"agent-{dev}")
+
+    async def stop_device(self, dev: str) -> None:
+        agent = self.agents.get(dev)
+        task = self.tasks.pop(dev, None)
+        if agent is not None:
+            await agent.stop()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def stop_all(self) -> None:
+        for dev in list(self.tasks):
+            await self.stop_device(dev)
+
+    async def run_aggregator(
+        self, timeout: float, **overrides: str
+    ) -> tuple[AggregatorService, list[RoundSummary]]:
+        service = self.aggregator(**overrides)
+        async with asyncio.timeout(timeout):
+            summaries = await service.run()
+        return service, summaries
+
+
+def replace(obj: object, **changes: object) -> object:
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]

@@ -1,0 +1,107 @@
+"""Federated rounds over a real mosquitto with the provisioned password and ACL files."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker import provision as prov
+from broker.runner import BrokerProcess, BrokerSettings
+from shared import tflite_model as tm
+from shared import topics
+from tests.conftest import require_mosquitto
+from tests.fleet_harness import Harness
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+@pytest.fixture
+async def harness20(tmp_path: Path) -> AsyncIterator[Harness]:
+    require_mosquitto()
+    fleet_dir = tmp_path / "fleet"
+    prov.provision(fleet_dir, "plant-7", prov.device_ids(20))
+    broker = BrokerProcess(
+        BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=tmp_path / "mq"), "mosquitto"
+    )
+    broker.start()
+    h = Harness(broker, fleet_dir, "plant-7", prov.device_ids(20), tmp_path / "state")
+    try:
+        yield h
+    finally:
+        await h.stop_all()
+        broker.close()
+
+
+async def test_three_secure_rounds_with_dropouts(harness20: Harness) -> None:
+    """Round 2: two devices leave after sending their masked input, one never advertises."""
+    h = harness20
+    leavers = {"dev-0003", "dev-0011"}
+    silent = "dev-0007"
+
+    def make_hook(dev: str):  # type: ignore[no-untyped-def]
+        async def hook(kind: topics.Kind, round_id: int) -> bool:
+            if round_id != 2:
+                return True
+            if dev == silent and kind is topics.Kind.ADVERTISE:
+                return False
+            if dev in leavers and kind is topics.Kind.UNMASK:
+                asyncio.get_running_loop().call_soon(asyncio.ensure_future, h.stop_device(dev))
+                return False
+            return True
+
+        return hook
+
+    for dev in [*leavers, silent]:
+        h.hooks[dev] = make_hook(dev)
+    h.start_devices()
+    service, summaries = await h.run_aggregator(
+        timeout=240, **{"rounds.count": "3", "rounds.min_cohort": "3"}
+    )
+    assert [s.state for s in summaries] == ["closed"] * 3, [
+        s.metrics.get("reason") for s in summaries
+    ]
+    assert [s.new_version for s in summaries] == [2, 3, 4]
+
+    r2 = summaries[1]
+    assert silent not in r2.survivors
+    assert set(r2.survivors) == set(h.devices) - {silent}  # leavers' inputs are in the sum
+    assert r2.metrics["stages"]["advertise"]["dropped"] == 1
+    closed = {
+        e["stage"]: set(e["dropped"])
+        for e in service.recent_events
+        if e["event"] == "stage_closed" and e["round"] == 2
+    }
+    assert closed["advertise"] == {silent}
+    # UNMASK closes as soon as every secret has t shares, so slow responders may count too.
+    assert leavers <= closed["unmask"]
+    assert r2.metrics["dropouts_recovered"] >= 2
+
+    # The applied update equals the survivors' weighted mean within the quantization bound.
+    from aggregator.store import Store
+
+    store = Store(h.state_dir)
+    try:
+        v2, v3 = store.model_bytes(2), store.model_bytes(3)
+    finally:
+        store.close()
+    manifest = tm.read_manifest(v2)
+    assert manifest is not None
+    w2 = tm.flatten(tm.read_weights(v2), manifest.layout).astype(np.float64)
+    w3 = tm.flatten(tm.read_weights(v3), manifest.layout).astype(np.float64)
+    inputs = {d: h.agents[d].participant.inputs[2] for d in r2.survivors}
+    idx = next(iter(inputs.values()))[0]
+    total = sum(w for _, _, w in inputs.values())
+    expected = (
+        sum(w * np.clip(v * w / 256, -0.5, 0.5) / (w / 256) for _, v, w in inputs.values()) / total
+    )
+    applied = (w3 - w2)[idx]
+    bound = r2.metrics["quantization_bound"]
+    assert 0 < bound < 1e-2
+    assert np.max(np.abs(applied - expected)) <= bound + 1e-6  # + float32 storage of weights
+    untouched = np.ones(w2.size, bool)
+    untouched[idx] = False
+    assert np.array_equal(w3[untouched], w2[untouched])
