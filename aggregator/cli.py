@@ -1,4 +1,4 @@
-"""`fleetlearn model build` and `fleetlearn model inspect`.
+"""`fleetlearn aggregator`, `fleetlearn model build` and `fleetlearn model inspect`.
 
 `build` needs TensorFlow (the `build` extra) and says so in one line when it is missing;
 `inspect` reads any .tflite without TensorFlow or LiteRT. Both import their work modules in the
@@ -16,6 +16,7 @@ from shared.errors import ConfigError
 
 
 def register(sub: Any) -> None:
+    register_aggregator(sub)
     model = sub.add_parser(
         "model",
         help="build and inspect the fleet's TFLite model",
@@ -125,3 +126,121 @@ def format_model(data: bytes, name: str) -> str:
             "  layout: " + ", ".join(f"{w.name}{_shape(w.shape)}" for w in manifest.layout)
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ aggregator
+
+
+def register_aggregator(sub: Any) -> None:
+    a = sub.add_parser(
+        "aggregator",
+        help="run the fleet's aggregator: rounds, secure aggregation, signed releases",
+        description=(
+            "Run federated rounds for one fleet over MQTT: select cohorts, drive SecAgg+ (or "
+            "plain robust aggregation), publish each new signed model release. Settings come "
+            "from --config (TOML), then FLEETLEARN_<SECTION>_<KEY> environment variables, then "
+            "--set section.key=value and the flags below; --print-config shows the result."
+        ),
+    )
+    a.add_argument("--config", type=Path, help="TOML settings file")
+    a.add_argument("--broker", help="mqtt://HOST:PORT (broker.url)")
+    a.add_argument("--fleet", help="fleet id (fleet.id)")
+    a.add_argument("--fleet-dir", help="provisioned fleet directory (fleet.dir)")
+    a.add_argument("--state-dir", help="sqlite + model files (state.dir)")
+    a.add_argument("--rounds", help="rounds to run, 0 = until stopped (rounds.count)")
+    a.add_argument("--mode", help="secure or plain (rounds.mode)")
+    a.add_argument("--cohort", help="devices per round (rounds.cohort)")
+    a.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting, e.g. --set compression.density=0.05 (repeatable)",
+    )
+    a.add_argument("--print-config", action="store_true", help="print the settings and exit")
+    a.set_defaults(handler=run_aggregator)
+
+
+_FLAG_KEYS = {
+    "broker": "broker.url",
+    "fleet": "fleet.id",
+    "fleet_dir": "fleet.dir",
+    "state_dir": "state.dir",
+    "rounds": "rounds.count",
+    "mode": "rounds.mode",
+    "cohort": "rounds.cohort",
+}
+
+
+def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Any:
+    from aggregator.config import AggregatorSettings
+    from shared import settings
+
+    text = None
+    if args.config is not None:
+        try:
+            text = args.config.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {args.config}: {exc.strerror}") from None
+    sets = settings.parse_sets(args.set)
+    for attr, key in _FLAG_KEYS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            sets[key] = str(value)
+    loaded = settings.load(
+        AggregatorSettings, toml_text=text, source=str(args.config), env=env, sets=sets
+    )
+    loaded.engine_config()  # validates the cross-field rules now, with the key named
+    loaded.optimizer_config()
+    return loaded
+
+
+def run_aggregator(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import os
+    import signal
+
+    from aggregator.service import AggregatorService, RoundSummary
+    from broker import provision as prov
+    from shared import settings as settings_mod
+
+    loaded = load_settings(args, dict(os.environ))
+    if args.print_config:
+        print(settings_mod.to_toml(loaded), end="")
+        return 0
+    creds = prov.load_aggregator(loaded.fleet.dir)
+    registry = prov.load_registry(loaded.fleet.dir)
+
+    def report(summary: RoundSummary) -> None:
+        m = summary.metrics
+        acc = m.get("accuracy")
+        print(
+            f"round {summary.round_id}: {summary.state}"
+            + (
+                f" -> model v{summary.new_version}"
+                if summary.new_version
+                else f" ({m.get('reason')})"
+            )
+            + f", {m.get('survivors', 0)}/{m.get('cohort', 0)} devices"
+            + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
+            + f", {m.get('duration_s', 0):.1f} s",
+            flush=True,
+        )
+
+    service = AggregatorService(loaded, creds, registry, on_round=report)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, service.stop)
+        await service.run()
+
+    print(
+        f"aggregator for fleet {loaded.fleet.id} -> {loaded.broker.url} "
+        f"({loaded.rounds.mode}, cohort {loaded.rounds.cohort}); Ctrl-C to stop",
+        flush=True,
+    )
+    asyncio.run(main())
+    return 0

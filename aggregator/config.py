@@ -189,8 +189,11 @@ class AggregatorSettings:
                 clip_norm=self.aggregation.clip_norm,
             )
         except EngineError as exc:
-            key = str(exc).split(" ", 1)[0]
-            raise ConfigError(key if "." in key else "rounds", str(exc)) from None
+            # EngineError messages start with the settings key they are about.
+            key, _, rest = str(exc).partition(" ")
+            if "." not in key:
+                key, rest = "rounds", str(exc)
+            raise ConfigError(key, rest) from None
 
     def optimizer_config(self) -> rules.OptimizerConfig:
         s = self.server

@@ -179,10 +179,14 @@ class DeviceAgent:
     # ---------------------------------------------------------------------------- running
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.link.run(), name=f"{self.device_id}-link")
-            tg.create_task(self._intake(), name=f"{self.device_id}-intake")
-            tg.create_task(self._ticker(), name=f"{self.device_id}-tick")
+        """Until cancelled, or until the broker refuses the credentials (LinkAuthError)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name=f"{self.device_id}-link")
+                tg.create_task(self._intake(), name=f"{self.device_id}-intake")
+                tg.create_task(self._ticker(), name=f"{self.device_id}-tick")
+        except* FleetlearnError as group:
+            raise group.exceptions[0] from None
 
     async def stop(self) -> None:
         """Publish 'offline' and disconnect cleanly."""

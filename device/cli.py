@@ -1,0 +1,110 @@
+"""`fleetlearn device`: run one real gateway's participant until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fleetlearn.device")
+
+
+def register(sub: Any) -> None:
+    d = sub.add_parser(
+        "device",
+        help="run one device: train on local data, join rounds, report health",
+        description=(
+            "Connect to the fleet's broker with this device's credentials, load each verified "
+            "model release, train on the local data for the rounds it is selected for, and "
+            "publish status and health. Runs until Ctrl-C."
+        ),
+    )
+    d.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    d.add_argument(
+        "--keys",
+        type=Path,
+        required=True,
+        help="this device's provisioned directory (fleet/devices/<id>)",
+    )
+    d.add_argument("--id", help="device id; must match the one in --keys (a safety check)")
+    d.add_argument("--data", type=Path, required=True, help=".npz with x [n, features] and y [n]")
+    d.add_argument(
+        "--registry",
+        type=Path,
+        help="fleet.json with every device's public key (default: <keys>/../../fleet.json)",
+    )
+    d.add_argument(
+        "--state-dir", type=Path, help="keeps the error-feedback residual across restarts"
+    )
+    d.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+    d.add_argument("--ca-file", help="CA certificate for mqtts:// brokers")
+    d.set_defaults(handler=run_device)
+
+
+def run_device(args: argparse.Namespace) -> int:
+    from broker import provision as prov
+    from device.agent import ArrayData, DeviceAgent
+    from device.mqtt import BrokerAddress
+    from device.participant import Participant
+    from shared.errors import ConfigError
+
+    address = BrokerAddress.parse(args.broker)
+    creds = prov.load_device(args.keys)
+    if args.id is not None and args.id != creds.device_id:
+        raise ConfigError("--id", f"{args.id!r} but {args.keys} holds {creds.device_id!r}")
+    registry_path = args.registry or args.keys.resolve().parent.parent / "fleet.json"
+    registry = prov.load_registry(
+        registry_path.parent if registry_path.name == "fleet.json" else registry_path
+    )
+    if registry.fleet != creds.fleet:
+        raise ConfigError(
+            "--registry", f"is for fleet {registry.fleet!r}, device is in {creds.fleet!r}"
+        )
+    data = ArrayData.load(args.data)
+    participant = Participant(
+        fleet=creds.fleet,
+        device_id=creds.device_id,
+        identity=creds.identity,
+        aggregator_key=creds.aggregator_key,
+        registry={d: bytes(k) for d, k in registry.device_keys.items()},
+        random=os.urandom,
+    )
+    agent = DeviceAgent(
+        participant=participant,
+        address=address,
+        password=creds.password,
+        data=data,
+        protocol=args.protocol,
+        state_dir=args.state_dir,
+        ca_file=args.ca_file,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(agent.run())
+        print(
+            f"device {creds.device_id} of fleet {creds.fleet} -> {address}; Ctrl-C to stop",
+            flush=True,
+        )
+        done, _ = await asyncio.wait(
+            {task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task in done:
+            task.result()  # raises LinkAuthError etc.
+        await agent.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    print(f"device {creds.device_id} stopped", flush=True)
+    return 0
