@@ -11,7 +11,7 @@ refused) retained on `fl/{fleet}/dev/{id}/status`. The error-feedback residual i
 `state_dir` after each round, so a restart does not lose what was not yet transmitted.
 
 Hooks for the simulator (`firmware_sim`): `condition` (eligibility, battery), `before_send`
-(dropouts and latency per stage), `slowdown` (compute speed).
+(dropouts and latency per stage), `slowdown` (compute speed), `tamper` (poisoned updates).
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ class DeviceAgent:
         condition: Callable[[], Condition] | None = None,
         before_send: Callable[[topics.Kind, int], Awaitable[bool]] | None = None,
         slowdown: float = 0.0,
+        tamper: Callable[[np.ndarray], np.ndarray] | None = None,
         executor: concurrent.futures.Executor | None = None,
         train_seed: int | None = None,
         ca_file: str | None = None,
@@ -144,6 +145,7 @@ class DeviceAgent:
         self._condition = condition or Condition
         self._before_send = before_send
         self._slowdown = slowdown
+        self._tamper = tamper  # simulates a faulty or malicious device (robustness tests)
         self._executor = executor
         self._state_dir = state_dir
         self._rng = np.random.default_rng(
@@ -382,6 +384,8 @@ class DeviceAgent:
         before = trainer.evaluate(x, y)  # the global model on local data: federated evaluation
         trainer.train(x, y, epochs=epochs, rng=self._rng)
         update = trainer.update()
+        if self._tamper is not None:
+            update = self._tamper(update).astype(np.float32)
         trainer.set_flat_weights(trainer.initial)  # stay on the release for inference
         correct = round(before.accuracy * before.samples) if math.isfinite(before.accuracy) else 0
         return LocalResult(

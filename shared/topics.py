@@ -36,7 +36,6 @@ class Kind(enum.Enum):
     EVENTS = "events"
     STATUS = "status"  # dev/{id}/status
     HEALTH = "health"  # dev/{id}/health
-    ROSTER = "roster"  # r/{r}/roster
     SURVIVORS = "survivors"  # r/{r}/survivors
     ADVERTISE = "adv"  # r/{r}/adv/{id}
     SHARES = "shares"  # r/{r}/shares/{id}
@@ -48,7 +47,8 @@ class Kind(enum.Enum):
 
 FLEET_WIDE = frozenset({Kind.MODEL, Kind.ROUND, Kind.METRICS, Kind.EVENTS})
 PER_DEVICE = frozenset({Kind.STATUS, Kind.HEALTH})
-PER_ROUND = frozenset({Kind.ROSTER, Kind.SURVIVORS})
+# Rosters are per device (only its neighbours' keys) and travel on its inbox: see docs/topics.md.
+PER_ROUND = frozenset({Kind.SURVIVORS})
 PER_ROUND_DEVICE = frozenset(
     {Kind.ADVERTISE, Kind.SHARES, Kind.INBOX, Kind.MASKED, Kind.UPDATE, Kind.UNMASK}
 )
@@ -126,7 +126,7 @@ def health(fleet: str, device_id: str) -> str:
 
 
 def per_round(fleet: str, round_id: int, kind: Kind) -> str:
-    """Round-wide topics: ROSTER, SURVIVORS."""
+    """Round-wide topics: SURVIVORS (unmask request or abort for the whole cohort)."""
     if kind not in PER_ROUND:
         raise TopicError(f"{kind.value} is not a round-wide topic")
     return f"{PREFIX}/{_fleet(fleet)}/r/{check_round(round_id)}/{kind.value}"
@@ -219,13 +219,12 @@ def aggregator_filters(fleet: str) -> tuple[str, ...]:
 
 
 def device_filters(fleet: str, device_id: str) -> tuple[str, ...]:
-    """What a device subscribes to: model, round, and its round's roster, survivors, inbox."""
+    """What a device subscribes to: model, round, its inbox and the round's survivors."""
     base = f"{PREFIX}/{_fleet(fleet)}"
     check_id(device_id)
     return (
         f"{base}/model",
         f"{base}/round",
-        f"{base}/r/+/roster",
         f"{base}/r/+/survivors",
         f"{base}/r/+/inbox/{device_id}",
     )

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from aggregator.config import AggregatorSettings
 from aggregator.service import AggregatorService, RoundSummary
 from broker import provision as prov
@@ -49,6 +51,8 @@ class Harness:
     agents: dict[str, DeviceAgent] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     hooks: dict[str, Callable[[topics.Kind, int], Awaitable[bool]]] = field(default_factory=dict)
+    tamper: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
+    samples: int = 300
 
     @classmethod
     def create(cls, broker: BrokerProcess, tmp: Path, n: int, fleet: str = "plant-7") -> Harness:
@@ -96,11 +100,12 @@ class Harness:
             participant=participant,
             address=BrokerAddress.parse(self.broker.url),
             password=creds.password,
-            data=device_data(index),
+            data=device_data(index, self.samples),
             protocol="5" if self.broker.kind == "mosquitto" else "3.1.1",
             state_dir=self.state_dir / "devices" / dev,
             labels=CLASSES,
             before_send=hook,
+            tamper=self.tamper.get(dev),
             train_seed=index,
         )
 
