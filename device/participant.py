@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class Participant:
         self._random = random
         self.feedback = feedback
         self.manifest: tm.ModelManifest | None = None
+        self._release_digest = b""
         self._round: _Round | None = None
         self._last_round = -1
         self.refused: list[str] = []  # why releases were refused, newest last
@@ -139,19 +141,28 @@ class Participant:
         except wire.WireError as exc:
             return self._refuse(f"unreadable release ({exc})")
         version = release.manifest.version
-        if version == self.model_version:
-            return []  # the retained release again, after a reconnect
+        digest = hashlib.sha256(payload).digest()
+        if version == self.model_version and digest == self._release_digest:
+            return []  # the very same release again (retained, after a reconnect)
         try:
             model, manifest = tm.verify_release(
-                release, self._aggregator_key, min_version=self.model_version + 1
+                release, self._aggregator_key, min_version=max(1, self.model_version)
             )
         except tm.ModelError as exc:
             return self._refuse(f"release v{version} refused: {exc}")
+        if self.manifest is not None and manifest.version == self.model_version:
+            if manifest.content_hash == self.manifest.content_hash:
+                self._release_digest = digest  # the same model, released again
+                return []
+            return self._refuse(
+                f"release v{version} refused: a different model with the loaded version"
+            )
         if self.manifest is not None and manifest.model_id != self.manifest.model_id:
             return self._refuse(
                 f"release v{version} is model {manifest.model_id!r}, not {self.manifest.model_id!r}"
             )
         self.manifest = manifest
+        self._release_digest = digest
         dim = tm.layout_size(manifest.layout)
         if self.feedback is None or self.feedback.dim != dim:
             self.feedback = sparse.ErrorFeedback(dim)

@@ -144,3 +144,26 @@ class Harness:
 
 def replace(obj: object, **changes: object) -> object:
     return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
+
+@contextlib.asynccontextmanager
+async def fleet(tmp: Path, n: int, *, persistence: bool = False, mode: str = "mosquitto"):  # type: ignore[no-untyped-def]
+    """A provisioned fleet of `n` devices and its own broker; devices are started by the test."""
+    from broker.runner import BrokerSettings
+
+    fleet_dir = tmp / "fleet"
+    devices = prov.device_ids(n)
+    prov.provision(fleet_dir, "plant-7", devices)
+    broker = BrokerProcess(
+        BrokerSettings(
+            port=0, fleet_dir=fleet_dir, state_dir=tmp / "broker", persistence=persistence
+        ),
+        mode,  # type: ignore[arg-type]
+    )
+    broker.start()
+    h = Harness(broker, fleet_dir, "plant-7", devices, tmp / "state")
+    try:
+        yield h
+    finally:
+        await h.stop_all()
+        broker.close()

@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import provision as prov
-from broker.runner import BrokerProcess, BrokerSettings
 from shared import tflite_model as tm
 from shared import topics
 from tests.conftest import require_mosquitto
-from tests.fleet_harness import Harness
+from tests.fleet_harness import Harness, fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -22,18 +20,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 @pytest.fixture
 async def harness20(tmp_path: Path) -> AsyncIterator[Harness]:
     require_mosquitto()
-    fleet_dir = tmp_path / "fleet"
-    prov.provision(fleet_dir, "plant-7", prov.device_ids(20))
-    broker = BrokerProcess(
-        BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=tmp_path / "mq"), "mosquitto"
-    )
-    broker.start()
-    h = Harness(broker, fleet_dir, "plant-7", prov.device_ids(20), tmp_path / "state")
-    try:
+    async with fleet(tmp_path, 20) as h:
         yield h
-    finally:
-        await h.stop_all()
-        broker.close()
 
 
 async def test_three_secure_rounds_with_dropouts(harness20: Harness) -> None:

@@ -74,6 +74,9 @@ def _register_explicit() -> None:
     from tests.sparse_strategies import STRATEGIES as SPARSE
 
     EXPLICIT.update(SPARSE)
+    from tests.model_fixtures import STRATEGIES as MODEL
+
+    EXPLICIT.update(MODEL)
     EXPLICIT.update(SECAGG)
     EXPLICIT["status"] = _status
     EXPLICIT["round.announce"] = _announce
