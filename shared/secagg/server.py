@@ -481,11 +481,12 @@ class SecAggServer:
         """Why `alive` cannot go on: too few of them, or one has < t live neighbours."""
         cfg = self.config
         if len(alive) < cfg.min_survivors:
-            return f"only {len(alive)} {what}; at least {cfg.min_survivors} are required"
+            return f"only {len(alive)} devices {what}; at least {cfg.min_survivors} are required"
         thin = {u for u in alive if len(self._graph.live(u, alive)) < cfg.threshold}
         if thin:
             return (
-                f"{len(thin)} {what} kept fewer than t={cfg.threshold} live neighbours "
+                f"{len(thin)} of the {len(alive)} devices that {what} kept fewer than "
+                f"t={cfg.threshold} live neighbours "
                 f"(of k={cfg.neighbours}): {_names(thin)}"
             )
         return None
@@ -494,7 +495,7 @@ class SecAggServer:
         u1 = frozenset(self._adverts)
         self._mark_dropped(frozenset(self.cohort) - u1, Stage.ADVERTISE)
         self._u1 = u1
-        problem = self._neighbourhood_problem(u1, "devices advertised keys")
+        problem = self._neighbourhood_problem(u1, "advertised keys")
         if problem:
             return self._abort(f"ADVERTISE: {problem}")
         out = []
@@ -508,7 +509,7 @@ class SecAggServer:
         u2 = frozenset(self._sealed)
         self._mark_dropped(self._u1 - u2, Stage.SHARE)
         self._u2 = u2
-        problem = self._neighbourhood_problem(u2, "devices shared their secrets")
+        problem = self._neighbourhood_problem(u2, "shared their secrets")
         if problem:
             return self._abort(f"SHARE: {problem}")
         out = []
@@ -529,7 +530,7 @@ class SecAggServer:
         dropped = self._u2 - u3
         self._mark_dropped(dropped, Stage.COLLECT)
         self._u3 = u3
-        problem = self._neighbourhood_problem(u3, "devices sent masked inputs")
+        problem = self._neighbourhood_problem(u3, "sent masked inputs")
         if problem:
             return self._abort(f"COLLECT: {problem}")
         t = self.config.threshold
