@@ -129,7 +129,10 @@ class StageStats:
     expected: int = 0
     arrived: int = 0
     late: int = 0
-    dropped: int = 0
+    dropped: int = 0  # expected devices that had not answered when the stage closed
+    # UNMASK closes as soon as every secret has t shares; answers still on their way then are
+    # not needed and are not dropouts.
+    not_needed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -137,6 +140,7 @@ class StageStats:
             "arrived": self.arrived,
             "late": self.late,
             "dropped": self.dropped,
+            "not_needed": self.not_needed,
         }
 
 
@@ -473,6 +477,9 @@ class RoundEngine:
             return
         stats = run.stages[stage]
         dropped = [d for d, s in server.dropped.items() if s is stage]
+        early = now < run.deadlines.of(stage)
+        if stage is Stage.UNMASK and early and server.state is ServerState.DONE:
+            stats.not_needed, dropped = len(dropped), []
         stats.dropped = len(dropped)
         following = {
             Stage.ADVERTISE: (Stage.SHARE, server.advertised),
@@ -515,8 +522,10 @@ class RoundEngine:
         except SecAggError as exc:
             return self._finish(run, RoundState.ABORTED, str(exc), now)
         full = self._expand(run, mean)
-        dropped = server.dropped
-        recovered = sum(1 for s in dropped.values() if s in (Stage.COLLECT, Stage.UNMASK))
+        # Sharers that sent no masked input (their pairwise masks were removed with their
+        # neighbours' key shares) and survivors that did not help unmask (their self-masks
+        # were rebuilt without them): dropouts the protocol recovered from.
+        recovered = run.stages[Stage.COLLECT].dropped + run.stages[Stage.UNMASK].dropped
         return self._finish(
             run,
             RoundState.CLOSED,

@@ -146,6 +146,7 @@ class Link:
         self._closing = False
         self.connects = 0
         self.version: Literal["5", "3.1.1"] | None = None
+        self._resume_at = 0.0  # loop time before which run() does not reconnect (see drop())
 
     # --------------------------------------------------------------------------------- public
 
@@ -203,6 +204,9 @@ class Link:
         """Connect, subscribe, deliver messages; reconnect on loss until `close()`."""
         attempt = 0
         while not self._closing:
+            pause = self._resume_at - asyncio.get_running_loop().time()
+            if pause > 0:
+                await asyncio.sleep(pause)
             try:
                 await self._session()
                 attempt = 0
@@ -225,6 +229,19 @@ class Link:
             finally:
                 self.connected.clear()
                 self._client = None
+
+    def drop(self, offline_seconds: float) -> None:
+        """Lose the connection abruptly, as a failing radio would (the broker then publishes
+        the last will), and stay away `offline_seconds` before reconnecting."""
+        loop = asyncio.get_running_loop()
+        self._resume_at = loop.time() + offline_seconds
+        client = self._client
+        if client is None:
+            return
+        sock = client._client.socket()  # paho's socket: closing it skips the DISCONNECT packet
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     async def close(self) -> None:
         """Stop reconnecting and disconnect cleanly (the broker then does NOT send the will)."""

@@ -64,9 +64,14 @@ async def test_three_secure_rounds_with_dropouts(harness20: Harness) -> None:
         if e["event"] == "stage_closed" and e["round"] == 2
     }
     assert closed["advertise"] == {silent}
-    # UNMASK closes as soon as every secret has t shares, so slow responders may count too.
-    assert leavers <= closed["unmask"]
-    assert r2.metrics["dropouts_recovered"] >= 2
+    # UNMASK closes as soon as every secret has t shares; the leavers are then "not needed"
+    # (their self-masks were rebuilt from neighbours' shares in any case).
+    unmask = r2.metrics["stages"]["unmask"]
+    if unmask["dropped"]:  # closed at its deadline
+        assert leavers <= closed["unmask"]
+    else:
+        assert unmask["not_needed"] >= 2
+    assert r2.metrics["stages"]["unmask"]["arrived"] <= 17
 
     # The applied update equals the survivors' weighted mean within the quantization bound.
     from aggregator.store import Store

@@ -1,0 +1,368 @@
+"""`fleetlearn sim` (a simulated fleet against any broker) and `fleetlearn demo` (everything)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser(
+        "sim",
+        help="simulate N devices of a provisioned fleet against a broker",
+        description=(
+            "Run N simulated devices (each its own MQTT connection and credentials) over P "
+            "processes, with heterogeneity and failures from a scenario file. Shows live "
+            "progress and a row per finished round (read from the metrics topic as the "
+            "dashboard user). Stops on Ctrl-C, after --rounds rounds, or after --duration s."
+        ),
+    )
+    s.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    s.add_argument("--fleet", default="plant-7", help="fleet id (default plant-7)")
+    s.add_argument(
+        "--fleet-dir", type=Path, default=Path("fleet"), help="provisioned fleet directory"
+    )
+    s.add_argument("--devices", type=_positive, required=True, help="how many devices to simulate")
+    s.add_argument("--procs", type=_positive, default=1, help="worker processes (default 1)")
+    s.add_argument("--scenario", type=Path, help="scenario TOML (see docs/simulation.md)")
+    s.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")
+    s.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds")
+    s.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+    s.add_argument("--state-dir", type=Path, help="per-device residuals survive restarts here")
+    s.set_defaults(handler=run_sim)
+
+    d = sub.add_parser(
+        "demo",
+        help="broker + aggregator + 200 simulated devices, 10 secure rounds, a report",
+        description=(
+            "Start a broker (mosquitto if installed, else the embedded one), provision a "
+            "fleet, load the default model, run the aggregator and simulated devices for "
+            "secure rounds, print the per-round table, write report.json and report.png, "
+            "stop everything it started and exit."
+        ),
+    )
+    d.add_argument("--devices", type=_positive, default=200)
+    d.add_argument("--rounds", type=_positive, default=10)
+    d.add_argument("--cohort", type=_positive, default=50, help="devices per round (default 50)")
+    d.add_argument("--procs", type=_positive, default=2)
+    d.add_argument("--mode", choices=["secure", "plain"], default="secure")
+    d.add_argument("--out", type=Path, default=Path("demo-report"), help="report directory")
+    d.add_argument("--scenario", type=Path, help="scenario TOML (default: 10%% drop after masking)")
+    which = d.add_mutually_exclusive_group()
+    which.add_argument("--embedded", action="store_true", help="use the embedded broker")
+    which.add_argument("--mosquitto", action="store_true", help="require mosquitto")
+    d.add_argument("--build", action="store_true", help="build the model with TensorFlow first")
+    d.set_defaults(handler=run_demo)
+
+
+# --------------------------------------------------------------------------------------- sim
+
+
+def _scenario(path: Path | None, default: str = "") -> Any:
+    from firmware_sim.scenario import Scenario
+
+    if path is not None:
+        return Scenario.load(path)
+    return Scenario.parse(default) if default else Scenario()
+
+
+async def _watch_metrics(
+    url: str, fleet: str, password: str, rows: list[dict[str, Any]], seen: asyncio.Event
+) -> None:
+    """Read round summaries as the dashboard user; append each new one to `rows`."""
+    from broker.provision import DASHBOARD_USER
+    from device.mqtt import BrokerAddress, Incoming, Link
+    from shared import topics
+
+    def on_message(msg: Incoming) -> None:
+        if msg.retain:
+            return  # a summary from before this run
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(data, dict) and "round" in data:
+            rows.append(data)
+            seen.set()
+
+    link = Link(
+        BrokerAddress.parse(url),
+        client_id=f"fleetlearn-sim-watch-{int(time.time())}",
+        username=DASHBOARD_USER,
+        password=password,
+        subscriptions=(topics.metrics(fleet),),
+        persistent=False,
+        on_message=on_message,
+    )
+    try:
+        await link.run()
+    finally:
+        await link.close()
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from broker import provision as prov
+    from firmware_sim.fleet import SimSpec, Simulator
+    from firmware_sim.report import round_table
+
+    registry = prov.load_registry(args.fleet_dir)
+    if registry.fleet != args.fleet:
+        raise ConfigError(
+            "--fleet", f"{args.fleet!r} but {args.fleet_dir} holds {registry.fleet!r}"
+        )
+    devices = sorted(registry.device_keys)
+    if len(devices) < args.devices:
+        raise ConfigError(
+            "--devices",
+            f"{args.devices} requested but {args.fleet_dir} has {len(devices)}; "
+            f"run `fleetlearn provision --devices {args.devices}`",
+        )
+    spec = SimSpec(
+        broker=args.broker,
+        fleet=args.fleet,
+        fleet_dir=str(args.fleet_dir),
+        devices=tuple(devices[: args.devices]),
+        scenario=_scenario(args.scenario),
+        protocol=args.protocol,
+        state_dir=str(args.state_dir) if args.state_dir else None,
+    )
+    console = Console()
+    rows: list[dict[str, Any]] = []
+    sim = Simulator(spec, args.procs)
+    started = time.monotonic()
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        seen = asyncio.Event()
+        watcher = asyncio.create_task(
+            _watch_metrics(
+                args.broker, args.fleet, prov.dashboard_password(args.fleet_dir), rows, seen
+            )
+        )
+        sim.start()
+        printed = 0
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
+            while not stop.is_set():
+                total = await asyncio.to_thread(sim.poll)
+                live.update(_status_line(total, len(rows), time.monotonic() - started))
+                while printed < len(rows):
+                    console.print(
+                        round_table([rows[printed]], title=None)
+                        if printed == 0
+                        else _row_line(rows[printed])
+                    )
+                    printed += 1
+                if args.rounds and len(rows) >= args.rounds:
+                    break
+                if args.duration and time.monotonic() - started >= args.duration:
+                    break
+                if total["alive"] == 0 and sim.stats:
+                    break
+                await asyncio.sleep(0.5)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
+        return 0
+
+    try:
+        code = asyncio.run(main())
+    finally:
+        total = sim.stop()
+    console.print(
+        f"stopped {spec.devices.__len__()} devices after {time.monotonic() - started:.0f} s: "
+        f"{total.get('rounds_trained', 0)} local trainings, models {total.get('models', {})}"
+    )
+    if rows:
+        console.print(round_table(rows, title=f"{len(rows)} rounds seen"))
+    return code
+
+
+def _status_line(total: dict[str, Any], rounds: int, elapsed: float) -> str:
+    models = ", ".join(f"v{v}: {n}" for v, n in total.get("models", {}).items()) or "none yet"
+    return (
+        f"[bold]{total.get('connected', 0)}/{total.get('devices', 0)}[/] connected · "
+        f"models {models} · {total.get('rounds_trained', 0)} trainings · "
+        f"{rounds} rounds · {elapsed:.0f} s"
+    )
+
+
+def _row_line(metrics: dict[str, Any]) -> str:
+    from firmware_sim.report import COLUMNS, cell
+
+    return "  ".join(f"{header}={cell(metrics, key)}" for key, header in COLUMNS)
+
+
+# -------------------------------------------------------------------------------------- demo
+
+DEMO_SCENARIO = """
+[fleet]
+seed = 7
+samples = 300
+
+[dropout]
+unmask = 0.1        # one device in ten vanishes after sending its masked update
+"""
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from aggregator.config import AggregatorSettings
+    from aggregator.service import AggregatorService, RoundSummary
+    from broker import provision as prov
+    from broker.runner import BrokerSettings, choose_mode, free_port, start_broker
+    from firmware_sim.fleet import SimSpec, Simulator
+    from firmware_sim.report import round_table, write_plot, write_report
+    from shared import settings
+
+    console = Console()
+    started = time.monotonic()
+    mode = choose_mode("embedded" if args.embedded else "mosquitto" if args.mosquitto else "auto")
+    scenario = _scenario(args.scenario, DEMO_SCENARIO)
+    if args.cohort < 3 or args.cohort > args.devices:
+        raise ConfigError("--cohort", f"must be in 3..{args.devices} (the number of devices)")
+    work = Path(tempfile.mkdtemp(prefix="fleetlearn-demo-"))
+    fleet_dir, state_dir = work / "fleet", work / "state"
+    devices = prov.device_ids(args.devices)
+    prov.provision(fleet_dir, "demo", devices)
+    console.print(f"provisioned fleet [bold]demo[/] with {len(devices)} devices in {fleet_dir}")
+
+    model_path = ""
+    if args.build:
+        from aggregator import model_build
+
+        model_path = str(work / "model.tflite")
+        model_build.build_to_file(model_build.load_spec(None), Path(model_path))
+        console.print(f"built the default model with TensorFlow: {model_path}")
+    else:
+        console.print("using the packaged default model (pdm-default, 1,140 parameters)")
+
+    broker = start_broker(
+        BrokerSettings(port=free_port(), fleet_dir=fleet_dir, state_dir=work / "broker"), mode
+    )
+    if mode == "embedded" and not args.embedded:
+        console.print(
+            "[yellow]mosquitto not found: using the embedded amqtt broker (MQTT 3.1.1)[/]"
+        )
+    console.print(f"{broker.kind} broker on {broker.url}")
+    spec = SimSpec(
+        broker=broker.url,
+        fleet="demo",
+        fleet_dir=str(fleet_dir),
+        devices=tuple(devices),
+        scenario=scenario,
+        protocol="3.1.1" if broker.kind == "embedded" else "auto",
+    )
+    sim = Simulator(spec, args.procs)
+    rows: list[dict[str, Any]] = []
+    try:
+        sim.start()
+        total = sim.wait_connected(len(devices), timeout=180)
+        console.print(
+            f"{total['connected']} simulated devices connected over {sim.procs} processes"
+        )
+        sets = {
+            "broker.url": broker.url,
+            "broker.protocol": "3.1.1" if broker.kind == "embedded" else "auto",
+            "fleet.id": "demo",
+            "fleet.dir": str(fleet_dir),
+            "state.dir": str(state_dir),
+            "model.initial": model_path,
+            "rounds.count": str(args.rounds),
+            "rounds.mode": args.mode,
+            "rounds.cohort": str(args.cohort),
+            "rounds.wait_for_devices": "60",
+            "rounds.settle": "1.5",
+            "stages.advertise": "8",
+            "stages.share": "16",
+            "stages.collect": "40",
+            "stages.unmask": "50",
+            "training.epochs": "2",
+            "training.max_samples": "256",
+            "compression.sparsity": "rand_k" if args.mode == "secure" else "top_k",
+            "compression.density": "0.1",
+        }
+        loaded = settings.load(AggregatorSettings, sets=sets)
+
+        def on_round(summary: RoundSummary) -> None:
+            rows.append(summary.metrics)
+            m = summary.metrics
+            acc = m.get("accuracy")
+            console.print(
+                f"round {summary.round_id:>2}: {summary.state:<7} {m.get('survivors', 0):>3}/"
+                f"{m.get('cohort', 0)} devices in the sum, "
+                f"{m.get('dropouts_recovered', 0)} dropouts recovered, "
+                f"{m.get('uplink_bytes_per_device', 0):,} B up/device, accuracy "
+                + (f"{acc:.3f}" if isinstance(acc, float) else "-")
+            )
+
+        service = AggregatorService(
+            loaded,
+            prov.load_aggregator(fleet_dir),
+            prov.load_registry(fleet_dir),
+            on_round=on_round,
+        )
+        asyncio.run(service.run())
+    finally:
+        sim_total = sim.stop()
+        broker.close()
+    elapsed = time.monotonic() - started
+    console.print(
+        round_table(rows, title=f"{args.mode} rounds, {args.devices} devices, {broker.kind} broker")
+    )
+    report = {
+        "fleet": "demo",
+        "devices": args.devices,
+        "cohort": args.cohort,
+        "mode": args.mode,
+        "broker": broker.kind,
+        "processes": sim.procs,
+        "scenario": {
+            "dropout": scenario.dropout,
+            "samples": scenario.samples,
+            "seed": scenario.seed,
+        },
+        "rounds": rows,
+        "simulator": sim_total,
+        "seconds": round(elapsed, 1),
+        "command": " ".join(["fleetlearn", *sys.argv[1:]]) if sys.argv else "fleetlearn demo",
+    }
+    write_report(args.out / "report.json", report)
+    write_plot(
+        args.out / "report.png",
+        rows,
+        f"fleetlearn demo: {args.devices} devices, {args.mode}, {broker.kind}",
+    )
+    closed = sum(1 for m in rows if m.get("state") == "closed")
+    console.print(
+        f"{closed}/{len(rows)} rounds closed in {elapsed:.0f} s; wrote {args.out / 'report.json'} "
+        f"and {args.out / 'report.png'}"
+    )
+    return 0 if closed == len(rows) == args.rounds else 1

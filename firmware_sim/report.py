@@ -1,0 +1,86 @@
+"""Round tables and the demo's report (JSON + PNG), from the aggregator's round summaries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+COLUMNS = (
+    ("round", "round"),
+    ("state", "state"),
+    ("cohort", "cohort"),
+    ("survivors", "in sum"),
+    ("stragglers", "stragglers"),
+    ("dropouts_recovered", "recovered"),
+    ("uplink_bytes_per_device", "uplink B/dev"),
+    ("accuracy", "accuracy"),
+    ("duration_s", "seconds"),
+)
+
+
+def cell(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    if key == "accuracy":
+        return f"{value:.3f}"
+    if key == "duration_s":
+        return f"{value:.1f}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def round_table(rows: Sequence[dict[str, Any]], title: str | None = "rounds") -> Table:
+    table = Table(title=title)
+    for _, header in COLUMNS:
+        table.add_column(header, justify="right")
+    for metrics in rows:
+        table.add_row(*(cell(metrics, key) for key, _ in COLUMNS))
+    return table
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )
+
+
+def write_plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> None:
+    """Accuracy and uplink bytes per device, per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in rows]
+    accuracy = [
+        float(m["accuracy"]) if m.get("accuracy") is not None else float("nan") for m in rows
+    ]
+    uplink = [m.get("uplink_bytes_per_device") or 0 for m in rows]
+    fig, ax1 = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax1.plot(
+        rounds, accuracy, marker="o", color="tab:blue", label="accuracy (global model, local data)"
+    )
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("accuracy", color="tab:blue")
+    ax1.set_ylim(0, 1)
+    ax1.grid(alpha=0.3)
+    ax2 = ax1.twinx()
+    ax2.bar(rounds, uplink, alpha=0.25, color="tab:orange", label="uplink bytes per device")
+    ax2.set_ylabel("uplink bytes per device", color="tab:orange")
+    ax1.set_zorder(ax2.get_zorder() + 1)
+    ax1.patch.set_visible(False)
+    lines = ax1.get_legend_handles_labels()
+    bars = ax2.get_legend_handles_labels()
+    ax1.legend(lines[0] + bars[0], lines[1] + bars[1], loc="lower right")
+    ax1.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
