@@ -88,6 +88,7 @@ class StagesSection:
 class TrainingSection:
     epochs: int = 1
     max_samples: int = 512
+    error_feedback: bool = True  # off: set server.lr = 1 / compression.density for rand-k
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,9 @@ class AggregatorSettings:
             raise ConfigError("stages." + (exc.field or "").split(".")[-1], str(exc)) from None
         try:
             training = rounds.TrainingPlan(
-                epochs=self.training.epochs, max_samples=self.training.max_samples
+                epochs=self.training.epochs,
+                max_samples=self.training.max_samples,
+                error_feedback=self.training.error_feedback,
             )
         except wire.WireError as exc:
             raise ConfigError("training." + (exc.field or "").split(".")[-1], str(exc)) from None

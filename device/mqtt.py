@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -238,10 +239,12 @@ class Link:
         client = self._client
         if client is None:
             return
-        sock = client._client.socket()  # paho's socket: closing it skips the DISCONNECT packet
+        sock = client._client.socket()  # paho's socket
         if sock is not None:
+            # A FIN without a DISCONNECT packet: the broker sees the connection lost (and
+            # publishes the will); paho notices on its next read and closes it itself.
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def close(self) -> None:
         """Stop reconnecting and disconnect cleanly (the broker then does NOT send the will)."""

@@ -269,11 +269,17 @@ class Participant:
         samples = min(result.samples, ann.training.max_samples)
         weight = float(min(result.weight, ann.training.max_samples))
         loss = result.loss if math.isfinite(result.loss) else 0.0
+        use_feedback = ann.training.error_feedback
         if run.client is None:
-            compressed = self.feedback.compress(
-                result.update, ann.compression, rng=self._rng(), seed=ann.seed
-            )
-            run.sent = compressed.sent
+            if use_feedback:
+                compressed = self.feedback.compress(
+                    result.update, ann.compression, rng=self._rng(), seed=ann.seed
+                )
+            else:
+                compressed = sparse.compress(
+                    result.update, ann.compression, rng=self._rng(), seed=ann.seed
+                )
+            run.sent = compressed.sent if use_feedback else None
             message = PlainUpdate(
                 round_id=round_id,
                 sender=self.device_id,
@@ -293,7 +299,11 @@ class Participant:
         cfg = ann.secagg
         assert cfg is not None
         dim = self.feedback.dim
-        acc = self.feedback.accumulate(result.update)
+        acc = (
+            self.feedback.accumulate(result.update)
+            if use_feedback
+            else np.asarray(result.update, dtype=np.float64)
+        )
         idx = (
             sparse.shared_coordinates(ann.seed, dim, cfg.dimension)
             if ann.compression.mode is sparse.SparseMode.RAND_K
@@ -304,8 +314,9 @@ class Participant:
         # values (their stochastic rounding is zero-mean and is not fed back).
         scale = weight / cfg.max_weight
         sent_values = np.clip(vector * scale, -cfg.clip, cfg.clip) / scale
-        run.sent = sparse.scatter(idx, sent_values, dim)
-        self.feedback.commit(run.sent)
+        if use_feedback:
+            run.sent = sparse.scatter(idx, sent_values, dim)
+            self.feedback.commit(run.sent)
         self.inputs[round_id] = (idx, vector.astype(np.float64), weight)
         for old in sorted(self.inputs)[:-4]:
             del self.inputs[old]

@@ -71,6 +71,9 @@ class TrainingPlan(wire.Record):
 
     epochs: int = 1
     max_samples: int = 2048  # a device trains on at most this many recent examples
+    # Carry what compression did not send into the next round. Off, rand-k is unbiased only
+    # with a server learning rate of 1/density (see docs/compression.md, partial participation).
+    error_feedback: bool = True
 
     def __post_init__(self) -> None:
         wire.require(1 <= self.epochs <= 100, "TrainingPlan.epochs", "must be in 1..100")

@@ -139,7 +139,9 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
         seed=draw(st.binary(min_size=32, max_size=32)),
         compression=compression,
         training=rounds.TrainingPlan(
-            epochs=draw(st.integers(1, 100)), max_samples=draw(st.integers(1, 10**6))
+            epochs=draw(st.integers(1, 100)),
+            max_samples=draw(st.integers(1, 10**6)),
+            error_feedback=draw(st.booleans()),
         ),
         times=rounds.StageTimes(advertise=t[0], share=t[1], collect=t[2], unmask=t[3]),
         secagg=secagg,
