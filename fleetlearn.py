@@ -18,7 +18,12 @@ import sys
 from collections.abc import Sequence
 
 # (module, what it adds). Order is the order shown in --help.
-COMMAND_MODULES: tuple[str, ...] = ("broker.cli", "aggregator.cli", "device.cli", "firmware_sim.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "broker.cli",
+    "aggregator.cli",
+    "device.cli",
+    "firmware_sim.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

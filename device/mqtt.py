@@ -240,7 +240,7 @@ class Link:
         if client is None:
             return
         sock = client._client.socket()  # paho's socket
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             # A FIN without a DISCONNECT packet: the broker sees the connection lost (and
             # publishes the will); paho notices on its next read and closes it itself.
             with contextlib.suppress(OSError):

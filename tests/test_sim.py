@@ -92,7 +92,7 @@ def _scenario_with_drops(stage: str, n: int) -> tuple[str, list[int]]:
 @pytest.mark.parametrize("stage", ["advertise", "share", "collect", "unmask"])
 async def test_dropout_per_stage(tmp_path: Path, stage: str) -> None:
     text, drops = _scenario_with_drops(stage, 12)
-    summaries, totals, service = await run(tmp_path, 12, text)
+    summaries, totals, _ = await run(tmp_path, 12, text)
     m = summaries[0].metrics
     assert totals["dropped_by_scenario"] == len(drops)
     assert m["state"] == "closed", m["reason"]
