@@ -182,10 +182,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fleetlearn-round-bench-"))
     models = build_models(work, dims)
     print(
-        f"command: python bench/round_bench.py --sizes {args.sizes} --dims {args.dims} --modes {args.modes}"
+        "command: python bench/round_bench.py "
+        f"--sizes {args.sizes} --dims {args.dims} --modes {args.modes}"
     )
     print(
-        "| N | d | mode | round s | aggregator CPU s | aggregator peak RSS MB | simulator worker peak RSS MB | uplink B/device | downlink B/device |"
+        "| N | d | mode | round s | aggregator CPU s | aggregator peak RSS MB "
+        "| simulator worker peak RSS MB | uplink B/device | downlink B/device |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
