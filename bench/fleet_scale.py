@@ -31,7 +31,7 @@ from shared import wire  # noqa: E402
 
 
 async def wait_online(
-    url_host: str, port: int, fleet_dir: Path, count: int, timeout: float
+    url_host: str, port: int, fleet_dir: Path, count: int, limit: float
 ) -> float:
     agg = prov.load_aggregator(fleet_dir)
     online: set[str] = set()
