@@ -47,6 +47,7 @@ from shared.errors import ConfigError, FleetlearnError
 from shared.rounds import RoundState
 
 log = logging.getLogger("fleetlearn.aggregator")
+INTAKE_BATCH = 256
 T = TypeVar("T")
 
 
@@ -220,22 +221,30 @@ class AggregatorService:
         await self._flush_events()
 
     async def _intake(self) -> None:
+        """Feed arrivals to the engine in order, in batches: one worker-thread hop per batch
+        rather than per message keeps the aggregator's CPU per round down at 1000 devices."""
         while True:
-            msg = await self._queue.get()
+            batch = [await self._queue.get()]
+            while len(batch) < INTAKE_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            pubs = await self._engine_call(self._receive_batch, batch, time.monotonic())
+            await self._publish(pubs)
+            if self.engine.outcome is not None:
+                self._outcome.set()
+
+    def _receive_batch(self, batch: list[Incoming], now: float) -> list[Publish]:
+        """Runs on the engine's worker thread."""
+        out: list[Publish] = []
+        for msg in batch:
             try:
                 topic = topics.parse(msg.topic)
             except topics.TopicError:
                 continue
-            now = time.monotonic()
             if topic.kind is topics.Kind.STATUS and topic.device_id is not None:
-                await self._engine_call(
-                    self.engine.observe_status, topic.device_id, msg.payload, now
-                )
-                continue
-            pubs = await self._engine_call(self.engine.receive, topic, msg.payload, now)
-            await self._publish(pubs)
-            if self.engine.outcome is not None:
-                self._outcome.set()
+                self.engine.observe_status(topic.device_id, msg.payload, now)
+            else:
+                out += self.engine.receive(topic, msg.payload, now)
+        return out
 
     async def _deadlines(self) -> None:
         while True:

@@ -30,9 +30,7 @@ from broker.runner import BrokerProcess, BrokerSettings  # noqa: E402
 from shared import wire  # noqa: E402
 
 
-async def wait_online(
-    url_host: str, port: int, fleet_dir: Path, count: int, limit: float
-) -> float:
+async def wait_online(url_host: str, port: int, fleet_dir: Path, count: int, limit: float) -> float:
     agg = prov.load_aggregator(fleet_dir)
     online: set[str] = set()
     started = time.monotonic()

@@ -148,6 +148,7 @@ class Link:
         self.connects = 0
         self.version: Literal["5", "3.1.1"] | None = None
         self._resume_at = 0.0  # loop time before which run() does not reconnect (see drop())
+        self._properties: dict[tuple[int | None, str], Properties] = {}
 
     # --------------------------------------------------------------------------------- public
 
@@ -259,11 +260,16 @@ class Link:
     def _publish_properties(self, expiry: int | None, content_type: str) -> Properties | None:
         if not self.mqtt5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = content_type
-        props.UserProperty = [("fl-schema", "1")]
-        if expiry is not None:
-            props.MessageExpiryInterval = int(expiry)
+        # paho's Properties are slow to build; a fleet publishes a handful of distinct sets.
+        key = (expiry, content_type)
+        props = self._properties.get(key)
+        if props is None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = content_type
+            props.UserProperty = [("fl-schema", "1")]
+            if expiry is not None:
+                props.MessageExpiryInterval = int(expiry)
+            self._properties[key] = props
         return props
 
     def _make_client(self, version: Literal["5", "3.1.1"]) -> aiomqtt.Client:
