@@ -318,7 +318,14 @@ class AggregatorService:
                 latest.version,
             )
             await self._publish(pubs)
-            await self._outcome.wait()
+            # The event can also be set by a late message processed while the previous
+            # round's outcome was still the engine's latest: wait for *this* round's.
+            while not self._stop.is_set():
+                await self._outcome.wait()
+                self._outcome.clear()
+                current = self.engine.outcome
+                if current is not None and current.round_id == round_id:
+                    break
             outcome = self.engine.outcome
             if outcome is None or outcome.round_id != round_id:  # stopping
                 pubs = await self._engine_call(
