@@ -198,6 +198,7 @@ class RoundEngine:
         self.outcome: RoundOutcome | None = None
         self.rejected_total: Counter[str] = Counter()
         self.late_total = 0
+        self.late_after_close: Counter[int] = Counter()
         self.events: list[dict[str, Any]] = []  # drained by the adapter onto fl/{fleet}/events
 
     # ------------------------------------------------------------------------- device status
@@ -743,10 +744,9 @@ class RoundEngine:
         if run_stats is not None:
             run_stats.late += 1
         self.late_total += 1
-        finished = self._finished.get(round_id)
-        if finished is not None and run_stats is None:
-            # After the round's summary went out; it shows on the events topic only.
-            finished.metrics["late_after_close"] = finished.metrics.get("late_after_close", 0) + 1
+        if run_stats is None and round_id in self._finished:
+            # The round's summary may be out already; this shows on the events topic.
+            self.late_after_close[round_id] += 1
         self._event("late", round_id, device=device, topic=kind.value if kind else None)
 
     def _event(self, kind: str, round_id: int | None, **data: Any) -> None:
