@@ -151,7 +151,7 @@ def run_sim(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         state_dir=str(args.state_dir) if args.state_dir else None,
     )
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 110)
     rows: list[dict[str, Any]] = []
     sim = Simulator(spec, args.procs)
     started = time.monotonic()
