@@ -1,0 +1,185 @@
+"""Aggregator building blocks: aggregation rules, server optimizers, settings, the store."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator import rules
+from aggregator.cli import load_settings
+from aggregator.config import AggregatorSettings
+from aggregator.store import Store, StoreError
+from fleetlearn import build_parser
+from shared import settings
+from shared.errors import ConfigError
+
+# ------------------------------------------------------------------------------------ rules
+
+
+def test_weighted_mean() -> None:
+    got = rules.aggregate([np.array([1.0, 0.0]), np.array([3.0, 4.0])], [1.0, 3.0])
+    assert np.allclose(got, [2.5, 3.0])
+
+
+def test_median_and_trimmed_mean_ignore_outliers() -> None:
+    honest = [np.full(4, v) for v in (0.9, 1.0, 1.1, 1.0, 0.95)]
+    poisoned = [*honest, np.full(4, 1e6), np.full(4, -1e6)]
+    w = [1.0] * len(poisoned)
+    assert np.allclose(rules.aggregate(poisoned, w, rule="median"), 1.0)
+    assert np.allclose(rules.aggregate(poisoned, w, rule="trimmed", trim=0.2), 0.99, atol=0.02)
+    skewed = [*honest, np.full(4, 1e6)]
+    assert rules.aggregate(skewed, [1.0] * 6, rule="mean")[0] > 1e5
+
+
+def test_norm_clipping_bounds_each_update() -> None:
+    big = np.full(4, 100.0)
+    clipped = rules.clip_to_norm(big, 2.0)
+    assert np.isclose(np.linalg.norm(clipped), 2.0)
+    assert np.allclose(rules.clip_to_norm(np.array([0.1, 0.1]), 2.0), [0.1, 0.1])
+    got = rules.aggregate([big, np.zeros(4)], [1.0, 1.0], clip_norm=2.0)
+    assert np.isclose(np.linalg.norm(got), 1.0)
+
+
+def test_rules_refuse_bad_input() -> None:
+    with pytest.raises(ValueError, match="no updates"):
+        rules.aggregate([], [])
+    with pytest.raises(ValueError, match="positive sum"):
+        rules.aggregate([np.ones(2)], [0.0])
+    with pytest.raises(ValueError, match="trim"):
+        rules.aggregate([np.ones(2)], [1.0], rule="trimmed", trim=0.6)
+
+
+def test_fedavg_fedavgm_fedadam_steps() -> None:
+    w = np.zeros(3, dtype=np.float32)
+    update = np.array([1.0, -2.0, 0.5])
+    avg = rules.ServerOptimizer(rules.OptimizerConfig(name="fedavg", lr=0.5))
+    assert np.allclose(avg.step(w, update), [0.5, -1.0, 0.25])
+    mom = rules.ServerOptimizer(rules.OptimizerConfig(name="fedavgm", lr=1.0, momentum=0.5))
+    first = mom.step(w, update)
+    second = mom.step(first, update)
+    assert np.allclose(second - first, 1.5 * update)  # m = 0.5 * m + u
+    adam = rules.ServerOptimizer(rules.OptimizerConfig(name="fedadam", lr=0.1))
+    stepped = adam.step(w, update)
+    assert np.all(np.sign(stepped) == np.sign(update))
+    assert np.all(np.abs(stepped) <= 0.1 / (1 - 0.99) ** 0.5 + 1e-6)
+    assert set(adam.state) == {"m", "v"}
+    with pytest.raises(ValueError, match="NaN"):
+        avg.step(w, np.array([np.nan, 0, 0]))
+    with pytest.raises(ConfigError, match="server.lr"):
+        rules.OptimizerConfig(lr=0)
+
+
+# --------------------------------------------------------------------------------- settings
+
+
+def test_settings_layers_and_errors(tmp_path: Path) -> None:
+    toml = '[rounds]\ncohort = 30\nmode = "plain"\n[broker]\nurl = "mqtt://a:1"\n'
+    env = {"FLEETLEARN_ROUNDS_COHORT": "40", "FLEETLEARN_SERVER_LR": "0.5", "UNRELATED": "x"}
+    s = settings.load(AggregatorSettings, toml_text=toml, env=env, sets={"rounds.cohort": "50"})
+    assert s.rounds.cohort == 50  # --set beats env beats file
+    assert s.rounds.mode == "plain"
+    assert s.server.lr == 0.5
+    assert s.broker.url == "mqtt://a:1"
+    again = settings.load(AggregatorSettings, toml_text=settings.to_toml(s))
+    assert again == s
+    cases = {
+        ("[rounds]\ncohort = 'x'\n", None): "rounds.cohort",
+        ("[rounds]\nmode = 'turbo'\n", None): "rounds.mode",
+        ("[nope]\n", None): "nope",
+        ("[rounds]\nnope = 1\n", None): "rounds.nope",
+        ("rounds = 3\n", None): "rounds",
+        ("[fleet]\nid = 'a/b'\n", None): "fleet.id",
+        ("[rounds]\nbattery_floor = 2.0\n", None): "rounds.battery_floor",
+        ("[", None): "config",
+    }
+    for (text, _), key in cases.items():
+        with pytest.raises(ConfigError) as info:
+            settings.load(AggregatorSettings, toml_text=text)
+        assert info.value.key == key, (text, info.value)
+    with pytest.raises(ConfigError) as info:
+        settings.load(AggregatorSettings, env={"FLEETLEARN_TRAINING_EPOCHS": "many"})
+    assert info.value.key == "training.epochs"
+
+
+def test_cross_field_rules_name_the_key() -> None:
+    for sets, key in [
+        ({"compression.sparsity": "top_k"}, "compression.sparsity"),
+        ({"rounds.mode": "secure", "aggregation.rule": "median"}, "aggregation.rule"),
+        ({"stages.share": "1", "stages.advertise": "5"}, "stages.share"),
+        ({"compression.density": "0"}, "compression.density"),
+        ({"rounds.min_cohort": "2"}, "rounds.min_cohort"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            settings.load(AggregatorSettings, sets=sets).engine_config()
+        assert info.value.key == key, (sets, info.value)
+
+
+def test_aggregator_cli_flags_override(tmp_path: Path) -> None:
+    conf = tmp_path / "agg.toml"
+    conf.write_text("[rounds]\ncohort = 7\n")
+    args = build_parser().parse_args(
+        ["aggregator", "--config", str(conf), "--mode", "plain", "--set", "aggregation.rule=median"]
+    )
+    s = load_settings(args, {"FLEETLEARN_ROUNDS_COUNT": "3"})
+    assert (s.rounds.cohort, s.rounds.mode, s.rounds.count, s.aggregation.rule) == (
+        7,
+        "plain",
+        3,
+        "median",
+    )
+    bad = build_parser().parse_args(["aggregator", "--set", "rounds.cohort"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_settings(bad, {})
+
+
+# ------------------------------------------------------------------------------------ store
+
+
+def test_store_versions_rounds_and_state(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.latest_release() is None
+    store.save_release(1, None, "aa", b"release-1", b"model-1", 1.0)
+    with pytest.raises(StoreError, match="does not follow"):
+        store.save_release(3, 1, "cc", b"r3", b"m3", 2.0)
+    store.begin_round(1, "secure", 1, ["d1", "d2"], 2.0, announce=b"ann")
+    assert store.interrupted_rounds() == [1]
+    store.save_release(2, 1, "bb", b"release-2", b"model-2", 3.0)
+    store.finish_round(1, status="done", metrics={"accuracy": 0.5}, new_version=2, now=4.0)
+    with pytest.raises(StoreError, match="not running"):
+        store.finish_round(1, status="done", now=5.0)
+    store.save_arrays("optimizer", {"m": np.arange(3.0)})
+    store.close()
+
+    reopened = Store(tmp_path)
+    latest = reopened.latest_release()
+    assert latest is not None
+    assert (latest.version, latest.payload) == (2, b"release-2")
+    assert reopened.model_bytes(2) == b"model-2"
+    assert reopened.next_round_id() == 2
+    assert reopened.announce_of(1) == b"ann"
+    (row,) = reopened.rounds()
+    assert (row.status, row.new_version, row.metrics["accuracy"]) == ("done", 2, 0.5)
+    assert np.array_equal(reopened.load_arrays("optimizer")["m"], np.arange(3.0))
+    reopened.close()
+
+
+def test_store_refuses_corrupt_state(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.save_release(1, None, "aa", b"r", b"m", 1.0)
+    (tmp_path / "releases" / "v1.release").unlink()
+    with pytest.raises(StoreError, match="unreadable"):
+        store.latest_release()
+    db = sqlite3.connect(tmp_path / "fleetlearn.sqlite3")
+    db.execute("INSERT INTO kv (key, value) VALUES ('optimizer', x'00ff')")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="corrupt"):
+        store.load_arrays("optimizer")
+    store.close()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "fleetlearn.sqlite3").write_text("not a database")
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(tmp_path / "x")
