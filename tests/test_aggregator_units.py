@@ -68,7 +68,7 @@ def test_fedavg_fedavgm_fedadam_steps() -> None:
     assert set(adam.state) == {"m", "v"}
     with pytest.raises(ValueError, match="NaN"):
         avg.step(w, np.array([np.nan, 0, 0]))
-    with pytest.raises(ConfigError, match="server.lr"):
+    with pytest.raises(ConfigError, match=r"server\.lr"):
         rules.OptimizerConfig(lr=0)
 
 
@@ -131,7 +131,7 @@ def test_aggregator_cli_flags_override(tmp_path: Path) -> None:
         "median",
     )
     bad = build_parser().parse_args(["aggregator", "--set", "rounds.cohort"])
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_settings(bad, {})
 
 
