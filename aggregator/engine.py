@@ -309,12 +309,7 @@ class RoundEngine:
         secagg = None
         server = None
         times = c.times
-        deadlines = StageDeadlines(
-            advertise=now + times.advertise,
-            share=now + times.share,
-            collect=now + times.collect,
-            unmask=now + times.unmask,
-        )
+        deadlines = times.deadlines(now)
         if c.mode == "secure":
             if compression.mode is sparse.SparseMode.DENSE:
                 quant_bits, clip = c.quant_bits, c.clip

@@ -196,13 +196,7 @@ class Participant:
         if current is not None:
             self._end_round(counted=False)  # a new round supersedes one we never saw end
         self._last_round = announce.round_id
-        t = announce.times
-        deadlines = StageDeadlines(
-            advertise=now + t.advertise,
-            share=now + t.share,
-            collect=now + t.collect,
-            unmask=now + t.unmask,
-        )
+        deadlines = announce.times.deadlines(now)  # on this device's own clock
         out: list[Action] = [Train(announce.round_id, announce)]
         client = None
         if announce.mode is RoundMode.SECURE:

@@ -20,7 +20,7 @@ import enum
 import math
 
 from shared import wire
-from shared.secagg.config import SecAggConfig
+from shared.secagg.config import SecAggConfig, StageDeadlines
 from shared.sparse import Compression, DenseUpdate, SharedUpdate, SparseMode, SparseUpdate
 
 SEED_BYTES = 32
@@ -63,6 +63,15 @@ class StageTimes(wire.Record):
             zip(names, values, strict=True), zip(names[1:], values[1:], strict=True), strict=False
         ):
             wire.require(v2 > v1, f"StageTimes.{n2}", f"must be later than {n1} ({v1})")
+
+    def deadlines(self, start: float) -> StageDeadlines:
+        """The stage deadlines of a round announced at `start`, on the caller's clock."""
+        return StageDeadlines(
+            advertise=start + self.advertise,
+            share=start + self.share,
+            collect=start + self.collect,
+            unmask=start + self.unmask,
+        )
 
 
 @wire.record
