@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from aggregator import rules
 from aggregator.engine import EngineConfig, EngineError
 from shared import rounds
 from shared.errors import ConfigError
 from shared.ids import id_problem
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,23 +143,31 @@ class AggregatorSettings:
         """The round engine's view; errors name the settings key."""
         from shared import wire
 
-        try:
-            times = rounds.StageTimes(
-                advertise=self.stages.advertise,
-                share=self.stages.share,
-                collect=self.stages.collect,
-                unmask=self.stages.unmask,
-            )
-        except wire.WireError as exc:
-            raise ConfigError("stages." + (exc.field or "").split(".")[-1], str(exc)) from None
-        try:
-            training = rounds.TrainingPlan(
-                epochs=self.training.epochs,
-                max_samples=self.training.max_samples,
-                error_feedback=self.training.error_feedback,
-            )
-        except wire.WireError as exc:
-            raise ConfigError("training." + (exc.field or "").split(".")[-1], str(exc)) from None
+        def build(section: str, cls: type[T], **values: Any) -> T:
+            # The wire records validate themselves; re-key their errors to the settings key.
+            try:
+                return cls(**values)
+            except wire.WireError as exc:
+                key = f"{section}.{(exc.field or '').split('.')[-1]}"
+                raise ConfigError(key, str(exc)) from None
+
+        st = self.stages
+        times = build(
+            "stages",
+            rounds.StageTimes,
+            advertise=st.advertise,
+            share=st.share,
+            collect=st.collect,
+            unmask=st.unmask,
+        )
+        tr = self.training
+        training = build(
+            "training",
+            rounds.TrainingPlan,
+            epochs=tr.epochs,
+            max_samples=tr.max_samples,
+            error_feedback=tr.error_feedback,
+        )
         c = self.compression
         if not 0.0 < c.density <= 1.0:
             raise ConfigError("compression.density", f"must be in (0, 1], got {c.density}")

@@ -44,7 +44,7 @@ from device.mqtt import JSON_CONTENT_TYPE, BrokerAddress, Incoming, Link, LinkEr
 from shared import tflite_model as tm
 from shared import topics, wire
 from shared.errors import ConfigError, FleetlearnError
-from shared.rounds import RoundState
+from shared.rounds import RoundAnnounce, RoundState
 
 log = logging.getLogger("fleetlearn.aggregator")
 INTAKE_BATCH = 256
@@ -143,7 +143,7 @@ class AggregatorService:
             log.warning("round %d was interrupted by a restart; recorded as aborted", round_id)
 
     async def _on_connect(self) -> None:
-        latest = self.store.latest_release()
+        latest = await asyncio.to_thread(self.store.latest_release)
         assert latest is not None
         await self.link.publish(topics.model(self.fleet), latest.payload, retain=True)
         log.info(
@@ -211,13 +211,36 @@ class AggregatorService:
                 )
 
     async def _announce_interrupted(self) -> None:
+        """Tell devices and dashboards that rounds a crash interrupted are over: the round
+        topic gets the round's announcement marked aborted (retained), metrics and events
+        get a short summary."""
+        reason = "aggregator restarted during the round"
         for round_id in self._interrupted:
-            event = {
-                "event": "round_aborted",
+            self.engine.events.append(
+                {"event": "round_aborted", "round": round_id, "reason": reason}
+            )
+            raw = await asyncio.to_thread(self.store.announce_of, round_id)
+            try:
+                announce = wire.decode(raw, RoundAnnounce)
+            except wire.WireError:
+                log.warning("round %d has no readable announcement to close", round_id)
+                continue
+            closed = announce.closed(RoundState.ABORTED, reason)
+            await self.link.publish(
+                topics.round_announce(self.fleet), wire.encode(closed), retain=True
+            )
+            metrics = {
+                "fleet": self.fleet,
                 "round": round_id,
-                "reason": "aggregator restarted during the round",
+                "mode": announce.mode.value,
+                "state": "aborted",
+                "reason": reason,
+                "model_version": announce.model_version,
+                "new_version": None,
+                "cohort": len(announce.cohort),
+                "ts": round(time.time(), 3),
             }
-            self.engine.events.append(event)
+            await self._publish([Publish(topics.metrics(self.fleet), metrics, retain=True)])
         await self._flush_events()
 
     async def _intake(self) -> None:
@@ -260,16 +283,15 @@ class AggregatorService:
     # ------------------------------------------------------------------------------ rounds
 
     async def _wait_for_devices(self, version: int) -> bool:
+        """Wait for a full selection on the current model; after `wait_for_devices` seconds,
+        settle for `min_cohort` eligible devices."""
         cfg = self.settings.rounds
-        deadline = time.monotonic() + cfg.wait_for_devices
+        target = min(math.ceil(cfg.cohort * cfg.over_select), len(self._registry.device_keys))
+        start = time.monotonic()
         while not self._stop.is_set():
-            eligible = len(self.engine.eligible(version))
-            if eligible >= min(self.engine.config.cohort, len(self._registry.device_keys)) or (
-                eligible >= cfg.min_cohort
-                and time.monotonic() >= deadline - cfg.wait_for_devices / 2
-            ):
+            if len(self.engine.eligible(version)) >= target:
                 return True
-            if time.monotonic() >= deadline:
+            if time.monotonic() - start >= cfg.wait_for_devices:
                 return len(self.engine.eligible()) >= cfg.min_cohort
             await asyncio.sleep(0.2)
         return False
@@ -278,7 +300,7 @@ class AggregatorService:
         cfg = self.settings.rounds
         done = 0
         while not self._stop.is_set() and (cfg.count == 0 or done < cfg.count):
-            latest = self.store.latest_release()
+            latest = await asyncio.to_thread(self.store.latest_release)
             assert latest is not None
             await self.link.connected.wait()
             if not await self._wait_for_devices(latest.version):
@@ -288,8 +310,8 @@ class AggregatorService:
                     "too few eligible devices after %.0f s; waiting again", cfg.wait_for_devices
                 )
                 continue
-            round_id = self.store.next_round_id()
-            model = self.store.model_bytes(latest.version)
+            round_id = await asyncio.to_thread(self.store.next_round_id)
+            model = await asyncio.to_thread(self.store.model_bytes, latest.version)
             manifest = tm.read_manifest(model)
             assert manifest is not None
             now = time.monotonic()
@@ -308,8 +330,14 @@ class AggregatorService:
                 continue
             announce = self.engine.announce
             assert announce is not None
-            self.store.begin_round(
-                round_id, announce.mode.value, latest.version, list(announce.cohort), time.time()
+            await asyncio.to_thread(
+                self.store.begin_round,
+                round_id,
+                announce.mode.value,
+                latest.version,
+                list(announce.cohort),
+                time.time(),
+                announce=wire.encode(announce),
             )
             log.info(
                 "round %d started: %d devices, model v%d",
@@ -361,7 +389,8 @@ class AggregatorService:
                 metrics["update_norm"] = norm
         metrics["new_version"] = new_version
         metrics["ts"] = round(time.time(), 3)
-        self.store.finish_round(
+        await asyncio.to_thread(
+            self.store.finish_round,
             outcome.round_id,
             status="done" if outcome.state is RoundState.CLOSED else "aborted",
             reason=outcome.reason,

@@ -27,7 +27,6 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
@@ -363,13 +362,6 @@ class Participant:
                 Send(topics.per_device(self.fleet, r, kind, self.device_id), wire.encode(msg))
             )
         return out
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model_version": self.model_version,
-            "round": None if self._round is None else self._round.announce.round_id,
-            "rounds_joined": self.rounds_joined,
-        }
 
 
 _KIND_OF: dict[type[wire.Message], topics.Kind] = {

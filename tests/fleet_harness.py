@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,14 +52,6 @@ class Harness:
     hooks: dict[str, Callable[[topics.Kind, int], Awaitable[bool]]] = field(default_factory=dict)
     tamper: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
     samples: int = 300
-
-    @classmethod
-    def create(cls, broker: BrokerProcess, tmp: Path, n: int, fleet: str = "plant-7") -> Harness:
-        fleet_dir = tmp / "fleet"
-        devices = prov.device_ids(n)
-        prov.provision(fleet_dir, fleet, devices)
-        # The broker reads passwd/acl at start; this harness owns a fresh broker per test.
-        return cls(broker, fleet_dir, fleet, devices, tmp / "state")
 
     def settings(self, **overrides: str) -> AggregatorSettings:
         sets = {
@@ -140,10 +131,6 @@ class Harness:
         async with asyncio.timeout(timeout):
             summaries = await service.run()
         return service, summaries
-
-
-def replace(obj: object, **changes: object) -> object:
-    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
 
 
 @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ import pytest
 from broker import provision as prov
 from shared import tflite_model as tm
 from shared import topics, wire
+from shared.rounds import RoundAnnounce, RoundState
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import FAST_STAGES, Harness, fleet
 
@@ -217,6 +218,15 @@ async def test_aggregator_sigkill_mid_round_and_restart(tmp_path: Path) -> None:
             async with asyncio.timeout(30):
                 live = await anext(aiter(watcher.messages))
             assert wire.decode(bytes(live.payload), tm.ModelRelease).manifest.version == 2  # type: ignore[arg-type]
+            # ... and announces that round 2 is over, on the round topic
+            await watcher.subscribe(topics.round_announce(h.fleet), qos=1)
+            rounds_seen = []
+            async with asyncio.timeout(60):
+                async for msg in watcher.messages:
+                    if str(msg.topic) == topics.round_announce(h.fleet):
+                        rounds_seen.append(wire.decode(bytes(msg.payload), RoundAnnounce))  # type: ignore[arg-type]
+                        if rounds_seen[-1].round_id == 3:
+                            break
             out, _ = await asyncio.wait_for(second.communicate(), timeout=120)
         assert second.returncode == 0, out.decode()
         table = _rounds_table(h.state_dir)
@@ -224,9 +234,11 @@ async def test_aggregator_sigkill_mid_round_and_restart(tmp_path: Path) -> None:
         assert table[1][2] == "aggregator restarted during the round"
         assert [r[3] for r in table] == [2, None, 3]
         assert _versions(h.state_dir) == [1, 2, 3]  # none lost, none duplicated
+        aborted = [a for a in rounds_seen if a.round_id == 2]
+        assert aborted, [(a.round_id, a.state) for a in rounds_seen]
+        assert aborted[-1].state is RoundState.ABORTED
+        assert aborted[-1].reason == "aggregator restarted during the round"
         ann = await _retained(h, topics.round_announce(h.fleet), user.username, user.password)
-        from shared.rounds import RoundAnnounce
-
         assert wire.decode(ann, RoundAnnounce).round_id == 3
 
 
