@@ -106,6 +106,7 @@ class CompressionSection:
 class SecAggSection:
     neighbours: int = 0  # 0: about 2*log2(cohort)
     threshold: int = 0  # 0: neighbours/2 + 1
+    expected_dropout: float = 0.0  # >0: size k so a round aborts with probability < 1e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,7 @@ class AggregatorSettings:
                 top_k_bits=c.top_k_bits,
                 neighbours=self.secagg.neighbours,
                 threshold=self.secagg.threshold,
+                expected_dropout=self.secagg.expected_dropout,
                 rule=self.aggregation.rule,
                 trim=self.aggregation.trim,
                 clip_norm=self.aggregation.clip_norm,

@@ -39,7 +39,7 @@ from shared import rounds, sparse, topics, wire
 from shared.errors import FleetlearnError
 from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
 from shared.secagg import messages as sm
-from shared.secagg.config import SecAggConfig, Stage, StageDeadlines
+from shared.secagg.config import SecAggConfig, Stage, StageDeadlines, suggest_neighbours
 from shared.secagg.errors import RemoteProtocolError, SecAggError
 from shared.secagg.server import Outbound, SecAggServer, ServerState
 
@@ -95,8 +95,11 @@ class EngineConfig:
     quant_bits: int = 16
     clip: float = 0.5
     top_k_bits: int = 8
-    neighbours: int = 0  # 0: about 2*log2(n)
+    neighbours: int = 0  # 0: about 2*log2(n), or sized for expected_dropout
     threshold: int = 0  # 0: k/2 + 1
+    # Share of the cohort expected to drop during a round. Above 0, an automatic k is the
+    # smallest whose chance of aborting a round stays under 1e-3 (secagg.suggest_neighbours).
+    expected_dropout: float = 0.0
     rule: rules.RuleName = "mean"
     trim: float = 0.2
     clip_norm: float = 0.0
@@ -109,6 +112,10 @@ class EngineConfig:
         if self.cohort < self.min_cohort:
             raise EngineError(
                 f"rounds.cohort {self.cohort} is below rounds.min_cohort {self.min_cohort}"
+            )
+        if not 0.0 <= self.expected_dropout < 1.0:
+            raise EngineError(
+                f"secagg.expected_dropout must be in [0, 1), got {self.expected_dropout}"
             )
         if self.over_select < 1.0:
             raise EngineError(f"rounds.over_select must be >= 1, got {self.over_select}")
@@ -315,11 +322,15 @@ class RoundEngine:
                 quant_bits, clip = c.quant_bits, c.clip
             else:
                 quant_bits, clip = compression.bits, compression.clip
+            neighbours, threshold = c.neighbours or None, c.threshold or None
+            if neighbours is None and c.expected_dropout > 0:
+                neighbours, suggested_t = suggest_neighbours(len(cohort), c.expected_dropout)
+                threshold = threshold or suggested_t
             secagg = SecAggConfig.create(
                 cohort_size=len(cohort),
                 dimension=k,
-                neighbours=c.neighbours or None,
-                threshold=c.threshold or None,
+                neighbours=neighbours,
+                threshold=threshold,
                 quant_bits=quant_bits,
                 clip=clip,
                 # FedAvg weight = local examples trained on, at most the plan's max_samples.

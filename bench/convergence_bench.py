@@ -54,6 +54,7 @@ def main() -> None:
                 sparsity="rand_k",
                 density=0.1,
                 clip=1.0,
+                expected_dropout=0.1,
             )
             fleet = InMemoryFleet(200, config, scenario, optimizer=rules.OptimizerConfig(lr=lr))
             curve = []

@@ -183,3 +183,31 @@ def test_store_refuses_corrupt_state(tmp_path: Path) -> None:
     (tmp_path / "x" / "fleetlearn.sqlite3").write_text("not a database")
     with pytest.raises(StoreError, match="cannot open"):
         Store(tmp_path / "x")
+
+
+def test_expected_dropout_sizes_the_neighbour_graph() -> None:
+    import os
+
+    from nacl.signing import SigningKey
+
+    from aggregator.engine import EngineConfig, RoundEngine
+    from shared import wire
+    from shared.secagg.config import default_neighbours, suggest_neighbours
+
+    ids = [f"d{i:03d}" for i in range(60)]
+    keys = {d: bytes(SigningKey.generate().verify_key) for d in ids}
+    for dropout, expected in ((0.0, default_neighbours(60)), (0.1, suggest_neighbours(60, 0.1)[0])):
+        config = EngineConfig(cohort=60, over_select=1.0, expected_dropout=dropout)
+        engine = RoundEngine(fleet="f", config=config, verify_keys=keys, random=os.urandom)
+        for d in ids:
+            engine.observe_status(
+                d, wire.encode(wire.DeviceStatus(device_id=d, online=True, model_version=1)), 0.0
+            )
+        engine.start_round(round_id=1, model_version=1, dim=1000, now=0.0)
+        assert engine.announce is not None
+        assert engine.announce.secagg is not None
+        assert engine.announce.secagg.neighbours == expected
+    assert suggest_neighbours(60, 0.1)[0] > default_neighbours(60)
+    with pytest.raises(ConfigError) as info:
+        settings.load(AggregatorSettings, sets={"secagg.expected_dropout": "1.5"}).engine_config()
+    assert info.value.key == "secagg.expected_dropout"
