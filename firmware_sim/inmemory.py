@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,15 @@ class InMemoryFleet:
         *,
         optimizer: rules.OptimizerConfig | None = None,
         model: bytes | None = None,
+        seed: int | None = None,
     ) -> None:
+        """`seed` makes a run reproducible: selection, round seeds, secret keys and stochastic
+        rounding then come from one seeded generator instead of os.urandom. Simulation only:
+        keys derived that way are not secret."""
+        random: Callable[[int], bytes] = os.urandom
+        if seed is not None:
+            stream = np.random.default_rng(seed)
+            random = stream.bytes
         self.scenario = scenario or Scenario()
         self.config = config
         self.aggregator_key = SigningKey.generate()
@@ -56,7 +65,7 @@ class InMemoryFleet:
         identities = {d: SigningKey.generate() for d in ids}
         registry = {d: bytes(k.verify_key) for d, k in identities.items()}
         self.engine = RoundEngine(
-            fleet=FLEET, config=config, verify_keys=registry, random=os.urandom
+            fleet=FLEET, config=config, verify_keys=registry, random=random
         )
         self.optimizer = rules.ServerOptimizer(optimizer or rules.OptimizerConfig())
         self.devices: dict[str, _Device] = {}
@@ -70,7 +79,7 @@ class InMemoryFleet:
                 identity=identities[dev],
                 aggregator_key=self.aggregator_key.verify_key,
                 registry=registry,
-                random=os.urandom,
+                random=random,
             )
             self.devices[dev] = _Device(i, participant, x, y, rng=np.random.default_rng(i))
         self.model = model or default_model()
