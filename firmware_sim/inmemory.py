@@ -64,9 +64,7 @@ class InMemoryFleet:
         ids = [f"dev-{i:04d}" for i in range(devices)]
         identities = {d: SigningKey.generate() for d in ids}
         registry = {d: bytes(k.verify_key) for d, k in identities.items()}
-        self.engine = RoundEngine(
-            fleet=FLEET, config=config, verify_keys=registry, random=random
-        )
+        self.engine = RoundEngine(fleet=FLEET, config=config, verify_keys=registry, random=random)
         self.optimizer = rules.ServerOptimizer(optimizer or rules.OptimizerConfig())
         self.devices: dict[str, _Device] = {}
         s = self.scenario
