@@ -9,8 +9,8 @@ Dropouts come from a `Scenario` exactly as in the MQTT simulator.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
