@@ -5,8 +5,8 @@
 200 devices (default scenario: three sites, non-IID fault mixes, 300 windows each), 10% of the
 cohort vanishing after sharing keys (before the masked input), rand-10% compression, secure
 rounds of 50 (+20% over-selection) devices, five local epochs, seeds 0..repeats-1. Prints the
-central accuracy of the same model on all data pooled, then per configuration the held-out accuracy after each
-round (median over repeats) and the ratio to central after the last round.
+central accuracy of the same model on all data pooled, then per configuration the held-out
+accuracy after each round (median over repeats) and the ratio to central after the last round.
 Runs in memory (firmware_sim.inmemory): the real engine, SecAgg+, participants and LiteRT.
 """
 
