@@ -4,7 +4,7 @@
 
 200 devices (default scenario: three sites, non-IID fault mixes, 300 windows each), 10% of the
 cohort vanishing after sharing keys (before the masked input), rand-10% compression, secure
-rounds of 50 (+20% over-selection) devices, five local epochs, seeds 0..repeats-1. Prints the
+rounds of 80 (+20% over-selection) devices, five local epochs, seeds 0..repeats-1. Prints the
 central accuracy of the same model on all data pooled, then per configuration the held-out
 accuracy after each round (median over repeats) and the ratio to central after the last round.
 Runs in memory (firmware_sim.inmemory): the real engine, SecAgg+, participants and LiteRT.
@@ -48,7 +48,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             config = EngineConfig(
                 mode="secure",
-                cohort=50,
+                cohort=80,
                 over_select=1.2,
                 training=rounds.TrainingPlan(epochs=5, max_samples=256, error_feedback=feedback),
                 sparsity="rand_k",

@@ -37,7 +37,7 @@ def test_secure_fedavg_with_dropouts_and_rand10_reaches_90pct_of_central(
 ) -> None:
     config = EngineConfig(
         mode="secure",
-        cohort=50,
+        cohort=80,
         over_select=1.2,
         training=rounds.TrainingPlan(epochs=5, max_samples=256, error_feedback=False),
         sparsity="rand_k",
