@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,7 +40,14 @@ from aggregator.config import AggregatorSettings
 from aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
 from aggregator.store import Store
 from broker.provision import AggregatorCredentials, FleetRegistry
-from device.mqtt import JSON_CONTENT_TYPE, BrokerAddress, Incoming, Link, LinkError
+from device.mqtt import (
+    JSON_CONTENT_TYPE,
+    MSGPACK_CONTENT_TYPE,
+    BrokerAddress,
+    Incoming,
+    Link,
+    LinkError,
+)
 from shared import tflite_model as tm
 from shared import topics, wire
 from shared.errors import ConfigError, FleetlearnError
@@ -186,29 +193,47 @@ class AggregatorService:
         return await loop.run_in_executor(self._worker, lambda: fn(*args, **kwargs))
 
     async def _publish(self, pubs: list[Publish]) -> None:
+        """Send one engine step's messages (in order) and wait for all their acknowledgements
+        together: a stage close addresses every device's inbox, and awaiting each PUBACK in
+        turn would cost one broker round trip per device."""
+        sends = []
         for p in pubs:
             if isinstance(p.payload, dict):
                 data = json.dumps(p.payload, separators=(",", ":"), allow_nan=False).encode()
-                await self.link.publish(
-                    p.topic, data, retain=p.retain, qos=p.qos, content_type=JSON_CONTENT_TYPE
+                sends.append(
+                    self.link.publish(
+                        p.topic, data, retain=p.retain, qos=p.qos, content_type=JSON_CONTENT_TYPE
+                    )
                 )
             else:
-                await self.link.publish(
-                    p.topic, p.payload, retain=p.retain, qos=p.qos, expiry=p.expiry
+                sends.append(
+                    self.link.publish(
+                        p.topic,
+                        p.payload,
+                        retain=p.retain,
+                        qos=p.qos,
+                        expiry=p.expiry,
+                        content_type=MSGPACK_CONTENT_TYPE if p.retain else None,
+                    )
                 )
+        await _in_order(sends)
         await self._flush_events()
 
     async def _flush_events(self) -> None:
         events = self.engine.drain_events()
+        sends = []
         for event in events:
             self.recent_events.append(event)
             event["fleet"] = self.fleet
             event["ts"] = round(time.time(), 3)
             data = json.dumps(event, separators=(",", ":"), default=str).encode()
-            with contextlib.suppress(LinkError):
-                await self.link.publish(
+            sends.append(
+                self.link.publish(
                     topics.events(self.fleet), data, qos=0, content_type=JSON_CONTENT_TYPE, wait=5
                 )
+            )
+        with contextlib.suppress(LinkError):
+            await _in_order(sends)
 
     async def _announce_interrupted(self) -> None:
         """Tell devices and dashboards that rounds a crash interrupted are over: the round
@@ -438,6 +463,16 @@ class AggregatorService:
         )
         self.store.save_arrays("optimizer", self.optimizer.state)
         return version, payload, float(np.linalg.norm(outcome.mean_update))
+
+
+async def _in_order(sends: list[Coroutine[Any, Any, None]]) -> None:
+    """Run publishes concurrently. Tasks start in creation order and each hands its message
+    to the MQTT client before its first suspension (Link.publish only suspends while
+    disconnected or awaiting the acknowledgement), so the broker receives them in order."""
+    if len(sends) == 1:
+        await sends[0]
+    elif sends:
+        await asyncio.gather(*sends)
 
 
 def _json_safe(obj: Any) -> Any:

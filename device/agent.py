@@ -34,6 +34,7 @@ import numpy as np
 
 from device.mqtt import (
     JSON_CONTENT_TYPE,
+    MSGPACK_CONTENT_TYPE,
     BrokerAddress,
     Incoming,
     LastWill,
@@ -275,7 +276,11 @@ class DeviceAgent:
         self.stats.bytes_up += len(action.payload)
         with contextlib.suppress(FleetlearnError):
             await self.link.publish(
-                action.topic, action.payload, retain=action.retain, expiry=action.expiry
+                action.topic,
+                action.payload,
+                retain=action.retain,
+                expiry=action.expiry,
+                content_type=MSGPACK_CONTENT_TYPE if action.retain else None,
             )
 
     # ------------------------------------------------------------------------------ model

@@ -148,7 +148,7 @@ class Link:
         self.connects = 0
         self.version: Literal["5", "3.1.1"] | None = None
         self._resume_at = 0.0  # loop time before which run() does not reconnect (see drop())
-        self._properties: dict[tuple[int | None, str], Properties] = {}
+        self._properties: dict[tuple[int | None, str | None], Properties] = {}
 
     # --------------------------------------------------------------------------------- public
 
@@ -164,10 +164,15 @@ class Link:
         qos: int = 1,
         retain: bool = False,
         expiry: int | None = None,
-        content_type: str = MSGPACK_CONTENT_TYPE,
+        content_type: str | None = MSGPACK_CONTENT_TYPE,
         wait: float = 30.0,
     ) -> None:
-        """Publish once connected (waiting up to `wait` s); raises LinkError if that fails."""
+        """Publish once connected (waiting up to `wait` s); raises LinkError if that fails.
+
+        On MQTT 5 the publish carries `content_type` and `expiry` as properties when given.
+        Round traffic passes `content_type=None`: thousands of those messages cross the
+        aggregator per round, and every property costs pure-Python decoding on both ends
+        (the payload already names its schema version and type)."""
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -257,16 +262,18 @@ class Link:
 
     # -------------------------------------------------------------------------------- private
 
-    def _publish_properties(self, expiry: int | None, content_type: str) -> Properties | None:
-        if not self.mqtt5:
+    def _publish_properties(
+        self, expiry: int | None, content_type: str | None
+    ) -> Properties | None:
+        if not self.mqtt5 or (expiry is None and content_type is None):
             return None
         # paho's Properties are slow to build; a fleet publishes a handful of distinct sets.
         key = (expiry, content_type)
         props = self._properties.get(key)
         if props is None:
             props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = content_type
-            props.UserProperty = [("fl-schema", "1")]
+            if content_type is not None:
+                props.ContentType = content_type
             if expiry is not None:
                 props.MessageExpiryInterval = int(expiry)
             self._properties[key] = props

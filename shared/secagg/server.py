@@ -456,10 +456,17 @@ class SecAggServer:
     # ------------------------------------------------------------------------ stage close
 
     def _stage_complete(self) -> bool:
-        if self._state in (ServerState.ADVERTISE, ServerState.SHARE, ServerState.COLLECT):
-            return not self.waiting_for()
-        if self._state is ServerState.UNMASK:
-            return self._short == 0 or not self.waiting_for()
+        # Counts, not waiting_for(): it runs after every message, and the handlers only ever
+        # record senders from the stage's expected set, so equal sizes mean nobody is missing.
+        state = self._state
+        if state is ServerState.ADVERTISE:
+            return len(self._adverts) == len(self._graph.cohort)
+        if state is ServerState.SHARE:
+            return len(self._sealed) == len(self._u1)
+        if state is ServerState.COLLECT:
+            return len(self._masked_from) == len(self._u2)
+        if state is ServerState.UNMASK:
+            return self._short == 0 or len(self._responders) == len(self._u3)
         return False
 
     def _close_stage(self) -> list[Outbound]:
