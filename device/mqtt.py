@@ -37,6 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from shared.errors import ConfigError, FleetlearnError
 
 Protocol = Literal["auto", "5", "3.1.1"]
+PENDING_PUBLISH_WARNING = 100
 MSGPACK_CONTENT_TYPE = "application/vnd.fleetlearn.v1+msgpack+zstd"
 JSON_CONTENT_TYPE = "application/json"
 SESSION_EXPIRY_SECONDS = 3600
@@ -297,7 +298,7 @@ class Link:
             kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
         if self.address.tls:
             kwargs["tls_context"] = ssl.create_default_context(cafile=self._ca_file)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.address.host,
             self.address.port,
             username=self._username,
@@ -308,6 +309,10 @@ class Link:
             timeout=15,
             **kwargs,  # type: ignore[arg-type]
         )
+        # aiomqtt warns (and counts its pending calls, O(n)) on every publish beyond 10 in
+        # flight; the aggregator publishes a stage's inbox messages 20 at a time, on purpose.
+        client.pending_calls_threshold = PENDING_PUBLISH_WARNING
+        return client
 
     async def _connect(self) -> aiomqtt.Client:
         versions: list[Literal["5", "3.1.1"]]

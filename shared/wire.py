@@ -136,6 +136,7 @@ class Record(Message):
 M = TypeVar("M", bound=Message)
 _REGISTRY: dict[str, type[Message]] = {}
 _CODECS: dict[type[Message], tuple[_FieldCodec, ...]] = {}
+_NAMES: dict[type[Message], frozenset[str]] = {}
 
 
 @dataclass_transform(kw_only_default=True, frozen_default=True, eq_default=False)
@@ -272,6 +273,7 @@ def _codecs_for(cls: type[Message]) -> tuple[_FieldCodec, ...]:
         default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
         codecs.append(_FieldCodec(f.name, to_wire, from_wire, has_default, default))
     result = tuple(codecs)
+    _NAMES[cls] = frozenset(c.name for c in result)
     _CODECS[cls] = result
     return result
 
@@ -402,7 +404,7 @@ def _converters(
         def tuple_in(v: Any, path: str, limits: Limits) -> Any:
             if not isinstance(v, list):
                 raise SchemaError(f"expected a list, got {_type_name(v)}", field=path)
-            return tuple(item_in(x, f"{path}[{i}]", limits) for i, x in enumerate(v))
+            return tuple([item_in(x, f"{path}[{i}]", limits) for i, x in enumerate(v)])
 
         return tuple_out, tuple_in
 
@@ -513,18 +515,17 @@ def _fields_to_wire(msg: Message, path: str) -> dict[str, Any]:
 
 def _fields_from_wire(cls: type[M], data: Mapping[str, Any], limits: Limits, path: str) -> M:
     codecs = _codecs_for(cls)
-    names = {c.name for c in codecs}
-    for key in data:
-        if key not in names:
-            raise SchemaError(f"unknown field {key!r} for {cls.__name__}", field=path)
+    if len(data) > len(codecs) or not _NAMES[cls].issuperset(data):
+        unknown = next(key for key in data if key not in _NAMES[cls])
+        raise SchemaError(f"unknown field {unknown!r} for {cls.__name__}", field=path)
     kwargs: dict[str, Any] = {}
     for codec in codecs:
-        sub = f"{path}.{codec.name}"
-        if codec.name not in data:
+        name = codec.name
+        if name not in data:
             if not codec.has_default:
-                raise SchemaError("missing", field=sub)
+                raise SchemaError("missing", field=f"{path}.{name}")
             continue
-        kwargs[codec.name] = codec.from_wire(data[codec.name], sub, limits)
+        kwargs[name] = codec.from_wire(data[name], f"{path}.{name}", limits)
     try:
         return cls(**kwargs)
     except WireError:
@@ -598,9 +599,7 @@ def unframe(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LI
             f"frame declares {declared} bytes decompressed; limit {limits.max_decompressed}"
         )
     try:
-        raw = _zstd.decompressor.decompress(
-            data, max_output_size=declared, allow_extra_data=False
-        )
+        raw = _zstd.decompressor.decompress(data, max_output_size=declared, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FrameError(f"corrupt zstd frame ({exc})") from None
     if len(raw) != declared:

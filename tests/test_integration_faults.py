@@ -275,6 +275,7 @@ async def test_broker_restart_mid_round(tmp_path: Path) -> None:
         assert r1.state == "closed" or r1.metrics["reason"], r1.metrics
         assert r2.state == "closed", r2.metrics["reason"]
         assert service.link.connects >= 2
+        assert service.ingest.connects >= 2
         assert all(a.link.connects >= 2 for a in h.agents.values())
 
 
