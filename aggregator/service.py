@@ -214,7 +214,7 @@ class AggregatorService:
         return await loop.run_in_executor(self._worker, lambda: fn(*args, **kwargs))
 
     async def _publish(self, pubs: list[Publish]) -> None:
-        """Send one engine step's messages (in order) and wait for all their acknowledgements
+        """Send one engine step's messages in order, PUBLISH_WINDOW acknowledgements awaited
         together: a stage close addresses every device's inbox, and awaiting each PUBACK in
         turn would cost one broker round trip per device."""
         sends = []
@@ -249,12 +249,17 @@ class AggregatorService:
             event["ts"] = round(time.time(), 3)
             data = json.dumps(event, separators=(",", ":"), default=str).encode()
             sends.append(
-                self.link.publish(
-                    topics.events(self.fleet), data, qos=0, content_type=JSON_CONTENT_TYPE, wait=5
+                _best_effort(
+                    self.link.publish(
+                        topics.events(self.fleet),
+                        data,
+                        qos=0,
+                        content_type=JSON_CONTENT_TYPE,
+                        wait=5,
+                    )
                 )
             )
-        with contextlib.suppress(LinkError):
-            await _in_order(sends)
+        await _in_order(sends)
 
     async def _announce_interrupted(self) -> None:
         """Tell devices and dashboards that rounds a crash interrupted are over: the round
@@ -485,6 +490,12 @@ class AggregatorService:
         )
         self.store.save_arrays("optimizer", self.optimizer.state)
         return version, payload, float(np.linalg.norm(outcome.mean_update))
+
+
+async def _best_effort(send: Coroutine[Any, Any, None]) -> None:
+    """Events are best effort: one that cannot be sent does not hold back the others."""
+    with contextlib.suppress(LinkError):
+        await send
 
 
 async def _in_order(sends: list[Coroutine[Any, Any, None]]) -> None:
