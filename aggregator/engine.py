@@ -178,6 +178,7 @@ class _Run:
     coordinates: np.ndarray | None  # rand-k indices
     server: SecAggServer | None
     stages: dict[Stage, StageStats]
+    members: frozenset[str] = frozenset()  # the cohort, for membership tests per message
     plain: dict[str, PlainUpdate] = field(default_factory=dict)
     plain_closed: bool = False
     uplink: Counter[str] = field(default_factory=Counter)
@@ -264,7 +265,8 @@ class RoundEngine:
         """The cohort: eligible devices on the current model first, charging ones preferred."""
         c = self.config
         preferred = self.eligible(model_version)
-        fallback = [d for d in self.eligible() if d not in set(preferred)]
+        taken = set(preferred)
+        fallback = [d for d in self.eligible() if d not in taken]
 
         # Random order within each preference class, drawn from the injected source.
         def shuffled(items: list[str]) -> list[str]:
@@ -366,6 +368,7 @@ class RoundEngine:
             coordinates=coordinates,
             server=server,
             stages=stages,
+            members=frozenset(cohort),
         )
         self.outcome = None
         self._event(
@@ -393,7 +396,7 @@ class RoundEngine:
             else:
                 self._reject("unknown_round", device, f"round {topic.round_id} is not running")
             return []
-        if device not in run.announce.cohort:
+        if device not in run.members:
             self._reject("not_in_cohort", device, f"not selected for round {topic.round_id}")
             return []
         expected = _EXPECTED_TYPE[topic.kind]

@@ -59,6 +59,7 @@ class WireError(FleetlearnError, ValueError):
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
+        self.problem = message
         self.field = field
 
 
@@ -227,6 +228,17 @@ def require_ids(values: Iterable[str], field: str, *, unique: bool = True) -> No
         seen.add(value)
 
 
+def require_unique(values: Iterable[str], field: str) -> None:
+    """No value twice. For ids that nested records already validated when they were built."""
+    items = list(values)
+    if len(set(items)) != len(items):
+        seen: set[str] = set()
+        for value in items:
+            if value in seen:
+                raise SchemaError(f"{value!r} appears twice", field=field)
+            seen.add(value)
+
+
 def require_array(
     value: np.ndarray, field: str, *, dtype: str | None = None, ndim: int | None = None
 ) -> None:
@@ -240,15 +252,19 @@ def require_array(
 
 
 class _FieldCodec:
-    """Turns one field's Python value into msgpack-able data and back, checking as it goes."""
+    """Turns one field's Python value into msgpack-able data and back, checking as it goes.
+
+    Converters take no path: building "Msg.items[3].owner" for every value costs more than
+    checking it. They raise with `field` None or relative ("[3].owner"), and each level that
+    catches the error puts its own step in front (`_located`); only failures pay for paths."""
 
     __slots__ = ("default", "from_wire", "has_default", "name", "to_wire")
 
     def __init__(
         self,
         name: str,
-        to_wire: Callable[[Any, str], Any],
-        from_wire: Callable[[Any, str, Limits], Any],
+        to_wire: Callable[[Any], Any],
+        from_wire: Callable[[Any, Limits], Any],
         has_default: bool,
         default: Any,
     ) -> None:
@@ -257,6 +273,15 @@ class _FieldCodec:
         self.from_wire = from_wire
         self.has_default = has_default
         self.default = default
+
+
+def _located(exc: WireError, step: str) -> WireError:
+    """`exc` with `step` put in front of its relative field path. A field that names itself
+    absolutely (a `__post_init__` check says "recipient" or "SparseUpdate.scale") stays."""
+    field = exc.field
+    if field is not None and not field.startswith((".", "[")):
+        return exc
+    return type(exc)(exc.problem, field=step + (field or ""))
 
 
 def _codecs_for(cls: type[Message]) -> tuple[_FieldCodec, ...]:
@@ -282,37 +307,35 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _converters(
-    hint: Any, where: str
-) -> tuple[Callable[[Any, str], Any], Callable[[Any, str, Limits], Any]]:
+def _converters(hint: Any, where: str) -> tuple[Callable[[Any], Any], Callable[[Any, Limits], Any]]:
     """Build (to_wire, from_wire) for one annotation. `where` only names the field in bugs."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
 
     if hint is int:
 
-        def int_out(v: Any, path: str) -> Any:
+        def int_out(v: Any) -> Any:
             if type(v) is not int:
-                raise SchemaError(f"expected int, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected int, got {_type_name(v)}")
             return v
 
-        def int_in(v: Any, path: str, limits: Limits) -> Any:
+        def int_in(v: Any, limits: Limits) -> Any:
             if type(v) is not int:
-                raise SchemaError(f"expected int, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected int, got {_type_name(v)}")
             return v
 
         return int_out, int_in
 
     if hint is float:
 
-        def float_out(v: Any, path: str) -> Any:
+        def float_out(v: Any) -> Any:
             if type(v) not in (float, int):
-                raise SchemaError(f"expected float, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected float, got {_type_name(v)}")
             return float(v)
 
-        def float_in(v: Any, path: str, limits: Limits) -> Any:
+        def float_in(v: Any, limits: Limits) -> Any:
             if type(v) not in (float, int):
-                raise SchemaError(f"expected float, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected float, got {_type_name(v)}")
             return float(v)
 
         return float_out, float_in
@@ -320,18 +343,16 @@ def _converters(
     if hint is bool or hint is bytes or hint is str:
         expected = typing.cast(type, hint)
 
-        def plain_out(v: Any, path: str) -> Any:
+        def plain_out(v: Any) -> Any:
             if type(v) is not expected:
-                raise SchemaError(f"expected {expected.__name__}, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected {expected.__name__}, got {_type_name(v)}")
             return v
 
-        def plain_in(v: Any, path: str, limits: Limits) -> Any:
+        def plain_in(v: Any, limits: Limits) -> Any:
             if type(v) is not expected:
-                raise SchemaError(f"expected {expected.__name__}, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected {expected.__name__}, got {_type_name(v)}")
             if isinstance(v, str) and len(v) > limits.max_str:
-                raise LimitError(
-                    f"string of {len(v)} characters; limit {limits.max_str}", field=path
-                )
+                raise LimitError(f"string of {len(v)} characters; limit {limits.max_str}")
             return v
 
         return plain_out, plain_in
@@ -342,17 +363,17 @@ def _converters(
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         enum_type = hint
 
-        def enum_out(v: Any, path: str) -> Any:
+        def enum_out(v: Any) -> Any:
             if not isinstance(v, enum_type):
-                raise SchemaError(f"expected {enum_type.__name__}, got {v!r}", field=path)
+                raise SchemaError(f"expected {enum_type.__name__}, got {v!r}")
             return v.value
 
-        def enum_in(v: Any, path: str, limits: Limits) -> Any:
+        def enum_in(v: Any, limits: Limits) -> Any:
             try:
                 return enum_type(v)
             except (ValueError, TypeError):
                 allowed = ", ".join(repr(m.value) for m in enum_type)
-                raise SchemaError(f"{v!r} is not one of {allowed}", field=path) from None
+                raise SchemaError(f"{v!r} is not one of {allowed}") from None
 
         return enum_out, enum_in
 
@@ -360,77 +381,90 @@ def _converters(
     if nested:
         by_tag = {cls.TAG: cls for cls in nested}
 
-        def msg_out(v: Any, path: str) -> Any:
+        def msg_out(v: Any) -> Any:
             if type(v) not in nested:
                 names = ", ".join(c.__name__ for c in nested)
-                raise SchemaError(f"expected one of {names}, got {_type_name(v)}", field=path)
-            return {"t": type(v).TAG, **_fields_to_wire(v, path)}
+                raise SchemaError(f"expected one of {names}, got {_type_name(v)}")
+            return {"t": type(v).TAG, **_fields_to_wire(v)}
 
-        def msg_in(v: Any, path: str, limits: Limits) -> Any:
+        def msg_in(v: Any, limits: Limits) -> Any:
             if not isinstance(v, dict):
-                raise SchemaError(f"expected a map, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected a map, got {_type_name(v)}")
             body = dict(v)
             tag = body.pop("t", None)
             cls = by_tag.get(tag) if isinstance(tag, str) else None
             if cls is None:
-                raise SchemaError(f"type {tag!r} is not allowed here", field=path)
-            return _fields_from_wire(cls, body, limits, path)
+                raise SchemaError(f"type {tag!r} is not allowed here")
+            return _fields_from_wire(cls, body, limits)
 
         return msg_out, msg_in
 
     if isinstance(hint, type) and issubclass(hint, Record):
         rec_type = hint
 
-        def rec_out(v: Any, path: str) -> Any:
+        def rec_out(v: Any) -> Any:
             if type(v) is not rec_type:
-                raise SchemaError(f"expected {rec_type.__name__}, got {_type_name(v)}", field=path)
-            return _fields_to_wire(v, path)
+                raise SchemaError(f"expected {rec_type.__name__}, got {_type_name(v)}")
+            return _fields_to_wire(v)
 
-        def rec_in(v: Any, path: str, limits: Limits) -> Any:
+        def rec_in(v: Any, limits: Limits) -> Any:
             if not isinstance(v, dict):
-                raise SchemaError(f"expected a map, got {_type_name(v)}", field=path)
-            return _fields_from_wire(rec_type, v, limits, path)
+                raise SchemaError(f"expected a map, got {_type_name(v)}")
+            return _fields_from_wire(rec_type, v, limits)
 
         return rec_out, rec_in
 
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         item_out, item_in = _converters(args[0], where)
 
-        def tuple_out(v: Any, path: str) -> Any:
+        def tuple_out(v: Any) -> Any:
             if not isinstance(v, tuple):
-                raise SchemaError(f"expected a tuple, got {_type_name(v)}", field=path)
-            return [item_out(x, f"{path}[{i}]") for i, x in enumerate(v)]
+                raise SchemaError(f"expected a tuple, got {_type_name(v)}")
+            try:
+                return [item_out(x) for x in v]
+            except WireError as exc:
+                raise _located(exc, f"[{_failing_index(v, item_out)}]") from None
 
-        def tuple_in(v: Any, path: str, limits: Limits) -> Any:
+        def tuple_in(v: Any, limits: Limits) -> Any:
             if not isinstance(v, list):
-                raise SchemaError(f"expected a list, got {_type_name(v)}", field=path)
-            return tuple([item_in(x, f"{path}[{i}]", limits) for i, x in enumerate(v)])
+                raise SchemaError(f"expected a list, got {_type_name(v)}")
+            try:
+                return tuple([item_in(x, limits) for x in v])
+            except WireError as exc:
+                at = _failing_index(v, lambda x: item_in(x, limits))
+                raise _located(exc, f"[{at}]") from None
 
         return tuple_out, tuple_in
 
     if origin is dict and len(args) == 2 and args[0] is str:
         val_out, val_in = _converters(args[1], where)
 
-        def dict_out(v: Any, path: str) -> Any:
+        def dict_out(v: Any) -> Any:
             if not isinstance(v, dict):
-                raise SchemaError(f"expected a dict, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected a dict, got {_type_name(v)}")
             out = {}
             for k, x in v.items():
                 if not isinstance(k, str):
-                    raise SchemaError(f"keys must be str, got {_type_name(k)}", field=path)
-                out[k] = val_out(x, f"{path}[{k!r}]")
+                    raise SchemaError(f"keys must be str, got {_type_name(k)}")
+                try:
+                    out[k] = val_out(x)
+                except WireError as exc:
+                    raise _located(exc, f"[{k!r}]") from None
             return out
 
-        def dict_in(v: Any, path: str, limits: Limits) -> Any:
+        def dict_in(v: Any, limits: Limits) -> Any:
             if not isinstance(v, dict):
-                raise SchemaError(f"expected a map, got {_type_name(v)}", field=path)
+                raise SchemaError(f"expected a map, got {_type_name(v)}")
             out = {}
             for k, x in v.items():
                 if not isinstance(k, str):
-                    raise SchemaError(f"keys must be str, got {_type_name(k)}", field=path)
+                    raise SchemaError(f"keys must be str, got {_type_name(k)}")
                 if len(k) > limits.max_str:
-                    raise LimitError(f"key of {len(k)} characters", field=path)
-                out[k] = val_in(x, f"{path}[{k!r}]", limits)
+                    raise LimitError(f"key of {len(k)} characters")
+                try:
+                    out[k] = val_in(x, limits)
+                except WireError as exc:
+                    raise _located(exc, f"[{k!r}]") from None
             return out
 
         return dict_out, dict_in
@@ -439,15 +473,25 @@ def _converters(
         inner = args[0] if args[1] is type(None) else args[1]
         some_out, some_in = _converters(inner, where)
 
-        def opt_out(v: Any, path: str) -> Any:
-            return None if v is None else some_out(v, path)
+        def opt_out(v: Any) -> Any:
+            return None if v is None else some_out(v)
 
-        def opt_in(v: Any, path: str, limits: Limits) -> Any:
-            return None if v is None else some_in(v, path, limits)
+        def opt_in(v: Any, limits: Limits) -> Any:
+            return None if v is None else some_in(v, limits)
 
         return opt_out, opt_in
 
     raise TypeError(f"{where}: annotation {hint!r} is outside the wire vocabulary")
+
+
+def _failing_index(items: Iterable[Any], convert: Callable[[Any], Any]) -> int:
+    """Which item `convert` refuses (run again on the error path only, to name it)."""
+    for i, x in enumerate(items):
+        try:
+            convert(x)
+        except WireError:
+            return i
+    return -1  # pragma: no cover - the caller saw one fail
 
 
 def _message_alternatives(hint: Any) -> tuple[type[Message], ...]:
@@ -465,73 +509,76 @@ def _message_alternatives(hint: Any) -> tuple[type[Message], ...]:
     return ()
 
 
-def _array_out(v: Any, path: str) -> Any:
+def _array_out(v: Any) -> Any:
     if not isinstance(v, np.ndarray):
-        raise SchemaError(f"expected numpy array, got {_type_name(v)}", field=path)
+        raise SchemaError(f"expected numpy array, got {_type_name(v)}")
     dtype = v.dtype.newbyteorder("<") if v.dtype.byteorder == ">" else v.dtype
     if dtype.str not in ARRAY_DTYPES:
-        raise SchemaError(f"dtype {v.dtype} cannot travel on the wire", field=path)
+        raise SchemaError(f"dtype {v.dtype} cannot travel on the wire")
     data = np.ascontiguousarray(v, dtype=dtype)
     return {"d": dtype.str, "s": list(v.shape), "b": data.tobytes()}
 
 
-def _array_in(v: Any, path: str, limits: Limits) -> Any:
+def _array_in(v: Any, limits: Limits) -> Any:
     if not isinstance(v, dict) or set(v) != {"d", "s", "b"}:
-        raise SchemaError("expected an array map with keys d, s, b", field=path)
+        raise SchemaError("expected an array map with keys d, s, b")
     dtype_str, shape, data = v["d"], v["s"], v["b"]
     if not isinstance(dtype_str, str) or dtype_str not in ARRAY_DTYPES:
-        raise SchemaError(f"dtype {dtype_str!r} is not allowed", field=path)
+        raise SchemaError(f"dtype {dtype_str!r} is not allowed")
     if not isinstance(shape, list) or len(shape) > limits.max_array_ndim:
-        raise SchemaError(
-            f"shape must be a list of at most {limits.max_array_ndim} ints", field=path
-        )
+        raise SchemaError(f"shape must be a list of at most {limits.max_array_ndim} ints")
     count = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:
-            raise SchemaError(f"shape {shape!r} holds a negative or non-int size", field=path)
+            raise SchemaError(f"shape {shape!r} holds a negative or non-int size")
         count *= dim
         if count > limits.max_array_elements:
-            raise LimitError(
-                f"shape {shape!r} exceeds {limits.max_array_elements} elements", field=path
-            )
+            raise LimitError(f"shape {shape!r} exceeds {limits.max_array_elements} elements")
     if not isinstance(data, bytes):
-        raise SchemaError(f"array data must be bytes, got {_type_name(data)}", field=path)
+        raise SchemaError(f"array data must be bytes, got {_type_name(data)}")
     dtype = np.dtype(dtype_str)
     if len(data) != count * dtype.itemsize:
         raise SchemaError(
-            f"shape {shape!r} of {dtype} needs {count * dtype.itemsize} bytes, got {len(data)}",
-            field=path,
+            f"shape {shape!r} of {dtype} needs {count * dtype.itemsize} bytes, got {len(data)}"
         )
     # frombuffer shares the (immutable) bytes: no copy, and the array comes out read-only.
     return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 
-def _fields_to_wire(msg: Message, path: str) -> dict[str, Any]:
+def _fields_to_wire(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for codec in _codecs_for(type(msg)):
-        out[codec.name] = codec.to_wire(getattr(msg, codec.name), f"{path}.{codec.name}")
+        name = codec.name
+        try:
+            out[name] = codec.to_wire(getattr(msg, name))
+        except WireError as exc:
+            raise _located(exc, f".{name}") from None
     return out
 
 
-def _fields_from_wire(cls: type[M], data: Mapping[str, Any], limits: Limits, path: str) -> M:
+def _fields_from_wire(cls: type[M], data: Mapping[str, Any], limits: Limits) -> M:
+    """Build `cls` from its field map; errors carry a field path relative to it."""
     codecs = _codecs_for(cls)
     if len(data) > len(codecs) or not _NAMES[cls].issuperset(data):
         unknown = next(key for key in data if key not in _NAMES[cls])
-        raise SchemaError(f"unknown field {unknown!r} for {cls.__name__}", field=path)
+        raise SchemaError(f"unknown field {unknown!r} for {cls.__name__}")
     kwargs: dict[str, Any] = {}
     for codec in codecs:
         name = codec.name
         if name not in data:
             if not codec.has_default:
-                raise SchemaError("missing", field=f"{path}.{name}")
+                raise SchemaError("missing", field=f".{name}")
             continue
-        kwargs[name] = codec.from_wire(data[name], f"{path}.{name}", limits)
+        try:
+            kwargs[name] = codec.from_wire(data[name], limits)
+        except WireError as exc:
+            raise _located(exc, f".{name}") from None
     try:
         return cls(**kwargs)
     except WireError:
         raise
     except (ValueError, TypeError, OverflowError) as exc:
-        raise SchemaError(f"invalid {cls.__name__}: {exc}", field=path) from exc
+        raise SchemaError(f"invalid {cls.__name__}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- encode / decode
@@ -558,7 +605,10 @@ def to_map(msg: Message) -> dict[str, Any]:
     """The msgpack-able map for `msg`, with version and type tag."""
     if not isinstance(msg, Message) or isinstance(msg, Record):
         raise SchemaError(f"cannot encode {_type_name(msg)}: not a wire message")
-    body = _fields_to_wire(msg, type(msg).__name__)
+    try:
+        body = _fields_to_wire(msg)
+    except WireError as exc:
+        raise _located(exc, type(msg).__name__) from None
     return {"v": WIRE_VERSION, "t": type(msg).TAG, **body}
 
 
@@ -658,7 +708,10 @@ def decode(
         if cls not in allowed:
             names = ", ".join(c.__name__ for c in allowed)
             raise SchemaError(f"expected {names}, got {cls.__name__}", field="t")
-    msg = _fields_from_wire(cls, obj, limits, cls.__name__)
+    try:
+        msg = _fields_from_wire(cls, obj, limits)
+    except WireError as exc:
+        raise _located(exc, cls.__name__) from None
     if context:
         for attr, wanted in context.items():
             actual = getattr(msg, attr, None)

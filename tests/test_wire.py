@@ -54,9 +54,9 @@ def test_arrays_travel_as_bytes_dtype_shape() -> None:
     arr = np.arange(12, dtype="<f4").reshape(3, 4)
     raw = wire.to_map(wire.DeviceStatus(device_id="d1", online=True))
     assert "battery" in raw
-    field = wire._array_out(arr, "x")
+    field = wire._array_out(arr)
     assert field == {"d": "<f4", "s": [3, 4], "b": arr.tobytes()}
-    back = wire._array_in(field, "x", wire.DEFAULT_LIMITS)
+    back = wire._array_in(field, wire.DEFAULT_LIMITS)
     assert back.dtype == np.float32
     assert back.shape == (3, 4)
     assert not back.flags.writeable
@@ -159,13 +159,37 @@ def test_schema_errors_name_the_field(obj: Any, needle: str) -> None:
         wire.decode(_frame(obj))
 
 
+@pytest.mark.parametrize(
+    ("share", "field", "needle"),
+    [
+        (
+            {"recipient": "d2", "ciphertext": "text"},
+            "Shares.shares[1].ciphertext",
+            "expected bytes",
+        ),
+        ({"ciphertext": b"x"}, "Shares.shares[1].recipient", "missing"),
+        ({"recipient": "d2", "ciphertext": b"x", "more": 1}, "Shares.shares[1]", "unknown field"),
+        ([1], "Shares.shares[1]", "expected a map"),
+    ],
+)
+def test_nested_errors_name_the_full_path(share: object, field: str, needle: str) -> None:
+    from shared.secagg.messages import SEALED_SHARE_BYTES
+
+    good = {"recipient": "d1", "ciphertext": b"\0" * SEALED_SHARE_BYTES}
+    body = {"v": 1, "t": "secagg.shares", "round_id": 1, "sender": "d0", "shares": [good, share]}
+    with pytest.raises(wire.SchemaError, match=needle) as caught:
+        wire.decode(_frame(body))
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ")
+
+
 def test_array_shape_must_match_bytes() -> None:
     with pytest.raises(wire.SchemaError, match="needs 16 bytes, got 12"):
-        wire._array_in({"d": "<f4", "s": [4], "b": b"\0" * 12}, "x", wire.DEFAULT_LIMITS)
+        wire._array_in({"d": "<f4", "s": [4], "b": b"\0" * 12}, wire.DEFAULT_LIMITS)
     with pytest.raises(wire.SchemaError, match="not allowed"):
-        wire._array_in({"d": "|O", "s": [1], "b": b"\0" * 8}, "x", wire.DEFAULT_LIMITS)
+        wire._array_in({"d": "|O", "s": [1], "b": b"\0" * 8}, wire.DEFAULT_LIMITS)
     with pytest.raises(wire.LimitError, match="exceeds"):
-        wire._array_in({"d": "|u1", "s": [2**20, 2**20], "b": b""}, "x", wire.DEFAULT_LIMITS)
+        wire._array_in({"d": "|u1", "s": [2**20, 2**20], "b": b""}, wire.DEFAULT_LIMITS)
 
 
 def test_extension_types_and_trailing_bytes_refused() -> None:

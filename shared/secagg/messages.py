@@ -37,9 +37,10 @@ def _require_round(round_id: object) -> None:
 
 
 def _require_bytes(value: object, size: int, field: str) -> None:
-    if not isinstance(value, bytes) or type(value) is not bytes:
+    if type(value) is not bytes:
         raise wire.SchemaError(f"expected bytes, got {type(value).__name__}", field=field)
-    wire.require(len(value) == size, field, f"must be {size} bytes, got {len(value)}")
+    if len(value) != size:  # not wire.require: its message would be formatted every time
+        raise wire.SchemaError(f"must be {size} bytes, got {len(value)}", field=field)
 
 
 def _require_tuple(value: object, field: str) -> None:
@@ -119,7 +120,7 @@ class Roster(wire.Message):
         wire.require(
             all(type(a) is KeyAdvert for a in self.adverts), "adverts", "expected KeyAdvert items"
         )
-        wire.require_ids((a.device_id for a in self.adverts), "adverts")
+        wire.require_unique((a.device_id for a in self.adverts), "adverts")
 
 
 # --------------------------------------------------------------------------------------- SHARE
@@ -154,7 +155,7 @@ class Shares(wire.Message):
         wire.require(
             all(type(s) is SealedShare for s in self.shares), "shares", "expected SealedShare items"
         )
-        wire.require_ids((s.recipient for s in self.shares), "shares")
+        wire.require_unique((s.recipient for s in self.shares), "shares")
 
 
 @wire.record
@@ -191,7 +192,7 @@ class ShareInbox(wire.Message):
             "shares",
             "expected ForwardedShare items",
         )
-        wire.require_ids((s.sender for s in self.shares), "shares")
+        wire.require_unique((s.sender for s in self.shares), "shares")
 
 
 # ------------------------------------------------------------------------------------- COLLECT
@@ -271,7 +272,7 @@ class Unmask(wire.Message):
             wire.require(
                 all(type(s) is RevealedShare for s in items), field, "expected RevealedShare items"
             )
-            wire.require_ids((s.owner for s in items), field)
+            wire.require_unique((s.owner for s in items), field)
 
 
 # ----------------------------------------------------------------------------------- any stage
