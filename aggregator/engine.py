@@ -207,6 +207,7 @@ class RoundEngine:
         self.rejected_total: Counter[str] = Counter()
         self.late_total = 0
         self.late_after_close: Counter[int] = Counter()
+        self.not_needed_after_close: Counter[int] = Counter()
         self.events: list[dict[str, Any]] = []  # drained by the adapter onto fl/{fleet}/events
 
     # ------------------------------------------------------------------------- device status
@@ -389,6 +390,11 @@ class RoundEngine:
             self._reject("wrong_topic", device, f"{topic.kind.value} is not a device round topic")
             return []
         if run is None or topic.round_id != run.announce.round_id:
+            if topic.kind is topics.Kind.UNMASK and self._unmask_ended_early(topic.round_id):
+                # Asked for and on its way when every secret already had t shares: not late,
+                # just not needed. Counted, without an event each (hundreds per round at scale).
+                self.not_needed_after_close[topic.round_id] += 1
+                return []
             if topic.round_id in self._finished or (
                 run is not None and topic.round_id < run.announce.round_id
             ):
@@ -757,6 +763,13 @@ class RoundEngine:
             # The round's summary may be out already; this shows on the events topic.
             self.late_after_close[round_id] += 1
         self._event("late", round_id, device=device, topic=kind.value if kind else None)
+
+    def _unmask_ended_early(self, round_id: int) -> bool:
+        outcome = self._finished.get(round_id)
+        if outcome is None or outcome.state is not RoundState.CLOSED:
+            return False
+        unmask = outcome.metrics.get("stages", {}).get(Stage.UNMASK.value)
+        return bool(unmask and unmask.get("not_needed"))
 
     def _event(self, kind: str, round_id: int | None, **data: Any) -> None:
         self.events.append({"event": kind, "round": round_id, **data})

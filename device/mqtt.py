@@ -10,7 +10,8 @@ What it owns:
 - Reconnecting with exponential backoff and full jitter (so a fleet that lost its broker does not
   return in lockstep), re-subscribing, and calling `on_connect` each time (e.g. to republish
   status). Authentication failures are not retried forever: they raise `LinkAuthError`.
-- Handing each incoming message to a callback; the callback must be quick (queue and return).
+- Handing each incoming message to a callback, straight from paho's `on_message` on the event
+  loop's thread; the callback must be quick (queue and return).
 
 The aggregator imports this from `device/` because it is what a gateway installs anyway; it holds
 no device logic.
@@ -30,6 +31,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import aiomqtt
+from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -312,7 +314,27 @@ class Link:
         # aiomqtt warns (and counts its pending calls, O(n)) on every publish beyond 10 in
         # flight; the aggregator publishes a stage's inbox messages 20 at a time, on purpose.
         client.pending_calls_threshold = PENDING_PUBLISH_WARNING
+        if self._on_message is not None:
+            # Take messages from paho's callback, set before connecting (a persistent
+            # session's queued messages arrive right after CONNACK). aiomqtt's own path wraps
+            # each one in a Message, queues it and wakes a task per message in its iterator:
+            # a tenth of the aggregator's MQTT CPU at 1000 devices (bench: 4000 in, 2000 out).
+            client._client.on_message = self._deliver
         return client
+
+    def _deliver(self, _client: object, _userdata: object, message: MQTTMessage) -> None:
+        """paho's on_message: runs on the event loop's thread, inside aiomqtt's read callback."""
+        assert self._on_message is not None
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
+            return
+        try:
+            self._on_message(Incoming(topic, bytes(message.payload), bool(message.retain)))
+        except Exception:
+            # Raising here would make paho drop the connection; one bad message must not.
+            log.exception("%s: the message handler failed on %s", self.client_id, topic)
 
     async def _connect(self) -> aiomqtt.Client:
         versions: list[Literal["5", "3.1.1"]]
@@ -356,14 +378,10 @@ class Link:
             self.connected.set()
             if self._on_connect is not None:
                 await self._on_connect()
-            async for message in client.messages:
-                if self._on_message is not None:
-                    payload = message.payload
-                    if isinstance(payload, bytes | bytearray):
-                        data = bytes(payload)
-                    else:  # paho hands over str/int/float only for non-binary publishes
-                        data = str(payload).encode("utf-8")
-                    self._on_message(Incoming(str(message.topic), data, bool(message.retain)))
+            # Messages go to `_deliver` straight from paho; this only ends when the
+            # connection does (aiomqtt then raises MqttError).
+            async for _ in client.messages:
+                pass
         finally:
             self.connected.clear()
             with contextlib.suppress(Exception):

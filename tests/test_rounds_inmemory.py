@@ -184,6 +184,20 @@ def test_secure_round_survives_dropouts_after_masking_and_before_advertise() -> 
     assert out.metrics["dropouts_recovered"] == unmask["dropped"]
 
 
+def test_unmask_answers_after_an_early_close_are_not_needed_not_late() -> None:
+    fleet = make_fleet(20)
+    run_round(fleet)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    unmask = out.metrics["stages"]["unmask"]
+    assert unmask["not_needed"] > 0  # every secret had t shares before all 20 answered
+    # Those answers still arrive, after the round closed: counted, with no `late` event each.
+    assert fleet.engine.not_needed_after_close[out.round_id] == unmask["not_needed"]
+    assert not [e for e in fleet.engine.events if e["event"] == "late"]
+    assert fleet.engine.late_total == 0
+
+
 def test_plain_round_with_late_device() -> None:
     fleet = make_fleet(6, mode="plain", rule="median", sparsity="top_k", density=0.2)
     late = "d05"
