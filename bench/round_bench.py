@@ -1,18 +1,22 @@
 """Whole rounds over a real mosquitto: wall time, aggregator CPU, memory, bytes per device.
 
     python bench/round_bench.py [--sizes 100,500,1000] [--dims 10k,100k] [--modes secure,plain]
+                                [--rounds 4] [--repeat 1]
 
 For each N (cohort = N, every device selected), model size d and mode, this provisions a fleet,
 starts mosquitto, runs the simulator (N devices over 2 worker processes) and the aggregator
-service in this process, and runs 2 rounds; figures are from round 2 (round 1 includes every
-device loading the model). Secure rounds use rand-10% + SecAgg+ (k about 2 log2 N); plain
-rounds top-10% int8. Models are MLPs on the simulator's 16 features (16-96-96-4 = 11,332 and
-16-300-300-4 = 96,604 parameters), built first with TensorFlow in a subprocess.
+service in this process, and runs `--rounds` rounds. Round 1 is not measured (every device loads
+the model then); figures are medians over rounds 2..R, and over `--repeat` runs of the whole
+configuration. Secure rounds use rand-10% + SecAgg+ (k about 2 log2 N); plain rounds top-10% int8.
+Models are MLPs on the simulator's 16 features (16-96-96-4 = 11,332 and 16-300-300-4 = 96,604
+parameters), built first with TensorFlow in a subprocess.
 
-Columns: round wall time (announcement to outcome), aggregator CPU seconds in that interval
-(process time of the process that runs only the aggregator; one process per configuration),
-peak RSS of that process and of the largest simulator worker, and uplink/downlink payload bytes
-per device.
+Columns: round wall time (announcement to outcome); aggregator CPU seconds in that interval
+(process time of the process that runs only the aggregator; one process per configuration), and
+the range over the measured rounds; aggregator CPU per whole cycle (one announcement to the next:
+adds applying the update, publishing the release and taking every device's new status);
+peak RSS of the aggregator process and of the largest simulator worker; uplink/downlink payload
+bytes per device.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +80,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_one(work: Path, n: int, model: Path, mode: str) -> dict[str, Any]:
+def run_one(work: Path, n: int, model: Path, mode: str, rounds: int = 4) -> dict[str, Any]:
     from aggregator.config import AggregatorSettings
     from aggregator.service import AggregatorService, RoundSummary
     from broker import provision as prov
@@ -110,7 +115,7 @@ def run_one(work: Path, n: int, model: Path, mode: str) -> dict[str, Any]:
             "fleet.dir": str(fleet_dir),
             "state.dir": str(run_dir / "state"),
             "model.initial": str(model),
-            "rounds.count": "2",
+            "rounds.count": str(rounds),
             "rounds.mode": mode,
             "rounds.cohort": str(n),
             "rounds.over_select": "1.0",
@@ -145,11 +150,16 @@ def run_one(work: Path, n: int, model: Path, mode: str) -> dict[str, Any]:
         summaries = asyncio.run(service.run())
         worker_rss = max(peak_rss_mb(w.pid) for w in sim._workers)
         m = summaries[-1].metrics
-        (t0, c0), (t1, c1) = marks[-2], marks[2]
+        measured = range(2, rounds + 1)
+        walls = [marks[r][0] - marks[-r][0] for r in measured]
+        cpus = [marks[r][1] - marks[-r][1] for r in measured]
+        cycles = [marks[-(r + 1)][1] - marks[-r][1] for r in measured if -(r + 1) in marks]
         result = {
-            "state": m["state"],
-            "wall_s": t1 - t0,
-            "agg_cpu_s": c1 - c0,
+            "state": "closed" if all(s.state == "closed" for s in summaries) else m["state"],
+            "wall_s": statistics.median(walls),
+            "agg_cpu_s": statistics.median(cpus),
+            "agg_cpu_each": cpus,
+            "cycle_cpu_s": statistics.median(cycles) if cycles else float("nan"),
             "agg_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "sim_rss_mb": worker_rss,
             "up": m["uplink_bytes_per_device"],
@@ -167,14 +177,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,500,1000")
     parser.add_argument("--dims", default="10k,100k")
     parser.add_argument("--modes", default="secure,plain")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per run; 2..R measured")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
     parser.add_argument(
         "--one", nargs=4, metavar=("N", "MODEL", "MODE", "WORK"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (round 1 is not measured)")
     if args.one:
         # One configuration per process, so peak RSS belongs to that configuration alone.
         n, model, mode, work = args.one
-        print(json.dumps(run_one(Path(work), int(n), Path(model), mode)))
+        print(json.dumps(run_one(Path(work), int(n), Path(model), mode, args.rounds)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     dims = args.dims.split(",")
@@ -183,27 +197,49 @@ def main() -> None:
     models = build_models(work, dims)
     print(
         "command: python bench/round_bench.py "
-        f"--sizes {args.sizes} --dims {args.dims} --modes {args.modes}"
+        f"--sizes {args.sizes} --dims {args.dims} --modes {args.modes} "
+        f"--rounds {args.rounds} --repeat {args.repeat}"
     )
     print(
-        "| N | d | mode | round s | aggregator CPU s | aggregator peak RSS MB "
-        "| simulator worker peak RSS MB | uplink B/device | downlink B/device |"
+        "| N | d | mode | round s | aggregator CPU s (range) | CPU s per cycle "
+        "| aggregator peak RSS MB | simulator worker peak RSS MB "
+        "| uplink B/device | downlink B/device |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         for dim in dims:
             for mode in modes:
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--one", str(n), str(models[dim]), mode, str(work)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs = []
+                for _ in range(args.repeat):
+                    proc = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--rounds",
+                            str(args.rounds),
+                            "--one",
+                            str(n),
+                            str(models[dim]),
+                            mode,
+                            str(work),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                r = runs[-1]
+                cpus = [c for run in runs for c in run["agg_cpu_each"]]
+                wall = statistics.median(run["wall_s"] for run in runs)
+                cpu = statistics.median(cpus)
+                cycle = statistics.median(run["cycle_cpu_s"] for run in runs)
+                states = {run["state"] for run in runs}
                 print(
-                    f"| {n} | {r['dim']:,} | {mode} | {r['wall_s']:.1f} | {r['agg_cpu_s']:.2f} | "
-                    f"{r['agg_rss_mb']:.0f} | {r['sim_rss_mb']:.0f} | {r['up']:,} | {r['down']:,} |"
-                    + ("" if r["state"] == "closed" else f" ({r['state']})"),
+                    f"| {n} | {r['dim']:,} | {mode} | {wall:.1f} | {cpu:.2f} "
+                    f"({min(cpus):.2f}-{max(cpus):.2f}) | {cycle:.2f} | "
+                    f"{max(x['agg_rss_mb'] for x in runs):.0f} | "
+                    f"{max(x['sim_rss_mb'] for x in runs):.0f} | {r['up']:,} | {r['down']:,} |"
+                    + ("" if states == {"closed"} else f" ({', '.join(sorted(states))})"),
                     flush=True,
                 )
 
