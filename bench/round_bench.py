@@ -185,6 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 1 is not measured)")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.one:
         # One configuration per process, so peak RSS belongs to that configuration alone.
         n, model, mode, work = args.one
