@@ -10,6 +10,8 @@ the time, and publishes the `Publish` records it returns.
     outs = engine.start_round(round_id=..., model_version=..., dim=..., now=...)
     outs = engine.receive(topic, payload, now)     # any round message from a device
     outs = engine.tick(now)                        # at or after engine.next_deadline
+    engine.receive(topic, payload, now, defer_close=True)   # then, if engine.close_due:
+    outs = engine.tick(now)                        # closes the completed stage
     engine.outcome                                 # RoundOutcome once the round is over
 
 Rules:
@@ -382,8 +384,15 @@ class RoundEngine:
 
     # ---------------------------------------------------------------------------- messages
 
-    def receive(self, topic: topics.Topic, payload: bytes, now: float) -> list[Publish]:
-        """One message from a device on a round topic. Never raises for bad input."""
+    def receive(
+        self, topic: topics.Topic, payload: bytes, now: float, *, defer_close: bool = False
+    ) -> list[Publish]:
+        """One message from a device on a round topic. Never raises for bad input.
+
+        A message that completes its stage closes the stage, unless `defer_close`: then
+        `close_due` turns true and the next tick() closes it. Per-message work is small; a
+        close (rosters, share inboxes, unmasking, the plain aggregation rule) is not, and
+        deferring it lets the adapter run the two on different threads."""
         device = topic.device_id or "?"
         run = self._run
         if topic.kind not in _EXPECTED_TYPE or topic.round_id is None:
@@ -425,15 +434,25 @@ class RoundEngine:
             return []
         run.uplink[device] += len(payload)
         if run.server is None:
-            return self._plain_receive(run, device, message, now)
-        return self._secure_receive(run, device, stage, message, now)
+            return self._plain_receive(run, device, message, now, defer_close)
+        return self._secure_receive(run, device, stage, message, now, defer_close)
+
+    @property
+    def close_due(self) -> bool:
+        """A stage has every message it waits for and tick() will close it (see receive)."""
+        run = self._run
+        if run is None:
+            return False
+        if run.server is not None:
+            return run.server.close_due
+        return not run.plain_closed and len(run.plain) == len(run.announce.cohort)
 
     def tick(self, now: float) -> list[Publish]:
         run = self._run
         if run is None:
             return []
         if run.server is None:
-            if now >= run.started + run.announce.times.collect:
+            if now >= run.started + run.announce.times.collect or self.close_due:
                 return self._plain_close(run, now)
             return []
         before = run.server.state
@@ -446,7 +465,13 @@ class RoundEngine:
     # ----------------------------------------------------------------------------- secure
 
     def _secure_receive(
-        self, run: _Run, device: str, stage: Stage, message: wire.Message, now: float
+        self,
+        run: _Run,
+        device: str,
+        stage: Stage,
+        message: wire.Message,
+        now: float,
+        defer_close: bool,
     ) -> list[Publish]:
         server = run.server
         assert server is not None
@@ -456,7 +481,7 @@ class RoundEngine:
             return []
         before = server.state
         try:
-            outs = server.receive(message, now)
+            outs = server.receive(message, now, close=not defer_close)
         except RemoteProtocolError as exc:
             self._reject("protocol", device, exc.problem)
             return []
@@ -567,7 +592,7 @@ class RoundEngine:
     # ------------------------------------------------------------------------------ plain
 
     def _plain_receive(
-        self, run: _Run, device: str, message: wire.Message, now: float
+        self, run: _Run, device: str, message: wire.Message, now: float, defer_close: bool
     ) -> list[Publish]:
         assert isinstance(message, PlainUpdate)
         stats = run.stages[Stage.COLLECT]
@@ -584,7 +609,7 @@ class RoundEngine:
             return []
         run.plain[device] = message
         stats.arrived += 1
-        if len(run.plain) == len(run.announce.cohort):
+        if len(run.plain) == len(run.announce.cohort) and not defer_close:
             return self._plain_close(run, now)
         return []
 

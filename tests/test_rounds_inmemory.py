@@ -41,6 +41,10 @@ class Fleet:
     pending: list[tuple[str, int, LocalResult]] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(5))
+    # As the service does: take each message with defer_close, then close a completed stage
+    # with tick(). `closes` counts those closes.
+    defer_close: bool = False
+    closes: int = 0
 
     def publish(self, pubs: list[Publish]) -> None:
         for p in pubs:
@@ -68,7 +72,7 @@ class Fleet:
                 if t.kind in self.drop_kinds.get(dev, set()):
                     self.offline.add(dev)  # disconnects instead of sending
                     continue
-                self.publish(self.engine.receive(t, a.payload, self.now))
+                self.publish(self.receive(t, a.payload))
             elif isinstance(a, Train):
                 dim = part.feedback.dim if part.feedback else self.dim
                 update = self.rng.normal(0, 0.05, dim).astype(np.float32)
@@ -76,6 +80,17 @@ class Fleet:
                 self.pending.append((dev, a.round_id, LocalResult(update, weight, 0.7, 30, 40)))
             elif isinstance(a, Note):
                 self.notes.setdefault(dev, []).append(a.text)
+
+    def receive(self, topic: topics.Topic, payload: bytes) -> list[Publish]:
+        if not self.defer_close:
+            return self.engine.receive(topic, payload, self.now)
+        pubs = self.engine.receive(topic, payload, self.now, defer_close=True)
+        if self.engine.close_due:
+            assert not pubs  # the stage's messages come from the close, not the message
+            self.closes += 1
+            pubs = self.engine.tick(self.now)
+            assert not self.engine.close_due
+        return pubs
 
     def finish_training(self) -> None:
         pending, self.pending = self.pending, []
@@ -91,7 +106,7 @@ class Fleet:
                 self.run_actions(dev, part.tick(self.now))
 
 
-def make_fleet(n: int, mode: str = "secure", **cfg: object) -> Fleet:
+def make_fleet(n: int, mode: str = "secure", defer_close: bool = False, **cfg: object) -> Fleet:
     agg = SigningKey.generate()
     ids = [f"d{i:02d}" for i in range(n)]
     keys = {d: SigningKey.generate() for d in ids}
@@ -112,7 +127,7 @@ def make_fleet(n: int, mode: str = "secure", **cfg: object) -> Fleet:
     }
     manifest = tm.read_manifest(MODEL)
     assert manifest is not None
-    fleet = Fleet(engine, devices, agg, tm.layout_size(manifest.layout))
+    fleet = Fleet(engine, devices, agg, tm.layout_size(manifest.layout), defer_close=defer_close)
     release = tm.make_release(MODEL, manifest, agg)
     fleet.publish([Publish(topics.model(FLEET), wire.encode(release), retain=True)])
     for d in ids:
@@ -137,8 +152,9 @@ def run_round(fleet: Fleet, round_id: int = 1) -> None:
     raise AssertionError("round did not finish")
 
 
-def test_secure_round_matches_plain_weighted_mean() -> None:
-    fleet = make_fleet(8)
+@pytest.mark.parametrize("defer_close", [False, True], ids=["close-on-receive", "deferred"])
+def test_secure_round_matches_plain_weighted_mean(defer_close: bool) -> None:
+    fleet = make_fleet(8, defer_close=defer_close)
     run_round(fleet)
     out = fleet.engine.outcome
     assert out is not None
@@ -158,10 +174,16 @@ def test_secure_round_matches_plain_weighted_mean() -> None:
     assert not np.any(out.mean_update[mask])
     assert out.metrics["samples"] == 8 * 40
     assert out.metrics["accuracy"] == pytest.approx(0.75)
+    # Every stage closed because everyone answered, never at a deadline.
+    assert fleet.closes == (4 if defer_close else 0)
+    assert out.metrics["duration_s"] < fleet.engine.config.times.advertise
 
 
-def test_secure_round_survives_dropouts_after_masking_and_before_advertise() -> None:
-    fleet = make_fleet(12)
+@pytest.mark.parametrize("defer_close", [False, True], ids=["close-on-receive", "deferred"])
+def test_secure_round_survives_dropouts_after_masking_and_before_advertise(
+    defer_close: bool,
+) -> None:
+    fleet = make_fleet(12, defer_close=defer_close)
     fleet.drop_kinds = {
         "d01": {topics.Kind.UNMASK},  # masked input sent, then gone
         "d02": {topics.Kind.UNMASK},
@@ -184,8 +206,9 @@ def test_secure_round_survives_dropouts_after_masking_and_before_advertise() -> 
     assert out.metrics["dropouts_recovered"] == unmask["dropped"]
 
 
-def test_unmask_answers_after_an_early_close_are_not_needed_not_late() -> None:
-    fleet = make_fleet(20)
+@pytest.mark.parametrize("defer_close", [False, True], ids=["close-on-receive", "deferred"])
+def test_unmask_answers_after_an_early_close_are_not_needed_not_late(defer_close: bool) -> None:
+    fleet = make_fleet(20, defer_close=defer_close)
     run_round(fleet)
     out = fleet.engine.outcome
     assert out is not None
@@ -196,6 +219,22 @@ def test_unmask_answers_after_an_early_close_are_not_needed_not_late() -> None:
     assert fleet.engine.not_needed_after_close[out.round_id] == unmask["not_needed"]
     assert not [e for e in fleet.engine.events if e["event"] == "late"]
     assert fleet.engine.late_total == 0
+
+
+def test_plain_round_closes_when_everyone_sent_also_when_deferred() -> None:
+    results = []
+    for defer_close in (False, True):
+        fleet = make_fleet(5, mode="plain", sparsity="top_k", density=0.2, defer_close=defer_close)
+        run_round(fleet)
+        out = fleet.engine.outcome
+        assert out is not None
+        assert out.state is rounds.RoundState.CLOSED, out.reason
+        assert out.metrics["duration_s"] < fleet.engine.config.times.collect
+        assert fleet.closes == (1 if defer_close else 0)
+        results.append(out)
+    # Every device's update is in, either way.
+    assert set(results[0].survivors) == set(results[1].survivors)
+    assert results[0].metrics["samples"] == results[1].metrics["samples"]
 
 
 def test_plain_round_with_late_device() -> None:

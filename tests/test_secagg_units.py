@@ -604,3 +604,52 @@ def test_server_closes_stages_at_deadlines() -> None:
     assert [type(o.message) for o in out] == [Abort]
     assert out[0].to is None
     assert set(server.dropped) == set(server.cohort)
+
+
+def test_a_deferred_close_waits_for_tick_and_sends_the_same() -> None:
+    config = SecAggConfig.create(cohort_size=4, dimension=3)
+    ids = identities(4)
+    verify = {d: bytes(k.verify_key) for d, k in ids.items()}
+    deadlines = StageDeadlines.evenly(0.0, 10.0)
+
+    def server() -> SecAggServer:
+        return SecAggServer(
+            config=config,
+            round_id=1,
+            round_seed=b"\x01" * 32,
+            verify_keys=verify,
+            deadlines=deadlines,
+        )
+
+    adverts = []
+    for d, key in sorted(ids.items()):
+        client = SecAggClient(
+            config=config,
+            round_id=1,
+            device_id=d,
+            signing_key=key,
+            verify_keys=verify,
+            round_seed=b"\x01" * 32,
+            random=deterministic_random(f"defer/{d}"),
+            deadlines=deadlines,
+        )
+        adverts += client.start(0.0)
+    eager, deferred = server(), server()
+    for message in adverts[:-1]:
+        assert eager.receive(message, 1.0) == []
+        assert deferred.receive(message, 1.0, close=False) == []
+        assert not deferred.close_due
+    rosters = eager.receive(adverts[-1], 1.0)
+    assert eager.state is ServerState.SHARE
+    assert len(rosters) == 4
+    # The last advert completes the stage; it stays open until tick(), before its deadline.
+    assert deferred.receive(adverts[-1], 1.0, close=False) == []
+    assert deferred.close_due
+    assert deferred.state is ServerState.ADVERTISE
+    out = deferred.tick(2.0)
+    assert deferred.state is ServerState.SHARE
+    assert not deferred.close_due
+    assert [(o.to, wire.encode(o.message)) for o in out] == [
+        (o.to, wire.encode(o.message)) for o in rosters
+    ]
+    assert deferred.tick(2.0) == []  # SHARE waits for shares or its deadline

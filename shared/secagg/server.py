@@ -10,6 +10,7 @@ unmasking that turns it into the sum of the survivors' contributions.
     for out in server.receive(message, now):   # message decoded with expect=TO_AGGREGATOR
         publish(out.message, to=out.to)        # out.to: tuple of device ids, or None = cohort
     for out in server.tick(now): ...           # call at (or after) server.deadline
+    server.receive(message, now, close=False)  # leave a completed stage for tick() to close
     server.state / .stage / .result / .reason / .dropped / .waiting_for()
 
 Stages: ADVERTISE (collect signed keys: U1) -> SHARE (route sealed shares: U2) -> COLLECT (sum
@@ -294,8 +295,12 @@ class SecAggServer:
 
     # ---------------------------------------------------------------------------- receive
 
-    def receive(self, message: wire.Message, now: float) -> list[Outbound]:
-        """Take one device message (already decoded); return what to send."""
+    def receive(self, message: wire.Message, now: float, *, close: bool = True) -> list[Outbound]:
+        """Take one device message (already decoded); return what to send.
+
+        With close=False, a message that completes its stage leaves the stage open with
+        `close_due` set, and the caller closes it with tick(): an adapter can then take
+        messages on one thread and leave the (much longer) stage close to another."""
         with self._guard(now):
             sender = self._check_context(message, now)
             if isinstance(message, Advertise):
@@ -306,17 +311,23 @@ class SecAggServer:
                 self._on_masked(message, sender)
             elif isinstance(message, Unmask):
                 self._on_unmask(message, sender)
-            if self._stage_complete():
+            if close and self._stage_complete():
                 return self._close_stage()
             return []
 
+    @property
+    def close_due(self) -> bool:
+        """The current stage has everything it waits for; tick() closes it."""
+        return self._state in _LIVE and self._stage_complete()
+
     def tick(self, now: float) -> list[Outbound]:
-        """Close every stage whose deadline is at or before `now`."""
+        """Close every stage whose deadline is at or before `now`, and a stage that is
+        complete (see receive(close=False))."""
         with self._guard(now):
             out: list[Outbound] = []
             while self._state in _LIVE:
                 deadline = self.deadline
-                if deadline is None or now < deadline:
+                if (deadline is None or now < deadline) and not self._stage_complete():
                     break
                 out += self._close_stage()
             return out
