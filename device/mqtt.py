@@ -110,6 +110,24 @@ class LastWill:
     retain: bool = True
 
 
+class _PackedProperties(Properties):
+    """Publish properties packed once. paho packs a Properties object again for every
+    publish, looking up each of the 27 property names by string; the sets a link uses never
+    change once built, so their bytes are kept."""
+
+    def __init__(self, *, expiry: int | None, content_type: str | None) -> None:
+        super().__init__(PacketTypes.PUBLISH)
+        if content_type is not None:
+            self.ContentType = content_type
+        if expiry is not None:
+            self.MessageExpiryInterval = int(expiry)
+        object.__setattr__(self, "_packed", super().pack())
+
+    def pack(self) -> bytes:
+        packed: bytes = self.__dict__["_packed"]
+        return packed
+
+
 class Link:
     """A self-healing MQTT connection. Use `run()` as a task; `publish()` from anywhere."""
 
@@ -151,7 +169,7 @@ class Link:
         self.connects = 0
         self.version: Literal["5", "3.1.1"] | None = None
         self._resume_at = 0.0  # loop time before which run() does not reconnect (see drop())
-        self._properties: dict[tuple[int | None, str | None], Properties] = {}
+        self._properties: dict[tuple[int | None, str | None], _PackedProperties] = {}
 
     # --------------------------------------------------------------------------------- public
 
@@ -176,16 +194,18 @@ class Link:
         Round traffic passes `content_type=None`: thousands of those messages cross the
         aggregator per round, and every property costs pure-Python decoding on both ends
         (the payload already names its schema version and type)."""
-        deadline = asyncio.get_running_loop().time() + wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
         while True:
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 raise LinkError(f"not connected to {self.address} within {wait:.0f} s")
-            try:
-                async with asyncio.timeout(remaining):
-                    await self.connected.wait()
-            except TimeoutError:
-                continue
+            if not self.connected.is_set():
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self.connected.wait()
+                except TimeoutError:
+                    continue
             client = self._client
             if client is None:
                 await asyncio.sleep(0.05)
@@ -270,16 +290,13 @@ class Link:
     ) -> Properties | None:
         if not self.mqtt5 or (expiry is None and content_type is None):
             return None
-        # paho's Properties are slow to build; a fleet publishes a handful of distinct sets.
+        # paho's Properties are slow to build and to pack; a link uses a handful of sets.
         key = (expiry, content_type)
         props = self._properties.get(key)
         if props is None:
-            props = Properties(PacketTypes.PUBLISH)
-            if content_type is not None:
-                props.ContentType = content_type
-            if expiry is not None:
-                props.MessageExpiryInterval = int(expiry)
-            self._properties[key] = props
+            props = self._properties[key] = _PackedProperties(
+                expiry=expiry, content_type=content_type
+            )
         return props
 
     def _make_client(self, version: Literal["5", "3.1.1"]) -> aiomqtt.Client:
@@ -314,6 +331,10 @@ class Link:
         # aiomqtt warns (and counts its pending calls, O(n)) on every publish beyond 10 in
         # flight; the aggregator publishes a stage's inbox messages 20 at a time, on purpose.
         client.pending_calls_threshold = PENDING_PUBLISH_WARNING
+        if not log.isEnabledFor(logging.DEBUG):
+            # paho formats a debug line for every packet it sends or receives (three calls
+            # each, thousands per round at the aggregator); keep them only when debugging.
+            client._client.disable_logger()
         if self._on_message is not None:
             # Take messages from paho's callback, set before connecting (a persistent
             # session's queued messages arrive right after CONNACK). aiomqtt's own path wraps

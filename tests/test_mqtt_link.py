@@ -113,3 +113,61 @@ async def test_messages_sent_while_away_arrive_on_reconnect(
         await sender.close()
         task.cancel()
         sending.cancel()
+
+
+async def test_mqtt5_publishes_carry_expiry_and_content_type_every_time(
+    mosquitto: BrokerProcess, fleet_dir: Path
+) -> None:
+    import aiomqtt
+
+    agg = prov.load_aggregator(fleet_dir)
+    dev = prov.load_device(fleet_dir / "devices" / "dev-0001")
+    address = BrokerAddress.parse(mosquitto.url)
+    sender = Link(
+        address,
+        client_id="dev-0001-v5",
+        username=dev.username,
+        password=dev.password,
+        protocol="5",
+    )
+    topic = topics.status(FLEET, "dev-0001")
+    task = asyncio.create_task(sender.run())
+    try:
+        async with aiomqtt.Client(
+            address.host,
+            address.port,
+            username=agg.username,
+            password=agg.password,
+            identifier="agg-v5-reader",
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ) as reader:
+            await reader.subscribe(topic, qos=1)
+            await sender.connected.wait()
+            sent = [
+                (600, "application/x-a"),
+                (600, "application/x-a"),
+                (None, "text/x-b"),
+                (30, None),
+                (None, None),
+            ]
+            for i, (expiry, content_type) in enumerate(sent):
+                await sender.publish(topic, b"%d" % i, expiry=expiry, content_type=content_type)
+            got = []
+            async with asyncio.timeout(10):
+                async for message in reader.messages:
+                    props = message.properties
+                    got.append(
+                        (
+                            getattr(props, "MessageExpiryInterval", None),
+                            getattr(props, "ContentType", None),
+                        )
+                    )
+                    if len(got) == len(sent):
+                        break
+        for (expiry, content_type), (got_expiry, got_type) in zip(sent, got, strict=True):
+            assert got_type == content_type
+            # The broker counts expiry down while it holds a message: at most a second here.
+            assert got_expiry is None if expiry is None else expiry - 1 <= got_expiry <= expiry
+    finally:
+        await sender.close()
+        task.cancel()
