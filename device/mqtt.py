@@ -31,6 +31,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -43,6 +44,7 @@ PENDING_PUBLISH_WARNING = 100
 MSGPACK_CONTENT_TYPE = "application/vnd.fleetlearn.v1+msgpack+zstd"
 JSON_CONTENT_TYPE = "application/json"
 SESSION_EXPIRY_SECONDS = 3600
+READ_BURST = 64  # incoming packets taken per wakeup of the socket, at most
 # CONNACK codes that mean "wrong credentials / not allowed": retrying will not help.
 _AUTH_CODES = {4, 5, 134, 135}
 _VERSION_CODES = {1, 132}
@@ -170,6 +172,7 @@ class Link:
         self.version: Literal["5", "3.1.1"] | None = None
         self._resume_at = 0.0  # loop time before which run() does not reconnect (see drop())
         self._properties: dict[tuple[int | None, str | None], _PackedProperties] = {}
+        self.delivered = 0  # messages handed to on_message
 
     # --------------------------------------------------------------------------------- public
 
@@ -341,11 +344,35 @@ class Link:
             # each one in a Message, queues it and wakes a task per message in its iterator:
             # a tenth of the aggregator's MQTT CPU at 1000 devices (bench: 4000 in, 2000 out).
             client._client.on_message = self._deliver
+            self._read_in_bursts(client._client)
         return client
+
+    def _read_in_bursts(self, paho_client: mqtt.Client) -> None:
+        """Let one wakeup of the socket take up to READ_BURST incoming messages.
+
+        aiomqtt calls paho's loop_read() once per readable event, and paho then reads at most
+        one packet on a connection that only receives. Every message then cost a full turn of
+        the event loop and a wakeup of whoever consumes them, which at 5000 messages a round
+        was a tenth of the aggregator's CPU. Reading on while each read delivers a message
+        (and stopping at the first read that does not: no data, a partial packet, or a
+        control packet) lets the consumer take them in batches."""
+        read_once = paho_client.loop_read
+
+        def loop_read(max_packets: int = 1) -> mqtt.MQTTErrorCode:
+            rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            for _ in range(READ_BURST):
+                before = self.delivered
+                rc = read_once()
+                if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or self.delivered == before:
+                    break
+            return rc
+
+        paho_client.loop_read = loop_read  # type: ignore[method-assign]
 
     def _deliver(self, _client: object, _userdata: object, message: MQTTMessage) -> None:
         """paho's on_message: runs on the event loop's thread, inside aiomqtt's read callback."""
         assert self._on_message is not None
+        self.delivered += 1
         try:
             topic = message.topic
         except UnicodeDecodeError:

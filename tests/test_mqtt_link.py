@@ -82,6 +82,7 @@ async def test_messages_arrive_in_order_and_a_failing_handler_keeps_the_connecti
         assert [m.payload for m in got] == payloads[1:]
         assert all(m.topic == topic and type(m.payload) is bytes for m in got)
         assert receiver.connects == 1  # the handler's exception did not cost the connection
+        assert receiver.delivered == len(payloads)  # the failing one was delivered too
     finally:
         await receiver.close()
         await sender.close()
