@@ -345,7 +345,37 @@ class Link:
             # a tenth of the aggregator's MQTT CPU at 1000 devices (bench: 4000 in, 2000 out).
             client._client.on_message = self._deliver
             self._read_in_bursts(client._client)
+        self._register_writes_safely(client)
         return client
+
+    @staticmethod
+    def _register_writes_safely(client: aiomqtt.Client) -> None:
+        """Register paho's socket for writing only if it is still open when the loop gets to it.
+
+        aiomqtt schedules the registration (paho may ask from another thread) by file number.
+        When paho closes the socket before the loop runs it, as on a disconnect right after a
+        publish, the loop logged EBADF tracebacks (hundreds of devices stopping at once in
+        firmware_sim), or, had the number been reused by a new connection, would have taken
+        over that connection's writer."""
+        loop = client._loop
+
+        def on_register_write(paho: mqtt.Client, _userdata: object, sock: object) -> None:
+            fileno = sock.fileno()  # type: ignore[attr-defined]
+
+            def write() -> None:
+                try:
+                    paho.loop_write()
+                except Exception as exc:  # a broken pipe: the connection is gone
+                    if not client._disconnected.done():  # a new future per connection
+                        client._disconnected.set_exception(exc)
+
+            def register() -> None:
+                if fileno >= 0 and sock.fileno() == fileno:  # type: ignore[attr-defined]
+                    loop.add_writer(fileno, write)
+
+            loop.call_soon_threadsafe(register)
+
+        client._client.on_socket_register_write = on_register_write
 
     def _read_in_bursts(self, paho_client: mqtt.Client) -> None:
         """Let one wakeup of the socket take up to READ_BURST incoming messages.

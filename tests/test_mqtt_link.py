@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from broker import provision as prov
@@ -172,3 +174,34 @@ async def test_mqtt5_publishes_carry_expiry_and_content_type_every_time(
     finally:
         await sender.close()
         task.cancel()
+
+
+async def test_a_write_registration_for_a_socket_closed_meanwhile_is_dropped() -> None:
+    # paho asks for write readiness, then closes the socket (a disconnect right after a
+    # publish) before the loop gets to the registration: nothing may be registered, neither
+    # the dead number nor a new socket that took it over, and nothing may be logged.
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    client = aiomqtt.Client("127.0.0.1", 1)
+    Link._register_writes_safely(client)
+    register = client._client.on_socket_register_write
+    first, peer = socket.socketpair()
+    register(client._client, None, first)
+    first.close()
+    peer.close()
+    reused, other = socket.socketpair()  # usually gets the closed socket's number
+    try:
+        await asyncio.sleep(0.01)
+        assert errors == []
+        for sock in (reused, other):
+            with pytest.raises(KeyError):
+                loop._selector.get_key(sock.fileno())  # type: ignore[attr-defined]
+        register(client._client, None, reused)  # an open socket is registered
+        await asyncio.sleep(0.01)
+        key = loop._selector.get_key(reused.fileno())  # type: ignore[attr-defined]
+        assert key.data[1] is not None  # (reader, writer)
+        loop.remove_writer(reused.fileno())
+    finally:
+        reused.close()
+        other.close()
