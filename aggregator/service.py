@@ -119,9 +119,11 @@ class AggregatorService:
         # which at 1000 devices was a third of the aggregator's CPU; received messages need
         # no properties. Ingest keeps a persistent session, so messages sent while it
         # reconnects wait at the broker.
+        # Each connection is its own broker identity: brokers bind client ids to usernames,
+        # so two connections under one username would replace each other.
         self.link = Link(
             address,
-            client_id=f"fleetlearn-aggregator-{self.fleet}",
+            client_id=credentials.username,
             username=credentials.username,
             password=credentials.password,
             protocol=settings.broker.protocol,
@@ -131,9 +133,9 @@ class AggregatorService:
         )
         self.ingest = Link(
             address,
-            client_id=f"fleetlearn-aggregator-{self.fleet}-ingest",
-            username=credentials.username,
-            password=credentials.password,
+            client_id=credentials.ingest_username,
+            username=credentials.ingest_username,
+            password=credentials.ingest_password,
             subscriptions=topics.aggregator_filters(self.fleet),
             protocol="5" if settings.broker.protocol == "5" else "3.1.1",
             on_message=self._queue.put_nowait,

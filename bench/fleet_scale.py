@@ -59,9 +59,7 @@ def main() -> None:
     t0 = time.monotonic()
     prov.provision(fleet_dir, "plant-7", prov.device_ids(args.devices))
     provision_s = time.monotonic() - t0
-    broker = BrokerProcess(
-        BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=work / "mq"), "mosquitto"
-    ).start()
+    broker = BrokerProcess(BrokerSettings(port=0, fleet_dir=fleet_dir), "mosquitto").start()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "fleetlearn"]
     sim = subprocess.Popen(

@@ -93,9 +93,7 @@ def run_one(work: Path, n: int, model: Path, mode: str, rounds: int = 4) -> dict
     fleet_dir = run_dir / "fleet"
     devices = prov.device_ids(n)
     prov.provision(fleet_dir, "bench", devices)
-    broker = BrokerProcess(
-        BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=run_dir / "mq"), "mosquitto"
-    ).start()
+    broker = BrokerProcess(BrokerSettings(port=0, fleet_dir=fleet_dir), "mosquitto").start()
     spec = SimSpec(
         broker=broker.url,
         fleet="bench",

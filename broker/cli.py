@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 from broker import provision as prov
 from broker.runner import (
     DEFAULT_PORT,
+    BrokerProcess,
     BrokerSettings,
     Mode,
     choose_mode,
@@ -23,6 +26,8 @@ from shared.ids import id_problem
 
 DEFAULT_FLEET = "plant-7"
 DEFAULT_FLEET_DIR = Path("fleet")
+DEFAULT_STATE_DIR = Path("broker-state")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _port(text: str) -> int:
@@ -47,16 +52,33 @@ def _count(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0..100000")
+    if not 0 <= value <= prov.MAX_DEVICES:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..{prov.MAX_DEVICES}")
     return value
 
 
 def _owner(text: str) -> tuple[int, int]:
     uid, sep, gid = text.partition(":")
-    if not (uid.isdigit() and (not sep or gid.isdigit())):
+    if not (uid.isascii() and uid.isdigit() and (not sep or (gid.isascii() and gid.isdigit()))):
         raise argparse.ArgumentTypeError(f"{text!r} is not UID or UID:GID")
-    return int(uid), int(gid or uid)
+    owner = int(uid), int(gid or uid)
+    if not all(value < prov.MAX_ID for value in owner):
+        raise argparse.ArgumentTypeError(f"{text!r}: ids must be below {prov.MAX_ID}")
+    return owner
+
+
+def _host(text: str) -> str:
+    """An address to listen on: an IP address, or a name this machine resolves."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        try:
+            socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither an IP address nor a name this machine resolves"
+            ) from None
+    return text
 
 
 def register(sub: Any) -> None:
@@ -69,15 +91,27 @@ def register(sub: Any) -> None:
             "(MQTT 3.1.1) instead and says so."
         ),
     )
-    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    b.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
     b.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (default 1883)")
     b.add_argument(
         "--fleet-dir",
         type=Path,
         help="provisioned fleet directory: enables password auth and the ACL from it",
     )
-    b.add_argument("--state-dir", type=Path, help="where config, log and persistence live")
-    b.add_argument("--persistence", action="store_true", help="keep retained messages on disk")
+    b.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="config, log and persisted messages; kept across restarts (default ./broker-state)",
+    )
+    b.add_argument(
+        "--persistence",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep retained messages and sessions across restarts (default on)",
+    )
     which = b.add_mutually_exclusive_group()
     which.add_argument("--embedded", action="store_true", help="use the embedded amqtt broker")
     which.add_argument("--mosquitto", action="store_true", help="require mosquitto")
@@ -149,13 +183,30 @@ def run_broker(args: argparse.Namespace) -> int:
         persistence=args.persistence,
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    broker = start_broker(settings, chosen)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        return _serve(start_broker(settings, chosen), chosen, args, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(
+    broker: BrokerProcess, chosen: str, args: argparse.Namespace, stop: threading.Event
+) -> int:
+    """Keep the broker running until a stop signal, then stop it."""
     try:
         auth = f"auth+ACL from {args.fleet_dir}" if args.fleet_dir else "anonymous, no ACL"
         binary = find_mosquitto() if chosen == "mosquitto" else "amqtt"
-        print(f"{chosen} ({binary}) listening on {broker.url} ({auth}); Ctrl-C to stop", flush=True)
+        kept = (
+            f"state in {broker.state_dir}"
+            if chosen == "mosquitto" and args.persistence
+            else "nothing kept across restarts"
+        )
+        print(
+            f"{chosen} ({binary}) listening on {broker.url} ({auth}; {kept}); Ctrl-C to stop",
+            flush=True,
+        )
         while not stop.wait(0.5):
             if not broker.running():
                 print(f"{chosen} stopped unexpectedly:\n{broker.log_tail()}", file=sys.stderr)

@@ -2,8 +2,16 @@
 
 It exists so that `pip install fleetlearn` alone runs the demo on a machine without mosquitto.
 It enforces the same `passwd` ($7$ hashes) and `acl` files that `provision` writes for
-mosquitto, through two small amqtt plugins. It lacks MQTT 5 and shared subscriptions and is
+mosquitto, through two small amqtt plugins, and binds client ids to usernames as mosquitto's
+`use_username_as_clientid` does. It lacks MQTT 5, shared subscriptions and persistence, and is
 roughly half as fast as mosquitto, so production and load tests use mosquitto.
+
+The binding cannot be a plugin: amqtt looks up, deletes or takes over the session named by the
+CONNECT's client id *before* it asks the auth plugins, and takes it over even when they refuse.
+`FleetBroker` therefore reads each CONNECT first (`_admit`): it refuses bad credentials before
+amqtt sees the connection, and hands amqtt the same CONNECT with the client id replaced by the
+username. That overrides amqtt's private `Broker._client_connected`, so pyproject pins the amqtt
+version it was written against, and tests/test_broker_identity.py fails if the binding breaks.
 
 Run it as `python -m broker.embedded --host 127.0.0.1 --port 1883 [--passwd F --acl F]`; the
 runner starts it that way, in its own process, like mosquitto.
@@ -21,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
@@ -30,26 +41,22 @@ from broker.acl import Access, Acl
 from broker.provision import check_password
 
 log = logging.getLogger("fleetlearn.broker.embedded")
+CONNECT_TIMEOUT = 10.0  # seconds a new connection has to send its CONNECT
+MQTT_311 = 4  # protocol level; amqtt speaks nothing else
 
 
-class PasswdAuthPlugin(BaseAuthPlugin):
-    """Accepts a CONNECT only with a username and password matching the mosquitto passwd file."""
+class PasswordFile:
+    """The users and `$7$` hashes of a mosquitto passwd file."""
 
-    @dataclass
-    class Config:
-        password_file: str = ""
-
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
+    def __init__(self, path: Path | str) -> None:
         self._hashes: dict[str, str] = {}
-        for line in Path(self.config.password_file).read_text(encoding="utf-8").splitlines():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
             user, sep, hashed = line.strip().partition(":")
             if sep:
                 self._hashes[user] = hashed
         self._verified: dict[tuple[str, str], bool] = {}
 
-    async def authenticate(self, *, session: Session) -> bool | None:
-        user, password = session.username, session.password
+    async def check(self, user: str | None, password: str | None) -> bool:
         if not user or password is None:
             return False
         hashed = self._hashes.get(user)
@@ -60,6 +67,106 @@ class PasswdAuthPlugin(BaseAuthPlugin):
             # PBKDF2 costs ~1 ms; off the loop, and remembered so reconnect storms stay cheap.
             self._verified[key] = await asyncio.to_thread(check_password, password, hashed)
         return self._verified[key]
+
+
+class PasswdAuthPlugin(BaseAuthPlugin):
+    """Accepts a session only with a username and password matching the mosquitto passwd file,
+    and a client id equal to the username (FleetBroker makes it so; this re-checks)."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._passwords = PasswordFile(self.config.password_file)
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        if session.client_id != session.username:
+            return False
+        return await self._passwords.check(session.username, session.password)
+
+
+class _Replay(ReaderAdapter):
+    """A reader that first returns `head` (the CONNECT, re-encoded), then reads on."""
+
+    def __init__(self, head: bytes, reader: ReaderAdapter) -> None:
+        self._head = head
+        self._reader = reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return await self._reader.read(n)
+        if n < 0:
+            data, self._head = self._head, b""
+            return data + await self._reader.read(n)
+        data, self._head = self._head[:n], self._head[n:]
+        if len(data) < n:
+            data += await self._reader.read(n - len(data))
+        return data
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+class _Recorder(ReaderAdapter):
+    """Keeps a copy of what it reads, to replay a CONNECT amqtt should judge itself."""
+
+    def __init__(self, reader: ReaderAdapter) -> None:
+        self._reader = reader
+        self.seen = bytearray()
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._reader.read(n)
+        self.seen += data
+        return data
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+class FleetBroker(Broker):
+    """amqtt's broker with credentials checked, and the client id bound to the username,
+    before any session is looked up (see the module docstring)."""
+
+    def __init__(self, config: dict[str, Any], passwords: PasswordFile | None) -> None:
+        super().__init__(config)
+        self._passwords = passwords
+
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        if self._passwords is None:  # anonymous broker: nothing to bind to
+            await super()._client_connected(listener_name, reader, writer)
+            return
+        recorder = _Recorder(reader)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                connect = await ConnectPacket.from_stream(recorder)
+        except Exception as exc:  # garbage, a timeout, a closed socket: untrusted input
+            log.info("dropped a connection that sent no valid CONNECT (%s)", exc)
+            await writer.close()
+            return
+        head = await self._admit(connect, bytes(recorder.seen), writer)
+        if head is not None:
+            await super()._client_connected(listener_name, _Replay(head, reader), writer)
+
+    async def _admit(
+        self, connect: ConnectPacket, raw: bytes, writer: WriterAdapter
+    ) -> bytes | None:
+        """The CONNECT amqtt gets to see, or None after refusing the connection."""
+        if connect.proto_name != "MQTT" or connect.proto_level != MQTT_311:
+            # amqtt refuses other protocol versions itself, without touching sessions;
+            # clients that try MQTT 5 first rely on that refusal to fall back to 3.1.1.
+            return raw
+        assert self._passwords is not None
+        if not await self._passwords.check(connect.username, connect.password):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            return None
+        assert connect.username is not None  # check() refuses a CONNECT without one
+        connect.client_id = connect.username  # only ever your own session
+        return bytes(connect.to_bytes())
 
 
 class AclTopicPlugin(BaseTopicPlugin):
@@ -116,7 +223,8 @@ class EmbeddedConfig:
 
 
 async def serve(config: EmbeddedConfig, stop: asyncio.Event) -> None:
-    broker = Broker(config.amqtt_config())
+    passwords = None if config.password_file is None else PasswordFile(config.password_file)
+    broker = FleetBroker(config.amqtt_config(), passwords)
     await broker.start()
     print(f"embedded broker (amqtt) listening on {config.host}:{config.port}", flush=True)
     try:

@@ -2,21 +2,29 @@
 
 What `provision()` writes under its output directory (the "fleet directory"):
 
-    fleet.json                 public registry: fleet id, aggregator verify key, device verify keys
-    passwd                     mosquitto password file: PBKDF2-SHA512 `$7$` hashes, mode 0640
-    acl                        mosquitto ACL implementing ARCHITECTURE §3
-    aggregator/identity.key    aggregator's Ed25519 release-signing key (secret)
-    aggregator/password        aggregator's MQTT password (secret)
-    dashboard/password         read-only dashboard user's MQTT password (secret)
-    devices/{id}/identity.key  device's Ed25519 identity key (secret)
-    devices/{id}/password      device's MQTT password (secret)
-    devices/{id}/device.json   device id, fleet id, aggregator verify key (what a gateway trusts)
+    fleet.json                   public registry: fleet id, aggregator and device verify keys
+    passwd                       mosquitto password file: PBKDF2-SHA512 `$7$` hashes, mode 0640
+    acl                          mosquitto ACL implementing ARCHITECTURE §3, mode 0640
+    aggregator/identity.key      aggregator's Ed25519 release-signing key (secret)
+    aggregator/password          MQTT password of `aggregator`, its publishing connection
+    aggregator/ingest-password   MQTT password of `aggregator-ingest`, its receiving connection
+    dashboard/password           read-only `dashboard` user's MQTT password (secret)
+    simulator/password           read-only `simulator` user's password (`fleetlearn sim`'s view)
+    devices/{id}/identity.key    device's Ed25519 identity key (secret)
+    devices/{id}/password        device's MQTT password (secret)
+    devices/{id}/device.json     device id, fleet id, aggregator verify key (what a gateway trusts)
 
 Rules: secrets are created 0600 inside 0700 directories and written atomically; the broker only
-ever sees hashes. The fleet directory itself is 0755 so that a broker running as its own user
-(`broker_owner`) can reach passwd and acl. Re-running adds missing devices and leaves existing
-keys and passwords alone; `rotate=True` replaces them all. The MQTT username of a device is its
-device id, and the ACL gives each device a section of its own confining it to its own topics.
+ever sees hashes, and passwd and acl are readable by their owner (`broker_owner`, the broker's
+user) and group only. The fleet directory itself is 0755 so that a broker running as its own
+user can reach them. Re-running adds missing devices (and users a newer version introduced)
+and leaves existing keys and passwords alone; `rotate=True` replaces them all.
+
+Identities: every MQTT connection has a username of its own, and brokers bind the client id to
+it (mosquitto's `use_username_as_clientid`, the embedded broker the same), so a credential can
+only ever replace its own connection. A device's username is its device id; the aggregator has
+two (its publishing and its receiving connection); dashboards and the simulator's progress
+view read with their own. The ACL gives each a section confining it to its own topics.
 """
 
 from __future__ import annotations
@@ -38,8 +46,14 @@ from shared.errors import FleetlearnError
 from shared.ids import id_problem
 
 AGGREGATOR_USER = "aggregator"
+AGGREGATOR_INGEST_USER = "aggregator-ingest"
 DASHBOARD_USER = "dashboard"
-RESERVED_USERS = frozenset({AGGREGATOR_USER, DASHBOARD_USER})
+SIMULATOR_USER = "simulator"
+RESERVED_USERS = frozenset(
+    {AGGREGATOR_USER, AGGREGATOR_INGEST_USER, DASHBOARD_USER, SIMULATOR_USER}
+)
+MAX_DEVICES = 100_000
+MAX_ID = 2**32 - 1  # (uid_t)-1 means "leave unchanged" to chown
 
 # mosquitto_passwd uses 101 iterations. Ten times that slows offline guessing of a stolen passwd
 # file tenfold while costing the broker well under a millisecond per CONNECT, which matters when a
@@ -69,13 +83,20 @@ class DeviceCredentials:
 
 @dataclass(frozen=True, slots=True)
 class AggregatorCredentials:
+    """The aggregator's two MQTT identities (one per connection) and its signing key."""
+
     fleet: str
     password: str
     identity: SigningKey
+    ingest_password: str
 
     @property
     def username(self) -> str:
         return AGGREGATOR_USER
+
+    @property
+    def ingest_username(self) -> str:
+        return AGGREGATOR_INGEST_USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +120,9 @@ class ProvisionReport:
 # --------------------------------------------------------------------------------- file helpers
 
 
-def _write_secret(path: Path, text: str) -> None:
-    """Atomically write `text` to `path` with mode 0600 (created so, never chmod-ed after)."""
+def _write_file(path: Path, text: str, mode: int) -> None:
+    """Atomically write `text` to `path` with `mode`. The file is created 0600 and only gets
+    `mode` once complete, so no other user ever reads a secret or a half-written file."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -108,6 +130,7 @@ def _write_secret(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -115,11 +138,12 @@ def _write_secret(path: Path, text: str) -> None:
         raise
 
 
+def _write_secret(path: Path, text: str) -> None:
+    _write_file(path, text, 0o600)
+
+
 def _write_public(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(mode)
-    os.replace(tmp, path)
+    _write_file(path, text, mode)
 
 
 def _private_dir(path: Path) -> Path:
@@ -134,7 +158,9 @@ def _read(path: Path, what: str) -> str:
     except FileNotFoundError:
         raise ProvisionError(f"{what} not found at {path}; run `fleetlearn provision`") from None
     except OSError as exc:
-        raise ProvisionError(f"cannot read {what} at {path}: {exc.strerror}") from None
+        raise ProvisionError(f"cannot read {what} at {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ProvisionError(f"{what} at {path} is not text; was it overwritten?") from None
 
 
 def _signing_key(path: Path, what: str) -> SigningKey:
@@ -203,13 +229,22 @@ def acl_text(fleet: str, devices: Sequence[str]) -> str:
     lines = [
         f"# fleetlearn ACL for fleet {fleet!r}; generated by `fleetlearn provision`, do not edit.",
         "# mosquitto denies anything not granted here. Reload mosquitto (SIGHUP) after changes.",
+        "# Client ids are the usernames (use_username_as_clientid), so each section is also the",
+        "# one connection that user may hold.",
         "",
         "# The aggregator runs the fleet: it reads and writes everything under the fleet prefix.",
         f"user {AGGREGATOR_USER}",
         f"topic readwrite {base}/#",
         "",
-        "# Dashboards only read the JSON topics.",
+        "# Its second connection only receives what devices send.",
+        f"user {AGGREGATOR_INGEST_USER}",
+        f"topic read {base}/#",
+        "",
+        "# Dashboards, and the simulator's progress view, only read the JSON topics.",
         f"user {DASHBOARD_USER}",
+        *(f"topic read {t}" for t in topics.dashboard_filters(fleet)),
+        "",
+        f"user {SIMULATOR_USER}",
         *(f"topic read {t}" for t in topics.dashboard_filters(fleet)),
         "",
         "# Devices (username = device id) write only under their own id and read the model,",
@@ -248,8 +283,8 @@ def device_write_topics(fleet: str, device_id: str) -> list[str]:
 
 def device_ids(count: int, prefix: str = "dev") -> list[str]:
     """`count` ids `prefix-0001`, ... (width grows past 9999)."""
-    if count < 0:
-        raise ProvisionError(f"device count must be >= 0, got {count}")
+    if not 0 <= count <= MAX_DEVICES:
+        raise ProvisionError(f"device count must be in 0..{MAX_DEVICES}, got {count}")
     width = max(4, len(str(count)))
     return [f"{prefix}-{i:0{width}d}" for i in range(1, count + 1)]
 
@@ -263,7 +298,10 @@ def provision(
     iterations: int = PBKDF2_ITERATIONS,
     broker_owner: tuple[int, int] | None = None,
 ) -> ProvisionReport:
-    """Create or extend the fleet directory for `fleet` with `devices` (see module docstring)."""
+    """Create or extend the fleet directory for `fleet` with `devices` (see module docstring).
+
+    Raises ProvisionError for bad ids, a fleet with no devices, another fleet's directory, or
+    a directory that cannot be written."""
     root = Path(directory)
     problem = id_problem(fleet)
     if problem:
@@ -276,9 +314,29 @@ def provision(
             raise ProvisionError(f"device id {dev!r} is reserved for the {dev} user")
     if len(set(devices)) != len(devices):
         raise ProvisionError("device ids repeat")
+    if broker_owner is not None and not all(0 <= i < MAX_ID for i in broker_owner):
+        raise ProvisionError(f"broker owner {broker_owner} is not a valid uid:gid")
+    try:
+        return _provision(root, fleet, devices, rotate, iterations, broker_owner)
+    except OSError as exc:
+        where = exc.filename or root
+        raise ProvisionError(
+            f"cannot write the fleet directory at {where}: {exc.strerror or exc}"
+        ) from None
 
+
+def _provision(
+    root: Path,
+    fleet: str,
+    devices: Sequence[str],
+    rotate: bool,
+    iterations: int,
+    broker_owner: tuple[int, int] | None,
+) -> ProvisionReport:
     existing: dict[str, str] = {}
     registry_path = root / "fleet.json"
+    if root.exists() and not root.is_dir():
+        raise ProvisionError(f"{root} exists and is not a directory")
     if registry_path.exists():
         registry = load_registry(root)
         if registry.fleet != fleet:
@@ -287,6 +345,14 @@ def provision(
                 f"use another directory for {fleet!r}"
             )
         existing = {d: k.encode().hex() for d, k in registry.device_keys.items()}
+        clash = sorted(RESERVED_USERS & set(existing))
+        if clash:
+            raise ProvisionError(
+                f"{registry_path} lists device {clash[0]!r}, a name now reserved for a "
+                "service user; provision that device under another id in a new directory"
+            )
+    if not existing and not devices:
+        raise ProvisionError("a new fleet needs devices: give --devices N or --ids ID,...")
 
     # The fleet directory itself stays traversable so a broker running as another user can read
     # passwd and acl; every secret lives in a 0700 subdirectory.
@@ -294,13 +360,20 @@ def provision(
     root.chmod(0o755)
     agg_dir = _private_dir(root / "aggregator")
     dash_dir = _private_dir(root / "dashboard")
+    sim_dir = _private_dir(root / "simulator")
     dev_root = _private_dir(root / "devices")
 
     agg_key_path = agg_dir / "identity.key"
     if rotate or not agg_key_path.exists():
         _write_secret(agg_key_path, SigningKey.generate().encode().hex() + "\n")
     aggregator_key = _signing_key(agg_key_path, "aggregator identity key")
-    for pw_path in (agg_dir / "password", dash_dir / "password"):
+    service_passwords = {
+        AGGREGATOR_USER: agg_dir / "password",
+        AGGREGATOR_INGEST_USER: agg_dir / "ingest-password",
+        DASHBOARD_USER: dash_dir / "password",
+        SIMULATOR_USER: sim_dir / "password",
+    }
+    for pw_path in service_passwords.values():
         if rotate or not pw_path.exists():
             _write_secret(pw_path, _new_password() + "\n")
 
@@ -331,8 +404,7 @@ def provision(
         )
 
     users = [
-        (AGGREGATOR_USER, _read(agg_dir / "password", "aggregator password")),
-        (DASHBOARD_USER, _read(dash_dir / "password", "dashboard password")),
+        *((user, _read(path, f"password of {user}")) for user, path in service_passwords.items()),
         *((d, _read(dev_root / d / "password", f"password of {d}")) for d in all_devices),
     ]
     old_hashes = _read_passwd(root / "passwd") if (root / "passwd").exists() else {}
@@ -344,9 +416,10 @@ def provision(
             lines.append(f"{user}:{old}")
         else:
             lines.append(f"{user}:{hash_password(password, iterations=iterations)}")
-    # mosquitto must read passwd and acl; in docker it runs as another user, so group-readable.
+    # Only the broker reads passwd and acl: their owner (--broker-owner, the broker's user in
+    # docker) and group; nobody else learns the hashes or who may do what.
     _write_public(root / "passwd", "\n".join(lines) + "\n", mode=0o640)
-    _write_public(root / "acl", acl_text(fleet, all_devices), mode=0o644)
+    _write_public(root / "acl", acl_text(fleet, all_devices), mode=0o640)
     if broker_owner is not None:
         # e.g. 1883:1883, the mosquitto user of the eclipse-mosquitto image.
         for name in ("passwd", "acl"):
@@ -433,11 +506,19 @@ def load_aggregator(directory: Path | str) -> AggregatorCredentials:
         fleet=registry.fleet,
         password=_read(root / "aggregator" / "password", "aggregator password"),
         identity=_signing_key(root / "aggregator" / "identity.key", "aggregator identity key"),
+        # A fleet directory from before the ingest user: re-running provision adds it.
+        ingest_password=_read(
+            root / "aggregator" / "ingest-password", "aggregator ingest password"
+        ),
     )
 
 
 def dashboard_password(directory: Path | str) -> str:
     return _read(Path(directory) / "dashboard" / "password", "dashboard password")
+
+
+def simulator_password(directory: Path | str) -> str:
+    return _read(Path(directory) / "simulator" / "password", "simulator password")
 
 
 def provisioned_devices(directory: Path | str) -> list[str]:

@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
             "Run N simulated devices (each its own MQTT connection and credentials) over P "
             "processes, with heterogeneity and failures from a scenario file. Shows live "
             "progress and a row per finished round (read from the metrics topic as the "
-            "dashboard user). Stops on Ctrl-C, after --rounds rounds, or after --duration s."
+            "read-only simulator user). Stops on Ctrl-C, after --rounds rounds, or after "
+            "--duration s."
         ),
     )
     s.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
@@ -91,8 +92,8 @@ def _scenario(path: Path | None, default: str = "") -> Any:
 async def _watch_metrics(
     url: str, fleet: str, password: str, rows: list[dict[str, Any]], seen: asyncio.Event
 ) -> None:
-    """Read round summaries as the dashboard user; append each new one to `rows`."""
-    from broker.provision import DASHBOARD_USER
+    """Read round summaries as the simulator user; append each new one to `rows`."""
+    from broker.provision import SIMULATOR_USER
     from device.mqtt import BrokerAddress, Incoming, Link
     from shared import topics
 
@@ -109,8 +110,8 @@ async def _watch_metrics(
 
     link = Link(
         BrokerAddress.parse(url),
-        client_id=f"fleetlearn-sim-watch-{int(time.time())}",
-        username=DASHBOARD_USER,
+        client_id=SIMULATOR_USER,  # its own identity, so a dashboard can watch alongside
+        username=SIMULATOR_USER,
         password=password,
         subscriptions=(topics.metrics(fleet),),
         persistent=False,
@@ -165,7 +166,7 @@ def run_sim(args: argparse.Namespace) -> int:
         seen = asyncio.Event()
         watcher = asyncio.create_task(
             _watch_metrics(
-                args.broker, args.fleet, prov.dashboard_password(args.fleet_dir), rows, seen
+                args.broker, args.fleet, prov.simulator_password(args.fleet_dir), rows, seen
             )
         )
         sim.start()
@@ -266,9 +267,9 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         console.print("using the packaged default model (pdm-default, 1,140 parameters)")
 
-    broker = start_broker(
-        BrokerSettings(port=free_port(), fleet_dir=fleet_dir, state_dir=work / "broker"), mode
-    )
+    # The runner's own state directory: mosquitto, dropping root privileges, could not enter
+    # the 0700 work directory.
+    broker = start_broker(BrokerSettings(port=free_port(), fleet_dir=fleet_dir), mode)
     if mode == "embedded" and not args.embedded:
         console.print(
             "[yellow]mosquitto not found: using the embedded amqtt broker (MQTT 3.1.1)[/]"

@@ -8,6 +8,8 @@ skipping the tests that matter.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,10 +49,26 @@ def fleet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _broker(mode: str, fleet_dir: Path | None, tmp: Path) -> Iterator[BrokerProcess]:
+@pytest.fixture
+def reachable_tmp() -> Iterator[Path]:
+    """A temporary directory the broker's own user can enter.
+
+    Tests run as root on CI, and mosquitto started by root drops to user `mosquitto`, which
+    cannot enter pytest's 0700 tmp_path. Brokers the fixtures start keep their state in a
+    temporary directory of the runner's (directly under /tmp, handed to that user)."""
+    path = Path(tempfile.mkdtemp(prefix="fleetlearn-test-"))
+    path.chmod(0o711)  # others may pass through, not list
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _broker(mode: str, fleet_dir: Path | None) -> Iterator[BrokerProcess]:
     if mode == "mosquitto":
         require_mosquitto()
-    settings = BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=tmp)
+    # state_dir None: the runner's own temporary directory, which its broker user can reach.
+    settings = BrokerSettings(port=0, fleet_dir=fleet_dir)
     proc = BrokerProcess(settings, mode)  # type: ignore[arg-type]
     proc.start()
     try:
@@ -60,20 +78,18 @@ def _broker(mode: str, fleet_dir: Path | None, tmp: Path) -> Iterator[BrokerProc
 
 
 @pytest.fixture
-def mosquitto(fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
+def mosquitto(fleet_dir: Path) -> Iterator[BrokerProcess]:
     """A real mosquitto with the provisioned password and ACL files, on a free port."""
-    yield from _broker("mosquitto", fleet_dir, tmp_path / "mosquitto")
+    yield from _broker("mosquitto", fleet_dir)
 
 
 @pytest.fixture
-def embedded(fleet_dir: Path, tmp_path: Path) -> Iterator[BrokerProcess]:
+def embedded(fleet_dir: Path) -> Iterator[BrokerProcess]:
     """The embedded amqtt broker with the same password and ACL files."""
-    yield from _broker("embedded", fleet_dir, tmp_path / "embedded")
+    yield from _broker("embedded", fleet_dir)
 
 
 @pytest.fixture(params=["mosquitto", "embedded"])
-def any_broker(
-    request: pytest.FixtureRequest, fleet_dir: Path, tmp_path: Path
-) -> Iterator[BrokerProcess]:
+def any_broker(request: pytest.FixtureRequest, fleet_dir: Path) -> Iterator[BrokerProcess]:
     """Each test using this runs once against mosquitto and once against the embedded broker."""
-    yield from _broker(request.param, fleet_dir, tmp_path / request.param)
+    yield from _broker(request.param, fleet_dir)

@@ -25,6 +25,10 @@ from device.participant import Participant
 from firmware_sim.data import CLASSES, MACHINE_TYPES, device_machine
 from shared import settings, topics
 
+# A provisioned device no agent runs: tests read and probe the broker with its credentials.
+# Brokers bind client ids to usernames, so a second connection with a running device's
+# credentials would replace that device's own.
+OBSERVER = "observer"
 FAST_STAGES = {
     "stages.advertise": "4",
     "stages.share": "8",
@@ -52,6 +56,9 @@ class Harness:
     hooks: dict[str, Callable[[topics.Kind, int], Awaitable[bool]]] = field(default_factory=dict)
     tamper: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
     samples: int = 300
+
+    def observer(self) -> prov.DeviceCredentials:
+        return prov.load_device(self.fleet_dir / "devices" / OBSERVER)
 
     def settings(self, **overrides: str) -> AggregatorSettings:
         sets = {
@@ -140,11 +147,10 @@ async def fleet(tmp: Path, n: int, *, persistence: bool = False, mode: str = "mo
 
     fleet_dir = tmp / "fleet"
     devices = prov.device_ids(n)
-    prov.provision(fleet_dir, "plant-7", devices)
+    prov.provision(fleet_dir, "plant-7", [*devices, OBSERVER])
     broker = BrokerProcess(
-        BrokerSettings(
-            port=0, fleet_dir=fleet_dir, state_dir=tmp / "broker", persistence=persistence
-        ),
+        # No state_dir: the runner's own, which mosquitto's user can reach when run by root.
+        BrokerSettings(port=0, fleet_dir=fleet_dir, persistence=persistence),
         mode,  # type: ignore[arg-type]
     )
     broker.start()

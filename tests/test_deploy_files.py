@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import posixpath
+import pwd
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import pytest
 import yaml
 
 from broker import provision as prov
-from broker.runner import DEFAULT_PORT, free_port, port_open
+from broker.runner import BROKER_USER, DEFAULT_PORT, free_port, port_open
 from fleetlearn import build_parser
 from tests.conftest import require_mosquitto
 
@@ -86,6 +89,16 @@ def test_mosquitto_service_matches_conf(compose: dict[str, Any]) -> None:
     assert conf["allow_anonymous"] == ["false"]
 
 
+def test_conf_binds_client_ids_and_never_runs_as_root(compose: dict[str, Any]) -> None:
+    conf = _conf()
+    assert conf["use_username_as_clientid"] == ["true"]
+    # The image starts mosquitto as root; it must drop to its own user, which owns the
+    # persistence volume and is what provision hands passwd and acl to (1883 in the image).
+    assert conf["user"] == [BROKER_USER]
+    provision = compose["services"]["provision"]["command"]
+    assert _flag(provision, "--broker-owner") == "1883:1883"
+
+
 def test_fleetlearn_services_agree(compose: dict[str, Any]) -> None:
     services = compose["services"]
     provision = services["provision"]["command"]
@@ -129,17 +142,35 @@ def test_dockerfile_installs_the_entrypoint() -> None:
         assert f"COPY {package} ./{package}" in text
 
 
+def _uids(pid: int) -> list[int]:
+    """Real, effective, saved and filesystem uid of a running process."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x[:4] == "Uid:")
+    return [int(v) for v in line.split()[1:]]
+
+
 @pytest.mark.broker
-async def test_production_conf_runs_in_real_mosquitto(tmp_path: Path) -> None:
+async def test_production_conf_runs_in_real_mosquitto(reachable_tmp: Path) -> None:
+    """The production conf, paths pointed at a temporary fleet, in the real mosquitto: as in
+    the image, provision hands passwd and acl to the broker's user, which mosquitto drops to
+    when started as root; client ids are bound to usernames."""
     binary = require_mosquitto()
-    fleet = tmp_path / "fleet"
-    prov.provision(fleet, "plant-7", ["dev-0001"])
+    fleet = reachable_tmp / "fleet"
+    data = reachable_tmp / "data"
+    data.mkdir(mode=0o700)
+    owner = None
+    if os.geteuid() == 0:
+        account = pwd.getpwnam(BROKER_USER)
+        owner = (account.pw_uid, account.pw_gid)
+        os.chown(data, *owner)
+    prov.provision(fleet, "plant-7", ["dev-0001", "dev-0002"], broker_owner=owner)
+    for name in ("passwd", "acl"):
+        assert stat.S_IMODE((fleet / name).stat().st_mode) == 0o640, name
     port = free_port()
     text = (ROOT / "mosquitto.conf").read_text()
-    text = text.replace("/fleet/", f"{fleet}/").replace("/mosquitto/data/", f"{tmp_path}/")
+    text = text.replace("/fleet/", f"{fleet}/").replace("/mosquitto/data/", f"{data}/")
     text = text.replace(f"listener {DEFAULT_PORT}", f"listener {port} 127.0.0.1")
-    text += "\nuser root\n"  # tests run as root; the image drops to its own mosquitto user
-    conf = tmp_path / "mosquitto.conf"
+    assert "user root" not in [line.strip() for line in text.splitlines()]
+    conf = reachable_tmp / "mosquitto.conf"
     conf.write_text(text)
     proc = subprocess.Popen(
         [binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -150,12 +181,26 @@ async def test_production_conf_runs_in_real_mosquitto(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        dev = prov.load_device(fleet / "devices" / "dev-0001")
-        async with aiomqtt.Client("127.0.0.1", port, username=dev.username, password=dev.password):
-            pass
+        one = prov.load_device(fleet / "devices" / "dev-0001")
+        two = prov.load_device(fleet / "devices" / "dev-0002")
+        async with aiomqtt.Client(
+            "127.0.0.1", port, username=one.username, password=one.password, identifier="dev-0001"
+        ) as first:
+            status = f"fl/plant-7/dev/{one.device_id}/status"
+            # dev-0002's credentials claiming dev-0001's client id get their own session.
+            async with aiomqtt.Client(
+                "127.0.0.1",
+                port,
+                username=two.username,
+                password=two.password,
+                identifier="dev-0001",
+            ):
+                await first.publish(status, b"still here", qos=1)  # fails if it was kicked
+            assert 0 not in _uids(proc.pid)
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client("127.0.0.1", port, username="dev-0001", password="bad"):
                 pass
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    assert (data / "mosquitto.db").is_file()  # persisted on shutdown, by the dropped user

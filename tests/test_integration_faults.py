@@ -201,7 +201,7 @@ async def test_aggregator_sigkill_mid_round_and_restart(tmp_path: Path) -> None:
         assert _rounds_table(h.state_dir)[1][1] == "running"  # killed mid-round
         assert _versions(h.state_dir) == [1, 2]
 
-        user = prov.load_device(h.fleet_dir / "devices" / "dev-0001")
+        user = h.observer()  # not dev-0001's own credentials: that device is running
         watcher = _client(h, user.username, user.password, "watcher")
         async with watcher:
             await watcher.subscribe(topics.model(h.fleet), qos=1)
@@ -293,7 +293,7 @@ async def test_forged_and_tampered_releases(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.1)
         agg = prov.load_aggregator(h.fleet_dir)
-        dev = prov.load_device(h.fleet_dir / "devices" / "dev-0001")
+        dev = h.observer()  # a device's credentials, of one that is not running
         genuine = await _retained(h, topics.model(h.fleet), dev.username, dev.password)
         release = wire.decode(genuine, tm.ModelRelease)
 

@@ -22,10 +22,13 @@ def test_files_and_permissions(tmp_path: Path) -> None:
     assert main(["provision", "--fleet", "plant-7", "--devices", "3", "--out", str(root)]) == 0
     assert _mode(root / "aggregator") == 0o700
     assert _mode(root / "devices") == 0o700
+    assert _mode(root / "simulator") == 0o700
     for secret in [
         root / "aggregator" / "identity.key",
         root / "aggregator" / "password",
+        root / "aggregator" / "ingest-password",
         root / "dashboard" / "password",
+        root / "simulator" / "password",
         *(
             root / "devices" / d / n
             for d in ("dev-0001", "dev-0003")
@@ -34,11 +37,21 @@ def test_files_and_permissions(tmp_path: Path) -> None:
     ]:
         assert _mode(secret) == 0o600, secret
     assert _mode(root / "passwd") == 0o640
+    assert _mode(root / "acl") == 0o640  # who may do what is the broker's business only
     passwd = (root / "passwd").read_text()
     creds = prov.load_device(root / "devices" / "dev-0002")
     assert creds.password not in passwd  # only hashes reach the broker
     users = dict(line.split(":", 1) for line in passwd.splitlines())
-    assert set(users) == {"aggregator", "dashboard", "dev-0001", "dev-0002", "dev-0003"}
+    # One user per connection: the aggregator has two, the simulator's view its own.
+    assert set(users) == {
+        "aggregator",
+        "aggregator-ingest",
+        "dashboard",
+        "simulator",
+        "dev-0001",
+        "dev-0002",
+        "dev-0003",
+    }
     assert prov.check_password(creds.password, users["dev-0002"])
     assert not prov.check_password("nope", users["dev-0002"])
     registry = prov.load_registry(root)
@@ -93,6 +106,15 @@ def test_acl_grants_match_architecture(tmp_path: Path) -> None:
     assert ok("aggregator", "c", "fl/plant-7/model", Access.WRITE)
     assert not ok("aggregator", "c", "fl/other/model", Access.WRITE)
     assert not ok(None, "c", "fl/plant-7/model", Access.READ)
+    # The aggregator's receiving connection reads what devices send and publishes nothing.
+    assert ok("aggregator-ingest", "c", "fl/plant-7/dev/+/status", Access.READ)
+    assert ok("aggregator-ingest", "c", "fl/plant-7/r/+/masked/+", Access.READ)
+    assert not ok("aggregator-ingest", "c", "fl/plant-7/model", Access.WRITE)
+    assert not ok("aggregator-ingest", "c", "fl/other/dev/+/status", Access.READ)
+    # The simulator's progress view reads what dashboards read, nothing more.
+    assert ok("simulator", "c", "fl/plant-7/metrics", Access.READ)
+    assert not ok("simulator", "c", "fl/plant-7/round", Access.READ)
+    assert not ok("simulator", "c", "fl/plant-7/metrics", Access.WRITE)
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,7 @@ async def run(
     fleet_dir = tmp / "fleet"
     devices = prov.device_ids(n)
     prov.provision(fleet_dir, "plant-7", devices)
-    broker = BrokerProcess(
-        BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=tmp / "mq"), "mosquitto"
-    )
+    broker = BrokerProcess(BrokerSettings(port=0, fleet_dir=fleet_dir), "mosquitto")
     broker.start()
     parsed = Scenario.parse(scenario)
     spec = SimSpec(
