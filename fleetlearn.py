@@ -6,7 +6,9 @@ listed here. Command modules import their heavy dependencies (TensorFlow, LiteRT
 inside the handler, so `fleetlearn --help` stays fast and works on a bare install.
 
 Errors meant for the user derive from `shared.errors.FleetlearnError`: they are printed as one
-line on stderr with exit status 2, never as a traceback.
+line on stderr with exit status 2, never as a traceback. So are argparse's own complaints about
+flags (`Parser.error`), without the usage block argparse prints by default. Each command turns
+every problem with its flags and files into such an error before it starts any work.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # (module, what it adds). Order is the order shown in --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -26,8 +29,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors; subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fleetlearn",
         description="Federated learning for industrial IoT fleets over MQTT.",
     )
@@ -50,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
     except FleetlearnError as exc:
-        print(f"fleetlearn {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (a broker's log line, a file's bytes).
+        message = " ".join(str(exc).split())
+        print(f"fleetlearn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fleetlearn {args.command}: interrupted", file=sys.stderr)

@@ -48,7 +48,11 @@ def register(sub: Any) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from aggregator import model_build  # imports TensorFlow only when it builds
+    from shared.settings import writable_dir
 
+    if args.out.is_dir():
+        raise ConfigError("--out", f"{args.out} is a directory; give the .tflite file's name")
+    writable_dir(args.out.parent, "--out")  # before minutes of building, not after
     spec = model_build.load_spec(args.spec)
     manifest = model_build.build_to_file(spec, args.out)
     size = args.out.stat().st_size
@@ -176,12 +180,7 @@ def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Any:
     from aggregator.config import AggregatorSettings
     from shared import settings
 
-    text = None
-    if args.config is not None:
-        try:
-            text = args.config.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {args.config}: {exc.strerror}") from None
+    text = None if args.config is None else settings.read_text(args.config, "--config")
     sets = settings.parse_sets(args.set)
     for attr, key in _FLAG_KEYS.items():
         value = getattr(args, attr)
@@ -203,12 +202,15 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
     from aggregator.service import AggregatorService, RoundSummary
     from broker import provision as prov
+    from device.mqtt import check_ca_file
     from shared import settings as settings_mod
 
     loaded = load_settings(args, dict(os.environ))
     if args.print_config:
         print(settings_mod.to_toml(loaded), end="")
         return 0
+    if loaded.broker.ca_file:
+        check_ca_file(loaded.broker.ca_file, "broker.ca_file")
     creds = prov.load_aggregator(loaded.fleet.dir)
     registry = prov.load_registry(loaded.fleet.dir)
 

@@ -18,8 +18,10 @@ from aggregator.engine import EngineConfig, EngineError
 from shared import rounds
 from shared.errors import ConfigError
 from shared.ids import id_problem
+from shared.secagg.config import MAX_COHORT
 
 T = TypeVar("T")
+MAX_ROUNDS = 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,13 @@ class BrokerSection:
     url: str = "mqtt://127.0.0.1:1883"
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     ca_file: str = ""  # for mqtts:// brokers with a private CA
+
+    def __post_init__(self) -> None:
+        from device.mqtt import BrokerAddress  # the one parser of broker URLs
+
+        address = BrokerAddress.parse(self.url, key="broker.url")
+        if self.ca_file and not address.tls:
+            raise ConfigError("broker.ca_file", "is only used with an mqtts:// broker.url")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +72,13 @@ class RoundsSection:
     interval: float = 0.0  # extra pause between rounds
 
     def __post_init__(self) -> None:
-        if self.count < 0:
-            raise ConfigError("rounds.count", f"must be >= 0, got {self.count}")
+        if not 0 <= self.count <= MAX_ROUNDS:
+            raise ConfigError("rounds.count", f"must be in 0..{MAX_ROUNDS}, got {self.count}")
+        for key, size in (("rounds.cohort", self.cohort), ("rounds.min_cohort", self.min_cohort)):
+            if not 1 <= size <= MAX_COHORT:
+                raise ConfigError(key, f"must be in 1..{MAX_COHORT} devices, got {size}")
+        if not 1.0 <= self.over_select <= 10.0:
+            raise ConfigError("rounds.over_select", f"must be in 1..10, got {self.over_select}")
         if not 0.0 <= self.battery_floor <= 1.0:
             raise ConfigError("rounds.battery_floor", f"must be in 0..1, got {self.battery_floor}")
         for key, value in (
@@ -108,12 +122,32 @@ class SecAggSection:
     threshold: int = 0  # 0: neighbours/2 + 1
     expected_dropout: float = 0.0  # >0: size k so a round aborts with probability < 1e-3
 
+    def __post_init__(self) -> None:
+        k, t = self.neighbours, self.threshold
+        if k != 0 and not 2 <= k < MAX_COHORT:
+            raise ConfigError("secagg.neighbours", f"must be 0 (automatic) or 2..{MAX_COHORT - 1}")
+        if t == 0:
+            return
+        if k == 0:
+            # The automatic k depends on each round's cohort; a fixed t could fall below k/2.
+            raise ConfigError("secagg.threshold", "needs secagg.neighbours set as well")
+        if not k // 2 < t <= k:
+            raise ConfigError(
+                "secagg.threshold",
+                f"must be in {k // 2 + 1}..{k} for secagg.neighbours = {k}, got {t}: at or "
+                "below k/2 the aggregator could collect both shares of one device",
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class AggregationSection:
     rule: Literal["mean", "median", "trimmed"] = "mean"
     trim: float = 0.2
     clip_norm: float = 0.0  # 0: no norm clipping
+
+    def __post_init__(self) -> None:
+        if self.clip_norm < 0:
+            raise ConfigError("aggregation.clip_norm", f"must be >= 0, got {self.clip_norm}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +215,13 @@ class AggregatorSettings:
         if not 0.0 <= self.aggregation.trim < 0.5:
             raise ConfigError(
                 "aggregation.trim", f"must be in [0, 0.5), got {self.aggregation.trim}"
+            )
+        k = self.secagg.neighbours
+        if self.rounds.mode == "secure" and k >= self.rounds.min_cohort:
+            raise ConfigError(
+                "secagg.neighbours",
+                f"{k} neighbours need rounds of at least {k + 1} devices; "
+                f"raise rounds.min_cohort to {k + 1} or lower secagg.neighbours",
             )
         try:
             return EngineConfig(

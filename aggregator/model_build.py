@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from shared import settings
 from shared import tflite_model as tm
 from shared.errors import ConfigError
 from shared.ids import id_problem
@@ -184,10 +185,7 @@ def parse_spec(document: Mapping[str, Any]) -> ModelSpec:
 def load_spec(path: Path | None = None) -> ModelSpec:
     """Read a spec file (default: the predictive-maintenance spec shipped with fleetlearn)."""
     path = DEFAULT_SPEC_PATH if path is None else path
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("--spec", f"cannot read {path}: {exc.strerror or exc}") from None
+    text = settings.read_text(path, "--spec")
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -49,11 +49,19 @@ def register(sub: Any) -> None:
 def run_device(args: argparse.Namespace) -> int:
     from broker import provision as prov
     from device.agent import ArrayData, DeviceAgent
-    from device.mqtt import BrokerAddress
+    from device.mqtt import BrokerAddress, check_ca_file
     from device.participant import Participant
     from shared.errors import ConfigError
+    from shared.settings import writable_dir
 
+    # Every flag and file is checked here, before the agent connects: each problem is one line.
     address = BrokerAddress.parse(args.broker)
+    if args.ca_file is not None:
+        if not address.tls:
+            raise ConfigError("--ca-file", "is only used with an mqtts:// --broker")
+        check_ca_file(args.ca_file, "--ca-file")
+    if args.state_dir is not None:
+        writable_dir(args.state_dir, "--state-dir")
     creds = prov.load_device(args.keys)
     if args.id is not None and args.id != creds.device_id:
         raise ConfigError("--id", f"{args.id!r} but {args.keys} holds {creds.device_id!r}")

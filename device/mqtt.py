@@ -87,6 +87,19 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def check_ca_file(path: str, key: str) -> None:
+    """Refuse, before connecting, a CA file the TLS context could not load (a reconnect loop
+    would otherwise retry the same error forever)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        raise ConfigError(
+            key, f"cannot use {path} as a CA certificate: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(key, f"cannot use {path!r} as a CA certificate: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**attempt))."""

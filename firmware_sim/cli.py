@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import sys
 import tempfile
@@ -14,16 +15,45 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.ids import id_problem
+
+MAX_PROCS = 64
+MAX_DEMO_DEVICES = 10_000  # what one machine simulates (docs/simulation.md)
 
 
-def _positive(text: str) -> int:
+def _whole(lo: int, hi: int) -> Any:
+    """An argparse type: a whole number in lo..hi."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
     return value
+
+
+def _fleet_id(text: str) -> str:
+    problem = id_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"fleet id {problem}")
+    return text
+
+
+_positive = _whole(1, 1_000_000)
 
 
 def register(sub: Any) -> None:
@@ -39,15 +69,26 @@ def register(sub: Any) -> None:
         ),
     )
     s.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    s.add_argument("--fleet", default="plant-7", help="fleet id (default plant-7)")
+    s.add_argument("--fleet", type=_fleet_id, default="plant-7", help="fleet id (default plant-7)")
     s.add_argument(
         "--fleet-dir", type=Path, default=Path("fleet"), help="provisioned fleet directory"
     )
-    s.add_argument("--devices", type=_positive, required=True, help="how many devices to simulate")
-    s.add_argument("--procs", type=_positive, default=1, help="worker processes (default 1)")
+    s.add_argument(
+        "--devices", type=_whole(1, 100_000), required=True, help="how many devices to simulate"
+    )
+    s.add_argument(
+        "--procs", type=_whole(1, MAX_PROCS), default=1, help="worker processes (default 1)"
+    )
     s.add_argument("--scenario", type=Path, help="scenario TOML (see docs/simulation.md)")
-    s.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: never)")
-    s.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds")
+    s.add_argument(
+        "--rounds",
+        type=_whole(0, 1_000_000),
+        default=0,
+        help="stop after this many rounds (0: never)",
+    )
+    s.add_argument(
+        "--duration", type=_seconds, default=0.0, help="stop after this many seconds (0: never)"
+    )
     s.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
     s.add_argument("--state-dir", type=Path, help="per-device residuals survive restarts here")
     s.set_defaults(handler=run_sim)
@@ -62,10 +103,10 @@ def register(sub: Any) -> None:
             "stop everything it started and exit."
         ),
     )
-    d.add_argument("--devices", type=_positive, default=200)
-    d.add_argument("--rounds", type=_positive, default=10)
+    d.add_argument("--devices", type=_whole(3, MAX_DEMO_DEVICES), default=200)
+    d.add_argument("--rounds", type=_whole(1, 10_000), default=10)
     d.add_argument("--cohort", type=_positive, default=50, help="devices per round (default 50)")
-    d.add_argument("--procs", type=_positive, default=2)
+    d.add_argument("--procs", type=_whole(1, MAX_PROCS), default=2)
     d.add_argument("--mode", choices=["secure", "plain"], default="secure")
     d.add_argument("--out", type=Path, default=Path("demo-report"), help="report directory")
     d.add_argument(
@@ -128,9 +169,15 @@ def run_sim(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from broker import provision as prov
+    from device.mqtt import BrokerAddress
     from firmware_sim.fleet import SimSpec, Simulator
     from firmware_sim.report import round_table
+    from shared.settings import writable_dir
 
+    # Every flag and file is checked before the first worker starts: one line per problem.
+    BrokerAddress.parse(args.broker)
+    if args.state_dir is not None:
+        writable_dir(args.state_dir, "--state-dir")
     registry = prov.load_registry(args.fleet_dir)
     if registry.fleet != args.fleet:
         raise ConfigError(
@@ -143,6 +190,7 @@ def run_sim(args: argparse.Namespace) -> int:
             f"{args.devices} requested but {args.fleet_dir} has {len(devices)}; "
             f"run `fleetlearn provision --devices {args.devices}`",
         )
+    prov.simulator_password(args.fleet_dir)  # its progress view's credentials are there
     spec = SimSpec(
         broker=args.broker,
         fleet=args.fleet,
@@ -251,6 +299,7 @@ def run_demo(args: argparse.Namespace) -> int:
     scenario = _scenario(args.scenario, DEMO_SCENARIO)
     if args.cohort < 3 or args.cohort > args.devices:
         raise ConfigError("--cohort", f"must be in 3..{args.devices} (the number of devices)")
+    settings.writable_dir(args.out, "--out")  # before the run, not after it
     work = Path(tempfile.mkdtemp(prefix="fleetlearn-demo-"))
     fleet_dir, state_dir = work / "fleet", work / "state"
     devices = prov.device_ids(args.devices)

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_sim.data import MACHINE_TYPES
+from shared import settings
 from shared.errors import ConfigError
 from shared.topics import Kind
 
@@ -152,10 +153,7 @@ class Scenario:
 
     @classmethod
     def load(cls, path: Path | str) -> Scenario:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError("--scenario", f"cannot read {path}: {exc.strerror}") from None
+        text = settings.read_text(Path(path), "--scenario")
         return cls.parse(text, source=str(path))
 
     @classmethod
@@ -216,8 +214,12 @@ def _table(data: dict[str, Any], name: str, keys: set[str]) -> dict[str, Any]:
 
 def _num(table: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
     value = table.get(key.rsplit(".", maxsplit=1)[-1], default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(key, f"must be a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > hi:  # also ints too large for a float
+        raise ConfigError(key, f"must be in {lo:g}..{hi:g}, got {value:.3g}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
     if not lo <= value <= hi:
         raise ConfigError(key, f"must be in {lo:g}..{hi:g}, got {value}")
     return float(value)

@@ -6,14 +6,19 @@ in this order, later winning: dataclass defaults, the TOML file, environment var
 `{PREFIX}_{SECTION}_{KEY}` (upper case), then `section.key=value` overrides from the command line.
 Every key therefore has a file, environment and CLI spelling. Unknown keys and wrong types raise
 `ConfigError(key, problem)` naming the dotted key; `__post_init__` of a section may add its own
-checks by raising ConfigError too.
+checks by raising ConfigError too. Whatever the source, an integer fits in 64 bits, a number is
+finite (no nan or inf), and text holds no NUL character; ranges are the sections' business.
 
-Pure: the caller passes the file text and the environment mapping in.
+Pure: the caller passes the file text and the environment mapping in. `read_text` and
+`writable_dir` are the filesystem side every command shares: files and directories named on a
+command line, checked before any work starts, with errors that name the flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,6 +28,36 @@ from typing import Any, Literal, TypeVar
 from shared.errors import ConfigError
 
 T = TypeVar("T")
+INT_LIMIT = 2**63  # integers beyond 64 bits are nobody's setting (TOML allows any size)
+
+
+def writable_dir(path: Path, key: str) -> Path:
+    """`path`, created if missing, as a directory this process can write to; else ConfigError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(key, f"{path} exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(key, f"cannot create {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(key, f"cannot use {path!r}: {exc}") from None
+    if not path.is_dir():
+        raise ConfigError(key, f"{path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{path} is not writable")
+    return path
+
+
+def read_text(path: Path, key: str) -> str:
+    """The text of a settings file; ConfigError naming `key` when it cannot be read as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, f"{path} is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:  # e.g. a path with a NUL character
+        raise ConfigError(key, f"cannot read {path!r}: {exc}") from None
 
 
 def _leaf(hint: Any, key: str, value: Any, from_text: bool) -> Any:
@@ -47,28 +82,40 @@ def _leaf(hint: Any, key: str, value: Any, from_text: bool) -> Any:
     if hint is int:
         if from_text and isinstance(value, str):
             try:
-                return int(value.replace("_", ""))
+                value = int(value.replace("_", ""))
             except ValueError:
                 raise ConfigError(key, f"must be an integer, got {value!r}") from None
         if type(value) is not int:
             raise ConfigError(key, f"must be an integer, got {value!r}")
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise ConfigError(key, f"{value:.3g} is out of range for any setting")
         return value
     if hint is float:
         if from_text and isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(key, f"must be a number, got {value!r}") from None
         if type(value) not in (int, float):
             raise ConfigError(key, f"must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(key, f"{value:.3g} is out of range for any setting") from None
+        if not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {value!r}")
+        if "\x00" in value:
+            raise ConfigError(key, "must not contain a NUL character")
         return value
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(key, f"must be a path, got {value!r}")
+        if "\x00" in value:
+            raise ConfigError(key, "must not contain a NUL character")
         return Path(value)
     raise TypeError(f"{key}: unsupported settings type {hint!r}")
 
