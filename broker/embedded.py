@@ -8,10 +8,14 @@ roughly half as fast as mosquitto, so production and load tests use mosquitto.
 
 The binding cannot be a plugin: amqtt looks up, deletes or takes over the session named by the
 CONNECT's client id *before* it asks the auth plugins, and takes it over even when they refuse.
-`FleetBroker` therefore reads each CONNECT first (`_admit`): it refuses bad credentials before
-amqtt sees the connection, and hands amqtt the same CONNECT with the client id replaced by the
-username. That overrides amqtt's private `Broker._client_connected`, so pyproject pins the amqtt
-version it was written against, and tests/test_broker_identity.py fails if the binding breaks.
+`FleetBroker` therefore reads each CONNECT first, whole, by its declared length (`_admit`): it
+refuses bad credentials before amqtt sees the connection, and hands amqtt the same CONNECT with
+the client id replaced by the username. It also answers an MQTT 5 CONNECT with "unacceptable
+protocol version" at once, as MQTT 3.1.1 says: amqtt misread its properties and waited for
+bytes that never came, so clients trying 5 first (`Link(protocol="auto")`) fell back to 3.1.1
+only after their own timeout. This overrides amqtt's private `Broker._client_connected`, so
+pyproject pins the amqtt version it was written against, and tests/test_broker_identity.py
+fails if the binding breaks.
 
 Run it as `python -m broker.embedded --host 127.0.0.1 --port 1883 [--passwd F --acl F]`; the
 runner starts it that way, in its own process, like mosquitto.
@@ -32,8 +36,9 @@ from typing import Any
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import NOT_AUTHORIZED, UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
@@ -42,6 +47,7 @@ from broker.provision import check_password
 
 log = logging.getLogger("fleetlearn.broker.embedded")
 CONNECT_TIMEOUT = 10.0  # seconds a new connection has to send its CONNECT
+MAX_CONNECT_BYTES = 256 * 1024  # ids, credentials and a last will: a status message
 MQTT_311 = 4  # protocol level; amqtt speaks nothing else
 
 
@@ -109,20 +115,34 @@ class _Replay(ReaderAdapter):
         self._reader.feed_eof()
 
 
-class _Recorder(ReaderAdapter):
-    """Keeps a copy of what it reads, to replay a CONNECT amqtt should judge itself."""
+class _Bytes(ReaderAdapter):
+    """A reader over bytes already received (amqtt's parsers read from a ReaderAdapter)."""
 
-    def __init__(self, reader: ReaderAdapter) -> None:
-        self._reader = reader
-        self.seen = bytearray()
+    def __init__(self, data: bytes) -> None:
+        self._data = data
 
     async def read(self, n: int = -1) -> bytes:
-        data = await self._reader.read(n)
-        self.seen += data
+        if n < 0:
+            n = len(self._data)
+        data, self._data = self._data[:n], self._data[n:]
         return data
 
     def feed_eof(self) -> None:
-        self._reader.feed_eof()
+        self._data = b""
+
+
+async def _read_connect(reader: ReaderAdapter) -> tuple[bytes, bytes]:
+    """The first packet's fixed header and body, read whole by its declared length;
+    ValueError unless it is a CONNECT."""
+    header = await MQTTFixedHeader.from_stream(reader)
+    if header is None or header.packet_type != CONNECT:
+        raise ValueError("the first packet is not a CONNECT")
+    if header.remaining_length > MAX_CONNECT_BYTES:
+        raise ValueError(f"a CONNECT of {header.remaining_length} bytes")
+    body = await reader.read(header.remaining_length) if header.remaining_length else b""
+    if len(body) != header.remaining_length:
+        raise ValueError("the connection closed inside its CONNECT")
+    return bytes(header.to_bytes()), bytes(body)
 
 
 class FleetBroker(Broker):
@@ -136,30 +156,29 @@ class FleetBroker(Broker):
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
     ) -> None:
-        if self._passwords is None:  # anonymous broker: nothing to bind to
-            await super()._client_connected(listener_name, reader, writer)
-            return
-        recorder = _Recorder(reader)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                connect = await ConnectPacket.from_stream(recorder)
+                header, body = await _read_connect(reader)
+            head = await self._admit(header, body, writer)
         except Exception as exc:  # garbage, a timeout, a closed socket: untrusted input
             log.info("dropped a connection that sent no valid CONNECT (%s)", exc)
             await writer.close()
             return
-        head = await self._admit(connect, bytes(recorder.seen), writer)
         if head is not None:
             await super()._client_connected(listener_name, _Replay(head, reader), writer)
 
-    async def _admit(
-        self, connect: ConnectPacket, raw: bytes, writer: WriterAdapter
-    ) -> bytes | None:
+    async def _admit(self, header: bytes, body: bytes, writer: WriterAdapter) -> bytes | None:
         """The CONNECT amqtt gets to see, or None after refusing the connection."""
-        if connect.proto_name != "MQTT" or connect.proto_level != MQTT_311:
-            # amqtt refuses other protocol versions itself, without touching sessions;
-            # clients that try MQTT 5 first rely on that refusal to fall back to 3.1.1.
-            return raw
-        assert self._passwords is not None
+        # The body opens with the protocol name (length 4, "MQTT"), then the protocol level.
+        if body[:6] != b"\x00\x04MQTT" or body[6:7] != bytes([MQTT_311]):
+            # MQTT 3.1.1: answer "unacceptable protocol version" and close; an MQTT 5 client
+            # then retries with 3.1.1 (paho reads this answer as "unsupported version").
+            await ConnackPacket.build(0, UNACCEPTABLE_PROTOCOL_VERSION).to_stream(writer)
+            await writer.close()
+            return None
+        if self._passwords is None:  # anonymous broker: no username to bind to
+            return header + body
+        connect = await ConnectPacket.from_stream(_Bytes(header + body))
         if not await self._passwords.check(connect.username, connect.password):
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()

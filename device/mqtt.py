@@ -451,7 +451,7 @@ class Link:
                     continue
                 raise
             except aiomqtt.MqttError as exc:
-                # The embedded broker drops an MQTT 5 CONNECT without a CONNACK.
+                # A broker may also drop an MQTT 5 CONNECT without a CONNACK.
                 last = exc
                 continue
             self.version = version

@@ -154,3 +154,42 @@ async def test_one_connection_per_username(mosquitto: BrokerProcess, fleet_dir: 
     finally:
         with contextlib.suppress(aiomqtt.MqttError, RuntimeError):
             await first.__aexit__(None, None, None)
+
+
+async def test_embedded_answers_mqtt5_at_once(embedded: BrokerProcess, fleet_dir: Path) -> None:
+    """An MQTT 5 CONNECT gets "unacceptable protocol version" (amqtt misread it and waited),
+    so a client that tries 5 first falls back to 3.1.1 without waiting for its timeout."""
+    device = prov.load_device(fleet_dir / "devices" / "dev-0001")
+    client = aiomqtt.Client(
+        embedded.host,
+        embedded.port,
+        username=device.username,
+        password=device.password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=10,
+    )
+    with pytest.raises(aiomqtt.MqttCodeError) as refused:
+        async with client:
+            pass
+    rc = refused.value.rc
+    assert getattr(rc, "value", rc) in (1, 132)  # paho maps 3.1.1's 1 to 5's 132
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.1\r\n\r\n", b"\x10\xff\xff\xff\x7f", b"\x10\x05\x00\x04MQ", b"\x30\x00"],
+    ids=["http", "huge-length", "truncated", "publish-first"],
+)
+async def test_embedded_drops_garbage_before_connect(
+    embedded: BrokerProcess, fleet_dir: Path, garbage: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection(embedded.host, embedded.port)
+    writer.write(garbage)
+    await writer.drain()
+    writer.write_eof()
+    async with asyncio.timeout(20):
+        assert await reader.read() in (b"", b"\x20\x02\x00\x01")  # closed (or refused)
+    writer.close()
+    device = prov.load_device(fleet_dir / "devices" / "dev-0001")
+    async with _client(embedded, device.username, device.password, "after-garbage") as client:
+        await client.publish(topics.status(FLEET, device.device_id), b"x", qos=1)
