@@ -317,8 +317,10 @@ def run_demo(args: argparse.Namespace) -> int:
         console.print("using the packaged default model (pdm-default, 1,140 parameters)")
 
     # The runner's own state directory: mosquitto, dropping root privileges, could not enter
-    # the 0700 work directory.
-    broker = start_broker(BrokerSettings(port=free_port(), fleet_dir=fleet_dir), mode)
+    # the 0700 work directory. The demo's broker lives for one run: nothing to persist.
+    broker = start_broker(
+        BrokerSettings(port=free_port(), fleet_dir=fleet_dir, persistence=False), mode
+    )
     if mode == "embedded" and not args.embedded:
         console.print(
             "[yellow]mosquitto not found: using the embedded amqtt broker (MQTT 3.1.1)[/]"
