@@ -733,7 +733,8 @@ class RoundEngine:
         self.outcome = outcome
         self._finished[ann.round_id] = outcome
         self._run = None
-        self._event("round_" + state.value, ann.round_id, reason=reason, survivors=len(survivors))
+        # No round_closed/round_aborted event here: the service sends it once the outcome is
+        # persisted (a closed round is only closed once its release is committed).
         out = []
         if state is RoundState.ABORTED:
             out.append(
@@ -763,6 +764,11 @@ class RoundEngine:
         )
 
     # ------------------------------------------------------------------------ bookkeeping
+
+    def reject(self, reason: str, device: str, detail: str) -> None:
+        """Count a message the adapter refused before the engine saw it (e.g. one whose
+        handling failed), like the engine's own refusals: per round, in total, on events."""
+        self._reject(reason, device, detail)
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         run = self._run
