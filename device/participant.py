@@ -11,8 +11,10 @@ for the adapter (`device.agent`) to carry out:
 
 Rules:
 - A release is loaded only after its signature, manifest and content hash verify against the
-  aggregator key from provisioning, and only if it is newer than the loaded one. A refused
-  release leaves the previous model in place and is reported, never silently dropped.
+  aggregator key from provisioning, and only if it is newer than the loaded one and not older
+  than `min_version`, the newest version this device ever accepted (the adapter persists it,
+  so a restart cannot be rolled back to an older, validly signed release). A refused release
+  leaves the previous model in place and is reported, never silently dropped.
 - The device joins a round only when it is in the cohort and runs the round's model version.
   Secure rounds go through `SecAggClient`; plain rounds send a compressed `PlainUpdate`.
 - Error feedback: what a round did not transmit (unsent coordinates, clipping) is kept for the
@@ -55,6 +57,7 @@ class Send:
 class LoadModel:
     model: bytes
     manifest: tm.ModelManifest
+    release: bytes = b""  # the signed release as received, for the adapter to persist
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +106,11 @@ class Participant:
         registry: Mapping[str, bytes],
         random: Callable[[int], bytes],
         feedback: sparse.ErrorFeedback | None = None,
+        min_version: int = 1,
     ) -> None:
         self.fleet = topics.check_id(fleet, "fleet id")
+        # The newest release version this device ever accepted: nothing older is loaded.
+        self.min_version = max(1, int(min_version))
         self.device_id = topics.check_id(device_id)
         self._identity = identity
         self._aggregator_key = aggregator_key
@@ -145,7 +151,7 @@ class Participant:
             return []  # the very same release again (retained, after a reconnect)
         try:
             model, manifest = tm.verify_release(
-                release, self._aggregator_key, min_version=max(1, self.model_version)
+                release, self._aggregator_key, min_version=max(self.min_version, self.model_version)
             )
         except tm.ModelError as exc:
             return self._refuse(f"release v{version} refused: {exc}")
@@ -161,11 +167,12 @@ class Participant:
                 f"release v{version} is model {manifest.model_id!r}, not {self.manifest.model_id!r}"
             )
         self.manifest = manifest
+        self.min_version = manifest.version
         self._release_digest = digest
         dim = tm.layout_size(manifest.layout)
         if self.feedback is None or self.feedback.dim != dim:
             self.feedback = sparse.ErrorFeedback(dim)
-        return [LoadModel(model, manifest)]
+        return [LoadModel(model, manifest, payload)]
 
     def _refuse(self, why: str) -> list[Action]:
         self.refused.append(why)
