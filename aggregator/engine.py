@@ -62,6 +62,7 @@ _EXPECTED_TYPE: dict[topics.Kind, type[wire.Message]] = {
 }
 # Round messages expire after this long on MQTT 5 brokers: nobody needs them later.
 ROUND_MESSAGE_EXPIRY = 600
+KEEP_FINISHED = 32  # finished rounds whose late messages are still told apart
 
 
 class EngineError(FleetlearnError):
@@ -204,7 +205,10 @@ class RoundEngine:
         self._random = random
         self._devices: dict[str, _Device] = {}
         self._run: _Run | None = None
-        self._finished: dict[int, RoundOutcome] = {}
+        # Recent finished rounds -> whether UNMASK ended early (answers then are not late).
+        # Bounded: an engine runs for months, and outcomes hold full-size update vectors.
+        self._finished: dict[int, bool] = {}
+        self._last_finished = -1
         self.outcome: RoundOutcome | None = None
         self.rejected_total: Counter[str] = Counter()
         self.late_total = 0
@@ -404,7 +408,7 @@ class RoundEngine:
                 # just not needed. Counted, without an event each (hundreds per round at scale).
                 self.not_needed_after_close[topic.round_id] += 1
                 return []
-            if topic.round_id in self._finished or (
+            if topic.round_id <= self._last_finished or (
                 run is not None and topic.round_id < run.announce.round_id
             ):
                 self._late(topic.round_id, device, topic.kind, run_stats=None)
@@ -731,7 +735,12 @@ class RoundEngine:
             metrics=metrics,
         )
         self.outcome = outcome
-        self._finished[ann.round_id] = outcome
+        unmask = run.stages[Stage.UNMASK]
+        self._finished[ann.round_id] = state is RoundState.CLOSED and unmask.not_needed > 0
+        self._last_finished = max(self._last_finished, ann.round_id)
+        for counts in (self._finished, self.late_after_close, self.not_needed_after_close):
+            for old in [r for r in counts if r <= ann.round_id - KEEP_FINISHED]:
+                del counts[old]
         self._run = None
         # No round_closed/round_aborted event here: the service sends it once the outcome is
         # persisted (a closed round is only closed once its release is committed).
@@ -790,17 +799,13 @@ class RoundEngine:
         if run_stats is not None:
             run_stats.late += 1
         self.late_total += 1
-        if run_stats is None and round_id in self._finished:
+        if run_stats is None and round_id in self._finished:  # recent enough to count
             # The round's summary may be out already; this shows on the events topic.
             self.late_after_close[round_id] += 1
         self._event("late", round_id, device=device, topic=kind.value if kind else None)
 
     def _unmask_ended_early(self, round_id: int) -> bool:
-        outcome = self._finished.get(round_id)
-        if outcome is None or outcome.state is not RoundState.CLOSED:
-            return False
-        unmask = outcome.metrics.get("stages", {}).get(Stage.UNMASK.value)
-        return bool(unmask and unmask.get("not_needed"))
+        return self._finished.get(round_id, False)
 
     def _event(self, kind: str, round_id: int | None, **data: Any) -> None:
         self.events.append({"event": kind, "round": round_id, **data})

@@ -150,7 +150,8 @@ class AggregatorService:
             on_message=self._queue.put_nowait,
             ca_file=settings.broker.ca_file or None,
         )
-        self.summaries: list[RoundSummary] = []
+        # The latest round summaries (what run() returns); older ones are in the store.
+        self.summaries: collections.deque[RoundSummary] = collections.deque(maxlen=1000)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
 
     # ------------------------------------------------------------------------------- setup
@@ -250,7 +251,7 @@ class AggregatorService:
         finally:
             self._worker.shutdown(wait=True)
             self.store.close()
-        return self.summaries
+        return list(self.summaries)
 
     def stop(self) -> None:
         """End the service cleanly from any state (signal handlers call this): a running round

@@ -176,6 +176,7 @@ class Participant:
 
     def _refuse(self, why: str) -> list[Action]:
         self.refused.append(why)
+        del self.refused[:-20]  # the newest reasons are what a status shows; keep memory flat
         return [Note(why)]
 
     # ------------------------------------------------------------------------------ rounds
