@@ -108,7 +108,10 @@ def test_cross_field_rules_name_the_key() -> None:
     for sets, key in [
         ({"compression.sparsity": "top_k"}, "compression.sparsity"),
         ({"rounds.mode": "secure", "aggregation.rule": "median"}, "aggregation.rule"),
-        ({"stages.share": "1", "stages.advertise": "5"}, "stages.share"),
+        # [stages] values are durations: a hard limit below its own soft limit is the error.
+        ({"stages.share": "40", "stages.share_hard": "30"}, "stages.share_hard"),
+        ({"stages.quorum": "0"}, "stages.quorum"),
+        ({"rounds.stall_cooldown": "-1"}, "rounds.stall_cooldown"),
         ({"compression.density": "0"}, "compression.density"),
         ({"rounds.min_cohort": "2"}, "rounds.min_cohort"),
     ]:
