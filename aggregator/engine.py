@@ -51,7 +51,7 @@ from shared.secagg import messages as sm
 from shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
 from shared.secagg.errors import RemoteProtocolError, SecAggError
 from shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
-from shared.stagetime import ArrivalHistory, StageWindow, quorum_count
+from shared.stagetime import ArrivalHistory, StageWindow
 
 STAGE_ORDER = {Stage.ADVERTISE: 0, Stage.SHARE: 1, Stage.COLLECT: 2, Stage.UNMASK: 3}
 _MESSAGE_STAGE: dict[topics.Kind, Stage] = {
@@ -162,6 +162,7 @@ class StageStats:
     not_needed: int = 0
     closed_by: str = ""  # "complete", "quorum" (after the soft limit) or "hard_limit"
     seconds: float = 0.0  # from the stage's opening to its close
+    last: float = 0.0  # from the stage's opening to the last answer in time
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -571,8 +572,7 @@ class RoundEngine:
 
     def _arrived(self, run: _Run, stats: StageStats, now: float) -> None:
         stats.arrived += 1
-        if stats.arrived == quorum_count(stats.expected, self.config.quorum):
-            self.history.record(run.window.stage, now - run.window.opened)
+        stats.last = now - run.window.opened
 
     def _after_server(
         self, run: _Run, before: ServerState, outs: list[Outbound], now: float
@@ -610,8 +610,7 @@ class RoundEngine:
             stats.not_needed, dropped = len(dropped), []
         stats.dropped = len(dropped)
         self._stall(dropped, now)
-        stats.closed_by, run.closing = run.closing, "complete"
-        stats.seconds = round(now - run.window.opened, 3)
+        self._closed(run, stats, now)
         following = {
             Stage.ADVERTISE: (Stage.SHARE, server.advertised),
             Stage.SHARE: (Stage.COLLECT, server.sharers),
@@ -715,8 +714,7 @@ class RoundEngine:
         missing = [d for d in run.announce.cohort if d not in run.plain]
         stats.dropped = len(missing)
         self._stall(missing, now)
-        stats.closed_by, run.closing = run.closing, "complete"
-        stats.seconds = round(now - run.window.opened, 3)
+        self._closed(run, stats, now)
         self._event(
             "stage_closed",
             run.announce.round_id,
@@ -864,6 +862,13 @@ class RoundEngine:
         )
 
     # ------------------------------------------------------------------------ bookkeeping
+
+    def _closed(self, run: _Run, stats: StageStats, now: float) -> None:
+        stats.closed_by, run.closing = run.closing, "complete"
+        stats.seconds = round(now - run.window.opened, 3)
+        if stats.arrived:
+            # How long the devices that did answer needed: what the next soft limits follow.
+            self.history.record(run.window.stage, stats.last)
 
     def _stall(self, devices: list[str], now: float) -> None:
         """Devices that did not answer a stage before it closed: deprioritized in selection."""

@@ -15,9 +15,10 @@ into decisions on the clock of whoever applies them (ARCHITECTURE §7):
   clock: the aggregator opened S no later than the device heard of it and closes S within
   hard(S), then S+1 within hard(S+1), so a reply arriving later could only be answered late.
   A device that has not answered S yet (still training) gives up at opened(S) + hard(S).
-- Soft limits may follow the fleet: `ArrivalHistory` remembers how long recent stages took to
-  collect their answers, and `adapted()` sets the next round's soft limits from that, never
-  below the configured soft limit and never above the hard one.
+- Soft limits may follow the fleet: `ArrivalHistory` remembers how long recent stages took
+  until their last answer in time, and `adapted()` sets the next round's soft limits from
+  that, never below the configured soft limit and never above the hard one: on a loaded
+  machine the answers spread out, and a soft limit cut to a calm machine would drop the tail.
 
 Pure: no clock (`now` is passed in), no I/O, no randomness.
 """
@@ -94,11 +95,11 @@ def give_up_at(times: StageTimes, stage: Stage, opened: float, *, answered: bool
 
 @dataclass(slots=True)
 class ArrivalHistory:
-    """How long recent stages took until the answers a close needs had arrived.
+    """How long recent stages took until their last answer in time.
 
-    Per stage, the time from its opening to the arrival that reached the quorum, for the last
-    `rounds` rounds. A stage that never reached its quorum (devices stalled) says nothing
-    about how fast the live ones are, and is not recorded."""
+    Per stage, the time from its opening to the last answer that arrived before it closed, for
+    the last `rounds` rounds. Devices that never answered (stalled, gone) do not count: the
+    history says how fast the live ones are."""
 
     rounds: int = 5
     _seen: dict[Stage, collections.deque[float]] = field(default_factory=dict)
@@ -109,8 +110,8 @@ class ArrivalHistory:
         self._seen.setdefault(stage, collections.deque(maxlen=self.rounds)).append(seconds)
 
     def adapted(self, times: StageTimes, *, margin: float = 1.5) -> StageTimes:
-        """`times` with each soft limit raised to `margin` times the median recent time to a
-        quorum, within [configured soft, hard]. Hard limits never change: devices enforce
+        """`times` with each soft limit raised to `margin` times the median recent time to
+        the last answer, within [configured soft, hard]. Hard limits never change: devices enforce
         them, and a round's limits are fixed by its announcement."""
         soft = {}
         for stage in STAGES:
