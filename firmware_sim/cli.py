@@ -76,6 +76,13 @@ def register(sub: Any) -> None:
     which.add_argument("--embedded", action="store_true", help="use the embedded broker")
     which.add_argument("--mosquitto", action="store_true", help="require mosquitto")
     d.add_argument("--build", action="store_true", help="build the model with TensorFlow first")
+    d.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an aggregator setting over the demo's, e.g. --set stages.collect=8 (repeatable)",
+    )
     d.set_defaults(handler=run_demo)
 
 
@@ -254,6 +261,8 @@ def run_demo(args: argparse.Namespace) -> int:
     scenario = _scenario(args.scenario, DEMO_SCENARIO)
     if args.cohort < 3 or args.cohort > args.devices:
         raise ConfigError("--cohort", f"must be in 3..{args.devices} (the number of devices)")
+    overrides = settings.parse_sets(args.set)
+    settings.load(AggregatorSettings, sets=overrides)  # unknown keys, bad values: stop now
     work = Path(tempfile.mkdtemp(prefix="fleetlearn-demo-"))
     fleet_dir, state_dir = work / "fleet", work / "state"
     devices = prov.device_ids(args.devices)
@@ -331,6 +340,7 @@ def run_demo(args: argparse.Namespace) -> int:
             # (bench/convergence_bench.py, docs/simulation.md).
             "training.error_feedback": "false" if args.mode == "secure" else "true",
             "server.lr": "10" if args.mode == "secure" else "1",
+            **overrides,
         }
         loaded = settings.load(AggregatorSettings, sets=sets)
 
@@ -340,8 +350,8 @@ def run_demo(args: argparse.Namespace) -> int:
             acc = m.get("accuracy")
             if summary.state != "closed":
                 console.print(
-                    f"[yellow]round {summary.round_id:>2}: aborted ({m.get('reason', '')}); "
-                    "retrying with a fresh cohort[/]"
+                    f"[yellow]round {summary.round_id:>2}: aborted ({m.get('reason', '')})[/]",
+                    soft_wrap=True,
                 )
                 return
             console.print(
@@ -402,5 +412,5 @@ def run_demo(args: argparse.Namespace) -> int:
         f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}"
     )
     if gave_up:
-        console.print(f"[red]demo stopped: {gave_up}[/]")
+        console.print(f"[red]demo stopped: {gave_up}[/]", soft_wrap=True)
     return 0 if closed == args.rounds else 1

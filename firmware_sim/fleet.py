@@ -236,6 +236,11 @@ class Simulator:
             self._workers.append(worker)
         return self
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (tests stop and continue them to simulate hung devices)."""
+        return [w.pid for w in self._workers if w.pid is not None]
+
     def poll(self) -> dict[str, Any]:
         """Drain worker reports; return fleet-wide totals."""
         while True:
