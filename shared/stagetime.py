@@ -61,18 +61,10 @@ class StageWindow:
         """When to look again without a new answer: the soft limit, then the hard one."""
         return self.soft_at if now < self.soft_at else self.hard_at
 
-    def due(self, now: float, *, answered: int, expected: int, quorum: float) -> bool:
-        """Whether the stage should close now, before asking whether it *can* go on (the
-        caller checks that for closes after the soft limit, see `enough`)."""
-        return (
-            answered >= expected
-            or now >= self.hard_at
-            or self.enough(now, answered=answered, expected=expected, quorum=quorum)
-        )
-
     def enough(self, now: float, *, answered: int, expected: int, quorum: float) -> bool:
-        """Past the soft limit with a quorum: a close the caller should make only if the
-        round can go on with these answers (a close at the hard limit is made regardless)."""
+        """Past the soft limit with a quorum: the stage may close now, if the round can go on
+        with these answers (the caller checks that). Everyone answered, or the hard limit
+        passed: the stage closes regardless."""
         return now >= self.soft_at and answered >= quorum_count(expected, quorum)
 
 
