@@ -18,7 +18,10 @@ from fleetlearn import main as fleetlearn_main
 from shared import settings, topics, wire
 from shared import tflite_model as tm
 from shared.rounds import RoundAnnounce, RoundState, StageTimes
-from shared.secagg.config import Stage
+from shared.secagg.client import SecAggClient
+from shared.secagg.config import SecAggConfig, Stage
+from shared.secagg.server import SecAggServer, ServerState
+from tests.secagg_support import deterministic_random, identities
 from tests.test_rounds_inmemory import MODEL, Fleet, make_fleet, run_round
 
 VERSION = 1
@@ -233,3 +236,42 @@ def test_soft_limits_follow_recent_arrivals_within_bounds() -> None:
     for _ in range(5):
         engine.history.record(Stage.ADVERTISE, 60.0)
     assert engine.history.adapted(engine.config.times).advertise == 8.0  # never above hard
+
+
+def test_server_without_deadlines_closes_only_when_told_and_says_why_not_yet() -> None:
+    """SecAggServer(deadlines=None): never closes by time itself; close_problem() tells the
+    adapter whether an early close would go on, close_stage() makes it."""
+    config = SecAggConfig.create(cohort_size=6, dimension=3, neighbours=4, threshold=3)
+    ids = identities(6)
+    verify = {d: bytes(k.verify_key) for d, k in ids.items()}
+    seed = b"\x02" * 32
+    server = SecAggServer(
+        config=config, round_id=1, round_seed=seed, verify_keys=verify, deadlines=None
+    )
+    assert server.deadline is None
+    adverts = []
+    for d, key in sorted(ids.items()):
+        client = SecAggClient(
+            config=config,
+            round_id=1,
+            device_id=d,
+            signing_key=key,
+            verify_keys=verify,
+            round_seed=seed,
+            random=deterministic_random(f"early/{d}"),
+        )
+        adverts += client.start(0.0)
+    for message in adverts[:2]:
+        server.receive(message, 1.0)
+    assert server.tick(1e9) == []  # no deadline: time alone closes nothing
+    assert server.state is ServerState.ADVERTISE
+    problem = server.close_problem()
+    assert problem is not None
+    assert "only 2 devices advertised" in problem
+    for message in adverts[2:5]:
+        server.receive(message, 2.0)
+    assert server.close_problem() is None  # 5 of 6, each with >= t live neighbours
+    rosters = server.close_stage(2.0)
+    assert server.state is ServerState.SHARE
+    assert len(rosters) == 5
+    assert set(server.dropped) == {sorted(ids)[5]}
