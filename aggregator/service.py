@@ -7,7 +7,10 @@ Tasks in one TaskGroup:
 - `deadlines`: ticks the engine when a stage deadline passes.
 - `rounds`: waits for enough eligible devices, starts a round, waits for its outcome, then
   applies the update with the server optimizer, patches the model (no TensorFlow), signs and
-  publishes the release (retained), then the round summary on `metrics` (retained).
+  publishes the release (retained), then the round summary on `metrics` (retained). An
+  aborted round is retried at once with a fresh cohort (the engine leaves out the devices
+  that stalled); `rounds.count` counts closed rounds, and `rounds.max_aborts` aborted rounds
+  in a row end the service with `RoundsAbortedError`.
 
 The engine is used by one thing at a time, under `_engine_lock`. Each arriving message is
 taken on the event loop (decode, checks, a signature, adding a masked vector: well under a
@@ -74,6 +77,10 @@ log = logging.getLogger("fleetlearn.aggregator")
 PUBLISH_WINDOW = 20
 INTAKE_BATCH = 64  # messages taken on the loop between two looks at the network
 T = TypeVar("T")
+
+
+class RoundsAbortedError(FleetlearnError):
+    """`rounds.max_aborts` rounds in a row aborted: the fleet cannot close rounds now."""
 
 
 def default_model() -> bytes:
@@ -152,6 +159,7 @@ class AggregatorService:
         )
         # The latest round summaries (what run() returns); older ones are in the store.
         self.summaries: collections.deque[RoundSummary] = collections.deque(maxlen=1000)
+        self._gave_up: str | None = None  # why the rounds loop stopped early (max_aborts)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
 
     # ------------------------------------------------------------------------------- setup
@@ -251,6 +259,8 @@ class AggregatorService:
         finally:
             self._worker.shutdown(wait=True)
             self.store.close()
+        if self._gave_up is not None:
+            raise RoundsAbortedError(self._gave_up)
         return list(self.summaries)
 
     def stop(self) -> None:
@@ -407,12 +417,18 @@ class AggregatorService:
 
     async def _wait_for_devices(self, version: int) -> bool:
         """Wait for a full selection on the current model; after `wait_for_devices` seconds,
-        settle for `min_cohort` eligible devices."""
+        settle for `min_cohort` eligible devices. Stalled devices (which will not load the
+        release while they hang) are not waited for."""
         cfg = self.settings.rounds
-        target = min(math.ceil(cfg.cohort * cfg.over_select), len(self._registry.device_keys))
         start = time.monotonic()
         while not self._stop.is_set():
-            if len(self.engine.eligible(version)) >= target:
+            stalled = self.engine.stalled(time.monotonic())
+            target = min(
+                math.ceil(cfg.cohort * cfg.over_select),
+                len(self._registry.device_keys) - len(stalled),
+            )
+            ready = [d for d in self.engine.eligible(version) if d not in stalled]
+            if len(ready) >= max(target, cfg.min_cohort):
                 return True
             if time.monotonic() - start >= cfg.wait_for_devices:
                 return len(self.engine.eligible()) >= cfg.min_cohort
@@ -421,7 +437,8 @@ class AggregatorService:
 
     async def _rounds(self) -> None:
         cfg = self.settings.rounds
-        done = 0
+        done = 0  # rounds closed
+        aborted = 0  # rounds aborted since the last one that closed
         while not self._stop.is_set() and (cfg.count == 0 or done < cfg.count):
             latest = await asyncio.to_thread(self.store.latest_release)
             assert latest is not None
@@ -451,8 +468,7 @@ class AggregatorService:
                     )
             except NotEnoughDevicesError as exc:
                 log.warning("cannot start round %d: %s", round_id, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                await self._pause(1.0)
                 continue
             announce = self.engine.announce
             assert announce is not None
@@ -493,11 +509,28 @@ class AggregatorService:
             self.summaries.append(summary)
             if self._on_round is not None:
                 self._on_round(summary)
-            done += 1
             if self._stop.is_set():
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), cfg.settle + cfg.interval)
+            if outcome.state is RoundState.CLOSED:
+                done, aborted = done + 1, 0
+                await self._pause(cfg.settle + cfg.interval)  # devices load the release
+                continue
+            aborted += 1
+            if cfg.max_aborts and aborted >= cfg.max_aborts:
+                self._gave_up = (
+                    f"{aborted} rounds in a row aborted (rounds.max_aborts); the last, round "
+                    f"{outcome.round_id}: {outcome.reason}"
+                )
+                log.error("stopping: %s", self._gave_up)
+                break
+            # Nothing new to load: retry at once, with a cohort that leaves out the stalled.
+            log.warning("round %d aborted; retrying with a fresh cohort", outcome.round_id)
+            await self._pause(cfg.interval)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless stop() comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _connected(self) -> None:
         await self.link.connected.wait()

@@ -15,6 +15,8 @@ Rules that make a SIGKILL at any instant harmless:
 - A closed round, its release and the optimizer state that produced it are committed in ONE
   transaction (`close_round`): a crash leaves either all three or none, so a round is never
   recorded aborted while its release is live, nor closed without one.
+- The database appears with its tables or not at all (built under another name, then linked
+  into place), so whoever reads the state directory never meets a half-made schema.
 """
 
 from __future__ import annotations
@@ -102,16 +104,35 @@ def _fsync_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _create_database(path: Path) -> None:
+    """Build a new database with its schema beside `path`, then link it into place."""
+    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # recorded in the file
+        db.executescript(SCHEMA)
+    finally:
+        db.close()  # the last connection's close folds the WAL into the file and removes it
+    try:
+        os.link(tmp, path)  # never replaces: a database that appeared meanwhile is kept
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Store:
     def __init__(self, state_dir: Path | str) -> None:
         self.root = Path(state_dir)
         self._lock = threading.RLock()
+        path = self.root / "fleetlearn.sqlite3"
         try:
             (self.root / "releases").mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _create_database(path)
             # Used from the event loop and from worker threads, one call at a time (see _lock).
-            self._db = sqlite3.connect(
-                self.root / "fleetlearn.sqlite3", isolation_level=None, check_same_thread=False
-            )
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)

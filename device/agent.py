@@ -5,6 +5,13 @@ subscribes to the model, the round announcement and its own round topics, and ca
 the sans-IO `Participant` asks: publish, load a verified release into a fresh LiteRT interpreter,
 train on local data. Training and inference run in a thread pool, never on the event loop.
 
+Round messages are answered without waiting for unrelated work. Releases have their own lane
+(`_releases`): verifying one, building its interpreter and inferring on it can take seconds on
+a busy machine, and an announcement queued behind that used to miss ADVERTISE. Round crypto
+(masking, sealing and opening shares) runs on `round_executor`, apart from training, model
+loading and inference on `executor`, so it never queues behind other devices' heavy jobs when
+many simulated devices share the pools.
+
 After every new model it publishes its inference on recent local data as JSON on
 `fl/{fleet}/dev/{id}/health`, and its status (model version, eligibility, why a release was
 refused) retained on `fl/{fleet}/dev/{id}/status`. In `state_dir` it keeps:
@@ -145,6 +152,7 @@ class DeviceAgent:
         slowdown: float = 0.0,
         tamper: Callable[[np.ndarray], np.ndarray] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        round_executor: concurrent.futures.Executor | None = None,
         train_seed: int | None = None,
         ca_file: str | None = None,
         health_window: int = 64,
@@ -158,7 +166,8 @@ class DeviceAgent:
         self._before_send = before_send
         self._slowdown = slowdown
         self._tamper = tamper  # simulates a faulty or malicious device (robustness tests)
-        self._executor = executor
+        self._executor = executor  # training, interpreters, inference: long jobs
+        self._round_executor = round_executor  # the participant's offloaded calls: short
         self._state_dir = state_dir
         self._rng = np.random.default_rng(
             train_seed if train_seed is not None else secrets.randbits(64)
@@ -167,9 +176,11 @@ class DeviceAgent:
         self.trainer: LiteRTTrainer | None = None
         self._trainer_lock = asyncio.Lock()
         # The participant is not thread-safe: every call to it holds this lock, and the heavy
-        # ones (masking, error feedback) run in the executor while holding it.
+        # ones (masking, error feedback) run in the round executor while holding it.
         self._participant_lock = asyncio.Lock()
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._release_queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._trainer_loaded = asyncio.Event()  # set whenever a new interpreter is in place
         self._note = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = AgentStats()
@@ -200,6 +211,7 @@ class DeviceAgent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name=f"{self.device_id}-link")
                 tg.create_task(self._intake(), name=f"{self.device_id}-intake")
+                tg.create_task(self._releases(), name=f"{self.device_id}-releases")
                 tg.create_task(self._ticker(), name=f"{self.device_id}-tick")
         except* FleetlearnError as group:
             raise group.exceptions[0] from None
@@ -227,7 +239,7 @@ class DeviceAgent:
             if not offload:
                 return fn(*args)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await loop.run_in_executor(self._round_executor, fn, *args)
 
     async def _ticker(self) -> None:
         while True:
@@ -253,9 +265,9 @@ class DeviceAgent:
             return
         now = time.monotonic()
         if topic.kind is topics.Kind.MODEL:
-            # verification hashes and decompresses the model: off the loop
-            actions = await self._call(self.participant.on_model, msg.payload, now, offload=True)
-        elif topic.kind is topics.Kind.ROUND:
+            self._release_queue.put_nowait(msg)
+            return
+        if topic.kind is topics.Kind.ROUND:
             actions = await self._call(self.participant.on_round, msg.payload, now)
             if any(isinstance(a, Train) for a in actions):
                 self.stats.rounds_announced += 1
@@ -269,6 +281,22 @@ class DeviceAgent:
         else:
             return
         await self._carry_out(actions)
+
+    async def _releases(self) -> None:
+        """Model releases in arrival order, apart from the round messages (see the module
+        docstring): verify (off the loop), then load, publish status and health."""
+        while True:
+            msg = await self._release_queue.get()
+            try:
+                actions = await self._call(
+                    self.participant.on_model, msg.payload, time.monotonic(), offload=True
+                )
+                await self._carry_out(actions)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception(
+                    "%s: dropped a message on %s: handling it failed", self.device_id, msg.topic
+                )
 
     async def _carry_out(self, actions: list[Action]) -> None:
         for action in actions:
@@ -321,6 +349,7 @@ class DeviceAgent:
             return
         async with self._trainer_lock:
             self.trainer = trainer
+        self._trainer_loaded.set()
         self.stats.releases_loaded += 1
         if action.release and announce:
             await loop.run_in_executor(self._executor, self._save_release, action)
@@ -387,13 +416,34 @@ class DeviceAgent:
 
     # --------------------------------------------------------------------------- training
 
+    async def _trainer_for(self, version: int, within: float) -> LiteRTTrainer | None:
+        """The interpreter of `version`, waiting up to `within` s while the release lane is
+        still loading it (the participant accepts a release before its interpreter exists)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within
+        while True:
+            trainer = self.trainer
+            if trainer is not None and trainer.version == version:
+                return trainer
+            remaining = give_up - loop.time()
+            if self.participant.model_version != version or remaining <= 0:
+                return None
+            self._trainer_loaded.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._trainer_loaded.wait()
+
     async def _train(self, action: Train) -> None:
         plan = action.announce.training
         loop = asyncio.get_running_loop()
+        version = action.announce.model_version
+        if await self._trainer_for(version, action.announce.times.collect_hard) is None:
+            await self._carry_out([Note(f"round {action.round_id}: model v{version} not loaded")])
+            return
         async with self._trainer_lock:
             trainer = self.trainer
-            if trainer is None or trainer.version != action.announce.model_version:
-                return
+            if trainer is None or trainer.version != version:
+                return  # replaced by a newer one meanwhile: this round is stale
             try:
                 result = await loop.run_in_executor(
                     self._executor, self._train_sync, trainer, plan.epochs, plan.max_samples

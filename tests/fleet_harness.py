@@ -25,11 +25,16 @@ from device.participant import Participant
 from firmware_sim.data import CLASSES, MACHINE_TYPES, device_machine
 from shared import settings, topics
 
+# Stage durations (soft, then hard limit), each from the previous stage's close.
 FAST_STAGES = {
     "stages.advertise": "4",
-    "stages.share": "8",
-    "stages.collect": "20",
-    "stages.unmask": "26",
+    "stages.share": "4",
+    "stages.collect": "12",
+    "stages.unmask": "6",
+    "stages.advertise_hard": "8",
+    "stages.share_hard": "8",
+    "stages.collect_hard": "24",
+    "stages.unmask_hard": "12",
 }
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from aggregator.service import RoundsAbortedError
 from aggregator.store import Store
 from broker import provision as prov
 from broker.runner import free_port
@@ -231,7 +232,7 @@ async def test_round_closed_is_not_sent_when_the_update_is_not_applied(tmp_path:
     require_mosquitto()
     async with fleet(tmp_path, 3) as h:
         h.start_devices()
-        service = h.aggregator(**ONE_ROUND)
+        service = h.aggregator(**ONE_ROUND, **{"rounds.max_aborts": "1"})
 
         class Diverged:  # an optimizer step that blows up: the update must not be applied
             state: dict[str, np.ndarray] = {}
@@ -240,9 +241,12 @@ async def test_round_closed_is_not_sent_when_the_update_is_not_applied(tmp_path:
                 return np.full_like(weights, np.nan)
 
         service.optimizer = Diverged()  # type: ignore[assignment]
-        async with asyncio.timeout(120):
-            summaries = await service.run()
+        with pytest.raises(RoundsAbortedError):  # rounds.max_aborts = 1: no retry
+            async with asyncio.timeout(120):
+                await service.run()
+        summaries = list(service.summaries)
         assert [s.state for s in summaries] == ["aborted"]
+        assert summaries[0].metrics["reason"].startswith("update not applied")
         ends = [e for e in service.recent_events if e["event"].startswith("round_")]
         assert [(e["event"], e["round"]) for e in ends if e["event"] != "round_started"] == [
             ("round_aborted", 1)
