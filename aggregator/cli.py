@@ -199,6 +199,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
     import contextlib
     import os
     import signal
+    import sys
 
     from aggregator.service import AggregatorService, RoundSummary
     from broker import provision as prov
@@ -232,11 +233,25 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
     service = AggregatorService(loaded, creds, registry, on_round=report)
 
+    signals = 0
+
+    def on_signal() -> None:
+        # The first SIGINT/SIGTERM stops cleanly (a running round is aborted and recorded);
+        # a second one does not wait for that. The state directory survives a hard stop.
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            print("stopping (signal again to stop at once)", file=sys.stderr, flush=True)
+            service.stop()
+        else:
+            print("stopped at once", file=sys.stderr, flush=True)
+            os._exit(130)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, service.stop)
+                loop.add_signal_handler(sig, on_signal)
         await service.run()
 
     print(

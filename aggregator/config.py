@@ -61,7 +61,7 @@ class ModelSection:
 
 @dataclass(frozen=True, slots=True)
 class RoundsSection:
-    count: int = 10  # rounds to run, 0 = until stopped
+    count: int = 10  # rounds to close (aborted ones are retried), 0 = until stopped
     mode: Literal["secure", "plain"] = "secure"
     cohort: int = 20
     over_select: float = 1.2
@@ -70,6 +70,11 @@ class RoundsSection:
     wait_for_devices: float = 120.0  # seconds to wait for min_cohort eligible devices
     settle: float = 2.0  # seconds after a release before the next round (devices load it)
     interval: float = 0.0  # extra pause between rounds
+    # Seconds a device that missed a stage stays out of selection unless it shows life sooner.
+    stall_cooldown: float = 600.0
+    # Stop after this many aborted rounds in a row (each is retried with a fresh cohort);
+    # 0 = never stop, keep retrying.
+    max_aborts: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.count <= MAX_ROUNDS:
@@ -79,12 +84,15 @@ class RoundsSection:
                 raise ConfigError(key, f"must be in 1..{MAX_COHORT} devices, got {size}")
         if not 1.0 <= self.over_select <= 10.0:
             raise ConfigError("rounds.over_select", f"must be in 1..10, got {self.over_select}")
+        if self.max_aborts < 0:
+            raise ConfigError("rounds.max_aborts", f"must be >= 0, got {self.max_aborts}")
         if not 0.0 <= self.battery_floor <= 1.0:
             raise ConfigError("rounds.battery_floor", f"must be in 0..1, got {self.battery_floor}")
         for key, value in (
             ("rounds.wait_for_devices", self.wait_for_devices),
             ("rounds.settle", self.settle),
             ("rounds.interval", self.interval),
+            ("rounds.stall_cooldown", self.stall_cooldown),
         ):
             if not 0.0 <= value <= 86_400:
                 raise ConfigError(key, f"must be in 0..86400 seconds, got {value}")
@@ -92,12 +100,24 @@ class RoundsSection:
 
 @dataclass(frozen=True, slots=True)
 class StagesSection:
-    """Seconds after the announcement at which each stage closes."""
+    """Stage durations in seconds, each counted from the moment its stage opened: the
+    announcement for ADVERTISE (and a plain round's COLLECT), the previous stage's close for
+    the others. A stage closes when every device expected answered; after its soft limit
+    (`advertise`, ...) as soon as `quorum` of them answered and the round can go on; at its
+    hard limit (`advertise_hard`, ...) with whoever answered. Devices apply the hard limits
+    too, on their own clocks. With `adapt`, the soft limits announced for a round rise with
+    the fleet's recent arrival times (up to the hard limits)."""
 
     advertise: float = 10.0
-    share: float = 20.0
-    collect: float = 60.0
-    unmask: float = 75.0
+    share: float = 10.0
+    collect: float = 40.0  # includes local training
+    unmask: float = 10.0
+    advertise_hard: float = 30.0
+    share_hard: float = 30.0
+    collect_hard: float = 120.0
+    unmask_hard: float = 30.0
+    quorum: float = 0.8
+    adapt: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +214,10 @@ class AggregatorSettings:
             share=st.share,
             collect=st.collect,
             unmask=st.unmask,
+            advertise_hard=st.advertise_hard,
+            share_hard=st.share_hard,
+            collect_hard=st.collect_hard,
+            unmask_hard=st.unmask_hard,
         )
         tr = self.training
         training = build(
@@ -231,6 +255,9 @@ class AggregatorSettings:
                 min_cohort=self.rounds.min_cohort,
                 battery_floor=self.rounds.battery_floor,
                 times=times,
+                quorum=st.quorum,
+                adapt=st.adapt,
+                stall_cooldown=self.rounds.stall_cooldown,
                 training=training,
                 sparsity=c.sparsity,
                 density=c.density,

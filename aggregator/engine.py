@@ -1,4 +1,4 @@
-"""The round engine: cohort selection, stages, deadlines and straggler accounting, sans-IO.
+"""The round engine: cohort selection, stage timing and straggler accounting, sans-IO.
 
 One engine runs a fleet's rounds one after another. It knows devices from their retained status,
 selects a cohort, announces the round, and then either drives a `SecAggServer` (secure mode) or
@@ -17,7 +17,14 @@ the time, and publishes the `Publish` records it returns.
 Rules:
 - Selection prefers eligible devices (online, not busy, battery above the floor, charging
   first) that run the current model, and over-selects by `over_select` so that dropouts still
-  leave enough for the target cohort.
+  leave enough for the target cohort. A device that did not answer a stage in time is
+  *stalled*: it is left out of the next selections (taken only to reach `min_cohort`) until
+  it shows life again (an online status or any message) or `stall_cooldown` seconds passed.
+- Stage timing (shared.stagetime): each stage closes when everyone expected answered, after
+  its soft limit as soon as a `quorum` answered and the round can go on with them, or at its
+  hard limit. Limits are durations counted from the stage's opening; the engine opens the
+  first stage with the announcement and each later one when it closes the previous one. With
+  `adapt`, the soft limits announced for a round follow the recent rounds' arrival times.
 - Every payload is decoded with the type the topic implies and the sender/round the topic
   names. A bad payload raises nothing out of `receive`: it is counted under a reason, listed
   in `events`, and the round goes on. A message for a stage that already closed, or for a round
@@ -41,9 +48,10 @@ from shared import rounds, sparse, topics, wire
 from shared.errors import FleetlearnError
 from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
 from shared.secagg import messages as sm
-from shared.secagg.config import SecAggConfig, Stage, StageDeadlines, suggest_neighbours
+from shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
 from shared.secagg.errors import RemoteProtocolError, SecAggError
-from shared.secagg.server import Outbound, SecAggServer, ServerState
+from shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
+from shared.stagetime import ArrivalHistory, StageWindow
 
 STAGE_ORDER = {Stage.ADVERTISE: 0, Stage.SHARE: 1, Stage.COLLECT: 2, Stage.UNMASK: 3}
 _MESSAGE_STAGE: dict[topics.Kind, Stage] = {
@@ -62,6 +70,7 @@ _EXPECTED_TYPE: dict[topics.Kind, type[wire.Message]] = {
 }
 # Round messages expire after this long on MQTT 5 brokers: nobody needs them later.
 ROUND_MESSAGE_EXPIRY = 600
+KEEP_FINISHED = 32  # finished rounds whose late messages are still told apart
 
 
 class EngineError(FleetlearnError):
@@ -91,6 +100,10 @@ class EngineConfig:
     min_cohort: int = 3
     battery_floor: float = 0.2
     times: StageTimes = field(default_factory=StageTimes)
+    # After its soft limit a stage closes once this share of the devices it waits for answered.
+    quorum: float = 0.8
+    adapt: bool = True  # soft limits follow recent arrival times (never above the hard ones)
+    stall_cooldown: float = 600.0  # seconds a stalled device stays deprioritized at most
     training: rounds.TrainingPlan = field(default_factory=rounds.TrainingPlan)
     sparsity: Literal["dense", "rand_k", "top_k"] = "rand_k"
     density: float = 0.1
@@ -121,6 +134,12 @@ class EngineConfig:
             )
         if self.over_select < 1.0:
             raise EngineError(f"rounds.over_select must be >= 1, got {self.over_select}")
+        if not 0.0 < self.quorum <= 1.0:
+            raise EngineError(f"stages.quorum must be in (0, 1], got {self.quorum}")
+        if not 0.0 <= self.stall_cooldown <= 86_400:
+            raise EngineError(
+                f"rounds.stall_cooldown must be in 0..86400 seconds, got {self.stall_cooldown}"
+            )
         if self.mode == "secure" and self.sparsity == "top_k":
             raise EngineError(
                 "compression.sparsity top_k cannot be masked (each device picks its own "
@@ -142,14 +161,19 @@ class StageStats:
     # UNMASK closes as soon as every secret has t shares; answers still on their way then are
     # not needed and are not dropouts.
     not_needed: int = 0
+    closed_by: str = ""  # "complete", "quorum" (after the soft limit) or "hard_limit"
+    seconds: float = 0.0  # from the stage's opening to its close
+    last: float = 0.0  # from the stage's opening to the last answer in time
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "expected": self.expected,
             "arrived": self.arrived,
             "late": self.late,
             "dropped": self.dropped,
             "not_needed": self.not_needed,
+            "closed_by": self.closed_by,
+            "seconds": self.seconds,
         }
 
 
@@ -175,7 +199,7 @@ class _Device:
 class _Run:
     announce: RoundAnnounce
     started: float
-    deadlines: StageDeadlines
+    window: StageWindow  # the open stage's limits on this clock
     dim: int
     coordinates: np.ndarray | None  # rand-k indices
     server: SecAggServer | None
@@ -183,6 +207,10 @@ class _Run:
     members: frozenset[str] = frozenset()  # the cohort, for membership tests per message
     plain: dict[str, PlainUpdate] = field(default_factory=dict)
     plain_closed: bool = False
+    clock: float = 0.0  # the latest `now` seen: whether the soft limit has passed
+    # Why the next stage close happens: everyone answered ("complete"; UNMASK also when every
+    # secret has t shares), a quorum after the soft limit, or the hard limit.
+    closing: Literal["complete", "quorum", "hard_limit"] = "complete"
     uplink: Counter[str] = field(default_factory=Counter)
     downlink: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
@@ -203,8 +231,13 @@ class RoundEngine:
         self._verify_keys = dict(verify_keys)
         self._random = random
         self._devices: dict[str, _Device] = {}
+        self._stalled: dict[str, float] = {}  # device -> when it last missed a stage
+        self.history = ArrivalHistory()
         self._run: _Run | None = None
-        self._finished: dict[int, RoundOutcome] = {}
+        # Recent finished rounds -> whether UNMASK ended early (answers then are not late).
+        # Bounded: an engine runs for months, and outcomes hold full-size update vectors.
+        self._finished: dict[int, bool] = {}
+        self._last_finished = -1
         self.outcome: RoundOutcome | None = None
         self.rejected_total: Counter[str] = Counter()
         self.late_total = 0
@@ -227,6 +260,13 @@ class RoundEngine:
             self._reject("bad_payload", device_id, f"status: {exc}")
             return
         self._devices[device_id] = _Device(status, now)
+        if status.online:
+            self._stalled.pop(device_id, None)  # it is back: its connection works again
+
+    def stalled(self, now: float) -> frozenset[str]:
+        """Devices that missed a stage recently and showed no life since."""
+        cooldown = self.config.stall_cooldown
+        return frozenset(d for d, at in self._stalled.items() if now - at < cooldown)
 
     def online(self) -> list[str]:
         return sorted(d for d, info in self._devices.items() if info.status.online)
@@ -260,16 +300,16 @@ class RoundEngine:
         run = self._run
         if run is None:
             return None
-        if run.server is not None:
-            return run.server.deadline
-        return run.started + run.announce.times.collect
+        return run.window.next_deadline(run.clock)
 
-    def select(self, model_version: int) -> tuple[str, ...]:
-        """The cohort: eligible devices on the current model first, charging ones preferred."""
+    def select(self, model_version: int, now: float | None = None) -> tuple[str, ...]:
+        """The cohort: eligible devices on the current model first, charging ones preferred;
+        stalled devices (see `stalled`) only as far as needed to reach `min_cohort`."""
         c = self.config
-        preferred = self.eligible(model_version)
+        stalled = self.stalled(now) if now is not None else frozenset()
+        preferred = [d for d in self.eligible(model_version) if d not in stalled]
         taken = set(preferred)
-        fallback = [d for d in self.eligible() if d not in taken]
+        fallback = [d for d in self.eligible() if d not in taken and d not in stalled]
 
         # Random order within each preference class, drawn from the injected source.
         def shuffled(items: list[str]) -> list[str]:
@@ -280,6 +320,10 @@ class RoundEngine:
         ordered = shuffled(preferred) + shuffled(fallback)
         want = max(c.min_cohort, math.ceil(c.cohort * c.over_select))
         chosen = ordered[:want]
+        if len(chosen) < c.min_cohort:
+            # Better a round with devices that stalled before than no round at all.
+            last_resort = [d for d in self.eligible() if d in stalled]
+            chosen += shuffled(last_resort)[: c.min_cohort - len(chosen)]
         if len(chosen) < c.min_cohort:
             raise NotEnoughDevicesError(
                 f"only {len(chosen)} eligible devices (of {len(self.online())} online); "
@@ -311,7 +355,7 @@ class RoundEngine:
         if self._run is not None:
             raise EngineError(f"round {self._run.announce.round_id} is still running")
         c = self.config
-        cohort = cohort if cohort is not None else self.select(model_version)
+        cohort = cohort if cohort is not None else self.select(model_version, now)
         seed = self._random(rounds.SEED_BYTES)
         compression = self._compression()
         k = compression.k(dim)
@@ -320,8 +364,7 @@ class RoundEngine:
             coordinates = sparse.shared_coordinates(seed, dim, k)
         secagg = None
         server = None
-        times = c.times
-        deadlines = times.deadlines(now)
+        times = self.history.adapted(c.times) if c.adapt else c.times
         if c.mode == "secure":
             if compression.mode is sparse.SparseMode.DENSE:
                 quant_bits, clip = c.quant_bits, c.clip
@@ -347,7 +390,7 @@ class RoundEngine:
                 round_id=round_id,
                 round_seed=seed,
                 verify_keys={d: self._verify_keys[d] for d in cohort},
-                deadlines=deadlines,
+                deadlines=None,  # the engine applies soft and hard limits (tick)
             )
         announce = RoundAnnounce(
             round_id=round_id,
@@ -366,12 +409,13 @@ class RoundEngine:
         self._run = _Run(
             announce=announce,
             started=now,
-            deadlines=deadlines,
+            window=StageWindow.open(times, first, now),
             dim=dim,
             coordinates=coordinates,
             server=server,
             stages=stages,
             members=frozenset(cohort),
+            clock=now,
         )
         self.outcome = None
         self._event(
@@ -395,6 +439,11 @@ class RoundEngine:
         deferring it lets the adapter run the two on different threads."""
         device = topic.device_id or "?"
         run = self._run
+        # Only the device itself may publish under its id (broker ACL): whatever it sent, even
+        # late or garbled, shows that it runs and reaches the broker again.
+        self._stalled.pop(device, None)
+        if run is not None:
+            run.clock = max(run.clock, now)
         if topic.kind not in _EXPECTED_TYPE or topic.round_id is None:
             self._reject("wrong_topic", device, f"{topic.kind.value} is not a device round topic")
             return []
@@ -404,7 +453,7 @@ class RoundEngine:
                 # just not needed. Counted, without an event each (hundreds per round at scale).
                 self.not_needed_after_close[topic.round_id] += 1
                 return []
-            if topic.round_id in self._finished or (
+            if topic.round_id <= self._last_finished or (
                 run is not None and topic.round_id < run.announce.round_id
             ):
                 self._late(topic.round_id, device, topic.kind, run_stats=None)
@@ -439,25 +488,52 @@ class RoundEngine:
 
     @property
     def close_due(self) -> bool:
-        """A stage has every message it waits for and tick() will close it (see receive)."""
+        """The open stage should close now and tick() will close it (see receive): everyone
+        it waits for answered, or its soft limit passed and a quorum answered that lets the
+        round go on."""
         run = self._run
         if run is None:
             return False
         if run.server is not None:
-            return run.server.close_due
-        return not run.plain_closed and len(run.plain) == len(run.announce.cohort)
+            if run.server.close_due:
+                return True
+            return self._enough(run) and run.server.close_problem() is None
+        if run.plain_closed:
+            return False
+        return len(run.plain) == len(run.announce.cohort) or (
+            self._enough(run) and len(run.plain) >= self.config.min_cohort
+        )
+
+    def _enough(self, run: _Run) -> bool:
+        stats = run.stages[run.window.stage]
+        return run.window.enough(
+            run.clock, answered=stats.arrived, expected=stats.expected, quorum=self.config.quorum
+        )
 
     def tick(self, now: float) -> list[Publish]:
+        """Close the open stage if it is due: complete, past its soft limit with enough
+        answers, or at its hard limit."""
         run = self._run
         if run is None:
             return []
+        run.clock = max(run.clock, now)
+        hard = now >= run.window.hard_at
         if run.server is None:
-            if now >= run.started + run.announce.times.collect or self.close_due:
+            if hard or self.close_due:
+                if len(run.plain) < len(run.announce.cohort):
+                    run.closing = "hard_limit" if hard else "quorum"
                 return self._plain_close(run, now)
             return []
-        before = run.server.state
+        server = run.server
+        before = server.state
         try:
-            outs = run.server.tick(now)
+            if server.close_due:
+                outs = server.tick(now)
+            elif hard or self.close_due:
+                run.closing = "hard_limit" if hard else "quorum"
+                outs = server.close_stage(now)
+            else:
+                return []
         except SecAggError as exc:
             return self._finish(run, RoundState.ABORTED, f"secure aggregation failed: {exc}", now)
         return self._after_server(run, before, outs, now)
@@ -487,8 +563,20 @@ class RoundEngine:
             return []
         except SecAggError as exc:
             return self._finish(run, RoundState.ABORTED, f"secure aggregation failed: {exc}", now)
-        run.stages[stage].arrived += 1
+        self._arrived(run, run.stages[stage], now)
+        if not defer_close and server.state is before and self.close_due:
+            run.closing = "quorum"
+            try:
+                outs += server.close_stage(now)
+            except SecAggError as exc:
+                return self._finish(
+                    run, RoundState.ABORTED, f"secure aggregation failed: {exc}", now
+                )
         return self._after_server(run, before, outs, now)
+
+    def _arrived(self, run: _Run, stats: StageStats, now: float) -> None:
+        stats.arrived += 1
+        stats.last = now - run.window.opened
 
     def _after_server(
         self, run: _Run, before: ServerState, outs: list[Outbound], now: float
@@ -499,6 +587,9 @@ class RoundEngine:
         after = server.state
         if after is not before:
             self._stage_closed(run, before, now)
+            following = STAGE_OF.get(after)
+            if following is not None:
+                run.window = StageWindow.open(run.announce.times, following, now)
         if after is ServerState.DONE:
             publishes += self._secure_done(run, now)
         elif after in (ServerState.ABORTED, ServerState.ERROR):
@@ -518,10 +609,12 @@ class RoundEngine:
             return
         stats = run.stages[stage]
         dropped = [d for d, s in server.dropped.items() if s is stage]
-        early = now < run.deadlines.of(stage)
+        early = now < run.window.hard_at
         if stage is Stage.UNMASK and early and server.state is ServerState.DONE:
             stats.not_needed, dropped = len(dropped), []
         stats.dropped = len(dropped)
+        self._stall(dropped, now)
+        self._closed(run, stats, now)
         following = {
             Stage.ADVERTISE: (Stage.SHARE, server.advertised),
             Stage.SHARE: (Stage.COLLECT, server.sharers),
@@ -536,6 +629,9 @@ class RoundEngine:
             arrived=stats.arrived,
             expected=stats.expected,
             dropped=sorted(dropped)[:20],
+            late=stats.late,
+            closed_by=stats.closed_by,
+            stage_s=stats.seconds,
             after_s=round(now - run.started, 3),
         )
 
@@ -608,8 +704,10 @@ class RoundEngine:
             self._reject("bad_payload", device, str(exc))
             return []
         run.plain[device] = message
-        stats.arrived += 1
-        if len(run.plain) == len(run.announce.cohort) and not defer_close:
+        self._arrived(run, stats, now)
+        if self.close_due and not defer_close:
+            if len(run.plain) < len(run.announce.cohort):
+                run.closing = "quorum"
             return self._plain_close(run, now)
         return []
 
@@ -619,6 +717,8 @@ class RoundEngine:
         stats = run.stages[Stage.COLLECT]
         missing = [d for d in run.announce.cohort if d not in run.plain]
         stats.dropped = len(missing)
+        self._stall(missing, now)
+        self._closed(run, stats, now)
         self._event(
             "stage_closed",
             run.announce.round_id,
@@ -626,6 +726,9 @@ class RoundEngine:
             arrived=stats.arrived,
             expected=stats.expected,
             dropped=sorted(missing)[:20],
+            late=stats.late,
+            closed_by=stats.closed_by,
+            stage_s=stats.seconds,
             after_s=round(now - run.started, 3),
         )
         if len(run.plain) < c.min_cohort:
@@ -731,9 +834,15 @@ class RoundEngine:
             metrics=metrics,
         )
         self.outcome = outcome
-        self._finished[ann.round_id] = outcome
+        unmask = run.stages[Stage.UNMASK]
+        self._finished[ann.round_id] = state is RoundState.CLOSED and unmask.not_needed > 0
+        self._last_finished = max(self._last_finished, ann.round_id)
+        for counts in (self._finished, self.late_after_close, self.not_needed_after_close):
+            for old in [r for r in counts if r <= ann.round_id - KEEP_FINISHED]:
+                del counts[old]
         self._run = None
-        self._event("round_" + state.value, ann.round_id, reason=reason, survivors=len(survivors))
+        # No round_closed/round_aborted event here: the service sends it once the outcome is
+        # persisted (a closed round is only closed once its release is committed).
         out = []
         if state is RoundState.ABORTED:
             out.append(
@@ -764,6 +873,23 @@ class RoundEngine:
 
     # ------------------------------------------------------------------------ bookkeeping
 
+    def reject(self, reason: str, device: str, detail: str) -> None:
+        """Count a message the adapter refused before the engine saw it (e.g. one whose
+        handling failed), like the engine's own refusals: per round, in total, on events."""
+        self._reject(reason, device, detail)
+
+    def _closed(self, run: _Run, stats: StageStats, now: float) -> None:
+        stats.closed_by, run.closing = run.closing, "complete"
+        stats.seconds = round(now - run.window.opened, 3)
+        if stats.arrived:
+            # How long the devices that did answer needed: what the next soft limits follow.
+            self.history.record(run.window.stage, stats.last)
+
+    def _stall(self, devices: list[str], now: float) -> None:
+        """Devices that did not answer a stage before it closed: deprioritized in selection."""
+        for device in devices:
+            self._stalled[device] = now
+
     def _reject(self, reason: str, device: str, detail: str) -> None:
         run = self._run
         if run is not None:
@@ -784,17 +910,13 @@ class RoundEngine:
         if run_stats is not None:
             run_stats.late += 1
         self.late_total += 1
-        if run_stats is None and round_id in self._finished:
+        if run_stats is None and round_id in self._finished:  # recent enough to count
             # The round's summary may be out already; this shows on the events topic.
             self.late_after_close[round_id] += 1
         self._event("late", round_id, device=device, topic=kind.value if kind else None)
 
     def _unmask_ended_early(self, round_id: int) -> bool:
-        outcome = self._finished.get(round_id)
-        if outcome is None or outcome.state is not RoundState.CLOSED:
-            return False
-        unmask = outcome.metrics.get("stages", {}).get(Stage.UNMASK.value)
-        return bool(unmask and unmask.get("not_needed"))
+        return self._finished.get(round_id, False)
 
     def _event(self, kind: str, round_id: int | None, **data: Any) -> None:
         self.events.append({"event": kind, "round": round_id, **data})

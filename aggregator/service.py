@@ -7,7 +7,10 @@ Tasks in one TaskGroup:
 - `deadlines`: ticks the engine when a stage deadline passes.
 - `rounds`: waits for enough eligible devices, starts a round, waits for its outcome, then
   applies the update with the server optimizer, patches the model (no TensorFlow), signs and
-  publishes the release (retained), then the round summary on `metrics` (retained).
+  publishes the release (retained), then the round summary on `metrics` (retained). An
+  aborted round is retried at once with a fresh cohort (the engine leaves out the devices
+  that stalled); `rounds.count` counts closed rounds, and `rounds.max_aborts` aborted rounds
+  in a row end the service with `RoundsAbortedError`.
 
 The engine is used by one thing at a time, under `_engine_lock`. Each arriving message is
 taken on the event loop (decode, checks, a signature, adding a masked vector: well under a
@@ -18,7 +21,18 @@ cost a thread switch per batch and GIL contention with the MQTT client, a sixth 
 aggregator's CPU at 1000 devices.
 
 Crash safety (see aggregator.store): a restarted service marks the interrupted round aborted,
-announces that, republishes the latest release, and continues with the next round id.
+announces that, republishes the latest release, and continues with the next round id. A round
+is closed only once its release, its metrics and the optimizer state are committed together;
+`round_closed`/`round_aborted` go on `events`, and the round summary on `metrics`, only after
+that commit, and every (re)connect republishes the release and the last finished round as
+stored, so what dashboards and devices read never contradicts the state directory.
+
+Hostile or broken input never stops the service: every message is handled on its own, and a
+failure while handling one (a bug included) costs that message, which is logged with its topic
+and counted (`internal_error`); a failing stage close aborts that round only. Publishing while
+the broker is away is retried by the link and otherwise given up per message (retained state is
+republished on reconnect). SIGINT/SIGTERM (`stop()`) end the service cleanly in every state,
+also while it waits for a broker it cannot reach.
 """
 
 from __future__ import annotations
@@ -63,6 +77,10 @@ log = logging.getLogger("fleetlearn.aggregator")
 PUBLISH_WINDOW = 20
 INTAKE_BATCH = 64  # messages taken on the loop between two looks at the network
 T = TypeVar("T")
+
+
+class RoundsAbortedError(FleetlearnError):
+    """`rounds.max_aborts` rounds in a row aborted: the fleet cannot close rounds now."""
 
 
 def default_model() -> bytes:
@@ -141,7 +159,9 @@ class AggregatorService:
             on_message=self._queue.put_nowait,
             ca_file=settings.broker.ca_file or None,
         )
-        self.summaries: list[RoundSummary] = []
+        # The latest round summaries (what run() returns); older ones are in the store.
+        self.summaries: collections.deque[RoundSummary] = collections.deque(maxlen=1000)
+        self._gave_up: str | None = None  # why the rounds loop stopped early (max_aborts)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
 
     # ------------------------------------------------------------------------------- setup
@@ -177,15 +197,44 @@ class AggregatorService:
             log.warning("round %d was interrupted by a restart; recorded as aborted", round_id)
 
     async def _on_connect(self) -> None:
+        """Make the retained topics show the persisted state: the latest release, and the last
+        finished round (closed or aborted) on `round` and `metrics`, unless a round is
+        running (its own announcement is then the newest)."""
         latest = await asyncio.to_thread(self.store.latest_release)
         assert latest is not None
         await self.link.publish(topics.model(self.fleet), latest.payload, retain=True)
-        log.info(
+        log.warning(
             "connected to %s (MQTT %s); release v%d published",
             self.link.address,
             self.link.version,
             latest.version,
         )
+        if self.engine.running:
+            return
+        finished = await asyncio.to_thread(self.store.last_finished_round)
+        if finished is None:
+            return
+        row, raw = finished
+        try:
+            announce = wire.decode(raw, RoundAnnounce)
+        except wire.WireError:
+            log.warning("round %d has no readable announcement to republish", row.round_id)
+            return
+        state = RoundState.CLOSED if row.status == "done" else RoundState.ABORTED
+        closed = announce.closed(state, row.reason)
+        await self.link.publish(topics.round_announce(self.fleet), wire.encode(closed), retain=True)
+        metrics = dict(row.metrics) or {
+            "fleet": self.fleet,
+            "round": row.round_id,
+            "mode": row.mode,
+            "state": "closed" if state is RoundState.CLOSED else "aborted",
+            "reason": row.reason,
+            "model_version": row.model_version,
+            "new_version": row.new_version,
+            "cohort": len(row.cohort),
+            "ts": round(row.ended_at or time.time(), 3),
+        }
+        await self._send_json(topics.metrics(self.fleet), metrics, retain=True)
 
     # --------------------------------------------------------------------------------- run
 
@@ -199,9 +248,10 @@ class AggregatorService:
                     tg.create_task(self._intake(), name="intake"),
                     tg.create_task(self._deadlines(), name="deadlines"),
                 ]
-                await self._announce_interrupted()
+                self._events_for_interrupted()
                 await self._rounds()
                 self._stop.set()
+                await self._flush_events()
                 await self.ingest.close()
                 await self.link.close()
                 for task in loops:
@@ -211,11 +261,27 @@ class AggregatorService:
         finally:
             self._worker.shutdown(wait=True)
             self.store.close()
-        return self.summaries
+        if self._gave_up is not None:
+            raise RoundsAbortedError(self._gave_up)
+        return list(self.summaries)
 
     def stop(self) -> None:
+        """End the service cleanly from any state (signal handlers call this): a running round
+        is aborted and recorded, waits for the broker or for devices end at once."""
         self._stop.set()
         self._outcome.set()
+
+    async def _until_stopped(self, waiter: Coroutine[Any, Any, Any]) -> bool:
+        """Await `waiter` unless stop() comes first; True when `waiter` finished."""
+        task = asyncio.ensure_future(waiter)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (task, stopper):
+                if not pending.done():
+                    pending.cancel()
+        return task.done() and not task.cancelled()
 
     async def _engine_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -229,24 +295,27 @@ class AggregatorService:
         for p in pubs:
             if isinstance(p.payload, dict):
                 data = json.dumps(p.payload, separators=(",", ":"), allow_nan=False).encode()
-                sends.append(
-                    self.link.publish(
-                        p.topic, data, retain=p.retain, qos=p.qos, content_type=JSON_CONTENT_TYPE
-                    )
+                send = self.link.publish(
+                    p.topic, data, retain=p.retain, qos=p.qos, content_type=JSON_CONTENT_TYPE
                 )
             else:
-                sends.append(
-                    self.link.publish(
-                        p.topic,
-                        p.payload,
-                        retain=p.retain,
-                        qos=p.qos,
-                        expiry=p.expiry,
-                        content_type=MSGPACK_CONTENT_TYPE if p.retain else None,
-                    )
+                send = self.link.publish(
+                    p.topic,
+                    p.payload,
+                    retain=p.retain,
+                    qos=p.qos,
+                    expiry=p.expiry,
+                    content_type=MSGPACK_CONTENT_TYPE if p.retain else None,
                 )
+            # A message the link could not deliver (broker away longer than the link waits)
+            # is lost like a device's radio message: the round's deadlines deal with it, and
+            # retained state is republished on reconnect. It must not stop the service.
+            sends.append(_best_effort(send, p.topic))
         await _in_order(sends)
         await self._flush_events()
+
+    async def _send_json(self, topic: str, obj: dict[str, Any], *, retain: bool) -> None:
+        await self._publish([Publish(topic, _json_safe(obj), retain=retain)])
 
     async def _flush_events(self) -> None:
         async with self._engine_lock:  # not while a worker call may be adding events
@@ -265,43 +334,24 @@ class AggregatorService:
                         qos=0,
                         content_type=JSON_CONTENT_TYPE,
                         wait=5,
-                    )
+                    ),
+                    None,
                 )
             )
         await _in_order(sends)
 
-    async def _announce_interrupted(self) -> None:
-        """Tell devices and dashboards that rounds a crash interrupted are over: the round
-        topic gets the round's announcement marked aborted (retained), metrics and events
-        get a short summary."""
-        reason = "aggregator restarted during the round"
+    def _events_for_interrupted(self) -> None:
+        """Rounds a crash interrupted were recorded aborted by `_bootstrap`; say so on
+        `events` (the round and metrics topics are brought up to date by `_on_connect`)."""
         for round_id in self._interrupted:
             self.engine.events.append(
-                {"event": "round_aborted", "round": round_id, "reason": reason}
+                {
+                    "event": "round_aborted",
+                    "round": round_id,
+                    "reason": "aggregator restarted during the round",
+                    "survivors": 0,
+                }
             )
-            raw = await asyncio.to_thread(self.store.announce_of, round_id)
-            try:
-                announce = wire.decode(raw, RoundAnnounce)
-            except wire.WireError:
-                log.warning("round %d has no readable announcement to close", round_id)
-                continue
-            closed = announce.closed(RoundState.ABORTED, reason)
-            await self.link.publish(
-                topics.round_announce(self.fleet), wire.encode(closed), retain=True
-            )
-            metrics = {
-                "fleet": self.fleet,
-                "round": round_id,
-                "mode": announce.mode.value,
-                "state": "aborted",
-                "reason": reason,
-                "model_version": announce.model_version,
-                "new_version": None,
-                "cohort": len(announce.cohort),
-                "ts": round(time.time(), 3),
-            }
-            await self._publish([Publish(topics.metrics(self.fleet), metrics, retain=True)])
-        await self._flush_events()
 
     async def _intake(self) -> None:
         """Feed arrivals to the engine in arrival order. Each message is taken on the loop;
@@ -317,28 +367,49 @@ class AggregatorService:
                 for msg in batch:
                     pubs += self._take(msg, now)
                     if self.engine.close_due:
-                        pubs += await self._engine_call(self.engine.tick, time.monotonic())
+                        pubs += await self._tick()
                         now = time.monotonic()
             await self._publish(pubs)
             if self.engine.outcome is not None:
                 self._outcome.set()
 
     def _take(self, msg: Incoming, now: float) -> list[Publish]:
+        """One message into the engine. The engine refuses bad input itself (counted); this
+        guard is for what should never happen, a bug on some input: that message is dropped,
+        logged with its topic and counted, and the service goes on."""
         try:
             topic = topics.parse(msg.topic)
         except topics.TopicError:
             return []
-        if topic.kind is topics.Kind.STATUS and topic.device_id is not None:
-            self.engine.observe_status(topic.device_id, msg.payload, now)
+        try:
+            if topic.kind is topics.Kind.STATUS and topic.device_id is not None:
+                self.engine.observe_status(topic.device_id, msg.payload, now)
+                return []
+            return self.engine.receive(topic, msg.payload, now, defer_close=True)
+        except Exception as exc:
+            log.exception("dropped a message on %s: handling it failed", msg.topic)
+            self.engine.reject(
+                "internal_error", topic.device_id or "?", f"{type(exc).__name__}: {exc}"
+            )
             return []
-        return self.engine.receive(topic, msg.payload, now, defer_close=True)
+
+    async def _tick(self) -> list[Publish]:
+        """Close due stages on the worker. A failure there (a bug) aborts the round it was
+        closing, with the error as the reason, rather than the service."""
+        try:
+            return await self._engine_call(self.engine.tick, time.monotonic())
+        except Exception as exc:
+            log.exception("closing a stage failed; aborting the round")
+            return self.engine.abort(
+                f"internal error while closing a stage: {type(exc).__name__}", time.monotonic()
+            )
 
     async def _deadlines(self) -> None:
         while True:
             deadline = self.engine.next_deadline
             if deadline is not None and time.monotonic() >= deadline:
                 async with self._engine_lock:
-                    pubs = await self._engine_call(self.engine.tick, time.monotonic())
+                    pubs = await self._tick()
                 await self._publish(pubs)
                 if self.engine.outcome is not None:
                     self._outcome.set()
@@ -348,12 +419,18 @@ class AggregatorService:
 
     async def _wait_for_devices(self, version: int) -> bool:
         """Wait for a full selection on the current model; after `wait_for_devices` seconds,
-        settle for `min_cohort` eligible devices."""
+        settle for `min_cohort` eligible devices. Stalled devices (which will not load the
+        release while they hang) are not waited for."""
         cfg = self.settings.rounds
-        target = min(math.ceil(cfg.cohort * cfg.over_select), len(self._registry.device_keys))
         start = time.monotonic()
         while not self._stop.is_set():
-            if len(self.engine.eligible(version)) >= target:
+            stalled = self.engine.stalled(time.monotonic())
+            target = min(
+                math.ceil(cfg.cohort * cfg.over_select),
+                len(self._registry.device_keys) - len(stalled),
+            )
+            ready = [d for d in self.engine.eligible(version) if d not in stalled]
+            if len(ready) >= max(target, cfg.min_cohort):
                 return True
             if time.monotonic() - start >= cfg.wait_for_devices:
                 return len(self.engine.eligible()) >= cfg.min_cohort
@@ -362,12 +439,13 @@ class AggregatorService:
 
     async def _rounds(self) -> None:
         cfg = self.settings.rounds
-        done = 0
+        done = 0  # rounds closed
+        aborted = 0  # rounds aborted since the last one that closed
         while not self._stop.is_set() and (cfg.count == 0 or done < cfg.count):
             latest = await asyncio.to_thread(self.store.latest_release)
             assert latest is not None
-            await self.link.connected.wait()
-            await self.ingest.connected.wait()
+            if not await self._until_stopped(self._connected()):
+                break
             if not await self._wait_for_devices(latest.version):
                 if self._stop.is_set():
                     break
@@ -392,7 +470,7 @@ class AggregatorService:
                     )
             except NotEnoughDevicesError as exc:
                 log.warning("cannot start round %d: %s", round_id, exc)
-                await asyncio.sleep(1.0)
+                await self._pause(1.0)
                 continue
             announce = self.engine.announce
             assert announce is not None
@@ -433,40 +511,76 @@ class AggregatorService:
             self.summaries.append(summary)
             if self._on_round is not None:
                 self._on_round(summary)
-            done += 1
             if self._stop.is_set():
                 break
-            await asyncio.sleep(cfg.settle + cfg.interval)
+            if outcome.state is RoundState.CLOSED:
+                done, aborted = done + 1, 0
+                await self._pause(cfg.settle + cfg.interval)  # devices load the release
+                continue
+            aborted += 1
+            if cfg.max_aborts and aborted >= cfg.max_aborts:
+                self._gave_up = (
+                    f"{aborted} rounds in a row aborted (rounds.max_aborts); the last, round "
+                    f"{outcome.round_id}: {outcome.reason}"
+                )
+                log.error("stopping: %s", self._gave_up)
+                break
+            # Nothing new to load: retry at once, with a cohort that leaves out the stalled.
+            log.warning("round %d aborted; retrying with a fresh cohort", outcome.round_id)
+            await self._pause(cfg.interval)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless stop() comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _connected(self) -> None:
+        await self.link.connected.wait()
+        await self.ingest.connected.wait()
 
     async def _conclude(self, outcome: RoundOutcome, announce: Any, model: bytes) -> RoundSummary:
+        """Persist the round's end, then tell everyone, in that order (module doc)."""
         metrics = dict(outcome.metrics)
         metrics["fleet"] = self.fleet
+        metrics["rejected_total"] = dict(self.engine.rejected_total)
         new_version: int | None = None
+        payload = b""
         if outcome.state is RoundState.CLOSED and outcome.mean_update is not None:
             try:
-                new_version, payload, norm = await asyncio.to_thread(self._apply, outcome, model)
+                new_version, payload = await asyncio.to_thread(self._apply, outcome, model, metrics)
             except (FleetlearnError, ValueError) as exc:
                 # Never publish a model we could not build cleanly; the round counts as aborted.
                 reason = f"update not applied: {exc}"
                 log.error("round %d: %s", outcome.round_id, reason)
                 outcome.state, outcome.reason = RoundState.ABORTED, reason
-                metrics.update(state="aborted", reason=reason)
-            else:
-                await self.link.publish(topics.model(self.fleet), payload, retain=True)
-                metrics["update_norm"] = norm
-        metrics["new_version"] = new_version
-        metrics["ts"] = round(time.time(), 3)
-        await asyncio.to_thread(
-            self.store.finish_round,
-            outcome.round_id,
-            status="done" if outcome.state is RoundState.CLOSED else "aborted",
-            reason=outcome.reason,
-            metrics=metrics,
-            new_version=new_version,
-            now=time.time(),
+                metrics.update(state="aborted", reason=reason, new_version=None)
+        elif outcome.state is RoundState.CLOSED:
+            outcome.state, outcome.reason = RoundState.ABORTED, "round closed without an update"
+            metrics.update(state="aborted", reason=outcome.reason)
+        if new_version is None:
+            metrics["new_version"] = None
+            metrics["ts"] = round(time.time(), 3)
+            await asyncio.to_thread(
+                self.store.finish_round,
+                outcome.round_id,
+                status="aborted",
+                reason=outcome.reason,
+                metrics=_json_safe(metrics),
+                now=time.time(),
+            )
+        else:
+            await self._publish_release(payload)
+        self.engine.events.append(
+            {
+                "event": f"round_{outcome.state.value}",
+                "round": outcome.round_id,
+                "reason": outcome.reason,
+                "survivors": len(outcome.survivors),
+                "new_version": new_version,
+            }
         )
         await self._publish([self.engine.closing_announce(outcome, announce)])
-        await self._publish([Publish(topics.metrics(self.fleet), _json_safe(metrics), retain=True)])
+        await self._send_json(topics.metrics(self.fleet), metrics, retain=True)
         log.info(
             "round %d %s: %d survivors%s",
             outcome.round_id,
@@ -478,39 +592,59 @@ class AggregatorService:
             outcome.round_id, outcome.state.value, new_version, metrics, outcome.survivors
         )
 
-    def _apply(self, outcome: RoundOutcome, model: bytes) -> tuple[int, bytes, float]:
-        """Optimizer step, patch, sign, persist. Runs in a worker thread."""
+    async def _publish_release(self, payload: bytes) -> None:
+        """The new release, retained (already committed: a reconnect republishes it too)."""
+        await self._publish([Publish(topics.model(self.fleet), payload, retain=True)])
+
+    def _apply(
+        self, outcome: RoundOutcome, model: bytes, metrics: dict[str, Any]
+    ) -> tuple[int, bytes]:
+        """Optimizer step, patch, sign, then commit release + round + optimizer state in one
+        transaction (aggregator.store). Runs in a worker thread. Fills in `metrics`."""
         manifest = tm.read_manifest(model)
         assert manifest is not None
         assert outcome.mean_update is not None
         weights = tm.flatten(tm.read_weights(model), manifest.layout)
+        state_before = {k: v.copy() for k, v in self.optimizer.state.items()}
         new = self.optimizer.step(weights, outcome.mean_update)
-        if not np.all(np.isfinite(new)):
-            raise ValueError("new weights hold NaN or infinity")
-        version = self.store.latest_version() + 1
-        release = tm.release_weights(
-            model, new.astype(np.float32), version=version, signing_key=self._creds.identity
-        )
-        payload = wire.encode(release)
-        new_model, _ = tm.verify_release(
-            release, self._creds.identity.verify_key, min_version=version
-        )
-        self.store.save_release(
-            version,
-            outcome.round_id,
-            release.manifest.content_hash.hex(),
-            payload,
-            new_model,
-            time.time(),
-        )
-        self.store.save_arrays("optimizer", self.optimizer.state)
-        return version, payload, float(np.linalg.norm(outcome.mean_update))
+        try:
+            if not np.all(np.isfinite(new)):
+                raise ValueError("new weights hold NaN or infinity")
+            version = self.store.latest_version() + 1
+            release = tm.release_weights(
+                model, new.astype(np.float32), version=version, signing_key=self._creds.identity
+            )
+            payload = wire.encode(release)
+            new_model, _ = tm.verify_release(
+                release, self._creds.identity.verify_key, min_version=version
+            )
+            metrics["update_norm"] = float(np.linalg.norm(outcome.mean_update))
+            metrics["new_version"] = version
+            metrics["ts"] = round(time.time(), 3)
+            self.store.close_round(
+                outcome.round_id,
+                version=version,
+                sha256=release.manifest.content_hash.hex(),
+                payload=payload,
+                model=new_model,
+                arrays={"optimizer": self.optimizer.state},
+                metrics=_json_safe(metrics),
+                now=time.time(),
+            )
+        except BaseException:
+            self.optimizer.state = state_before  # nothing of this round was committed
+            raise
+        return version, payload
 
 
-async def _best_effort(send: Coroutine[Any, Any, None]) -> None:
-    """Events are best effort: one that cannot be sent does not hold back the others."""
-    with contextlib.suppress(LinkError):
+async def _best_effort(send: Coroutine[Any, Any, None], topic: str | None) -> None:
+    """One publish that cannot be delivered does not hold back the others or stop the service
+    (the link already waited for the broker). Lost events are not worth a log line each."""
+    try:
         await send
+    except LinkError as exc:
+        if topic is not None:
+            log.warning("could not publish on %s: %s", topic, exc)
 
 
 async def _in_order(sends: list[Coroutine[Any, Any, None]]) -> None:

@@ -12,6 +12,11 @@ Rules that make a SIGKILL at any instant harmless:
   next version is that plus one, so a version is never lost or issued twice.
 - A round row is written `running` when it starts. On startup, rows still `running` were
   interrupted; the service marks them `aborted` with a reason (and announces that).
+- A closed round, its release and the optimizer state that produced it are committed in ONE
+  transaction (`close_round`): a crash leaves either all three or none, so a round is never
+  recorded aborted while its release is live, nor closed without one.
+- The database appears with its tables or not at all (built under another name, then linked
+  into place), so whoever reads the state directory never meets a half-made schema.
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ class RoundRow:
     ended_at: float | None
 
 
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # npz, loaded with allow_pickle=False
+    return buf.getvalue()
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -93,16 +104,35 @@ def _fsync_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _create_database(path: Path) -> None:
+    """Build a new database with its schema beside `path`, then link it into place."""
+    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # recorded in the file
+        db.executescript(SCHEMA)
+    finally:
+        db.close()  # the last connection's close folds the WAL into the file and removes it
+    try:
+        os.link(tmp, path)  # never replaces: a database that appeared meanwhile is kept
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Store:
     def __init__(self, state_dir: Path | str) -> None:
         self.root = Path(state_dir)
         self._lock = threading.RLock()
+        path = self.root / "fleetlearn.sqlite3"
         try:
             (self.root / "releases").mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _create_database(path)
             # Used from the event loop and from worker threads, one call at a time (see _lock).
-            self._db = sqlite3.connect(
-                self.root / "fleetlearn.sqlite3", isolation_level=None, check_same_thread=False
-            )
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
@@ -152,6 +182,41 @@ class Store:
                 "INSERT INTO releases (version, round_id, sha256, created_at) VALUES (?, ?, ?, ?)",
                 (version, round_id, sha256, now),
             )
+
+    def close_round(
+        self,
+        round_id: int,
+        *,
+        version: int,
+        sha256: str,
+        payload: bytes,
+        model: bytes,
+        arrays: dict[str, dict[str, np.ndarray]],
+        metrics: dict[str, Any],
+        now: float,
+    ) -> None:
+        """Record a closed round with its new release and state, atomically (see module doc).
+        The release's files are written and fsync-ed first; the transaction is the commit."""
+        latest = self.latest_version()
+        if version != latest + 1:
+            raise StoreError(f"release v{version} does not follow v{latest}")
+        _fsync_write(self.root / "releases" / f"v{version}.tflite", model)
+        _fsync_write(self.release_path(version), payload)
+        blobs = {key: _npz(value) for key, value in arrays.items()}
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO releases (version, round_id, sha256, created_at) VALUES (?, ?, ?, ?)",
+                (version, round_id, sha256, now),
+            )
+            for key, blob in blobs.items():
+                db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, blob))
+            cur = db.execute(
+                "UPDATE rounds SET status = 'done', reason = '', metrics = ?, new_version = ?,"
+                " ended_at = ? WHERE round_id = ? AND status = 'running'",
+                (json.dumps(metrics), version, now, round_id),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"round {round_id} is not running")
 
     def latest_version(self) -> int:
         row = self._query("SELECT MAX(version) FROM releases")[0]
@@ -227,10 +292,23 @@ class Store:
         rows = self._query("SELECT round_id FROM rounds WHERE status = 'running'")
         return [int(r[0]) for r in rows]
 
-    def rounds(self) -> list[RoundRow]:
+    def last_finished_round(self) -> tuple[RoundRow, bytes] | None:
+        """The newest round that ended, with its announcement: what the retained round and
+        metrics topics should show after a restart."""
+        rows = self._query(
+            "SELECT round_id FROM rounds WHERE status != 'running' ORDER BY round_id DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        round_id = int(rows[0][0])
+        row = next(r for r in self.rounds(since=round_id) if r.round_id == round_id)
+        return row, self.announce_of(round_id)
+
+    def rounds(self, since: int = 0) -> list[RoundRow]:
         rows = self._query(
             "SELECT round_id, mode, status, reason, model_version, new_version, cohort, metrics,"
-            " started_at, ended_at FROM rounds ORDER BY round_id"
+            " started_at, ended_at FROM rounds WHERE round_id >= ? ORDER BY round_id",
+            (since,),
         )
         return [
             RoundRow(
@@ -242,12 +320,9 @@ class Store:
     # ------------------------------------------------------------------------------ kv state
 
     def save_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)  # type: ignore[arg-type]  # npz, loaded with allow_pickle=False
+        blob = _npz(arrays)
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, buf.getvalue())
-            )
+            db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, blob))
 
     def load_arrays(self, key: str) -> dict[str, np.ndarray]:
         rows = self._query("SELECT value FROM kv WHERE key = ?", (key,))

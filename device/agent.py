@@ -5,10 +5,27 @@ subscribes to the model, the round announcement and its own round topics, and ca
 the sans-IO `Participant` asks: publish, load a verified release into a fresh LiteRT interpreter,
 train on local data. Training and inference run in a thread pool, never on the event loop.
 
+Round messages are answered without waiting for unrelated work. Releases have their own lane
+(`_releases`): verifying one, building its interpreter and inferring on it can take seconds on
+a busy machine, and an announcement queued behind that used to miss ADVERTISE. Round crypto
+(masking, sealing and opening shares) runs on `round_executor`, apart from training, model
+loading and inference on `executor`, so it never queues behind other devices' heavy jobs when
+many simulated devices share the pools.
+
 After every new model it publishes its inference on recent local data as JSON on
 `fl/{fleet}/dev/{id}/health`, and its status (model version, eligibility, why a release was
-refused) retained on `fl/{fleet}/dev/{id}/status`. The error-feedback residual is saved in
-`state_dir` after each round, so a restart does not lose what was not yet transmitted.
+refused) retained on `fl/{fleet}/dev/{id}/status`. In `state_dir` it keeps:
+- `residual.bin`, the error-feedback residual, saved after each round, so a restart does not
+  lose what was not yet transmitted;
+- `release.bin`, the last release it loaded (signed, as received), and `release.json`, its
+  version: after a restart the device verifies and loads that release again before it
+  connects, and refuses anything older (a retained or replayed older release cannot roll it
+  back). An unreadable file is reported and ignored, except that the version floor it recorded
+  is kept if it can be read.
+
+Every message is handled on its own: a failure while handling one (a bug, since bad payloads
+are refused by the participant) is logged with its topic and counted in `stats.handler_errors`,
+and the agent goes on.
 
 Hooks for the simulator (`firmware_sim`): `condition` (eligibility, battery), `before_send`
 (dropouts and latency per stage), `slowdown` (compute speed), `tamper` (poisoned updates).
@@ -116,6 +133,7 @@ class AgentStats:
     bytes_up: int = 0
     bytes_down: int = 0
     notes: int = 0
+    handler_errors: int = 0
 
 
 class DeviceAgent:
@@ -134,6 +152,7 @@ class DeviceAgent:
         slowdown: float = 0.0,
         tamper: Callable[[np.ndarray], np.ndarray] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        round_executor: concurrent.futures.Executor | None = None,
         train_seed: int | None = None,
         ca_file: str | None = None,
         health_window: int = 64,
@@ -147,7 +166,8 @@ class DeviceAgent:
         self._before_send = before_send
         self._slowdown = slowdown
         self._tamper = tamper  # simulates a faulty or malicious device (robustness tests)
-        self._executor = executor
+        self._executor = executor  # training, interpreters, inference: long jobs
+        self._round_executor = round_executor  # the participant's offloaded calls: short
         self._state_dir = state_dir
         self._rng = np.random.default_rng(
             train_seed if train_seed is not None else secrets.randbits(64)
@@ -156,13 +176,16 @@ class DeviceAgent:
         self.trainer: LiteRTTrainer | None = None
         self._trainer_lock = asyncio.Lock()
         # The participant is not thread-safe: every call to it holds this lock, and the heavy
-        # ones (masking, error feedback) run in the executor while holding it.
+        # ones (masking, error feedback) run in the round executor while holding it.
         self._participant_lock = asyncio.Lock()
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._release_queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._trainer_loaded = asyncio.Event()  # set whenever a new interpreter is in place
         self._note = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = AgentStats()
         self._load_residual()
+        self._saved_release = self._load_release_floor()
         offline = wire.DeviceStatus(
             device_id=self.device_id, online=False, eligibility=wire.Eligibility.OFFLINE
         )
@@ -183,10 +206,12 @@ class DeviceAgent:
 
     async def run(self) -> None:
         """Until cancelled, or until the broker refuses the credentials (LinkAuthError)."""
+        await self._restore_release()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name=f"{self.device_id}-link")
                 tg.create_task(self._intake(), name=f"{self.device_id}-intake")
+                tg.create_task(self._releases(), name=f"{self.device_id}-releases")
                 tg.create_task(self._ticker(), name=f"{self.device_id}-tick")
         except* FleetlearnError as group:
             raise group.exceptions[0] from None
@@ -214,7 +239,7 @@ class DeviceAgent:
             if not offload:
                 return fn(*args)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await loop.run_in_executor(self._round_executor, fn, *args)
 
     async def _ticker(self) -> None:
         while True:
@@ -226,29 +251,52 @@ class DeviceAgent:
             msg = await self._queue.get()
             self.stats.bytes_down += len(msg.payload)
             try:
-                topic = topics.parse(msg.topic)
-            except topics.TopicError:
-                continue
-            now = time.monotonic()
-            if topic.kind is topics.Kind.MODEL:
-                # verification hashes and decompresses the model: off the loop
-                actions = await self._call(
-                    self.participant.on_model, msg.payload, now, offload=True
+                await self._handle(msg)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception(
+                    "%s: dropped a message on %s: handling it failed", self.device_id, msg.topic
                 )
-            elif topic.kind is topics.Kind.ROUND:
-                actions = await self._call(self.participant.on_round, msg.payload, now)
-                if any(isinstance(a, Train) for a in actions):
-                    self.stats.rounds_announced += 1
-            elif topic.kind in (topics.Kind.INBOX, topics.Kind.SURVIVORS):
-                had_round = self.participant.round is not None
+
+    async def _handle(self, msg: Incoming) -> None:
+        try:
+            topic = topics.parse(msg.topic)
+        except topics.TopicError:
+            return
+        now = time.monotonic()
+        if topic.kind is topics.Kind.MODEL:
+            self._release_queue.put_nowait(msg)
+            return
+        if topic.kind is topics.Kind.ROUND:
+            actions = await self._call(self.participant.on_round, msg.payload, now)
+            if any(isinstance(a, Train) for a in actions):
+                self.stats.rounds_announced += 1
+        elif topic.kind in (topics.Kind.INBOX, topics.Kind.SURVIVORS):
+            had_round = self.participant.round is not None
+            actions = await self._call(
+                self.participant.on_message, topic, msg.payload, now, offload=True
+            )
+            if had_round and self.participant.round is None:
+                self._save_residual()
+        else:
+            return
+        await self._carry_out(actions)
+
+    async def _releases(self) -> None:
+        """Model releases in arrival order, apart from the round messages (see the module
+        docstring): verify (off the loop), then load, publish status and health."""
+        while True:
+            msg = await self._release_queue.get()
+            try:
                 actions = await self._call(
-                    self.participant.on_message, topic, msg.payload, now, offload=True
+                    self.participant.on_model, msg.payload, time.monotonic(), offload=True
                 )
-                if had_round and self.participant.round is None:
-                    self._save_residual()
-            else:
-                continue
-            await self._carry_out(actions)
+                await self._carry_out(actions)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception(
+                    "%s: dropped a message on %s: handling it failed", self.device_id, msg.topic
+                )
 
     async def _carry_out(self, actions: list[Action]) -> None:
         for action in actions:
@@ -285,7 +333,9 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------------------ model
 
-    async def _load(self, action: LoadModel) -> None:
+    async def _load(self, action: LoadModel, *, announce: bool = True) -> None:
+        """Load a verified release into a fresh interpreter; `announce`: then publish status
+        and health (not when restoring the saved release before connecting)."""
         loop = asyncio.get_running_loop()
         try:
             trainer = await loop.run_in_executor(
@@ -294,14 +344,19 @@ class DeviceAgent:
         except (TrainerError, FleetlearnError) as exc:
             self._note = f"release v{action.manifest.version} verified but not loadable: {exc}"
             self.stats.releases_refused += 1
-            await self.publish_status()
+            if announce:
+                await self.publish_status()
             return
         async with self._trainer_lock:
             self.trainer = trainer
+        self._trainer_loaded.set()
         self.stats.releases_loaded += 1
+        if action.release and announce:
+            await loop.run_in_executor(self._executor, self._save_release, action)
         self._note = ""
-        await self.publish_status()
-        await self.publish_health()
+        if announce:
+            await self.publish_status()
+            await self.publish_health()
 
     async def publish_status(self) -> None:
         c = self._condition()
@@ -361,13 +416,34 @@ class DeviceAgent:
 
     # --------------------------------------------------------------------------- training
 
+    async def _trainer_for(self, version: int, within: float) -> LiteRTTrainer | None:
+        """The interpreter of `version`, waiting up to `within` s while the release lane is
+        still loading it (the participant accepts a release before its interpreter exists)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within
+        while True:
+            trainer = self.trainer
+            if trainer is not None and trainer.version == version:
+                return trainer
+            remaining = give_up - loop.time()
+            if self.participant.model_version != version or remaining <= 0:
+                return None
+            self._trainer_loaded.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._trainer_loaded.wait()
+
     async def _train(self, action: Train) -> None:
         plan = action.announce.training
         loop = asyncio.get_running_loop()
+        version = action.announce.model_version
+        if await self._trainer_for(version, action.announce.times.collect_hard) is None:
+            await self._carry_out([Note(f"round {action.round_id}: model v{version} not loaded")])
+            return
         async with self._trainer_lock:
             trainer = self.trainer
-            if trainer is None or trainer.version != action.announce.model_version:
-                return
+            if trainer is None or trainer.version != version:
+                return  # replaced by a newer one meanwhile: this round is stale
             try:
                 result = await loop.run_in_executor(
                     self._executor, self._train_sync, trainer, plan.epochs, plan.max_samples
@@ -401,6 +477,59 @@ class DeviceAgent:
             samples=before.samples,
         )
 
+    # ------------------------------------------------------------------- release floor
+
+    def _release_paths(self) -> tuple[Path, Path] | None:
+        if self._state_dir is None:
+            return None
+        return self._state_dir / "release.bin", self._state_dir / "release.json"
+
+    def _load_release_floor(self) -> bytes | None:
+        """Set the participant's version floor from `release.json`; return the saved
+        release (verified later, by the participant, like any other)."""
+        paths = self._release_paths()
+        if paths is None:
+            return None
+        release_path, floor_path = paths
+        if floor_path.exists():
+            try:
+                floor = json.loads(floor_path.read_text(encoding="utf-8"))["version"]
+                if type(floor) is not int or floor < 1:
+                    raise ValueError(f"version {floor!r}")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("%s: ignoring unreadable %s (%s)", self.device_id, floor_path, exc)
+            else:
+                self.participant.min_version = max(self.participant.min_version, floor)
+        try:
+            return release_path.read_bytes() if release_path.exists() else None
+        except OSError as exc:
+            log.warning("%s: ignoring unreadable %s (%s)", self.device_id, release_path, exc)
+            return None
+
+    async def _restore_release(self) -> None:
+        """Load the release this device ran before a restart, verified like a new one."""
+        saved, self._saved_release = self._saved_release, None
+        if saved is None:
+            return
+        actions = await self._call(self.participant.on_model, saved, time.monotonic(), offload=True)
+        for action in actions:
+            if isinstance(action, LoadModel):
+                await self._load(action, announce=False)
+            elif isinstance(action, Note):
+                log.warning("%s: saved release not restored: %s", self.device_id, action.text)
+
+    def _save_release(self, action: LoadModel) -> None:
+        paths = self._release_paths()
+        if paths is None:
+            return
+        release_path, floor_path = paths
+        release_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(release_path, action.release)
+        floor = json.dumps(
+            {"version": action.manifest.version, "model_id": action.manifest.model_id}
+        )
+        _atomic_write(floor_path, floor.encode())
+
     # --------------------------------------------------------------------- error feedback
 
     def _residual_path(self) -> Path | None:
@@ -421,6 +550,14 @@ class DeviceAgent:
         if path is None or feedback is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(feedback.save())
-        os.replace(tmp, path)
+        _atomic_write(path, feedback.save())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write-then-rename, fsync-ed: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -39,7 +39,12 @@ def register(sub: Any) -> None:
         help="fleet.json with every device's public key (default: <keys>/../../fleet.json)",
     )
     d.add_argument(
-        "--state-dir", type=Path, help="keeps the error-feedback residual across restarts"
+        "--state-dir",
+        type=Path,
+        help=(
+            "keeps the error-feedback residual and the last loaded release across restarts, "
+            "so the device never rolls back to an older release (default: <keys>/state)"
+        ),
     )
     d.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
     d.add_argument("--ca-file", help="CA certificate for mqtts:// brokers")
@@ -88,7 +93,7 @@ def run_device(args: argparse.Namespace) -> int:
         password=creds.password,
         data=data,
         protocol=args.protocol,
-        state_dir=args.state_dir,
+        state_dir=args.state_dir or args.keys / "state",
         ca_file=args.ca_file,
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import socket
 import ssl
@@ -45,6 +46,7 @@ MSGPACK_CONTENT_TYPE = "application/vnd.fleetlearn.v1+msgpack+zstd"
 JSON_CONTENT_TYPE = "application/json"
 SESSION_EXPIRY_SECONDS = 3600
 READ_BURST = 64  # incoming packets taken per wakeup of the socket, at most
+RETRY_WARNING_EVERY = 30.0  # seconds between warnings while a connection keeps failing
 # CONNACK codes that mean "wrong credentials / not allowed": retrying will not help.
 _AUTH_CODES = {4, 5, 134, 135}
 _VERSION_CODES = {1, 132}
@@ -247,10 +249,16 @@ class Link:
                 await asyncio.sleep(0.05)
 
     async def run(self) -> None:
-        """Connect, subscribe, deliver messages; reconnect on loss until `close()`."""
+        """Connect, subscribe, deliver messages; reconnect on loss until `close()`.
+
+        A lost or refused connection is logged as a warning with the reason: the first
+        failure, a changed reason, and then every `RETRY_WARNING_EVERY` seconds while it
+        lasts (each retry is logged at INFO), so an operator sees why a process waits."""
         attempt = 0
+        loop = asyncio.get_running_loop()
+        warned_at, warned_reason = -math.inf, ""
         while not self._closing:
-            pause = self._resume_at - asyncio.get_running_loop().time()
+            pause = self._resume_at - loop.time()
             if pause > 0:
                 await asyncio.sleep(pause)
             try:
@@ -263,11 +271,17 @@ class Link:
                     break
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
-                log.info(
+                reason = str(exc) or type(exc).__name__
+                now = loop.time()
+                level = logging.INFO
+                if reason != warned_reason or now - warned_at >= RETRY_WARNING_EVERY:
+                    level, warned_at, warned_reason = logging.WARNING, now, reason
+                log.log(
+                    level,
                     "%s: connection to %s lost or refused (%s); retry %d in %.2f s",
                     self.client_id,
                     self.address,
-                    exc,
+                    reason,
                     attempt,
                     delay,
                 )

@@ -11,10 +11,16 @@ for the adapter (`device.agent`) to carry out:
 
 Rules:
 - A release is loaded only after its signature, manifest and content hash verify against the
-  aggregator key from provisioning, and only if it is newer than the loaded one. A refused
-  release leaves the previous model in place and is reported, never silently dropped.
+  aggregator key from provisioning, and only if it is newer than the loaded one and not older
+  than `min_version`, the newest version this device ever accepted (the adapter persists it,
+  so a restart cannot be rolled back to an older, validly signed release). A refused release
+  leaves the previous model in place and is reported, never silently dropped.
 - The device joins a round only when it is in the cohort and runs the round's model version.
   Secure rounds go through `SecAggClient`; plain rounds send a compressed `PlainUpdate`.
+- Timing: the announcement's stage limits are durations. The device counts each one from when
+  it saw the stage open (the announcement, then the roster, the share inbox, the unmask
+  request) on its own clock, and gives up waiting once the aggregator must have moved on
+  (`shared.stagetime.give_up_at`); clocks are never compared across machines.
 - Error feedback: what a round did not transmit (unsent coordinates, clipping) is kept for the
   next round; an update that never reached an aggregate (round aborted, device not a survivor)
   is given back with `reclaim`. The adapter persists `feedback.save()` between restarts.
@@ -36,9 +42,10 @@ from shared import tflite_model as tm
 from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
 from shared.secagg import messages as sm
 from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import StageDeadlines
+from shared.secagg.config import Stage
 from shared.secagg.contribution import TrainingMetrics
 from shared.secagg.errors import ProtocolError, SecAggError
+from shared.stagetime import give_up_at
 
 ROUND_MESSAGE_EXPIRY = 600
 
@@ -55,6 +62,7 @@ class Send:
 class LoadModel:
     model: bytes
     manifest: tm.ModelManifest
+    release: bytes = b""  # the signed release as received, for the adapter to persist
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +90,26 @@ class LocalResult:
     samples: int
 
 
+# A secure round's client, waiting: in which stage, and whether it already sent its message
+# for it (then it waits for the aggregator to open the next stage).
+_WAITING: dict[ClientState, tuple[Stage, bool]] = {
+    ClientState.ADVERTISE: (Stage.ADVERTISE, True),
+    ClientState.SHARE: (Stage.SHARE, True),
+    ClientState.NEED_INPUT: (Stage.COLLECT, False),
+    ClientState.COLLECT: (Stage.COLLECT, True),
+}
+# The aggregator message that opens a stage, as the device sees it.
+_OPENS: dict[type[wire.Message], Stage] = {
+    sm.Roster: Stage.SHARE,
+    sm.ShareInbox: Stage.COLLECT,
+    sm.UnmaskRequest: Stage.UNMASK,
+}
+
+
 @dataclass(slots=True)
 class _Round:
     announce: RoundAnnounce
-    deadlines: StageDeadlines
+    opened: dict[Stage, float]  # when this device saw each stage open, on its own clock
     client: SecAggClient | None
     sent: np.ndarray | None = None  # what error feedback committed, to reclaim on failure
     trained: bool = False
@@ -103,8 +127,11 @@ class Participant:
         registry: Mapping[str, bytes],
         random: Callable[[int], bytes],
         feedback: sparse.ErrorFeedback | None = None,
+        min_version: int = 1,
     ) -> None:
         self.fleet = topics.check_id(fleet, "fleet id")
+        # The newest release version this device ever accepted: nothing older is loaded.
+        self.min_version = max(1, int(min_version))
         self.device_id = topics.check_id(device_id)
         self._identity = identity
         self._aggregator_key = aggregator_key
@@ -145,7 +172,7 @@ class Participant:
             return []  # the very same release again (retained, after a reconnect)
         try:
             model, manifest = tm.verify_release(
-                release, self._aggregator_key, min_version=max(1, self.model_version)
+                release, self._aggregator_key, min_version=max(self.min_version, self.model_version)
             )
         except tm.ModelError as exc:
             return self._refuse(f"release v{version} refused: {exc}")
@@ -161,14 +188,16 @@ class Participant:
                 f"release v{version} is model {manifest.model_id!r}, not {self.manifest.model_id!r}"
             )
         self.manifest = manifest
+        self.min_version = manifest.version
         self._release_digest = digest
         dim = tm.layout_size(manifest.layout)
         if self.feedback is None or self.feedback.dim != dim:
             self.feedback = sparse.ErrorFeedback(dim)
-        return [LoadModel(model, manifest)]
+        return [LoadModel(model, manifest, payload)]
 
     def _refuse(self, why: str) -> list[Action]:
         self.refused.append(why)
+        del self.refused[:-20]  # the newest reasons are what a status shows; keep memory flat
         return [Note(why)]
 
     # ------------------------------------------------------------------------------ rounds
@@ -195,7 +224,6 @@ class Participant:
         if current is not None:
             self._end_round(counted=False)  # a new round supersedes one we never saw end
         self._last_round = announce.round_id
-        deadlines = announce.times.deadlines(now)  # on this device's own clock
         out: list[Action] = [Train(announce.round_id, announce)]
         client = None
         if announce.mode is RoundMode.SECURE:
@@ -212,10 +240,11 @@ class Participant:
                 verify_keys=keys,
                 round_seed=announce.seed,
                 random=self._random,
-                deadlines=deadlines,
+                deadlines=None,  # this participant applies the round's limits (tick)
             )
             out += self._sends(client.start(now))
-        self._round = _Round(announce, deadlines, client)
+        first = Stage.ADVERTISE if client is not None else Stage.COLLECT
+        self._round = _Round(announce, {first: now}, client)
         self.rounds_joined += 1
         return out
 
@@ -238,6 +267,9 @@ class Participant:
             self._end_round(counted=False)
             return [Note(f"round {topic.round_id} failed on this device: {exc}")]
         actions: list[Action] = self._sends(outs)
+        opens = _OPENS.get(type(message))
+        if opens is not None:
+            run.opened.setdefault(opens, now)
         if isinstance(message, sm.UnmaskRequest):
             run.counted = self.device_id in message.survivors
         if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
@@ -336,6 +368,19 @@ class Participant:
             reason = run.client.reason
             self._end_round(counted=False)
             return [Note(f"round {run.announce.round_id}: {reason}")]
+        waiting = _WAITING.get(run.client.state)
+        if waiting is not None:
+            stage, answered = waiting
+            opened = run.opened.get(stage)
+            times = run.announce.times
+            if opened is not None and now >= give_up_at(times, stage, opened, answered=answered):
+                self._end_round(counted=False)  # the client and its round secrets go with it
+                why = (
+                    "the aggregator did not open the next stage within the hard limits"
+                    if answered
+                    else "the local update was not ready within the stage's hard limit"
+                )
+                return [Note(f"round {run.announce.round_id}: timed out in {stage.value}: {why}")]
         return []
 
     # ---------------------------------------------------------------------------- helpers

@@ -1,11 +1,12 @@
 """The fleet simulator: N simulated devices, each its own MQTT connection, over P processes.
 
 The parent (`Simulator`) starts P worker processes; each runs its share of the devices as
-`device.agent.DeviceAgent`s in one event loop, with one small thread pool for training and
-crypto. Connections are paced (mosquitto's listen backlog is 100; a thousand simultaneous
-CONNECTs would be refused), and every worker reports a snapshot of its devices once a second
-over a queue. `stop()` (or Ctrl-C in the CLI) makes every device publish "offline" and
-disconnect cleanly.
+`device.agent.DeviceAgent`s in one event loop, with two small thread pools shared by its
+devices: one for training, interpreters and inference, one for round crypto, so that masking
+and share handling never wait behind a hundred devices loading a release. Connections are
+paced (mosquitto's listen backlog is 100; a thousand simultaneous CONNECTs would be refused),
+and every worker reports a snapshot of its devices once a second over a queue. `stop()` (or
+Ctrl-C in the CLI) makes every device publish "offline" and disconnect cleanly.
 
 Each device's data, site, machine type, speed, eligibility and failures come from the
 scenario (firmware_sim.scenario) and its index, so the same device behaves the same whichever
@@ -93,6 +94,7 @@ async def _worker_main(
     registry = prov.load_registry(spec.fleet_dir)
     keys = {d: bytes(k) for d, k in registry.device_keys.items()}
     executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"sim{proc}")
+    round_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sim{proc}-r")
     stats = WorkerStats(proc=proc, devices=len(share))
     agents: dict[str, DeviceAgent] = {}
     tasks: list[asyncio.Task[None]] = []
@@ -156,6 +158,7 @@ async def _worker_main(
             before_send=before_send,
             slowdown=scenario.slow_delay if scenario.is_slow(index) else 0.0,
             executor=executor,
+            round_executor=round_executor,
             train_seed=scenario.seed * 100_003 + index,
         )
 
@@ -198,6 +201,7 @@ async def _worker_main(
     stats.connected = 0
     out.put(asdict(stats))
     executor.shutdown(wait=False, cancel_futures=True)
+    round_executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------- the parent
@@ -231,6 +235,11 @@ class Simulator:
             worker.start()
             self._workers.append(worker)
         return self
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (tests stop and continue them to simulate hung devices)."""
+        return [w.pid for w in self._workers if w.pid is not None]
 
     def poll(self) -> dict[str, Any]:
         """Drain worker reports; return fleet-wide totals."""

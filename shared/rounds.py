@@ -5,9 +5,10 @@ The secure stages' own messages live in `shared.secagg.messages`; model releases
 
 - `RoundAnnounce`, retained on `fl/{fleet}/round`: which round, which model version it trains,
   who is in the cohort, the round seed (public: it picks the rand-k coordinates and the
-  neighbour graph), compression, SecAgg parameters, local training settings, and the stage
-  timings. Timings are *durations* from the announcement, never wall-clock times, because device
-  clocks are not synchronised; each side turns them into deadlines on its own clock.
+  neighbour graph), compression, SecAgg parameters, local training settings, and each stage's
+  soft and hard limit. Those are *durations*, each counted from the moment its stage opened,
+  never wall-clock times, because device clocks are not synchronised; each side turns them
+  into deadlines on its own clock (`shared.stagetime`).
   The same topic later carries the round's end (`state` CLOSED or ABORTED, with a reason), so a
   device that reconnects learns that the round it was in is over.
 - `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight and
@@ -20,11 +21,12 @@ import enum
 import math
 
 from shared import wire
-from shared.secagg.config import SecAggConfig, StageDeadlines
+from shared.secagg.config import STAGES, SecAggConfig, Stage
 from shared.sparse import Compression, DenseUpdate, SharedUpdate, SparseMode, SparseUpdate
 
 SEED_BYTES = 32
 MAX_COHORT = 100_000
+MAX_STAGE_SECONDS = 86_400
 
 
 class RoundMode(enum.Enum):
@@ -40,38 +42,52 @@ class RoundState(enum.Enum):
 
 @wire.record
 class StageTimes(wire.Record):
-    """Seconds after the announcement at which each stage closes (strictly increasing).
+    """Each stage's soft and hard limit: durations in seconds, never clock times.
 
-    Plain rounds use only `collect` (updates due). `collect` must allow for local training.
+    A stage's limits count from the moment it opened, on the clock of whoever applies them
+    (see `shared.stagetime`): the aggregator opens ADVERTISE (a plain round's COLLECT) with
+    the announcement and every later stage when it closes the one before; a device counts from
+    when it received the announcement, or the message that opened the stage (roster, share
+    inbox, unmask request). A stage closes when every device expected answered, after its soft
+    limit as soon as enough have, and at its hard limit whoever answered.
+
+    Plain rounds use only `collect`, which must allow for local training.
     """
 
     advertise: float = 10.0
-    share: float = 20.0
-    collect: float = 60.0
-    unmask: float = 75.0
+    share: float = 10.0
+    collect: float = 40.0
+    unmask: float = 10.0
+    advertise_hard: float = 30.0
+    share_hard: float = 30.0
+    collect_hard: float = 120.0
+    unmask_hard: float = 30.0
 
     def __post_init__(self) -> None:
-        values = (self.advertise, self.share, self.collect, self.unmask)
-        names = ("advertise", "share", "collect", "unmask")
-        for name, value in zip(names, values, strict=True):
+        for stage in STAGES:
+            soft, hard = self.soft(stage), self.hard(stage)
+            for name, value in ((stage.value, soft), (f"{stage.value}_hard", hard)):
+                wire.require(
+                    isinstance(value, float | int)
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and 0 < value <= MAX_STAGE_SECONDS,
+                    f"StageTimes.{name}",
+                    f"{value!r} must be in (0, {MAX_STAGE_SECONDS}] seconds",
+                )
             wire.require(
-                math.isfinite(value) and 0 < value <= 86_400,
-                f"StageTimes.{name}",
-                f"{value!r} must be in (0, 86400] seconds",
+                hard >= soft,
+                f"StageTimes.{stage.value}_hard",
+                f"{hard} is below the soft limit {stage.value} = {soft}",
             )
-        for (n1, v1), (n2, v2) in zip(
-            zip(names, values, strict=True), zip(names[1:], values[1:], strict=True), strict=False
-        ):
-            wire.require(v2 > v1, f"StageTimes.{n2}", f"must be later than {n1} ({v1})")
 
-    def deadlines(self, start: float) -> StageDeadlines:
-        """The stage deadlines of a round announced at `start`, on the caller's clock."""
-        return StageDeadlines(
-            advertise=start + self.advertise,
-            share=start + self.share,
-            collect=start + self.collect,
-            unmask=start + self.unmask,
-        )
+    def soft(self, stage: Stage) -> float:
+        """Seconds after `stage` opened from which it closes once enough devices answered."""
+        return float(getattr(self, stage.value))
+
+    def hard(self, stage: Stage) -> float:
+        """Seconds after `stage` opened at which it closes, whoever answered."""
+        return float(getattr(self, f"{stage.value}_hard"))
 
 
 @wire.record

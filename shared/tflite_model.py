@@ -19,6 +19,7 @@ bytes are never modified (functions return new bytes); messages go through `shar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -594,6 +595,15 @@ def _find_variables(
 def _parse(data: bytes) -> _Parsed:
     if not isinstance(data, bytes):
         raise ModelFormatError(f"model must be bytes, not {type(data).__name__}")
+    return _parse_once(data)
+
+
+# Parsing is pure and its result immutable, so equal bytes are parsed once. Reading a release
+# parses the model three times (manifest and hash, signatures and layout, initial weights),
+# about 20 ms of pure Python for the default model; a simulator process hands every release
+# to a hundred devices, and that parsing starved their round work on a busy machine.
+@functools.lru_cache(maxsize=4)
+def _parse_once(data: bytes) -> _Parsed:
     if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
         raise ModelFormatError("not a TFLite model (no 'TFL3' file identifier)")
     if len(data) > _MAX_MODEL_BYTES:

@@ -308,6 +308,24 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _shown(value: object, width: int = 40) -> str:
+    """A short, safe description of an untrusted value for an error message. Never `repr` a
+    decoded value whole: a list nested a thousand deep makes repr raise RecursionError, and a
+    64 MB string would become a 64 MB message."""
+    if value is None or type(value) in (bool, int, float):
+        text = repr(value)
+    elif type(value) in (str, bytes):
+        text = repr(value[:width])  # type: ignore[index]
+        if len(value) > width:  # type: ignore[arg-type]
+            text += f"... ({len(value)} long)"  # type: ignore[arg-type]
+        return text
+    elif type(value) in (list, dict):
+        return f"a {_type_name(value)} of {len(value)} items"  # type: ignore[arg-type]
+    else:
+        return f"a {_type_name(value)}"
+    return text if len(text) <= width else text[:width] + "..."
+
+
 def _converters(hint: Any, where: str) -> tuple[Callable[[Any], Any], Callable[[Any, Limits], Any]]:
     """Build (to_wire, from_wire) for one annotation. `where` only names the field in bugs."""
     origin = typing.get_origin(hint)
@@ -366,15 +384,18 @@ def _converters(hint: Any, where: str) -> tuple[Callable[[Any], Any], Callable[[
 
         def enum_out(v: Any) -> Any:
             if not isinstance(v, enum_type):
-                raise SchemaError(f"expected {enum_type.__name__}, got {v!r}")
+                raise SchemaError(f"expected {enum_type.__name__}, got {_shown(v)}")
             return v.value
 
+        by_value = {m.value: m for m in enum_type}
+
         def enum_in(v: Any, limits: Limits) -> Any:
-            try:
-                return enum_type(v)
-            except (ValueError, TypeError):
+            # A dict lookup, not enum_type(v): Enum's own error reprs the value whole.
+            member = by_value.get(v) if type(v) is str else None
+            if member is None:
                 allowed = ", ".join(repr(m.value) for m in enum_type)
-                raise SchemaError(f"{v!r} is not one of {allowed}") from None
+                raise SchemaError(f"{_shown(v)} is not one of {allowed}")
+            return member
 
         return enum_out, enum_in
 
@@ -395,7 +416,7 @@ def _converters(hint: Any, where: str) -> tuple[Callable[[Any], Any], Callable[[
             tag = body.pop("t", None)
             cls = by_tag.get(tag) if isinstance(tag, str) else None
             if cls is None:
-                raise SchemaError(f"type {tag!r} is not allowed here")
+                raise SchemaError(f"type {_shown(tag)} is not allowed here")
             return _fields_from_wire(cls, body, limits)
 
         return msg_out, msg_in
@@ -596,13 +617,13 @@ def _array_in(v: Any, limits: Limits) -> Any:
         raise SchemaError("expected an array map with keys d, s, b")
     dtype_str, shape, data = v["d"], v["s"], v["b"]
     if not isinstance(dtype_str, str) or dtype_str not in ARRAY_DTYPES:
-        raise SchemaError(f"dtype {dtype_str!r} is not allowed")
+        raise SchemaError(f"dtype {_shown(dtype_str)} is not allowed")
     if not isinstance(shape, list) or len(shape) > limits.max_array_ndim:
         raise SchemaError(f"shape must be a list of at most {limits.max_array_ndim} ints")
     count = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:
-            raise SchemaError(f"shape {shape!r} holds a negative or non-int size")
+            raise SchemaError(f"shape holds {_shown(dim)}, not a size >= 0")
         count *= dim
         if count > limits.max_array_elements:
             raise LimitError(f"shape {shape!r} exceeds {limits.max_array_elements} elements")
@@ -633,7 +654,7 @@ def _fields_from_wire(cls: type[M], data: Mapping[str, Any], limits: Limits) -> 
     codecs = _codecs_for(cls)
     if len(data) > len(codecs) or not _NAMES[cls].issuperset(data):
         unknown = next(key for key in data if key not in _NAMES[cls])
-        raise SchemaError(f"unknown field {unknown!r} for {cls.__name__}")
+        raise SchemaError(f"unknown field {_shown(unknown)} for {cls.__name__}")
     kwargs: dict[str, Any] = {}
     for codec in codecs:
         name = codec.name
@@ -764,7 +785,8 @@ def decode(
     version = obj.pop("v", None)
     if version != WIRE_VERSION:
         raise SchemaError(
-            f"unsupported schema version {version!r}; this side speaks {WIRE_VERSION}", field="v"
+            f"unsupported schema version {_shown(version)}; this side speaks {WIRE_VERSION}",
+            field="v",
         )
     tag = obj.pop("t", None)
     if not isinstance(tag, str):
@@ -774,7 +796,7 @@ def decode(
         _load_message_modules()
         cls = _REGISTRY.get(tag)
     if cls is None:
-        raise SchemaError(f"unknown message type {tag!r}", field="t")
+        raise SchemaError(f"unknown message type {_shown(tag)}", field="t")
     if expect is not None:
         allowed = expect if isinstance(expect, tuple) else (expect,)
         if cls not in allowed:
@@ -784,6 +806,10 @@ def decode(
         msg = _fields_from_wire(cls, obj, limits)
     except WireError as exc:
         raise _located(exc, cls.__name__) from None
+    except RecursionError:
+        # A backstop: converters only descend into typed structure and never repr a value
+        # whole, so this should not happen; if it does, it is the sender's nesting.
+        raise LimitError("nested too deeply", field=cls.__name__) from None
     if context:
         for attr, wanted in context.items():
             actual = getattr(msg, attr, None)

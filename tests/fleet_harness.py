@@ -29,11 +29,16 @@ from shared import settings, topics
 # Brokers bind client ids to usernames, so a second connection with a running device's
 # credentials would replace that device's own.
 OBSERVER = "observer"
+# Stage durations (soft, then hard limit), each from the previous stage's close.
 FAST_STAGES = {
     "stages.advertise": "4",
-    "stages.share": "8",
-    "stages.collect": "20",
-    "stages.unmask": "26",
+    "stages.share": "4",
+    "stages.collect": "12",
+    "stages.unmask": "6",
+    "stages.advertise_hard": "8",
+    "stages.share_hard": "8",
+    "stages.collect_hard": "24",
+    "stages.unmask_hard": "12",
 }
 
 

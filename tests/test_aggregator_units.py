@@ -108,7 +108,10 @@ def test_cross_field_rules_name_the_key() -> None:
     for sets, key in [
         ({"compression.sparsity": "top_k"}, "compression.sparsity"),
         ({"rounds.mode": "secure", "aggregation.rule": "median"}, "aggregation.rule"),
-        ({"stages.share": "1", "stages.advertise": "5"}, "stages.share"),
+        # [stages] values are durations: a hard limit below its own soft limit is the error.
+        ({"stages.share": "40", "stages.share_hard": "30"}, "stages.share_hard"),
+        ({"stages.quorum": "0"}, "stages.quorum"),
+        ({"rounds.stall_cooldown": "-1"}, "rounds.stall_cooldown"),
         ({"compression.density": "0"}, "compression.density"),
         ({"rounds.min_cohort": "2"}, "rounds.min_cohort"),
     ]:
@@ -183,6 +186,46 @@ def test_store_refuses_corrupt_state(tmp_path: Path) -> None:
     (tmp_path / "x" / "fleetlearn.sqlite3").write_text("not a database")
     with pytest.raises(StoreError, match="cannot open"):
         Store(tmp_path / "x")
+
+
+def test_store_database_never_appears_without_its_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone polling the state directory while the aggregator starts (a dashboard, an
+    operator, a test waiting for a round) sees no database or a complete one; a half-made one
+    raised `no such table: rounds` (issue 13, item 9). Checked before every statement the
+    store runs while it opens the database, so no timing is involved."""
+    path = tmp_path / "state" / "fleetlearn.sqlite3"
+    real_connect = sqlite3.connect
+    looks: list[bool] = []
+
+    def reader(_statement: str) -> None:
+        if not path.exists():
+            return
+        db = real_connect(path)
+        try:
+            found = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'rounds'"
+            ).fetchone()[0]
+        finally:
+            db.close()
+        looks.append(bool(found))
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(reader)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    store = Store(tmp_path / "state")
+    store.begin_round(1, "secure", 1, ["d1"], 1.0)
+    store.close()
+    assert looks, "the reader never found the database"
+    assert all(looks), f"{looks.count(False)} looks found the database without its tables"
+    monkeypatch.undo()
+    again = Store(tmp_path / "state")  # an existing database opens as before
+    assert again.interrupted_rounds() == [1]
+    again.close()
 
 
 def test_expected_dropout_sizes_the_neighbour_graph() -> None:

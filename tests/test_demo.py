@@ -55,3 +55,35 @@ def test_demo(tmp_path: Path, broker: str) -> None:
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for line in ("round", "in sum", "recovered", "uplink B/dev", "accuracy"):
         assert line in proc.stdout
+
+
+def test_demo_reports_aborted_rounds_and_stops_after_three_in_a_row(tmp_path: Path) -> None:
+    """Nobody ever advertises: every round aborts at ADVERTISE, is reported, retried with a
+    fresh cohort, and the third abort in a row stops the demo (exit 1, clear message)."""
+    require_mosquitto()
+    scenario = tmp_path / "silent.toml"
+    scenario.write_text("[dropout]\nadvertise = 1.0\n")
+    out = tmp_path / "report"
+    cmd = [
+        sys.executable, "-m", "fleetlearn", "demo", "--mosquitto", "--out", str(out),
+        "--devices", "8", "--cohort", "4", "--procs", "1", "--rounds", "2",
+        "--scenario", str(scenario),
+        "--set", "stages.advertise=1", "--set", "stages.advertise_hard=2",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("aborted (ADVERTISE") == 3, proc.stdout[-3000:]
+    assert "0 of 2 rounds closed, 3 aborted" in proc.stdout
+    assert "demo stopped: 3 rounds in a row aborted" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [r["state"] for r in report["rounds"]] == ["aborted"] * 3
+    assert (report["rounds_closed"], report["rounds_aborted"]) == (0, 3)
+    assert report["stopped"].startswith("3 rounds in a row aborted")

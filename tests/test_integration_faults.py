@@ -27,7 +27,18 @@ from tests.fleet_harness import FAST_STAGES, Harness, fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
-SHORT = {"stages.advertise": "2", "stages.share": "4", "stages.collect": "8", "stages.unmask": "11"}
+# Fixed stage lengths (soft = hard): COLLECT closes 7 s after SHARE closed (a plain round's
+# COLLECT: 7 s after the announcement), whoever answered.
+SHORT = {
+    "stages.advertise": "2",
+    "stages.advertise_hard": "2",
+    "stages.share": "2",
+    "stages.share_hard": "2",
+    "stages.collect": "7",
+    "stages.collect_hard": "7",
+    "stages.unmask": "3",
+    "stages.unmask_hard": "3",
+}
 
 
 def _client(h: Harness, user: str, password: str, ident: str) -> aiomqtt.Client:
@@ -54,7 +65,7 @@ async def test_late_device_is_excluded_and_counted(tmp_path: Path) -> None:
 
         async def hook(kind: topics.Kind, round_id: int) -> bool:
             if kind is topics.Kind.MASKED:
-                await asyncio.sleep(10)  # past the collect deadline (8 s after the announcement)
+                await asyncio.sleep(10)  # past COLLECT's hard limit (7 s after SHARE closed)
             return True
 
         h.hooks[slow] = hook
@@ -87,7 +98,7 @@ async def test_late_plain_update_has_no_effect(tmp_path: Path) -> None:
 
         async def hook(kind: topics.Kind, round_id: int) -> bool:
             if kind is topics.Kind.UPDATE and round_id == 1:
-                await asyncio.sleep(9.5)  # past the collect deadline (8 s)
+                await asyncio.sleep(9.5)  # past the collect limit (7 s after the announcement)
                 sent_at.append(time.time())
                 arrived.set()
             return True
@@ -144,8 +155,18 @@ def _aggregator_cmd(h: Harness, rounds: int, extra: dict[str, str]) -> list[str]
 
 
 def _rounds_table(state_dir: Path) -> list[tuple[int, str, str, int | None]]:
-    db = sqlite3.connect(state_dir / "fleetlearn.sqlite3")
+    """The aggregator's rounds; none while it has not made its database (polled while the
+    aggregator starts: never create the file, never assume the schema is there yet)."""
+    path = state_dir / "fleetlearn.sqlite3"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)
     try:
+        made = db.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'rounds'"
+        ).fetchone()[0]
+        if not made:
+            return []
         return db.execute(
             "SELECT round_id, status, reason, new_version FROM rounds ORDER BY round_id"
         ).fetchall()
@@ -186,9 +207,7 @@ async def test_aggregator_sigkill_mid_round_and_restart(tmp_path: Path) -> None:
         try:
             for _ in range(600):
                 await asyncio.sleep(0.1)
-                if (h.state_dir / "fleetlearn.sqlite3").exists() and any(
-                    r[0] == 2 and r[1] == "running" for r in _rounds_table(h.state_dir)
-                ):
+                if any(r[0] == 2 and r[1] == "running" for r in _rounds_table(h.state_dir)):
                     break
             else:
                 raise AssertionError("round 2 never started")

@@ -45,6 +45,11 @@ class Fleet:
     # with tick(). `closes` counts those closes.
     defer_close: bool = False
     closes: int = 0
+    # Device clocks are not the aggregator's: device -> offset of its clock from `now`.
+    skew: dict[str, float] = field(default_factory=dict)
+
+    def device_now(self, dev: str) -> float:
+        return self.now + self.skew.get(dev, 0.0)
 
     def publish(self, pubs: list[Publish]) -> None:
         for p in pubs:
@@ -56,13 +61,13 @@ class Fleet:
                 if dev in self.offline:
                     continue
                 if t.kind is topics.Kind.MODEL:
-                    self.run_actions(dev, part.on_model(p.payload, self.now))
+                    self.run_actions(dev, part.on_model(p.payload, self.device_now(dev)))
                 elif t.kind is topics.Kind.ROUND:
-                    self.run_actions(dev, part.on_round(p.payload, self.now))
+                    self.run_actions(dev, part.on_round(p.payload, self.device_now(dev)))
                 elif t.kind is topics.Kind.SURVIVORS or (
                     t.kind is topics.Kind.INBOX and t.device_id == dev
                 ):
-                    self.run_actions(dev, part.on_message(t, p.payload, self.now))
+                    self.run_actions(dev, part.on_message(t, p.payload, self.device_now(dev)))
 
     def run_actions(self, dev: str, actions: list) -> None:  # type: ignore[type-arg]
         part = self.devices[dev]
@@ -96,14 +101,14 @@ class Fleet:
         pending, self.pending = self.pending, []
         for dev, r, result in pending:
             if dev not in self.offline:
-                self.run_actions(dev, self.devices[dev].trained(r, result, self.now))
+                self.run_actions(dev, self.devices[dev].trained(r, result, self.device_now(dev)))
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self.publish(self.engine.tick(self.now))
         for dev, part in self.devices.items():
             if dev not in self.offline:
-                self.run_actions(dev, part.tick(self.now))
+                self.run_actions(dev, part.tick(self.device_now(dev)))
 
 
 def make_fleet(n: int, mode: str = "secure", defer_close: bool = False, **cfg: object) -> Fleet:

@@ -21,11 +21,15 @@ from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-SHORT = {
+SHORT = {  # stage durations: soft limit, then hard limit, each from the previous close
     "stages.advertise": "3",
-    "stages.share": "6",
-    "stages.collect": "10",
-    "stages.unmask": "14",
+    "stages.share": "3",
+    "stages.collect": "4",
+    "stages.unmask": "4",
+    "stages.advertise_hard": "6",
+    "stages.share_hard": "6",
+    "stages.collect_hard": "6",
+    "stages.unmask_hard": "8",
     "rounds.settle": "1",
     "rounds.wait_for_devices": "30",
 }
@@ -110,7 +114,8 @@ async def test_dropout_per_stage(tmp_path: Path, stage: str) -> None:
 
 
 async def test_slow_compute_makes_stragglers(tmp_path: Path) -> None:
-    scenario = "[compute]\nslow_fraction = 0.3\nslow_delay = 12.0\n"  # past the collect deadline
+    # 12 s: past COLLECT's hard limit (6 s after SHARE closed)
+    scenario = "[compute]\nslow_fraction = 0.3\nslow_delay = 12.0\n"
     summaries, _, _ = await run(tmp_path, 10, scenario)
     m = summaries[0].metrics
     slow = sum(Scenario.parse(scenario).is_slow(i) for i in range(10))

@@ -130,7 +130,8 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
             quant_bits=compression.bits if sparse_mode is SparseMode.RAND_K else 16,
             clip=compression.clip,
         )
-    t = sorted(draw(st.lists(st.floats(0.5, 3600), min_size=4, max_size=4, unique=True)))
+    soft = draw(st.lists(st.floats(0.5, 3600), min_size=4, max_size=4))
+    hard = [s + draw(st.floats(0, 3600)) for s in soft]  # each hard limit >= its soft one
     return rounds.RoundAnnounce(
         round_id=draw(st.integers(0, 2**31 - 1)),
         mode=mode,
@@ -143,7 +144,16 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
             max_samples=draw(st.integers(1, 10**6)),
             error_feedback=draw(st.booleans()),
         ),
-        times=rounds.StageTimes(advertise=t[0], share=t[1], collect=t[2], unmask=t[3]),
+        times=rounds.StageTimes(
+            advertise=soft[0],
+            share=soft[1],
+            collect=soft[2],
+            unmask=soft[3],
+            advertise_hard=hard[0],
+            share_hard=hard[1],
+            collect_hard=hard[2],
+            unmask_hard=hard[3],
+        ),
         secagg=secagg,
         state=draw(st.sampled_from(list(rounds.RoundState))),
         reason=draw(st.text(max_size=30)),

@@ -6,18 +6,22 @@ unmasking that turns it into the sum of the survivors' contributions.
 
     server = SecAggServer(config=..., round_id=..., round_seed=...,
                           verify_keys={device_id: ed25519_verify_key_bytes, ...},  # the cohort
-                          deadlines=StageDeadlines(...))
+                          deadlines=StageDeadlines(...))   # or None: the adapter decides
     for out in server.receive(message, now):   # message decoded with expect=TO_AGGREGATOR
         publish(out.message, to=out.to)        # out.to: tuple of device ids, or None = cohort
     for out in server.tick(now): ...           # call at (or after) server.deadline
     server.receive(message, now, close=False)  # leave a completed stage for tick() to close
+    server.close_problem()                     # why closing the stage now would abort, or None
+    for out in server.close_stage(now): ...    # close it now, with whoever answered
     server.state / .stage / .result / .reason / .dropped / .waiting_for()
 
 Stages: ADVERTISE (collect signed keys: U1) -> SHARE (route sealed shares: U2) -> COLLECT (sum
 masked inputs: U3) -> UNMASK (collect shares, rebuild b_u of survivors and s_v of the dropped,
 strip the masks) -> DONE, or ABORTED with a reason at any stage. A stage closes when every
 device expected has answered, or at its deadline via tick(); UNMASK also closes as soon as every
-secret it needs has t shares. The transitions are the table `TRANSITIONS`.
+secret it needs has t shares. Without deadlines (`deadlines=None`) the adapter applies its own
+timing (aggregator.engine: soft and hard limits) and closes a stage early with close_stage().
+The transitions are the table `TRANSITIONS`.
 
 Rules it keeps:
 - Sans-IO: no sockets, no clock (`now` is passed in), no randomness needed at all.
@@ -151,7 +155,7 @@ class SecAggServer:
         round_id: int,
         round_seed: bytes,
         verify_keys: Mapping[str, bytes],
-        deadlines: StageDeadlines,
+        deadlines: StageDeadlines | None,
     ) -> None:
         if not isinstance(config, SecAggConfig):
             raise LocalProtocolError("config must be a SecAggConfig")
@@ -159,8 +163,8 @@ class SecAggServer:
             raise LocalProtocolError(f"round_id must be an int >= 0, got {round_id!r}")
         if not isinstance(round_seed, bytes) or len(round_seed) != keys.KEY_BYTES:
             raise LocalProtocolError("round_seed must be 32 bytes")
-        if not isinstance(deadlines, StageDeadlines):
-            raise LocalProtocolError("deadlines must be a StageDeadlines")
+        if deadlines is not None and not isinstance(deadlines, StageDeadlines):
+            raise LocalProtocolError("deadlines must be a StageDeadlines or None")
         self._verify_keys = {d: keys.check_verify_key(d, k) for d, k in verify_keys.items()}
         if len(self._verify_keys) != config.cohort_size:
             raise LocalProtocolError(
@@ -209,9 +213,9 @@ class SecAggServer:
 
     @property
     def deadline(self) -> float | None:
-        """When tick() will close the current stage."""
+        """When tick() will close the current stage (None: only close_stage() or completion)."""
         stage = self.stage
-        return None if stage is None else self.deadlines.of(stage)
+        return None if stage is None or self.deadlines is None else self.deadlines.of(stage)
 
     @property
     def result(self) -> SecAggResult | None:
@@ -331,6 +335,30 @@ class SecAggServer:
                     break
                 out += self._close_stage()
             return out
+
+    def close_problem(self) -> str | None:
+        """Why closing the current stage now would abort the round, or None if it can go on.
+
+        Changes nothing. An adapter with its own timing asks this before closing a stage that
+        is not complete yet (e.g. after a soft limit): the same checks the close makes."""
+        if self._state is ServerState.ADVERTISE:
+            return self._neighbourhood_problem(frozenset(self._adverts), "advertised keys")
+        if self._state is ServerState.SHARE:
+            return self._neighbourhood_problem(frozenset(self._sealed), "shared their secrets")
+        if self._state is ServerState.COLLECT:
+            u3 = frozenset(self._masked_from)
+            return self._neighbourhood_problem(u3, "sent masked inputs") or self._orphan_problem(u3)
+        if self._state is ServerState.UNMASK:
+            return None if self._short == 0 else f"{self._short} secrets lack t shares"
+        return f"the round is over ({self._state.name})"
+
+    def close_stage(self, now: float) -> list[Outbound]:
+        """Close the current stage now with whoever answered (the adapter's limit passed):
+        the next stage's messages, or an Abort if too few answered."""
+        with self._guard(now):
+            if self._state not in _LIVE:
+                raise LocalProtocolError(f"no stage to close in {self._state.name}")
+            return self._close_stage()
 
     def _check_context(self, message: wire.Message, now: float) -> str:
         """Who sent `message`, if it belongs here now; RemoteProtocolError otherwise."""
@@ -509,6 +537,21 @@ class SecAggServer:
             )
         return None
 
+    def _orphan_problem(self, u3: frozenset[str]) -> str | None:
+        """Why the masks of devices that shared but sent no masked input cannot be removed."""
+        t = self.config.threshold
+        thin = set()
+        for v in self._u2 - u3:
+            live = self._graph.live(v, u3)  # none: it had no surviving neighbour to remove
+            if live and len(live) < t:
+                thin.add(v)
+        if thin:
+            return (
+                f"the masks of {len(thin)} dropped devices cannot be removed: fewer "
+                f"than t={t} of their neighbours survived: {_names(thin)}"
+            )
+        return None
+
     def _close_advertise(self) -> list[Outbound]:
         u1 = frozenset(self._adverts)
         self._mark_dropped(frozenset(self.cohort) - u1, Stage.ADVERTISE)
@@ -551,16 +594,12 @@ class SecAggServer:
         problem = self._neighbourhood_problem(u3, "sent masked inputs")
         if problem:
             return self._abort(f"COLLECT: {problem}")
-        t = self.config.threshold
+        problem = self._orphan_problem(u3)
+        if problem:
+            return self._abort(f"COLLECT: {problem}")
         # A dropped device's pairwise masks are in its surviving neighbours' inputs; removing
         # them needs its key s_v, rebuilt from t of those same neighbours.
         orphaned = {v for v in dropped if self._graph.live(v, u3)}
-        thin = {v for v in orphaned if len(self._graph.live(v, u3)) < t}
-        if thin:
-            return self._abort(
-                f"COLLECT: the masks of {len(thin)} dropped devices cannot be removed: fewer "
-                f"than t={t} of their neighbours survived: {_names(thin)}"
-            )
         self._seed_points = {u: [] for u in u3}
         self._key_points = {v: [] for v in orphaned}
         self._short = len(self._seed_points) + len(self._key_points)
