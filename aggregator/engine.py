@@ -17,7 +17,8 @@ the time, and publishes the `Publish` records it returns.
 Rules:
 - Selection prefers eligible devices (online, not busy, battery above the floor, charging
   first) that run the current model, and over-selects by `over_select` so that dropouts still
-  leave enough for the target cohort.
+  leave enough for the target cohort. Secure rounds take only devices whose status carries a
+  graph ticket, and the announcement carries each member's ticket as its status gave it.
 - Every payload is decoded with the type the topic implies and the sender/round the topic
   names. A bad payload raises nothing out of `receive`: it is counted under a reason, listed
   in `events`, and the round goes on. A message for a stage that already closed, or for a round
@@ -264,12 +265,20 @@ class RoundEngine:
             return run.server.deadline
         return run.started + run.announce.times.collect
 
+    def _ticket(self, device: str) -> bytes:
+        info = self._devices.get(device)
+        return b"" if info is None else info.status.ticket
+
     def select(self, model_version: int) -> tuple[str, ...]:
-        """The cohort: eligible devices on the current model first, charging ones preferred."""
+        """The cohort: eligible devices on the current model first, charging ones preferred.
+        Secure rounds need a graph ticket in the device's status (see shared.secagg.graph)."""
         c = self.config
-        preferred = self.eligible(model_version)
+        secure = c.mode == "secure"
+        preferred = [d for d in self.eligible(model_version) if not secure or self._ticket(d)]
         taken = set(preferred)
-        fallback = [d for d in self.eligible() if d not in taken]
+        fallback = [
+            d for d in self.eligible() if d not in taken and (not secure or self._ticket(d))
+        ]
 
         # Random order within each preference class, drawn from the injected source.
         def shuffled(items: list[str]) -> list[str]:
@@ -320,6 +329,7 @@ class RoundEngine:
             coordinates = sparse.shared_coordinates(seed, dim, k)
         secagg = None
         server = None
+        tickets = b""
         times = c.times
         deadlines = times.deadlines(now)
         if c.mode == "secure":
@@ -342,11 +352,16 @@ class RoundEngine:
                 max_weight=float(c.training.max_samples),
                 max_samples=c.training.max_samples,
             )
+            missing = [d for d in cohort if not self._ticket(d)]
+            if missing:
+                raise EngineError(f"{missing[:3]} have no graph ticket in their status")
+            tickets = b"".join(self._ticket(d) for d in cohort)
             server = SecAggServer(
                 config=secagg,
                 round_id=round_id,
                 round_seed=seed,
                 verify_keys={d: self._verify_keys[d] for d in cohort},
+                tickets={d: self._ticket(d) for d in cohort},
                 deadlines=deadlines,
             )
         announce = RoundAnnounce(
@@ -359,6 +374,7 @@ class RoundEngine:
             training=c.training,
             times=times,
             secagg=secagg,
+            tickets=tickets,
         )
         stages = {s: StageStats() for s in Stage}
         first = Stage.ADVERTISE if server is not None else Stage.COLLECT

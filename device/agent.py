@@ -43,7 +43,16 @@ from device.mqtt import (
 from device.mqtt import (
     Protocol as MqttProtocol,
 )
-from device.participant import Action, LoadModel, LocalResult, Note, Participant, Send, Train
+from device.participant import (
+    Action,
+    LoadModel,
+    LocalResult,
+    Note,
+    Participant,
+    PublishStatus,
+    Send,
+    Train,
+)
 from device.trainer import LiteRTTrainer, TrainerError
 from shared import sparse, topics, wire
 from shared.errors import FleetlearnError
@@ -260,6 +269,8 @@ class DeviceAgent:
                 task = asyncio.create_task(self._train(action), name=f"{self.device_id}-train")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            elif isinstance(action, PublishStatus):
+                await self.publish_status()
             elif isinstance(action, Note):
                 self.stats.notes += 1
                 log.info("%s: %s", self.device_id, action.text)
@@ -315,6 +326,7 @@ class DeviceAgent:
             sdk_version=SDK_VERSION,
             samples=len(self.data),
             note=self._note,
+            ticket=self.participant.ticket,
         )
         with contextlib.suppress(FleetlearnError):
             await self.link.publish(

@@ -7,6 +7,7 @@ for the adapter (`device.agent`) to carry out:
     Send(topic, payload)        publish this
     LoadModel(model, manifest)  a verified release: load it into a fresh interpreter
     Train(round_id, plan)       train the loaded model on local data, then call trained()
+    PublishStatus()             republish the retained status: `ticket` changed
     Note(text)                  something worth reporting in the retained status
 
 Rules:
@@ -15,6 +16,11 @@ Rules:
   release leaves the previous model in place and is reported, never silently dropped.
 - The device joins a round only when it is in the cohort and runs the round's model version.
   Secure rounds go through `SecAggClient`; plain rounds send a compressed `PlainUpdate`.
+- Secure rounds also need the announcement to carry this device's current graph ticket and to
+  meet its own `PrivacyFloor` (from its configuration, never from the announcement); otherwise
+  it does not join and says why. The participant owns the secret draw behind the ticket: once
+  an advert revealed it, it draws a fresh one and asks for the status to be republished, so
+  a draw is never used twice.
 - Error feedback: what a round did not transmit (unsent coordinates, clipping) is kept for the
   next round; an update that never reached an aggregate (round aborted, device not a survivor)
   is given back with `reclaim`. The adapter persists `feedback.save()` between restarts.
@@ -34,9 +40,10 @@ from nacl.signing import SigningKey, VerifyKey
 from shared import sparse, topics, wire
 from shared import tflite_model as tm
 from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
+from shared.secagg import keys as sk
 from shared.secagg import messages as sm
 from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import StageDeadlines
+from shared.secagg.config import PrivacyFloor, StageDeadlines
 from shared.secagg.contribution import TrainingMetrics
 from shared.secagg.errors import ProtocolError, SecAggError
 
@@ -64,11 +71,16 @@ class Train:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishStatus:
+    """The retained status is out of date (a new graph ticket): publish it again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Note:
     text: str
 
 
-Action = Send | LoadModel | Train | Note
+Action = Send | LoadModel | Train | PublishStatus | Note
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,7 @@ class Participant:
         registry: Mapping[str, bytes],
         random: Callable[[int], bytes],
         feedback: sparse.ErrorFeedback | None = None,
+        floor: PrivacyFloor | None = None,
     ) -> None:
         self.fleet = topics.check_id(fleet, "fleet id")
         self.device_id = topics.check_id(device_id)
@@ -110,6 +123,9 @@ class Participant:
         self._aggregator_key = aggregator_key
         self._registry = dict(registry)
         self._random = random
+        self.floor = floor or PrivacyFloor()
+        # The secret behind `ticket`: revealed in one advert only, then replaced.
+        self._draw = sk.new_draw(random)
         self.feedback = feedback
         self.manifest: tm.ModelManifest | None = None
         self._release_digest = b""
@@ -124,6 +140,11 @@ class Participant:
     @property
     def model_version(self) -> int:
         return 0 if self.manifest is None else self.manifest.version
+
+    @property
+    def ticket(self) -> bytes:
+        """The commitment to the current graph draw, for the retained status."""
+        return sk.ticket_of(self.device_id, self._draw)
 
     @property
     def round(self) -> RoundAnnounce | None:
@@ -204,17 +225,28 @@ class Participant:
                 keys = {d: self._registry[d] for d in announce.cohort}
             except KeyError as exc:
                 return [Note(f"round {announce.round_id}: cohort member {exc} is not provisioned")]
-            client = SecAggClient(
-                config=announce.secagg,
-                round_id=announce.round_id,
-                device_id=self.device_id,
-                signing_key=self._identity,
-                verify_keys=keys,
-                round_seed=announce.seed,
-                random=self._random,
-                deadlines=deadlines,
-            )
-            out += self._sends(client.start(now))
+            try:
+                client = SecAggClient(
+                    config=announce.secagg,
+                    round_id=announce.round_id,
+                    device_id=self.device_id,
+                    signing_key=self._identity,
+                    verify_keys=keys,
+                    round_seed=announce.seed,
+                    tickets=announce.ticket_map(),
+                    draw=self._draw,
+                    floor=self.floor,
+                    random=self._random,
+                    deadlines=deadlines,
+                )
+                advert = client.start(now)
+            except ProtocolError as exc:
+                # Below this device's floor, or not its current ticket: nothing was revealed.
+                return [Note(f"round {announce.round_id}: not joining: {exc}")]
+            out += self._sends(advert)
+            # The advert revealed the draw: never use it again.
+            self._draw = sk.new_draw(self._random)
+            out.append(PublishStatus())
         self._round = _Round(announce, deadlines, client)
         self.rounds_joined += 1
         return out

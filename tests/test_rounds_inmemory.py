@@ -17,7 +17,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from aggregator.engine import EngineConfig, Publish, RoundEngine
-from device.participant import LocalResult, Note, Participant, Send, Train
+from device.participant import LocalResult, Note, Participant, PublishStatus, Send, Train
 from shared import rounds, topics, wire
 from shared import tflite_model as tm
 
@@ -78,8 +78,18 @@ class Fleet:
                 update = self.rng.normal(0, 0.05, dim).astype(np.float32)
                 weight = float(self.rng.integers(50, 300))
                 self.pending.append((dev, a.round_id, LocalResult(update, weight, 0.7, 30, 40)))
+            elif isinstance(a, PublishStatus):
+                self.status(dev)
             elif isinstance(a, Note):
                 self.notes.setdefault(dev, []).append(a.text)
+
+    def status(self, dev: str) -> None:
+        """The device's retained status as the agent publishes it (with its graph ticket)."""
+        part = self.devices[dev]
+        status = wire.DeviceStatus(
+            device_id=dev, online=True, model_version=part.model_version, ticket=part.ticket
+        )
+        self.engine.observe_status(dev, wire.encode(status), self.now)
 
     def receive(self, topic: topics.Topic, payload: bytes) -> list[Publish]:
         if not self.defer_close:
@@ -131,8 +141,7 @@ def make_fleet(n: int, mode: str = "secure", defer_close: bool = False, **cfg: o
     release = tm.make_release(MODEL, manifest, agg)
     fleet.publish([Publish(topics.model(FLEET), wire.encode(release), retain=True)])
     for d in ids:
-        status = wire.DeviceStatus(device_id=d, online=True, model_version=manifest.version)
-        engine.observe_status(d, wire.encode(status), 0.0)
+        fleet.status(d)
     return fleet
 
 

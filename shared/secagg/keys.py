@@ -39,6 +39,8 @@ KEY_BYTES = 32  # X25519 keys, HKDF outputs, mask seeds, self-mask secrets
 SIGNATURE_BYTES = 64  # Ed25519
 COMMITMENT_BYTES = 32  # SHA-256
 AEAD_TAG_BYTES = 16  # Poly1305
+DRAW_BYTES = 16  # a device's secret graph draw: 128 bits, never reused
+TICKET_BYTES = 16  # the published commitment to a draw
 
 _PREFIX = b"fleetlearn/secagg/v1/"
 LABEL_ADVERT = _PREFIX + b"advertise"
@@ -46,6 +48,7 @@ LABEL_PAIRWISE_MASK = _PREFIX + b"pairwise-mask"
 LABEL_SELF_MASK = _PREFIX + b"self-mask"
 LABEL_SHARE_ENCRYPTION = _PREFIX + b"share-encryption"
 LABEL_SEED_COMMITMENT = _PREFIX + b"self-mask-commitment"
+LABEL_GRAPH_DRAW = _PREFIX + b"graph-draw"
 
 # A share-encryption key is derived for one direction of one pair in one round and seals
 # exactly one message, so a fixed nonce never repeats under a key.
@@ -125,8 +128,10 @@ def advert_transcript(
     share_key: bytes,
     mask_key: bytes,
     seed_commitment: bytes,
+    draw: bytes,
 ) -> bytes:
-    """What a device signs: its round keys bound to the round, the round seed and its id."""
+    """What a device signs: its round keys and graph draw, bound to the round, the round seed
+    and its id."""
     return frame(
         LABEL_ADVERT,
         encode_round(round_id),
@@ -135,7 +140,49 @@ def advert_transcript(
         share_key,
         mask_key,
         seed_commitment,
+        draw,
     )
+
+
+# ------------------------------------------------------------------------- graph draw / ticket
+
+# One SHA-256 per (device, draw) gives both the public ticket (the first 16 bytes) and the ring
+# position (the next 8). Knowing one half of a SHA-256 output says nothing usable about the
+# other half, so the ticket commits to the position without revealing it; and one hash instead
+# of two keeps a device's check of 1000 draws near 2 ms.
+_DRAW_HASH = hashlib.sha256(frame(LABEL_GRAPH_DRAW))
+
+
+def _draw_digest(device_id: str, draw: bytes) -> bytes:
+    digest = _DRAW_HASH.copy()
+    ident = encode_id(device_id)
+    digest.update(len(ident).to_bytes(4, "big") + ident + draw)  # the draw has a fixed size
+    return digest.digest()
+
+
+def new_draw(random: RandomSource) -> bytes:
+    """A fresh secret graph draw. Published only as its ticket until the device advertises."""
+    return draw(random, DRAW_BYTES)
+
+
+def ticket_of(device_id: str, graph_draw: bytes) -> bytes:
+    """The public commitment to `graph_draw` that the device puts in its retained status."""
+    if len(graph_draw) != DRAW_BYTES:
+        raise CryptoError(f"a graph draw is {DRAW_BYTES} bytes, got {len(graph_draw)}")
+    return _draw_digest(device_id, graph_draw)[:TICKET_BYTES]
+
+
+def ring_position(device_id: str, graph_draw: bytes) -> int:
+    """Where the device sits on the round's neighbour ring (64 bits), fixed by its own draw."""
+    if len(graph_draw) != DRAW_BYTES:
+        raise CryptoError(f"a graph draw is {DRAW_BYTES} bytes, got {len(graph_draw)}")
+    return int.from_bytes(_draw_digest(device_id, graph_draw)[TICKET_BYTES : TICKET_BYTES + 8])
+
+
+def ticket_and_position(device_id: str, graph_draw: bytes) -> tuple[bytes, int]:
+    """Both at once (one hash): what a device checks for every advertiser in its roster."""
+    digest = _draw_digest(device_id, graph_draw)
+    return digest[:TICKET_BYTES], int.from_bytes(digest[TICKET_BYTES : TICKET_BYTES + 8])
 
 
 def sign(signing_key: nacl.signing.SigningKey, transcript: bytes) -> bytes:
