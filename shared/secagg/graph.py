@@ -148,3 +148,51 @@ def members_of(cohort: Sequence[str], bitmap: bytes) -> tuple[str, ...] | None:
     if value >> n:
         return None
     return tuple(device for i, device in enumerate(cohort) if value >> i & 1)
+
+
+def fewest_exclusions(colluding: Sequence[bool], victim: int, k: int, t: int) -> int | None:
+    """The fewest advertisers an aggregator must leave out of U1 so that the device at ring
+    index `victim` gets t colluding neighbours; None when no exclusion can do it.
+
+    `colluding` flags every advertiser in ring order. Exact for even k; for odd k a lower
+    bound (the opposite neighbour is counted as a colluder whenever it could be one). Used by
+    bench/graph_exclusion_bench.py and the tests to put numbers on what `PrivacyFloor
+    .min_advertised_fraction` bounds (docs/secagg.md). Leaving colluders out never helps: it
+    only lets other nodes into the victim's windows.
+    """
+    m = len(colluding)
+    if colluding[victim] or k < 2:
+        raise ValueError("the victim must be an honest advertiser; k >= 2")
+    colluders = sum(colluding)
+    if colluders < t:
+        return None
+    half = k // 2
+    need = t if k % 2 == 0 else t - 1
+    # Shrinking U1 to k + 1 devices makes the victim a neighbour of all of them.
+    best = max(0, m - (k + 1))
+
+    def walk(step: int) -> list[tuple[int, int]]:
+        """(honest passed, distance) at each colluder met walking from the victim."""
+        found, honest = [], 0
+        for distance in range(1, m):
+            if colluding[(victim + step * distance) % m]:
+                found.append((honest, distance))
+            else:
+                honest += 1
+        return found
+
+    left, right = walk(-1), walk(1)
+    for a in range(half + 1):
+        b = need - a
+        if not 0 <= b <= half or a > len(left) or b > len(right) or a + b > colluders:
+            continue
+        cost, reach = 0, 0
+        for count, side in ((a, left), (b, right)):
+            if count:
+                honest, distance = side[count - 1]
+                cost += max(0, honest - (half - count))
+                reach += distance
+        # Both windows must fit on what is left of the ring without meeting.
+        if reach <= m - 1 and m - cost >= k + 2:
+            best = min(best, cost)
+    return best
