@@ -204,11 +204,13 @@ class SecAggClient:
         self._signing_key = signing_key
         self._round_seed = round_seed
         self._random = random
-        self._tickets = dict(tickets)
+        self._tickets = tickets  # read only; not copied (n entries, and n devices in a simulator)
         self._draw = draw
         self.floor = floor
         self._cohort = tuple(sorted(self._verify_keys))
-        self._graph: NeighbourGraph | None = None  # built from the roster's U1 and draws
+        # From the roster, once checked: U1, and the neighbours' Shamir x-coordinates. The
+        # ring itself is not kept (n entries per device: a simulator runs 1000 of them).
+        self._advertisers: frozenset[str] = frozenset()
         self._neighbours: frozenset[str] = frozenset()
         self._state = ClientState.INIT
         self._reason: str | None = None
@@ -233,9 +235,9 @@ class SecAggClient:
         return self._reason
 
     @property
-    def graph(self) -> NeighbourGraph | None:
-        """The ring over U1 this device derived from its roster (None before)."""
-        return self._graph
+    def advertisers(self) -> frozenset[str]:
+        """U1 as the roster named it (empty until the roster arrived and checked out)."""
+        return self._advertisers
 
     @property
     def neighbours(self) -> frozenset[str]:
@@ -484,7 +486,7 @@ class SecAggClient:
             if keys.ticket_of(v, advert.draw) != self._tickets[v]:
                 raise self._refuse(f"the advert of neighbour {v!r} carries another draw")
             adverts[v] = advert
-        self._graph = graph
+        self._advertisers = frozenset(graph.members)
         self._neighbours = neighbours
         t = self.config.threshold
         if len(adverts) < t:
@@ -536,15 +538,13 @@ class SecAggClient:
             )
         size = keys.DRAW_BYTES
         blob = message.draws
-        draws: dict[str, bytes] = {}
+        tickets = self._tickets
         positions: dict[str, int] = {}
-        for i, device in enumerate(members):
-            draw = blob[i * size : (i + 1) * size]
-            ticket, position = keys.ticket_and_position(device, draw)
-            if ticket != self._tickets[device]:
+        for device, (ticket, position) in zip(members, keys.open_draws(members, blob), strict=True):
+            if ticket != tickets[device]:
                 raise self._refuse(f"the draw of {device!r} does not match its announced ticket")
-            draws[device] = draw
             positions[device] = position
+        draws = {device: blob[i * size : (i + 1) * size] for i, device in enumerate(members)}
         if draws[self.device_id] != self._draw:
             raise self._refuse("the roster gives this device a draw that is not its own")
         return NeighbourGraph(self._cohort, self.config.neighbours, draws, positions=positions)
@@ -637,10 +637,7 @@ class SecAggClient:
         if self.device_id not in survivors:
             self._abort("the aggregator did not count this device's masked input")
             return []
-        graph = self._graph
-        if graph is None:
-            raise LocalProtocolError("no neighbour graph in COLLECT")
-        strangers = sorted((survivors | dropped) - set(graph.members))
+        strangers = sorted((survivors | dropped) - self._advertisers)
         if strangers:
             # Only advertisers can count towards the floor below.
             raise self._refuse(f"survivor list names {strangers[:3]}, who did not advertise")

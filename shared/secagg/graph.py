@@ -75,7 +75,7 @@ class NeighbourGraph:
         self._index = index
         self._k = k
         self._members = tuple(sorted(draws))
-        self._ring = tuple(sorted(self._members, key=lambda d: (positions[d], d)))
+        self._ring = tuple(d for _, d in sorted((positions[d], d) for d in self._members))
         self._position = {device: pos for pos, device in enumerate(self._ring)}
         self._cache: dict[str, tuple[str, ...]] = {}
 

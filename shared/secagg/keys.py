@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import nacl.bindings
 import nacl.exceptions
@@ -180,9 +180,26 @@ def ring_position(device_id: str, graph_draw: bytes) -> int:
 
 
 def ticket_and_position(device_id: str, graph_draw: bytes) -> tuple[bytes, int]:
-    """Both at once (one hash): what a device checks for every advertiser in its roster."""
+    """Both at once (one hash)."""
     digest = _draw_digest(device_id, graph_draw)
     return digest[:TICKET_BYTES], int.from_bytes(digest[TICKET_BYTES : TICKET_BYTES + 8])
+
+
+def open_draws(device_ids: Sequence[str], draws: bytes) -> list[tuple[bytes, int]]:
+    """(ticket, ring position) of each device's DRAW_BYTES slice of `draws`, in order: what a
+    device computes for every advertiser in its roster (about 1.5 ms for 1000)."""
+    if len(draws) != DRAW_BYTES * len(device_ids):
+        raise CryptoError(f"expected {DRAW_BYTES} bytes of draw per device")
+    copy = _DRAW_HASH.copy
+    out = []
+    for i, device in enumerate(device_ids):
+        ident = encode_id(device)
+        digest = copy()
+        digest.update(len(ident).to_bytes(4, "big") + ident)
+        digest.update(draws[i * DRAW_BYTES : (i + 1) * DRAW_BYTES])
+        value = digest.digest()
+        out.append((value[:TICKET_BYTES], int.from_bytes(value[TICKET_BYTES : TICKET_BYTES + 8])))
+    return out
 
 
 def sign(signing_key: nacl.signing.SigningKey, transcript: bytes) -> bytes:
