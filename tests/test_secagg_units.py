@@ -317,25 +317,18 @@ def test_graph_over_any_advertisers_is_symmetric_with_the_documented_degree(
     assert [graph.share_x(u) for u in sorted(cohort)[:1]] == [1]
 
 
-def test_graph_does_not_depend_on_the_round_seed_but_on_the_draws() -> None:
+def test_graph_depends_on_every_draw_and_on_nothing_else() -> None:
     cohort = [f"d{i}" for i in range(50)]
-    a = NeighbourGraph(cohort, 6, _draws(cohort, b"a"))
-    b = NeighbourGraph(cohort, 6, _draws(cohort, b"b"))
-    assert any(a.of(u) != b.of(u) for u in cohort)
+    draws = _draws(cohort, b"a")
+    a = NeighbourGraph(cohort, 6, draws)
+    assert NeighbourGraph(cohort, 6, dict(draws)).ring == a.ring
+    # One device's draw reorders the whole ring.
+    b = NeighbourGraph(cohort, 6, {**draws, "d17": _draws(["d17"], b"other")["d17"]})
+    assert sum(a.of(u) != b.of(u) for u in cohort) > 25
+    # So does leaving one advertiser out.
+    c = NeighbourGraph(cohort, 6, {d: v for d, v in draws.items() if d != "d17"})
+    assert sum(set(a.of(u)) - {"d17"} != set(c.of(u)) for u in cohort if u != "d17") > 25
     assert [a.share_x(u) for u in sorted(cohort)] == list(range(1, 51))
-
-
-def test_leaving_a_device_out_removes_only_that_node() -> None:
-    cohort = [f"d{i:02d}" for i in range(30)]
-    draws = _draws(cohort, b"ring")
-    full = NeighbourGraph(cohort, 6, draws)
-    gone = "d07"
-    less = NeighbourGraph(cohort, 6, {d: v for d, v in draws.items() if d != gone})
-    # Nobody moves: devices far from the gap keep exactly their neighbours.
-    near = set(full.of(gone))
-    for u in cohort:
-        if u != gone and u not in near:
-            assert less.of(u) == full.of(u)
 
 
 def test_graph_refuses_impossible_degrees_and_strangers() -> None:
@@ -360,17 +353,24 @@ def test_membership_bitmap_round_trips_and_refuses_misfits() -> None:
     assert members_of(cohort, (1 << 11).to_bytes(2, "little")) is None
 
 
-def test_tickets_commit_to_draws_and_positions_stay_hidden() -> None:
+def test_tickets_commit_to_draws_and_the_ring_seed_to_all_of_them() -> None:
     draw = keys.new_draw(deterministic_random("t"))
     ticket = keys.ticket_of("dev-1", draw)
     assert len(ticket) == keys.TICKET_BYTES
     assert keys.ticket_of("dev-2", draw) != ticket  # bound to the device
     assert keys.ticket_of("dev-1", keys.new_draw(deterministic_random("u"))) != ticket
-    assert keys.ticket_and_position("dev-1", draw) == (ticket, keys.ring_position("dev-1", draw))
-    # The position is the other half of the digest: not readable off the ticket.
-    assert keys.ring_position("dev-1", draw).to_bytes(8, "big") not in ticket
+    other = keys.new_draw(deterministic_random("v"))
+    assert keys.tickets_of_draws(["dev-1", "dev-2"], draw + other) == [
+        ticket,
+        keys.ticket_of("dev-2", other),
+    ]
     with pytest.raises(CryptoError):
         keys.ticket_of("dev-1", draw[:8])
+    with pytest.raises(CryptoError):
+        keys.tickets_of_draws(["dev-1"], draw + other)
+    seed = keys.ring_seed(b"\x03", draw + other)
+    assert keys.ring_seed(b"\x03", other + draw) != seed
+    assert keys.ring_seed(b"\x05", draw + other) != seed
 
 
 # ----------------------------------------------------------------------------------- packing

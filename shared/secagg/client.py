@@ -539,15 +539,13 @@ class SecAggClient:
         size = keys.DRAW_BYTES
         blob = message.draws
         tickets = self._tickets
-        positions: dict[str, int] = {}
-        for device, (ticket, position) in zip(members, keys.open_draws(members, blob), strict=True):
+        for device, ticket in zip(members, keys.tickets_of_draws(members, blob), strict=True):
             if ticket != tickets[device]:
                 raise self._refuse(f"the draw of {device!r} does not match its announced ticket")
-            positions[device] = position
         draws = {device: blob[i * size : (i + 1) * size] for i, device in enumerate(members)}
         if draws[self.device_id] != self._draw:
             raise self._refuse("the roster gives this device a draw that is not its own")
-        return NeighbourGraph(self._cohort, self.config.neighbours, draws, positions=positions)
+        return NeighbourGraph(self._cohort, self.config.neighbours, draws)
 
     def _open(self, forwarded: ForwardedShare) -> tuple[int, int] | None:
         """Decrypt one forwarded share; None when it does not open (the sender's loss)."""

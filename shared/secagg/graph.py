@@ -3,36 +3,40 @@
 What it owns: turning the advertisers of a round (U1) and their graph draws into a graph that
 every party derives by itself, and the membership bitmap that tells a device who U1 is.
 
-Construction (a Harary graph on a ring, as in Bell et al. 2020, but over U1 and placed by the
-devices' own draws): each advertiser u sits on the ring at `keys.ring_position(u, draw_u)`; its
-draw is a secret it committed to (the ticket in its retained status, copied into the round
-announcement) before the round, and revealed only in its signed advert. Each device is joined to
-the k//2 nearest advertisers on either side and, when k is odd and |U1| even, also to the one
-diametrically opposite. So:
+Construction (a Harary graph on a pseudo-random ring, as in Bell et al. 2020, over U1): the
+ring seed is SHA-256 over U1 and the draws of all its members, and a ChaCha20 keystream keyed
+by it orders U1 on a ring. Each device is joined to the k//2 nearest advertisers on either
+side and, when k is odd and |U1| even, also to the one diametrically opposite. So:
 
 - with everyone advertising and n*k even (what `SecAggConfig` requires), every device has
   exactly k distinct, symmetric neighbours; k = n - 1 is the complete graph, classic SecAgg;
 - when |U1|*k is odd there is no opposite device: every device gets k - 1 (k//2 on each side);
 - when |U1| <= k every advertiser is a neighbour of every other (|U1| - 1 each).
 
-Why not a graph from the round seed: the aggregator draws the seed and could try seeds until one
-puts colluders around a victim. Here nobody can aim: the positions of colluding devices are
-fixed by tickets published before the round, and an honest device's position is unknown to
-everyone until its advert. Leaving an honest advertiser out of U1 only removes that node; it
-reshuffles nobody else (what it can still do is bounded by the device's `PrivacyFloor`, see
-docs/secagg.md). The round seed plays no part.
+Where the randomness comes from, and why: each draw is a device's secret, committed before the
+round by the ticket in its retained status (the announcement copies it) and revealed only in
+its signed advert. So the ring depends on secrets no party knew when the cohort, the round seed
+and the colluders' draws were fixed: the aggregator cannot try round seeds, and colluding
+devices cannot grind their draws into positions next to each other (they could if each device
+placed itself; see docs/secagg.md). What the aggregator can still do is choose which
+advertisers make up U1: each choice gives another uniformly random ring, which it must find
+within the stage and pay for with devices it leaves out (bounded by each device's
+`PrivacyFloor`); bench/graph_grinding_bench.py puts numbers on it.
 
-Rules: pure function of (cohort, k, draws of U1); the cohort order is sorted ids, and Shamir
-x-coordinates come from it (not from U1), so they never change within a round. Ties in ring
-position (2^-64-rare) break by device id, so all parties agree.
+Rules: pure function of (cohort, k, U1 and its draws). The cohort order is sorted ids; Shamir
+x-coordinates come from it (not from U1), so they never change within a round. The round seed
+plays no part. Ties in the ring keystream (2^-64-rare) break by cohort order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from shared.secagg.errors import SecAggConfigError
-from shared.secagg.keys import DRAW_BYTES, ring_position
+from shared.secagg.keys import DRAW_BYTES, ring_seed
+from shared.secagg.prg import chacha20_keystream
 
 
 class NeighbourGraph:
@@ -40,18 +44,8 @@ class NeighbourGraph:
 
     __slots__ = ("_cache", "_cohort", "_index", "_k", "_members", "_position", "_ring")
 
-    def __init__(
-        self,
-        cohort: Sequence[str],
-        neighbours: int,
-        draws: Mapping[str, bytes],
-        *,
-        positions: Mapping[str, int] | None = None,
-    ) -> None:
-        """`draws`: the graph draw of every advertiser (U1, a subset of the cohort).
-
-        `positions` may pass ring positions already computed from those draws (a device computes
-        them while it checks the draws against their tickets); they are trusted as given."""
+    def __init__(self, cohort: Sequence[str], neighbours: int, draws: Mapping[str, bytes]) -> None:
+        """`draws`: the graph draw of every advertiser (U1, a subset of the cohort)."""
         members = tuple(sorted(cohort))
         n, k = len(members), neighbours
         if len(set(members)) != n:
@@ -69,13 +63,18 @@ class NeighbourGraph:
                 raise SecAggConfigError(
                     "draws", f"the draw of {device!r} is not {DRAW_BYTES} bytes"
                 )
-        if positions is None:
-            positions = {d: ring_position(d, draw) for d, draw in draws.items()}
+        u1 = tuple(d for d in members if d in draws)
         self._cohort = members
         self._index = index
         self._k = k
-        self._members = tuple(sorted(draws))
-        self._ring = tuple(d for _, d in sorted((positions[d], d) for d in self._members))
+        self._members = u1
+        if u1:
+            seed = ring_seed(membership_bitmap(members, u1), b"".join(draws[d] for d in u1))
+            spots = np.frombuffer(chacha20_keystream(seed, 8 * len(u1)), dtype="<u8")
+            order = np.argsort(spots, kind="stable")
+            self._ring = tuple(u1[i] for i in order)
+        else:
+            self._ring = ()
         self._position = {device: pos for pos, device in enumerate(self._ring)}
         self._cache: dict[str, tuple[str, ...]] = {}
 
@@ -90,15 +89,17 @@ class NeighbourGraph:
         return self._members
 
     @property
+    def ring(self) -> tuple[str, ...]:
+        """U1 in ring order."""
+        return self._ring
+
+    @property
     def degree(self) -> int:
         """k, the configured number of neighbours (see the module docstring for fewer)."""
         return self._k
 
     def __contains__(self, device: object) -> bool:
         return device in self._position
-
-    def in_cohort(self, device: str) -> bool:
-        return device in self._index
 
     def share_x(self, device: str) -> int:
         """The Shamir x-coordinate of `device`: its position in the sorted roster, plus one."""
@@ -148,51 +149,3 @@ def members_of(cohort: Sequence[str], bitmap: bytes) -> tuple[str, ...] | None:
     if value >> n:
         return None
     return tuple(device for i, device in enumerate(cohort) if value >> i & 1)
-
-
-def fewest_exclusions(colluding: Sequence[bool], victim: int, k: int, t: int) -> int | None:
-    """The fewest advertisers an aggregator must leave out of U1 so that the device at ring
-    index `victim` gets t colluding neighbours; None when no exclusion can do it.
-
-    `colluding` flags every advertiser in ring order. Exact for even k; for odd k a lower
-    bound (the opposite neighbour is counted as a colluder whenever it could be one). Used by
-    bench/graph_exclusion_bench.py and the tests to put numbers on what `PrivacyFloor
-    .min_advertised_fraction` bounds (docs/secagg.md). Leaving colluders out never helps: it
-    only lets other nodes into the victim's windows.
-    """
-    m = len(colluding)
-    if colluding[victim] or k < 2:
-        raise ValueError("the victim must be an honest advertiser; k >= 2")
-    colluders = sum(colluding)
-    if colluders < t:
-        return None
-    half = k // 2
-    need = t if k % 2 == 0 else t - 1
-    # Shrinking U1 to k + 1 devices makes the victim a neighbour of all of them.
-    best = max(0, m - (k + 1))
-
-    def walk(step: int) -> list[tuple[int, int]]:
-        """(honest passed, distance) at each colluder met walking from the victim."""
-        found, honest = [], 0
-        for distance in range(1, m):
-            if colluding[(victim + step * distance) % m]:
-                found.append((honest, distance))
-            else:
-                honest += 1
-        return found
-
-    left, right = walk(-1), walk(1)
-    for a in range(half + 1):
-        b = need - a
-        if not 0 <= b <= half or a > len(left) or b > len(right) or a + b > colluders:
-            continue
-        cost, reach = 0, 0
-        for count, side in ((a, left), (b, right)):
-            if count:
-                honest, distance = side[count - 1]
-                cost += max(0, honest - (half - count))
-                reach += distance
-        # Both windows must fit on what is left of the ring without meeting.
-        if reach <= m - 1 and m - cost >= k + 2:
-            best = min(best, cost)
-    return best

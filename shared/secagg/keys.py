@@ -48,7 +48,8 @@ LABEL_PAIRWISE_MASK = _PREFIX + b"pairwise-mask"
 LABEL_SELF_MASK = _PREFIX + b"self-mask"
 LABEL_SHARE_ENCRYPTION = _PREFIX + b"share-encryption"
 LABEL_SEED_COMMITMENT = _PREFIX + b"self-mask-commitment"
-LABEL_GRAPH_DRAW = _PREFIX + b"graph-draw"
+LABEL_GRAPH_TICKET = _PREFIX + b"graph-ticket"
+LABEL_NEIGHBOUR_RING = _PREFIX + b"neighbour-ring"
 
 # A share-encryption key is derived for one direction of one pair in one round and seals
 # exactly one message, so a fixed nonce never repeats under a key.
@@ -146,60 +147,46 @@ def advert_transcript(
 
 # ------------------------------------------------------------------------- graph draw / ticket
 
-# One SHA-256 per (device, draw) gives both the public ticket (the first 16 bytes) and the ring
-# position (the next 8). Knowing one half of a SHA-256 output says nothing usable about the
-# other half, so the ticket commits to the position without revealing it; and one hash instead
-# of two keeps a device's check of 1000 draws near 2 ms.
-_DRAW_HASH = hashlib.sha256(frame(LABEL_GRAPH_DRAW))
-
-
-def _draw_digest(device_id: str, draw: bytes) -> bytes:
-    digest = _DRAW_HASH.copy()
-    ident = encode_id(device_id)
-    digest.update(len(ident).to_bytes(4, "big") + ident + draw)  # the draw has a fixed size
-    return digest.digest()
-
 
 def new_draw(random: RandomSource) -> bytes:
     """A fresh secret graph draw. Published only as its ticket until the device advertises."""
     return draw(random, DRAW_BYTES)
 
 
+_TICKET_HASH = hashlib.sha256(frame(LABEL_GRAPH_TICKET))
+
+
+def _ticket(ident: bytes, graph_draw: bytes) -> bytes:
+    digest = _TICKET_HASH.copy()
+    digest.update(len(ident).to_bytes(4, "big") + ident)
+    digest.update(graph_draw)  # fixed size: the framing stays unambiguous
+    return digest.digest()[:TICKET_BYTES]
+
+
 def ticket_of(device_id: str, graph_draw: bytes) -> bytes:
     """The public commitment to `graph_draw` that the device puts in its retained status."""
     if len(graph_draw) != DRAW_BYTES:
         raise CryptoError(f"a graph draw is {DRAW_BYTES} bytes, got {len(graph_draw)}")
-    return _draw_digest(device_id, graph_draw)[:TICKET_BYTES]
+    return _ticket(encode_id(device_id), graph_draw)
 
 
-def ring_position(device_id: str, graph_draw: bytes) -> int:
-    """Where the device sits on the round's neighbour ring (64 bits), fixed by its own draw."""
-    if len(graph_draw) != DRAW_BYTES:
-        raise CryptoError(f"a graph draw is {DRAW_BYTES} bytes, got {len(graph_draw)}")
-    return int.from_bytes(_draw_digest(device_id, graph_draw)[TICKET_BYTES : TICKET_BYTES + 8])
-
-
-def ticket_and_position(device_id: str, graph_draw: bytes) -> tuple[bytes, int]:
-    """Both at once (one hash)."""
-    digest = _draw_digest(device_id, graph_draw)
-    return digest[:TICKET_BYTES], int.from_bytes(digest[TICKET_BYTES : TICKET_BYTES + 8])
-
-
-def open_draws(device_ids: Sequence[str], draws: bytes) -> list[tuple[bytes, int]]:
-    """(ticket, ring position) of each device's DRAW_BYTES slice of `draws`, in order: what a
-    device computes for every advertiser in its roster (about 1.5 ms for 1000)."""
+def tickets_of_draws(device_ids: Sequence[str], draws: bytes) -> list[bytes]:
+    """The ticket of each device's DRAW_BYTES slice of `draws`, in order: what a device checks
+    for every advertiser in its roster (about 1.5 ms for 1000)."""
     if len(draws) != DRAW_BYTES * len(device_ids):
         raise CryptoError(f"expected {DRAW_BYTES} bytes of draw per device")
-    copy = _DRAW_HASH.copy
-    out = []
-    for i, device in enumerate(device_ids):
-        ident = encode_id(device)
-        digest = copy()
-        digest.update(len(ident).to_bytes(4, "big") + ident)
-        digest.update(draws[i * DRAW_BYTES : (i + 1) * DRAW_BYTES])
-        value = digest.digest()
-        out.append((value[:TICKET_BYTES], int.from_bytes(value[TICKET_BYTES : TICKET_BYTES + 8])))
-    return out
+    return [
+        _ticket(encode_id(device), draws[i * DRAW_BYTES : (i + 1) * DRAW_BYTES])
+        for i, device in enumerate(device_ids)
+    ]
+
+
+def ring_seed(advertised: bytes, draws: bytes) -> bytes:
+    """The seed of a round's neighbour ring: SHA-256 over who advertised (the cohort bitmap)
+    and all their draws, in cohort order. Unknown to everyone until the last advert."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(frame(LABEL_NEIGHBOUR_RING, advertised, draws))
+    return digest.finalize()
 
 
 def sign(signing_key: nacl.signing.SigningKey, transcript: bytes) -> bytes:
