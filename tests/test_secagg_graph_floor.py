@@ -1,6 +1,6 @@
 """Issue 13, found 5 and 6: the aggregator cannot choose neighbours, and devices keep a floor.
 
-- Grinding the round seed moves nobody: the ring is placed by the devices' committed draws.
+- Grinding the round seed moves nobody: the ring is seeded by the devices' committed draws.
 - A roster built from a graph the aggregator would like (its colluders as a victim's
   neighbours), or with a substituted draw, is refused by the honest device, which forgets its
   round secrets and sends nothing.

@@ -5,13 +5,16 @@ What it owns: every use of a cryptographic primitive in SecAgg apart from mask e
 
 Rules it keeps:
 - Primitives come from pynacl (X25519, Ed25519) and `cryptography` (HKDF-SHA256,
-  ChaCha20-Poly1305, SHA-256). Nothing here is home-made.
+  ChaCha20-Poly1305, SHA-256; hashlib's OpenSSL SHA-256 where a hash is taken per device of
+  the cohort, for speed). Nothing here is home-made.
 - Randomness only from the injected `RandomSource` (a callable returning n fresh bytes); the
   machines take one from their adapter. `system_random` is the OS CSPRNG for adapters to pass.
 - Every derived key has its own label, and every label, round and party that a key belongs to
   is inside the HKDF info (length-prefixed), so no key can be reused for another purpose, round
   or pair. Keys per round are fresh, so a round's keys reveal nothing about another round.
 - A bad value from a peer raises `CryptoError`; the caller knows who sent it.
+- A graph draw is committed by its ticket before the round and revealed once, in the device's
+  signed advert; the neighbour ring is seeded by all advertisers' draws (`ring_seed`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ secret it needs has t shares. The transitions are the table `TRANSITIONS`.
 Rules it keeps:
 - Sans-IO: no sockets, no clock (`now` is passed in), no randomness needed at all.
 - An advert whose graph draw does not open the device's announced ticket is refused like a bad
-  signature. The neighbour graph is the ring over U1 placed by those draws (`graph`), built
+  signature. The neighbour graph is the ring over U1 seeded by all those draws (`graph`), built
   when ADVERTISE closes; every roster carries U1 and all its draws so devices can rebuild it.
 - A message that is wrong for its sender (not in the cohort, another round or stage, late,
   duplicate, bad signature or draw, wrong neighbours or lengths, bad share) raises
@@ -189,7 +189,7 @@ class SecAggServer:
         self._tickets = dict(tickets)
         self._cohort = tuple(sorted(self._verify_keys))
         self._in_cohort = frozenset(self._cohort)
-        # The graph exists once ADVERTISE closed: it is the ring over U1 placed by their draws.
+        # The graph exists once ADVERTISE closed: the ring over U1, seeded by all their draws.
         self._graph = NeighbourGraph(self._cohort, config.neighbours, {})
         self._state = ServerState.ADVERTISE
         self._reason: str | None = None
