@@ -178,10 +178,15 @@ def tickets_of_draws(device_ids: Sequence[str], draws: bytes) -> list[bytes]:
     for every advertiser in its roster (about 1.5 ms for 1000)."""
     if len(draws) != DRAW_BYTES * len(device_ids):
         raise CryptoError(f"expected {DRAW_BYTES} bytes of draw per device")
-    return [
-        _ticket(encode_id(device), draws[i * DRAW_BYTES : (i + 1) * DRAW_BYTES])
-        for i, device in enumerate(device_ids)
-    ]
+    # _ticket inlined: the call overhead was half the time at n = 1000.
+    copy, out = _TICKET_HASH.copy, []
+    for i, device in enumerate(device_ids):
+        ident = encode_id(device)
+        digest = copy()
+        digest.update(len(ident).to_bytes(4, "big") + ident)
+        digest.update(draws[i * DRAW_BYTES : (i + 1) * DRAW_BYTES])
+        out.append(digest.digest()[:TICKET_BYTES])
+    return out
 
 
 def ring_seed(advertised: bytes, draws: bytes) -> bytes:
