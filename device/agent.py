@@ -7,8 +7,10 @@ train on local data. Training and inference run in a thread pool, never on the e
 
 After every new model it publishes its inference on recent local data as JSON on
 `fl/{fleet}/dev/{id}/health`, and its status (model version, eligibility, why a release was
-refused) retained on `fl/{fleet}/dev/{id}/status`. The error-feedback residual is saved in
-`state_dir` after each round, so a restart does not lose what was not yet transmitted.
+refused, its graph ticket) retained on `fl/{fleet}/dev/{id}/status`, again whenever the
+participant asks (`PublishStatus`: a new ticket after each advert). The error-feedback
+residual is saved in `state_dir` after each round, so a restart does not lose what was not yet
+transmitted.
 
 Hooks for the simulator (`firmware_sim`): `condition` (eligibility, battery), `before_send`
 (dropouts and latency per stage), `slowdown` (compute speed), `tamper` (poisoned updates).
