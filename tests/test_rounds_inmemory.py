@@ -461,3 +461,20 @@ def test_a_device_floor_above_the_cohort_keeps_it_out() -> None:
     assert "d01" not in _adverts(fleet, 1)
     assert small.ticket == ticket  # nothing was revealed, so nothing rotates
     assert any("below this device's floor of 10" in n for n in fleet.notes["d01"])
+
+
+def test_secure_rounds_select_only_devices_with_a_ticket() -> None:
+    fleet = make_fleet(6)
+    bare = wire.DeviceStatus(
+        device_id="d03", online=True, model_version=fleet.devices["d03"].model_version
+    )
+    fleet.engine.observe_status("d03", wire.encode(bare), fleet.now)  # e.g. an older device
+    assert "d03" not in fleet.engine.select(fleet.devices["d00"].model_version)
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert "d03" not in out.survivors
+    plain = make_fleet(6, mode="plain", sparsity="top_k", density=0.2)
+    plain.engine.observe_status("d03", wire.encode(bare), plain.now)
+    assert "d03" in plain.engine.select(plain.devices["d00"].model_version)
