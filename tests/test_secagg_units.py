@@ -331,6 +331,20 @@ def test_graph_depends_on_every_draw_and_on_nothing_else() -> None:
     assert [a.share_x(u) for u in sorted(cohort)] == list(range(1, 51))
 
 
+def test_graph_from_a_roster_is_the_same_graph() -> None:
+    cohort = [f"d{i:02d}" for i in range(20)]
+    draws = _draws(cohort, b"roster")
+    u1 = tuple(d for d in sorted(cohort) if d not in ("d03", "d11"))
+    graph = NeighbourGraph(cohort, 4, {d: draws[d] for d in u1})
+    same = NeighbourGraph.from_roster(
+        cohort, 4, u1, membership_bitmap(sorted(cohort), u1), b"".join(draws[d] for d in u1)
+    )
+    assert same.ring == graph.ring
+    assert all(same.of(u) == graph.of(u) for u in u1)
+    with pytest.raises(SecAggConfigError):
+        NeighbourGraph.from_roster(cohort, 4, u1, b"", b"")
+
+
 def test_graph_refuses_impossible_degrees_and_strangers() -> None:
     draws = _draws([f"d{i}" for i in range(5)], b"x")
     with pytest.raises(SecAggConfigError):

@@ -210,7 +210,8 @@ class SecAggClient:
         self._cohort = tuple(sorted(self._verify_keys))
         # From the roster, once checked: U1, and the neighbours' Shamir x-coordinates. The
         # ring itself is not kept (n entries per device: a simulator runs 1000 of them).
-        self._advertisers: frozenset[str] = frozenset()
+        # A tuple, not a set: tuples of strings drop out of the garbage collector's tracking.
+        self._advertisers: tuple[str, ...] = ()
         self._neighbours: frozenset[str] = frozenset()
         self._state = ClientState.INIT
         self._reason: str | None = None
@@ -235,8 +236,8 @@ class SecAggClient:
         return self._reason
 
     @property
-    def advertisers(self) -> frozenset[str]:
-        """U1 as the roster named it (empty until the roster arrived and checked out)."""
+    def advertisers(self) -> tuple[str, ...]:
+        """U1 as the roster named it, sorted (empty until the roster arrived and checked out)."""
         return self._advertisers
 
     @property
@@ -486,7 +487,7 @@ class SecAggClient:
             if keys.ticket_of(v, advert.draw) != self._tickets[v]:
                 raise self._refuse(f"the advert of neighbour {v!r} carries another draw")
             adverts[v] = advert
-        self._advertisers = frozenset(graph.members)
+        self._advertisers = graph.members
         self._neighbours = neighbours
         t = self.config.threshold
         if len(adverts) < t:
@@ -542,10 +543,12 @@ class SecAggClient:
         for device, ticket in zip(members, keys.tickets_of_draws(members, blob), strict=True):
             if ticket != tickets[device]:
                 raise self._refuse(f"the draw of {device!r} does not match its announced ticket")
-        draws = {device: blob[i * size : (i + 1) * size] for i, device in enumerate(members)}
-        if draws[self.device_id] != self._draw:
+        mine = members.index(self.device_id)
+        if blob[mine * size : (mine + 1) * size] != self._draw:
             raise self._refuse("the roster gives this device a draw that is not its own")
-        return NeighbourGraph(self._cohort, self.config.neighbours, draws)
+        return NeighbourGraph.from_roster(
+            self._cohort, self.config.neighbours, members, message.advertised, blob
+        )
 
     def _open(self, forwarded: ForwardedShare) -> tuple[int, int] | None:
         """Decrypt one forwarded share; None when it does not open (the sender's loss)."""
@@ -635,7 +638,7 @@ class SecAggClient:
         if self.device_id not in survivors:
             self._abort("the aggregator did not count this device's masked input")
             return []
-        strangers = sorted((survivors | dropped) - self._advertisers)
+        strangers = sorted((survivors | dropped) - set(self._advertisers))
         if strangers:
             # Only advertisers can count towards the floor below.
             raise self._refuse(f"survivor list names {strangers[:3]}, who did not advertise")

@@ -47,14 +47,7 @@ class NeighbourGraph:
     def __init__(self, cohort: Sequence[str], neighbours: int, draws: Mapping[str, bytes]) -> None:
         """`draws`: the graph draw of every advertiser (U1, a subset of the cohort)."""
         members = tuple(sorted(cohort))
-        n, k = len(members), neighbours
-        if len(set(members)) != n:
-            raise SecAggConfigError("cohort", "a device appears twice in the roster")
-        if not 2 <= k <= n - 1:
-            raise SecAggConfigError(
-                "neighbours", f"{k} neighbours is impossible for {n} devices (need 2..n-1)"
-            )
-        index = {device: i for i, device in enumerate(members)}
+        index = self._check(members, neighbours)
         strangers = [d for d in draws if d not in index]
         if strangers:
             raise SecAggConfigError("draws", f"{strangers[:3]} are not in the cohort")
@@ -64,12 +57,55 @@ class NeighbourGraph:
                     "draws", f"the draw of {device!r} is not {DRAW_BYTES} bytes"
                 )
         u1 = tuple(d for d in members if d in draws)
+        blob = b"".join(draws[d] for d in u1)
+        self._build(members, index, neighbours, u1, membership_bitmap(members, u1), blob)
+
+    @classmethod
+    def from_roster(
+        cls,
+        cohort: Sequence[str],
+        neighbours: int,
+        advertisers: tuple[str, ...],
+        advertised: bytes,
+        draws: bytes,
+    ) -> NeighbourGraph:
+        """The same graph from a roster's own fields: `advertisers` in cohort order as
+        `advertised` names them, `draws` theirs concatenated (what a device checked)."""
+        members = tuple(sorted(cohort))
+        if len(draws) != DRAW_BYTES * len(advertisers):
+            raise SecAggConfigError("draws", f"expected {DRAW_BYTES} bytes per advertiser")
+        graph = cls.__new__(cls)
+        graph._build(
+            members, cls._check(members, neighbours), neighbours, advertisers, advertised, draws
+        )
+        return graph
+
+    @staticmethod
+    def _check(members: tuple[str, ...], k: int) -> dict[str, int]:
+        n = len(members)
+        if len(set(members)) != n:
+            raise SecAggConfigError("cohort", "a device appears twice in the roster")
+        if not 2 <= k <= n - 1:
+            raise SecAggConfigError(
+                "neighbours", f"{k} neighbours is impossible for {n} devices (need 2..n-1)"
+            )
+        return {device: i for i, device in enumerate(members)}
+
+    def _build(
+        self,
+        members: tuple[str, ...],
+        index: dict[str, int],
+        k: int,
+        u1: tuple[str, ...],
+        advertised: bytes,
+        draws: bytes,
+    ) -> None:
         self._cohort = members
         self._index = index
         self._k = k
         self._members = u1
         if u1:
-            seed = ring_seed(membership_bitmap(members, u1), b"".join(draws[d] for d in u1))
+            seed = ring_seed(advertised, draws)
             spots = np.frombuffer(chacha20_keystream(seed, 8 * len(u1)), dtype="<u8")
             order = np.argsort(spots, kind="stable")
             self._ring = tuple(u1[i] for i in order)
