@@ -457,3 +457,21 @@ def test_the_device_command_and_the_scenario_set_the_floor(
     with pytest.raises(ConfigError) as info:
         Scenario.parse("[privacy]\nmin_advertised_fraction = 2\n")
     assert info.value.key == "privacy.min_advertised_fraction"
+
+
+def test_a_status_from_before_tickets_still_decodes_and_a_bad_ticket_does_not() -> None:
+    import msgpack
+    import zstandard
+
+    from shared import wire
+
+    def payload(fields: dict[str, object]) -> bytes:
+        body = {"v": 1, "t": "status", "device_id": "dev-0001", "online": True, **fields}
+        return zstandard.ZstdCompressor(write_content_size=True).compress(
+            msgpack.packb(body, use_bin_type=True)
+        )
+
+    assert wire.decode(payload({"model_version": 3}), wire.DeviceStatus).ticket == b""
+    assert wire.decode(payload({"ticket": b"\x01" * 16}), wire.DeviceStatus).ticket == b"\x01" * 16
+    with pytest.raises(wire.WireError, match="ticket"):
+        wire.decode(payload({"ticket": b"\x01" * 5}), wire.DeviceStatus)
