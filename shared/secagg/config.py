@@ -287,15 +287,15 @@ class PrivacyFloor:
                             survivors (the announcement's `min_survivors` applies too: the
                             larger of the two wins)
     min_advertised_fraction refuse to go on when fewer than ceil(fraction * |U0|) devices are
-                            in U1: it bounds how many honest advertisers the aggregator can
-                            leave out to pull colluding devices next to a victim on the ring
+                            in U1: it bounds how small the aggregator can make U1, which it may
+                            choose (leaving honest advertisers out) to try rings until one gives
+                            a victim t colluding neighbours; a smaller U1 makes that likelier
 
     Defaults: 3 / 3 / 0.8. Three is the smallest sum that hides one device's input from each of
     the others; larger sizes depend on the fleet and come from the operator (`fleetlearn device
     --min-cohort/--min-survivors`). 0.8 tolerates one device in five failing to advertise (the
-    aggregator over-selects by 1.2 for that) while forcing an aggregator that wants a victim to
-    have t colluding neighbours to find those neighbours within 20% of the cohort; the numbers
-    are in docs/secagg.md ("What the aggregator can still do").
+    aggregator over-selects by 1.2 for that) and makes that search 15 to 150 times longer than
+    0.5 would; the numbers are in docs/secagg.md ("What the aggregator can still do").
     """
 
     min_cohort: int = MIN_COHORT
