@@ -25,6 +25,8 @@ Rules:
   hard limit. Limits are durations counted from the stage's opening; the engine opens the
   first stage with the announcement and each later one when it closes the previous one. With
   `adapt`, the soft limits announced for a round follow the recent rounds' arrival times.
+  Secure rounds take only devices whose status carries a graph ticket, and the announcement
+  carries each member's ticket as its status gave it.
 - Every payload is decoded with the type the topic implies and the sender/round the topic
   names. A bad payload raises nothing out of `receive`: it is counted under a reason, listed
   in `events`, and the round goes on. A message for a stage that already closed, or for a round
@@ -208,6 +210,7 @@ class _Run:
     plain: dict[str, PlainUpdate] = field(default_factory=dict)
     plain_closed: bool = False
     clock: float = 0.0  # the latest `now` seen: whether the soft limit has passed
+    opened_mark: int = 0  # the engine's arrival count when the open stage opened
     # Why the next stage close happens: everyone answered ("complete"; UNMASK also when every
     # secret has t shares), a quorum after the soft limit, or the hard limit.
     closing: Literal["complete", "quorum", "hard_limit"] = "complete"
@@ -232,6 +235,10 @@ class RoundEngine:
         self._random = random
         self._devices: dict[str, _Device] = {}
         self._stalled: dict[str, float] = {}  # device -> when it last missed a stage
+        # Order of arrival, not time (several arrive at one instant): device -> the count of
+        # arrivals when it last sent an online status or any message.
+        self._arrivals = 0
+        self._alive_mark: dict[str, int] = {}
         self.history = ArrivalHistory()
         self._run: _Run | None = None
         # Recent finished rounds -> whether UNMASK ended early (answers then are not late).
@@ -262,6 +269,8 @@ class RoundEngine:
         self._devices[device_id] = _Device(status, now)
         if status.online:
             self._stalled.pop(device_id, None)  # it is back: its connection works again
+            self._arrivals += 1
+            self._alive_mark[device_id] = self._arrivals
 
     def stalled(self, now: float) -> frozenset[str]:
         """Devices that missed a stage recently and showed no life since."""
@@ -302,14 +311,28 @@ class RoundEngine:
             return None
         return run.window.next_deadline(run.clock)
 
+    def _ticket(self, device: str) -> bytes:
+        info = self._devices.get(device)
+        return b"" if info is None else info.status.ticket
+
     def select(self, model_version: int, now: float | None = None) -> tuple[str, ...]:
         """The cohort: eligible devices on the current model first, charging ones preferred;
-        stalled devices (see `stalled`) only as far as needed to reach `min_cohort`."""
+        stalled devices (see `stalled`) only as far as needed to reach `min_cohort`. Secure
+        rounds need a graph ticket in the device's status (see shared.secagg.graph)."""
         c = self.config
+        secure = c.mode == "secure"
         stalled = self.stalled(now) if now is not None else frozenset()
-        preferred = [d for d in self.eligible(model_version) if d not in stalled]
+        preferred = [
+            d
+            for d in self.eligible(model_version)
+            if d not in stalled and (not secure or self._ticket(d))
+        ]
         taken = set(preferred)
-        fallback = [d for d in self.eligible() if d not in taken and d not in stalled]
+        fallback = [
+            d
+            for d in self.eligible()
+            if d not in taken and d not in stalled and (not secure or self._ticket(d))
+        ]
 
         # Random order within each preference class, drawn from the injected source.
         def shuffled(items: list[str]) -> list[str]:
@@ -364,6 +387,7 @@ class RoundEngine:
             coordinates = sparse.shared_coordinates(seed, dim, k)
         secagg = None
         server = None
+        tickets = b""
         times = self.history.adapted(c.times) if c.adapt else c.times
         if c.mode == "secure":
             if compression.mode is sparse.SparseMode.DENSE:
@@ -385,11 +409,16 @@ class RoundEngine:
                 max_weight=float(c.training.max_samples),
                 max_samples=c.training.max_samples,
             )
+            missing = [d for d in cohort if not self._ticket(d)]
+            if missing:
+                raise EngineError(f"{missing[:3]} have no graph ticket in their status")
+            tickets = b"".join(self._ticket(d) for d in cohort)
             server = SecAggServer(
                 config=secagg,
                 round_id=round_id,
                 round_seed=seed,
                 verify_keys={d: self._verify_keys[d] for d in cohort},
+                tickets={d: self._ticket(d) for d in cohort},
                 deadlines=None,  # the engine applies soft and hard limits (tick)
             )
         announce = RoundAnnounce(
@@ -402,6 +431,7 @@ class RoundEngine:
             training=c.training,
             times=times,
             secagg=secagg,
+            tickets=tickets,
         )
         stages = {s: StageStats() for s in Stage}
         first = Stage.ADVERTISE if server is not None else Stage.COLLECT
@@ -410,6 +440,7 @@ class RoundEngine:
             announce=announce,
             started=now,
             window=StageWindow.open(times, first, now),
+            opened_mark=self._arrivals,
             dim=dim,
             coordinates=coordinates,
             server=server,
@@ -442,6 +473,9 @@ class RoundEngine:
         # Only the device itself may publish under its id (broker ACL): whatever it sent, even
         # late or garbled, shows that it runs and reaches the broker again.
         self._stalled.pop(device, None)
+        if device in self._verify_keys:
+            self._arrivals += 1
+            self._alive_mark[device] = self._arrivals
         if run is not None:
             run.clock = max(run.clock, now)
         if topic.kind not in _EXPECTED_TYPE or topic.round_id is None:
@@ -590,6 +624,7 @@ class RoundEngine:
             following = STAGE_OF.get(after)
             if following is not None:
                 run.window = StageWindow.open(run.announce.times, following, now)
+                run.opened_mark = self._arrivals
         if after is ServerState.DONE:
             publishes += self._secure_done(run, now)
         elif after in (ServerState.ABORTED, ServerState.ERROR):
@@ -613,7 +648,7 @@ class RoundEngine:
         if stage is Stage.UNMASK and early and server.state is ServerState.DONE:
             stats.not_needed, dropped = len(dropped), []
         stats.dropped = len(dropped)
-        self._stall(dropped, now)
+        self._stall(dropped, run.opened_mark, now)
         self._closed(run, stats, now)
         following = {
             Stage.ADVERTISE: (Stage.SHARE, server.advertised),
@@ -717,7 +752,7 @@ class RoundEngine:
         stats = run.stages[Stage.COLLECT]
         missing = [d for d in run.announce.cohort if d not in run.plain]
         stats.dropped = len(missing)
-        self._stall(missing, now)
+        self._stall(missing, run.opened_mark, now)
         self._closed(run, stats, now)
         self._event(
             "stage_closed",
@@ -885,10 +920,13 @@ class RoundEngine:
             # How long the devices that did answer needed: what the next soft limits follow.
             self.history.record(run.window.stage, stats.last)
 
-    def _stall(self, devices: list[str], now: float) -> None:
-        """Devices that did not answer a stage before it closed: deprioritized in selection."""
+    def _stall(self, devices: list[str], opened_mark: int, now: float) -> None:
+        """Devices that did not answer a stage before it closed: deprioritized in selection.
+        Not those that showed life while the stage was open (a status: a device that left the
+        round by its own choice, e.g. below its privacy floor, says so that way)."""
         for device in devices:
-            self._stalled[device] = now
+            if self._alive_mark.get(device, 0) <= opened_mark:
+                self._stalled[device] = now
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         run = self._run

@@ -14,7 +14,8 @@ many simulated devices share the pools.
 
 After every new model it publishes its inference on recent local data as JSON on
 `fl/{fleet}/dev/{id}/health`, and its status (model version, eligibility, why a release was
-refused) retained on `fl/{fleet}/dev/{id}/status`. In `state_dir` it keeps:
+refused, its graph ticket) retained on `fl/{fleet}/dev/{id}/status`, again whenever the
+participant asks (`PublishStatus`: a new ticket after each advert). In `state_dir` it keeps:
 - `residual.bin`, the error-feedback residual, saved after each round, so a restart does not
   lose what was not yet transmitted;
 - `release.bin`, the last release it loaded (signed, as received), and `release.json`, its
@@ -60,7 +61,16 @@ from device.mqtt import (
 from device.mqtt import (
     Protocol as MqttProtocol,
 )
-from device.participant import Action, LoadModel, LocalResult, Note, Participant, Send, Train
+from device.participant import (
+    Action,
+    LoadModel,
+    LocalResult,
+    Note,
+    Participant,
+    PublishStatus,
+    Send,
+    Train,
+)
 from device.trainer import LiteRTTrainer, TrainerError
 from shared import sparse, topics, wire
 from shared.errors import FleetlearnError
@@ -308,6 +318,8 @@ class DeviceAgent:
                 task = asyncio.create_task(self._train(action), name=f"{self.device_id}-train")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            elif isinstance(action, PublishStatus):
+                await self.publish_status()
             elif isinstance(action, Note):
                 self.stats.notes += 1
                 log.info("%s: %s", self.device_id, action.text)
@@ -370,6 +382,7 @@ class DeviceAgent:
             sdk_version=SDK_VERSION,
             samples=len(self.data),
             note=self._note,
+            ticket=self.participant.ticket,
         )
         with contextlib.suppress(FleetlearnError):
             await self.link.publish(

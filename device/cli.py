@@ -47,6 +47,22 @@ def register(sub: Any) -> None:
         ),
     )
     d.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+    # This device's own privacy floor: no announcement can lower it (docs/secagg.md).
+    d.add_argument(
+        "--min-cohort", type=int, default=3, help="refuse secure rounds with fewer devices (3)"
+    )
+    d.add_argument(
+        "--min-survivors",
+        type=int,
+        default=3,
+        help="refuse to go on, or to unmask, for fewer devices (3)",
+    )
+    d.add_argument(
+        "--min-advertised-fraction",
+        type=float,
+        default=0.8,
+        help="refuse to deal shares when fewer of the cohort advertised keys (0.8)",
+    )
     d.add_argument("--ca-file", help="CA certificate for mqtts:// brokers")
     d.set_defaults(handler=run_device)
 
@@ -57,9 +73,20 @@ def run_device(args: argparse.Namespace) -> int:
     from device.mqtt import BrokerAddress, check_ca_file
     from device.participant import Participant
     from shared.errors import ConfigError
+    from shared.secagg.config import PrivacyFloor
+    from shared.secagg.errors import SecAggConfigError
     from shared.settings import writable_dir
 
     # Every flag and file is checked here, before the agent connects: each problem is one line.
+    try:
+        floor = PrivacyFloor(
+            min_cohort=args.min_cohort,
+            min_survivors=args.min_survivors,
+            min_advertised_fraction=args.min_advertised_fraction,
+        )
+    except SecAggConfigError as exc:
+        flag = "--" + exc.key.removeprefix("floor.").replace("_", "-")
+        raise ConfigError(flag, exc.problem) from None
     address = BrokerAddress.parse(args.broker)
     if args.ca_file is not None:
         if not address.tls:
@@ -86,6 +113,7 @@ def run_device(args: argparse.Namespace) -> int:
         aggregator_key=creds.aggregator_key,
         registry={d: bytes(k) for d, k in registry.device_keys.items()},
         random=os.urandom,
+        floor=floor,
     )
     agent = DeviceAgent(
         participant=participant,

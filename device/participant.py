@@ -7,6 +7,7 @@ for the adapter (`device.agent`) to carry out:
     Send(topic, payload)        publish this
     LoadModel(model, manifest)  a verified release: load it into a fresh interpreter
     Train(round_id, plan)       train the loaded model on local data, then call trained()
+    PublishStatus()             republish the retained status: `ticket` changed
     Note(text)                  something worth reporting in the retained status
 
 Rules:
@@ -21,6 +22,11 @@ Rules:
   it saw the stage open (the announcement, then the roster, the share inbox, the unmask
   request) on its own clock, and gives up waiting once the aggregator must have moved on
   (`shared.stagetime.give_up_at`); clocks are never compared across machines.
+- Secure rounds also need the announcement to carry this device's current graph ticket and to
+  meet its own `PrivacyFloor` (from its configuration, never from the announcement); otherwise
+  it does not join and says why. The participant owns the secret draw behind the ticket: once
+  an advert revealed it, it draws a fresh one and asks for the status to be republished, so
+  a draw is never used twice.
 - Error feedback: what a round did not transmit (unsent coordinates, clipping) is kept for the
   next round; an update that never reached an aggregate (round aborted, device not a survivor)
   is given back with `reclaim`. The adapter persists `feedback.save()` between restarts.
@@ -40,9 +46,10 @@ from nacl.signing import SigningKey, VerifyKey
 from shared import sparse, topics, wire
 from shared import tflite_model as tm
 from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
+from shared.secagg import keys as sk
 from shared.secagg import messages as sm
 from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import Stage
+from shared.secagg.config import PrivacyFloor, Stage
 from shared.secagg.contribution import TrainingMetrics
 from shared.secagg.errors import ProtocolError, SecAggError
 from shared.stagetime import give_up_at
@@ -72,11 +79,16 @@ class Train:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishStatus:
+    """The retained status is out of date (a new graph ticket): publish it again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Note:
     text: str
 
 
-Action = Send | LoadModel | Train | Note
+Action = Send | LoadModel | Train | PublishStatus | Note
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +140,7 @@ class Participant:
         random: Callable[[int], bytes],
         feedback: sparse.ErrorFeedback | None = None,
         min_version: int = 1,
+        floor: PrivacyFloor | None = None,
     ) -> None:
         self.fleet = topics.check_id(fleet, "fleet id")
         # The newest release version this device ever accepted: nothing older is loaded.
@@ -137,6 +150,9 @@ class Participant:
         self._aggregator_key = aggregator_key
         self._registry = dict(registry)
         self._random = random
+        self.floor = floor or PrivacyFloor()
+        # The secret behind `ticket`: revealed in one advert only, then replaced.
+        self._draw = sk.new_draw(random)
         self.feedback = feedback
         self.manifest: tm.ModelManifest | None = None
         self._release_digest = b""
@@ -151,6 +167,11 @@ class Participant:
     @property
     def model_version(self) -> int:
         return 0 if self.manifest is None else self.manifest.version
+
+    @property
+    def ticket(self) -> bytes:
+        """The commitment to the current graph draw, for the retained status."""
+        return sk.ticket_of(self.device_id, self._draw)
 
     @property
     def round(self) -> RoundAnnounce | None:
@@ -232,17 +253,28 @@ class Participant:
                 keys = {d: self._registry[d] for d in announce.cohort}
             except KeyError as exc:
                 return [Note(f"round {announce.round_id}: cohort member {exc} is not provisioned")]
-            client = SecAggClient(
-                config=announce.secagg,
-                round_id=announce.round_id,
-                device_id=self.device_id,
-                signing_key=self._identity,
-                verify_keys=keys,
-                round_seed=announce.seed,
-                random=self._random,
-                deadlines=None,  # this participant applies the round's limits (tick)
-            )
-            out += self._sends(client.start(now))
+            try:
+                client = SecAggClient(
+                    config=announce.secagg,
+                    round_id=announce.round_id,
+                    device_id=self.device_id,
+                    signing_key=self._identity,
+                    verify_keys=keys,
+                    round_seed=announce.seed,
+                    tickets=announce.ticket_map(),
+                    draw=self._draw,
+                    floor=self.floor,
+                    random=self._random,
+                    deadlines=None,  # this participant applies the round's limits (tick)
+                )
+                advert = client.start(now)
+            except ProtocolError as exc:
+                # Below this device's floor, or not its current ticket: nothing was revealed.
+                return [Note(f"round {announce.round_id}: not joining: {exc}")]
+            out += self._sends(advert)
+            # The advert revealed the draw: never use it again.
+            self._draw = sk.new_draw(self._random)
+            out.append(PublishStatus())
         first = Stage.ADVERTISE if client is not None else Stage.COLLECT
         self._round = _Round(announce, {first: now}, client)
         self.rounds_joined += 1
@@ -262,7 +294,13 @@ class Participant:
             message = wire.decode(payload, expect, context={"round_id": run.announce.round_id})
             outs = run.client.receive(message, now)
         except (wire.WireError, ProtocolError) as exc:
-            return [Note(f"round {run.announce.round_id}: ignored a message ({exc})")]
+            if run.client.state not in (ClientState.ABORTED, ClientState.ERROR):
+                return [Note(f"round {run.announce.round_id}: ignored a message ({exc})")]
+            # The aggregator's message made this device leave the round (below its floor, an
+            # inconsistent roster...): it forgot its secrets. Its status shows it is alive and
+            # out by its own choice, so the aggregator does not count it as stalled.
+            self._end_round(counted=False)
+            return [Note(f"round {run.announce.round_id}: refused: {exc}"), PublishStatus()]
         except SecAggError as exc:
             self._end_round(counted=False)
             return [Note(f"round {topic.round_id} failed on this device: {exc}")]

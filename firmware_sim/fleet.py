@@ -145,6 +145,7 @@ async def _worker_main(
             aggregator_key=creds.aggregator_key,
             registry=keys,
             random=os.urandom,
+            floor=scenario.floor,
         )
         return DeviceAgent(
             participant=participant,

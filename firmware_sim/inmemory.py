@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from aggregator import rules
 from aggregator.engine import EngineConfig, Publish, RoundEngine
 from aggregator.service import default_model
-from device.participant import LoadModel, LocalResult, Participant, Send, Train
+from device.participant import LoadModel, LocalResult, Participant, PublishStatus, Send, Train
 from device.trainer import LiteRTTrainer
 from firmware_sim.data import device_machine
 from firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
@@ -78,6 +78,7 @@ class InMemoryFleet:
                 aggregator_key=self.aggregator_key.verify_key,
                 registry=registry,
                 random=random,
+                floor=s.floor,
             )
             self.devices[dev] = _Device(i, participant, x, y, rng=np.random.default_rng(i))
         self.model = model or default_model()
@@ -101,8 +102,17 @@ class InMemoryFleet:
                 if isinstance(action, LoadModel):
                     device.trainer = LiteRTTrainer(action.model, action.manifest)
         for dev in self.devices:
-            status = wire.DeviceStatus(device_id=dev, online=True, model_version=self.version)
-            self.engine.observe_status(dev, wire.encode(status), self.now)
+            self._publish_status(dev)
+
+    def _publish_status(self, dev: str) -> None:
+        participant = self.devices[dev].participant
+        status = wire.DeviceStatus(
+            device_id=dev,
+            online=True,
+            model_version=participant.model_version,
+            ticket=participant.ticket,
+        )
+        self.engine.observe_status(dev, wire.encode(status), self.now)
 
     def _deliver(self, pubs: list[Publish]) -> None:
         for pub in pubs:
@@ -130,6 +140,8 @@ class InMemoryFleet:
                 self._deliver(self.engine.receive(t, action.payload, self.now))
             elif isinstance(action, Train):
                 self._pending.append((dev, action))
+            elif isinstance(action, PublishStatus):
+                self._publish_status(dev)
 
     def _train_pending(self) -> None:
         pending, self._pending = self._pending, []

@@ -36,6 +36,11 @@ A scenario is a TOML file (every key optional; defaults are a calm fleet):
     battery_min = 0.2         # battery of the others: uniform in [battery_min, battery_max]
     battery_max = 1.0
 
+    [privacy]                 # every device's own floor (shared.secagg.config.PrivacyFloor)
+    min_cohort = 3            # refuse secure rounds with a smaller cohort
+    min_survivors = 3         # refuse to go on / unmask for fewer
+    min_advertised_fraction = 0.8   # refuse to deal shares when fewer of the cohort advertised
+
 Every problem raises `ConfigError` naming the key (e.g. `dropout.unmask`). Draws per device and
 per round come from hashes of the seed, so a device's fate does not depend on process layout.
 """
@@ -52,6 +57,8 @@ from typing import Any
 from firmware_sim.data import MACHINE_TYPES
 from shared import settings
 from shared.errors import ConfigError
+from shared.secagg.config import PrivacyFloor
+from shared.secagg.errors import SecAggConfigError
 from shared.topics import Kind
 
 STAGE_KINDS = {
@@ -93,6 +100,7 @@ class Scenario:
     charging: float = 1.0
     battery_min: float = 0.2
     battery_max: float = 1.0
+    floor: PrivacyFloor = field(default_factory=PrivacyFloor)
 
     # ------------------------------------------------------------------- per-device draws
 
@@ -166,7 +174,16 @@ class Scenario:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Scenario:
-        known = {"fleet", "sites", "compute", "network", "dropout", "churn", "eligibility"}
+        known = {
+            "fleet",
+            "sites",
+            "compute",
+            "network",
+            "dropout",
+            "churn",
+            "eligibility",
+            "privacy",
+        }
         for key in data:
             if key not in known:
                 raise ConfigError(key, f"unknown section (known: {', '.join(sorted(known))})")
@@ -176,6 +193,9 @@ class Scenario:
         dropout = _table(data, "dropout", set(STAGE_ORDER))
         churn = _table(data, "churn", {"disconnect", "reconnect_after"})
         elig = _table(data, "eligibility", {"busy", "charging", "battery_min", "battery_max"})
+        privacy = _table(
+            data, "privacy", {"min_cohort", "min_survivors", "min_advertised_fraction"}
+        )
         default = cls()
         sites = default.sites
         if "sites" in data:
@@ -196,10 +216,28 @@ class Scenario:
             charging=_num(elig, "eligibility.charging", 1.0, 0.0, 1.0),
             battery_min=_num(elig, "eligibility.battery_min", 0.2, 0.0, 1.0),
             battery_max=_num(elig, "eligibility.battery_max", 1.0, 0.0, 1.0),
+            floor=_floor(privacy, default.floor),
         )
         if scenario.battery_min > scenario.battery_max:
             raise ConfigError("eligibility.battery_min", "must not exceed eligibility.battery_max")
         return scenario
+
+
+def _floor(table: dict[str, Any], default: PrivacyFloor) -> PrivacyFloor:
+    try:
+        return PrivacyFloor(
+            min_cohort=_int(table, "privacy.min_cohort", default.min_cohort, 3, 65_536),
+            min_survivors=_int(table, "privacy.min_survivors", default.min_survivors, 2, 65_536),
+            min_advertised_fraction=_num(
+                table,
+                "privacy.min_advertised_fraction",
+                default.min_advertised_fraction,
+                0.0,
+                1.0,
+            ),
+        )
+    except SecAggConfigError as exc:  # the ranges above match; kept for a one-line message
+        raise ConfigError(exc.key.replace("floor.", "privacy."), exc.problem) from None
 
 
 def _table(data: dict[str, Any], name: str, keys: set[str]) -> dict[str, Any]:

@@ -4,11 +4,13 @@ The secure stages' own messages live in `shared.secagg.messages`; model releases
 `shared.tflite_model`. What is here:
 
 - `RoundAnnounce`, retained on `fl/{fleet}/round`: which round, which model version it trains,
-  who is in the cohort, the round seed (public: it picks the rand-k coordinates and the
-  neighbour graph), compression, SecAgg parameters, local training settings, and each stage's
-  soft and hard limit. Those are *durations*, each counted from the moment its stage opened,
-  never wall-clock times, because device clocks are not synchronised; each side turns them
-  into deadlines on its own clock (`shared.stagetime`).
+  who is in the cohort, the round seed (public: it picks the rand-k coordinates; the neighbour
+  graph does not depend on it), each cohort member's graph ticket (secure rounds: copied from
+  its retained status, the commitment its advert will open; see shared.secagg.graph),
+  compression, SecAgg parameters, local training settings, and each stage's soft and hard
+  limit. Those are *durations*, each counted from the moment its stage opened, never
+  wall-clock times, because device clocks are not synchronised; each side turns them into
+  deadlines on its own clock (`shared.stagetime`).
   The same topic later carries the round's end (`state` CLOSED or ABORTED, with a reason), so a
   device that reconnects learns that the round it was in is over.
 - `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight and
@@ -22,6 +24,7 @@ import math
 
 from shared import wire
 from shared.secagg.config import STAGES, SecAggConfig, Stage
+from shared.secagg.keys import TICKET_BYTES
 from shared.sparse import Compression, DenseUpdate, SharedUpdate, SparseMode, SparseUpdate
 
 SEED_BYTES = 32
@@ -120,6 +123,9 @@ class RoundAnnounce(wire.Message):
     secagg: SecAggConfig | None = None
     state: RoundState = RoundState.OPEN
     reason: str = ""
+    # Secure rounds: TICKET_BYTES per cohort member, in `cohort` order (one bytes field, so
+    # decoding stays cheap at n = 1000: 16 kB).
+    tickets: bytes = b""
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "RoundAnnounce.round_id", "out of range")
@@ -130,6 +136,12 @@ class RoundAnnounce(wire.Message):
         wire.require(len(self.reason) <= 1000, "RoundAnnounce.reason", "too long")
         if self.state is RoundState.OPEN:
             wire.require(len(self.cohort) >= 1, "RoundAnnounce.cohort", "is empty")
+        if self.tickets:
+            wire.require(
+                len(self.tickets) == TICKET_BYTES * len(self.cohort),
+                "RoundAnnounce.tickets",
+                f"must hold {TICKET_BYTES} bytes per cohort member",
+            )
         if self.mode is RoundMode.SECURE and self.state is RoundState.OPEN:
             wire.require(self.secagg is not None, "RoundAnnounce.secagg", "secure rounds need it")
             wire.require(
@@ -138,6 +150,7 @@ class RoundAnnounce(wire.Message):
                 "top-k cannot be masked: every device must send the same coordinates",
             )
             assert self.secagg is not None
+            wire.require(bool(self.tickets), "RoundAnnounce.tickets", "secure rounds need them")
             wire.require(
                 self.secagg.cohort_size == len(self.cohort),
                 "RoundAnnounce.secagg",
@@ -166,7 +179,15 @@ class RoundAnnounce(wire.Message):
             secagg=self.secagg,
             state=state,
             reason=reason[:1000],
+            tickets=self.tickets,
         )
+
+    def ticket_map(self) -> dict[str, bytes]:
+        """Cohort member -> its announced graph ticket (empty for plain rounds)."""
+        if not self.tickets:
+            return {}
+        size = TICKET_BYTES
+        return {d: self.tickets[i * size : (i + 1) * size] for i, d in enumerate(self.cohort)}
 
 
 @wire.message("round.plain_update")

@@ -846,9 +846,15 @@ class DeviceStatus(Message):
     sdk_version: str = ""
     samples: int = 0  # local training examples available
     note: str = ""  # e.g. why the last release was refused
+    # SHA-256 commitment to the device's current secret graph draw (shared.secagg.keys
+    # .ticket_of), 16 bytes; empty when it has none (offline will, older devices). The
+    # aggregator copies it into the announcement of a secure round; a new one follows each
+    # round the device advertised in.
+    ticket: bytes = b""
 
     def __post_init__(self) -> None:
         require_id(self.device_id, "device_id")
+        require(len(self.ticket) in (0, 16), "ticket", "must be empty or 16 bytes")
         require(0.0 <= self.battery <= 1.0, "battery", f"{self.battery} is outside 0..1")
         require(self.model_version >= 0, "model_version", "must be >= 0")
         require(self.samples >= 0, "samples", "must be >= 0")

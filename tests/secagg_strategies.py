@@ -47,6 +47,7 @@ key_adverts = st.builds(
     share_key=_exact(32),
     mask_key=_exact(32),
     seed_commitment=_exact(32),
+    draw=_exact(16),
     signature=_exact(64),
 )
 revealed = st.builds(RevealedShare, owner=ids, share=_exact(66))
@@ -54,6 +55,23 @@ revealed = st.builds(RevealedShare, owner=ids, share=_exact(66))
 
 def _unique(items: st.SearchStrategy, key: Callable) -> st.SearchStrategy:  # type: ignore[type-arg]
     return st.lists(items, max_size=6, unique_by=key).map(tuple)
+
+
+@st.composite
+def _roster_draw(draw: st.DrawFn) -> wire.Message:
+    bitmap = draw(st.binary(max_size=3))
+    members = int.from_bytes(bitmap, "little").bit_count()
+    return Roster(
+        round_id=draw(rounds),
+        recipient=draw(ids),
+        advertised=bitmap,
+        draws=draw(_exact(16 * members)),
+        adverts=draw(_unique(key_adverts, lambda a: a.device_id)),
+    )
+
+
+def _rosters() -> st.SearchStrategy[wire.Message]:
+    return _roster_draw()
 
 
 STRATEGIES: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {
@@ -64,14 +82,10 @@ STRATEGIES: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {
         share_key=_exact(32),
         mask_key=_exact(32),
         seed_commitment=_exact(32),
+        draw=_exact(16),
         signature=_exact(64),
     ),
-    "secagg.roster": lambda: st.builds(
-        Roster,
-        round_id=rounds,
-        recipient=ids,
-        adverts=_unique(key_adverts, lambda a: a.device_id),
-    ),
+    "secagg.roster": _rosters,
     "secagg.shares": lambda: st.builds(
         Shares,
         round_id=rounds,

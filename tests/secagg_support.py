@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 import nacl.signing
 import numpy as np
 
-from shared.secagg.config import SecAggConfig
+from shared.secagg import keys
+from shared.secagg.config import PrivacyFloor, SecAggConfig
 from shared.secagg.contribution import TrainingMetrics
 from shared.secagg.graph import NeighbourGraph
 from shared.secagg.harness import DeviceInput, DropPoint, InMemoryRound, RoundRun, Tamper
@@ -46,6 +47,19 @@ def identities(n: int, label: str = "fleet") -> dict[str, nacl.signing.SigningKe
     }
 
 
+def graph_draws(devices: list[str], round_seed: bytes) -> dict[str, bytes]:
+    """Reproducible graph draws, varied by `round_seed` so property tests see many rings.
+    (Only in tests does anything tie draws to the round seed; see shared.secagg.graph.)"""
+    return {
+        d: hashlib.sha256(b"test-draw/" + round_seed + d.encode()).digest()[: keys.DRAW_BYTES]
+        for d in devices
+    }
+
+
+def tickets_of(draws: Mapping[str, bytes]) -> dict[str, bytes]:
+    return {d: keys.ticket_of(d, draw) for d, draw in draws.items()}
+
+
 def make_inputs(config: SecAggConfig, devices: list[str], seed: int) -> dict[str, DeviceInput]:
     """Updates within the clip range, positive weights and consistent metrics."""
     rng = np.random.default_rng(seed)
@@ -76,9 +90,12 @@ def run_round(
     random_label: str = "r",
     random_for: Callable[[str], RandomSource] | None = None,
     inputs: dict[str, DeviceInput] | None = None,
+    draws: Mapping[str, bytes] | None = None,
+    floor: PrivacyFloor | None = None,
 ) -> RoundRun:
     ids = identities(config.cohort_size)
     given = inputs if inputs is not None else make_inputs(config, list(ids), input_seed)
+    draws = draws if draws is not None else graph_draws(list(ids), round_seed)
     harness = InMemoryRound(
         config=config,
         round_id=round_id,
@@ -89,13 +106,19 @@ def run_round(
         drops=drops,
         uplink=uplink,
         downlink=downlink,
+        draws=draws,
+        floor=floor,
     )
     return harness.run()
 
 
 def predict(config: SecAggConfig, round_seed: bytes, drops: Mapping[str, DropPoint]) -> str | None:
-    """The stage at which the round must abort for this drop script, or None if it must finish."""
-    graph = NeighbourGraph(device_ids(config.cohort_size), config.neighbours, round_seed)
+    """The stage at which the round must abort for this drop script, or None if it must finish
+    (for the draws `run_round` uses with this round seed, and the minimal device floor)."""
+    cohort = device_ids(config.cohort_size)
+    draws = graph_draws(cohort, round_seed)
+    advertisers = {d for d in cohort if drops.get(d) is not DropPoint.BEFORE_ADVERTISE}
+    graph = NeighbourGraph(cohort, config.neighbours, {d: draws[d] for d in advertisers})
     t = config.threshold
 
     def live(u: str, alive: set[str]) -> int:

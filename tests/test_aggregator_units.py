@@ -244,7 +244,13 @@ def test_expected_dropout_sizes_the_neighbour_graph() -> None:
         engine = RoundEngine(fleet="f", config=config, verify_keys=keys, random=os.urandom)
         for d in ids:
             engine.observe_status(
-                d, wire.encode(wire.DeviceStatus(device_id=d, online=True, model_version=1)), 0.0
+                d,
+                wire.encode(
+                    wire.DeviceStatus(
+                        device_id=d, online=True, model_version=1, ticket=os.urandom(16)
+                    )
+                ),
+                0.0,
             )
         engine.start_round(round_id=1, model_version=1, dim=1000, now=0.0)
         assert engine.announce is not None

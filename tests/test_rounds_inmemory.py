@@ -7,8 +7,10 @@ weighted mean of the survivors' inputs within the quantization bound.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +19,12 @@ import pytest
 from nacl.signing import SigningKey
 
 from aggregator.engine import EngineConfig, Publish, RoundEngine
-from device.participant import LocalResult, Note, Participant, Send, Train
+from device.participant import LocalResult, Note, Participant, PublishStatus, Send, Train
 from shared import rounds, topics, wire
 from shared import tflite_model as tm
+from shared.secagg import keys as sk
+from shared.secagg import messages as sm
+from shared.secagg.config import PrivacyFloor
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = (ROOT / "aggregator" / "models" / "pdm_default.tflite").read_bytes()
@@ -51,6 +56,12 @@ class Fleet:
     def device_now(self, dev: str) -> float:
         return self.now + self.skew.get(dev, 0.0)
 
+    identities: dict[str, SigningKey] = field(default_factory=dict)
+    sent: list[tuple[str, topics.Kind, bytes]] = field(default_factory=list)  # every Send
+    # What a device's message becomes on the way (a faulty or malicious device).
+    uplink: Callable[[str, topics.Topic, bytes], bytes] | None = None
+    quiet_status: set[str] = field(default_factory=set)  # statuses that never reach the engine
+
     def publish(self, pubs: list[Publish]) -> None:
         for p in pubs:
             assert isinstance(p.payload, bytes)
@@ -77,14 +88,28 @@ class Fleet:
                 if t.kind in self.drop_kinds.get(dev, set()):
                     self.offline.add(dev)  # disconnects instead of sending
                     continue
-                self.publish(self.receive(t, a.payload))
+                payload = self.uplink(dev, t, a.payload) if self.uplink else a.payload
+                self.sent.append((dev, t.kind, payload))
+                self.publish(self.receive(t, payload))
             elif isinstance(a, Train):
                 dim = part.feedback.dim if part.feedback else self.dim
                 update = self.rng.normal(0, 0.05, dim).astype(np.float32)
                 weight = float(self.rng.integers(50, 300))
                 self.pending.append((dev, a.round_id, LocalResult(update, weight, 0.7, 30, 40)))
+            elif isinstance(a, PublishStatus):
+                self.status(dev)
             elif isinstance(a, Note):
                 self.notes.setdefault(dev, []).append(a.text)
+
+    def status(self, dev: str) -> None:
+        """The device's retained status as the agent publishes it (with its graph ticket)."""
+        if dev in self.quiet_status:
+            return
+        part = self.devices[dev]
+        status = wire.DeviceStatus(
+            device_id=dev, online=True, model_version=part.model_version, ticket=part.ticket
+        )
+        self.engine.observe_status(dev, wire.encode(status), self.now)
 
     def receive(self, topic: topics.Topic, payload: bytes) -> list[Publish]:
         if not self.defer_close:
@@ -111,7 +136,13 @@ class Fleet:
                 self.run_actions(dev, part.tick(self.device_now(dev)))
 
 
-def make_fleet(n: int, mode: str = "secure", defer_close: bool = False, **cfg: object) -> Fleet:
+def make_fleet(
+    n: int,
+    mode: str = "secure",
+    defer_close: bool = False,
+    floor: PrivacyFloor | None = None,
+    **cfg: object,
+) -> Fleet:
     agg = SigningKey.generate()
     ids = [f"d{i:02d}" for i in range(n)]
     keys = {d: SigningKey.generate() for d in ids}
@@ -127,17 +158,24 @@ def make_fleet(n: int, mode: str = "secure", defer_close: bool = False, **cfg: o
             aggregator_key=agg.verify_key,
             registry=registry,
             random=lambda k, c=counter: os.urandom(k),
+            floor=floor,
         )
         for d in ids
     }
     manifest = tm.read_manifest(MODEL)
     assert manifest is not None
-    fleet = Fleet(engine, devices, agg, tm.layout_size(manifest.layout), defer_close=defer_close)
+    fleet = Fleet(
+        engine,
+        devices,
+        agg,
+        tm.layout_size(manifest.layout),
+        defer_close=defer_close,
+        identities=keys,
+    )
     release = tm.make_release(MODEL, manifest, agg)
     fleet.publish([Publish(topics.model(FLEET), wire.encode(release), retain=True)])
     for d in ids:
-        status = wire.DeviceStatus(device_id=d, online=True, model_version=manifest.version)
-        engine.observe_status(d, wire.encode(status), 0.0)
+        fleet.status(d)
     return fleet
 
 
@@ -341,3 +379,115 @@ def test_tampered_release_keeps_previous_model() -> None:
     assert part.model_version == 1
     part.on_model(bytes(raw), 0.0)
     assert part.model_version == 2
+
+
+# ------------------------------------------------------- graph tickets and the device floor
+
+
+def _adverts(fleet: Fleet, round_id: int) -> dict[str, sm.Advertise]:
+    out = {}
+    for dev, kind, payload in fleet.sent:
+        if kind is topics.Kind.ADVERTISE:
+            message = wire.decode(payload, sm.Advertise)
+            if message.round_id == round_id:
+                out[dev] = message
+    return out
+
+
+def test_tickets_rotate_after_each_advert_and_the_next_round_uses_the_new_ones() -> None:
+    fleet = make_fleet(6)
+    first = {d: p.ticket for d, p in fleet.devices.items()}
+    run_round(fleet, 1)
+    assert fleet.engine.outcome is not None
+    assert fleet.engine.outcome.state is rounds.RoundState.CLOSED, fleet.engine.outcome.reason
+    announced = wire.decode(fleet.retained[topics.round_announce(FLEET)], rounds.RoundAnnounce)
+    assert announced.ticket_map() == first
+    second = {d: p.ticket for d, p in fleet.devices.items()}
+    for dev, advert in _adverts(fleet, 1).items():
+        assert sk.ticket_of(dev, advert.draw) == first[dev]  # the advert opened the ticket
+        assert second[dev] != first[dev]  # and the device moved on to a fresh draw
+    run_round(fleet, 2)
+    assert fleet.engine.outcome.state is rounds.RoundState.CLOSED, fleet.engine.outcome.reason
+    announced = wire.decode(fleet.retained[topics.round_announce(FLEET)], rounds.RoundAnnounce)
+    assert announced.ticket_map() == second
+    assert {sk.ticket_of(d, a.draw) for d, a in _adverts(fleet, 2).items()} == set(second.values())
+
+
+def test_a_stale_ticket_keeps_the_device_out_and_it_says_why() -> None:
+    fleet = make_fleet(6)
+    fleet.quiet_status.add("d02")  # its new status never reaches the aggregator
+    run_round(fleet, 1)
+    run_round(fleet, 2)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert "d02" not in out.survivors
+    assert "d02" not in _adverts(fleet, 2)
+    assert any("not its current one" in n for n in fleet.notes["d02"])
+
+
+def test_an_advert_whose_draw_does_not_open_its_ticket_is_refused_and_counted() -> None:
+    fleet = make_fleet(6)
+    cheat = "d04"
+
+    def uplink(dev: str, topic: topics.Topic, payload: bytes) -> bytes:
+        if dev != cheat or topic.kind is not topics.Kind.ADVERTISE:
+            return payload
+        advert = wire.decode(payload, sm.Advertise)
+        draw = bytes(16)  # not the draw its ticket commits to; properly signed
+        transcript = sk.advert_transcript(
+            round_id=advert.round_id,
+            round_seed=wire.decode(
+                fleet.retained[topics.round_announce(FLEET)], rounds.RoundAnnounce
+            ).seed,
+            device_id=dev,
+            share_key=advert.share_key,
+            mask_key=advert.mask_key,
+            seed_commitment=advert.seed_commitment,
+            draw=draw,
+        )
+        signature = sk.sign(fleet.identities[dev], transcript)
+        return wire.encode(dataclasses.replace(advert, draw=draw, signature=signature))
+
+    fleet.uplink = uplink
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert cheat not in out.survivors
+    assert len(out.survivors) == 5
+    assert fleet.engine.rejected_total["protocol"] == 1
+    rejected = [e for e in fleet.engine.events if e.get("reason") == "protocol"]
+    assert any("announced ticket" in str(e) for e in rejected), rejected
+
+
+def test_a_device_floor_above_the_cohort_keeps_it_out() -> None:
+    fleet = make_fleet(6)
+    small = fleet.devices["d01"]
+    small.floor = PrivacyFloor(min_cohort=10)
+    ticket = small.ticket
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert "d01" not in out.survivors
+    assert "d01" not in _adverts(fleet, 1)
+    assert small.ticket == ticket  # nothing was revealed, so nothing rotates
+    assert any("below this device's floor of 10" in n for n in fleet.notes["d01"])
+
+
+def test_secure_rounds_select_only_devices_with_a_ticket() -> None:
+    fleet = make_fleet(6)
+    bare = wire.DeviceStatus(
+        device_id="d03", online=True, model_version=fleet.devices["d03"].model_version
+    )
+    fleet.engine.observe_status("d03", wire.encode(bare), fleet.now)  # e.g. an older device
+    assert "d03" not in fleet.engine.select(fleet.devices["d00"].model_version)
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert "d03" not in out.survivors
+    plain = make_fleet(6, mode="plain", sparsity="top_k", density=0.2)
+    plain.engine.observe_status("d03", wire.encode(bare), plain.now)
+    assert "d03" in plain.engine.select(plain.devices["d00"].model_version)

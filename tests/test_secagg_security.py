@@ -19,8 +19,9 @@ import pytest
 from shared import wire
 from shared.secagg import keys, packing
 from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import SecAggConfig, Stage, StageDeadlines
+from shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
 from shared.secagg.errors import RemoteProtocolError
+from shared.secagg.graph import NeighbourGraph, membership_bitmap
 from shared.secagg.harness import DeviceInput
 from shared.secagg.messages import (
     Advertise,
@@ -35,9 +36,11 @@ from shared.secagg.prg import chacha20_keystream
 from shared.secagg.server import Outbound, SecAggServer, ServerState
 from tests.secagg_support import (
     deterministic_random,
+    graph_draws,
     identities,
     make_inputs,
     run_round,
+    tickets_of,
 )
 
 SEED = b"\x05" * 32
@@ -52,11 +55,14 @@ class Round:
         self.ids = identities(config.cohort_size)
         verify = {d: bytes(k.verify_key) for d, k in self.ids.items()}
         deadlines = StageDeadlines.evenly(0.0, 10.0)
+        self.draws = graph_draws(list(self.ids), seed + round_id.to_bytes(4, "big"))
+        self.tickets = tickets_of(self.draws)
         self.server = SecAggServer(
             config=config,
             round_id=round_id,
             round_seed=seed,
             verify_keys=verify,
+            tickets=self.tickets,
             deadlines=deadlines,
         )
         self.clients = {
@@ -67,11 +73,16 @@ class Round:
                 signing_key=key,
                 verify_keys=verify,
                 round_seed=seed,
+                tickets=self.tickets,
+                draw=self.draws[d],
+                floor=PrivacyFloor.minimal(),
                 random=deterministic_random(f"sec/{round_id}/{d}"),
                 deadlines=deadlines,
             )
             for d, key in self.ids.items()
         }
+        # The ring every party derives once everyone advertised.
+        self.graph = NeighbourGraph(list(self.ids), config.neighbours, self.draws)
         self.inputs: dict[str, DeviceInput] = make_inputs(config, list(self.ids), 9)
         self.sent: dict[str, list[wire.Message]] = {d: [] for d in self.ids}
         self.contributions: dict[str, np.ndarray] = {}
@@ -217,6 +228,7 @@ def test_advert_signed_by_another_identity_is_refused() -> None:
         share_key=share_key,
         mask_key=mask_key,
         seed_commitment=commitment,
+        draw=rnd.draws["dev-0002"],
     )
     forged = Advertise(
         round_id=1,
@@ -224,6 +236,7 @@ def test_advert_signed_by_another_identity_is_refused() -> None:
         share_key=share_key,
         mask_key=mask_key,
         seed_commitment=commitment,
+        draw=rnd.draws["dev-0002"],
         signature=keys.sign(ids["dev-0001"], transcript),
     )
     with pytest.raises(RemoteProtocolError, match="signature") as info:
@@ -244,6 +257,7 @@ def test_signed_low_order_key_is_refused() -> None:
         share_key=advert.share_key,
         mask_key=low,
         seed_commitment=advert.seed_commitment,
+        draw=advert.draw,
     )
     signed = dataclasses.replace(
         advert, mask_key=low, signature=keys.sign(rnd.ids["dev-0004"], transcript)
@@ -256,7 +270,7 @@ def test_device_refuses_a_roster_with_a_bad_neighbour_signature() -> None:
     rnd = Round()
     device = "dev-0000"
     adverts = {d: c.start(0.0)[0] for d, c in rnd.clients.items()}
-    neighbours = sorted(rnd.clients[device].neighbours)
+    neighbours = sorted(rnd.graph.of(device))
     records = []
     for v in neighbours:
         advert = adverts[v]
@@ -265,7 +279,13 @@ def test_device_refuses_a_roster_with_a_bad_neighbour_signature() -> None:
         if v == neighbours[0]:
             record = dataclasses.replace(record, signature=bytes(64))
         records.append(record)
-    roster = Roster(round_id=1, recipient=device, adverts=tuple(records))
+    roster = Roster(
+        round_id=1,
+        recipient=device,
+        advertised=membership_bitmap(rnd.graph.cohort, rnd.graph.members),
+        draws=b"".join(rnd.draws[d] for d in rnd.graph.members),
+        adverts=tuple(records),
+    )
     with pytest.raises(RemoteProtocolError, match="signature"):
         rnd.clients[device].receive(roster, 1.0)
     assert rnd.clients[device].state is ClientState.ABORTED
@@ -302,9 +322,9 @@ def test_device_rejects_other_rounds_and_stages_without_changing_state() -> None
     rnd = Round()
     client = rnd.clients["dev-0000"]
     client.start(0.0)
-    wrong_round = Roster(round_id=9, recipient="dev-0000", adverts=())
+    wrong_round = Roster(round_id=9, recipient="dev-0000", advertised=b"", draws=b"", adverts=())
     wrong_stage = ShareInbox(round_id=1, recipient="dev-0000", shares=())
-    not_mine = Roster(round_id=1, recipient="dev-0001", adverts=())
+    not_mine = Roster(round_id=1, recipient="dev-0001", advertised=b"", draws=b"", adverts=())
     for message, text in (
         (wrong_round, "round 9"),
         (wrong_stage, "not expected in state ADVERTISE"),

@@ -18,6 +18,7 @@ from shared.secagg import contribution, keys, packing, shamir
 from shared.secagg.client import TRANSITIONS as CLIENT_TRANSITIONS
 from shared.secagg.client import ClientEvent, ClientState, SecAggClient
 from shared.secagg.config import (
+    PrivacyFloor,
     SecAggConfig,
     StageDeadlines,
     abort_probability,
@@ -34,7 +35,7 @@ from shared.secagg.errors import (
     SecAggError,
     ThresholdError,
 )
-from shared.secagg.graph import NeighbourGraph
+from shared.secagg.graph import NeighbourGraph, members_of, membership_bitmap
 from shared.secagg.messages import (
     SEALED_SHARE_BYTES,
     Abort,
@@ -53,7 +54,7 @@ from shared.secagg.messages import (
 from shared.secagg.prg import MaskExpander, chacha20_keystream
 from shared.secagg.server import TRANSITIONS as SERVER_TRANSITIONS
 from shared.secagg.server import SecAggServer, ServerEvent, ServerState
-from tests.secagg_support import deterministic_random, identities
+from tests.secagg_support import deterministic_random, graph_draws, identities, tickets_of
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -271,13 +272,18 @@ def test_share_decoding_refuses_non_field_values() -> None:
 # ------------------------------------------------------------------------------------- graph
 
 
+def _draws(devices: list[str], label: bytes) -> dict[str, bytes]:
+    return {d: keys.new_draw(deterministic_random(f"{label!r}/{d}")) for d in devices}
+
+
 @FAST
 @given(st.integers(3, 60), st.data())
 def test_graph_is_k_regular_and_symmetric(n: int, data: st.DataObject) -> None:
     k = data.draw(st.sampled_from([k for k in range(2, n) if (n * k) % 2 == 0]))
-    seed = data.draw(st.binary(min_size=32, max_size=32))
+    label = data.draw(st.binary(min_size=1, max_size=8))
     cohort = [f"d{i}" for i in range(n)]
-    graph = NeighbourGraph(cohort, k, seed)
+    draws = _draws(cohort, label)
+    graph = NeighbourGraph(cohort, k, draws)
     for u in cohort:
         neighbours = graph.of(u)
         assert len(set(neighbours)) == k
@@ -285,25 +291,100 @@ def test_graph_is_k_regular_and_symmetric(n: int, data: st.DataObject) -> None:
         for v in neighbours:
             assert u in graph.of(v)
     # Every party derives the same graph, whatever order it lists the roster in.
-    again = NeighbourGraph(list(reversed(cohort)), k, seed)
+    again = NeighbourGraph(list(reversed(cohort)), k, dict(reversed(list(draws.items()))))
     assert all(again.of(u) == graph.of(u) for u in cohort)
     if k == n - 1:
         assert all(set(graph.of(u)) == set(cohort) - {u} for u in cohort)
 
 
-def test_graph_depends_on_the_round_seed() -> None:
+@FAST
+@given(st.integers(3, 40), st.data())
+def test_graph_over_any_advertisers_is_symmetric_with_the_documented_degree(
+    n: int, data: st.DataObject
+) -> None:
+    k = data.draw(st.integers(2, n - 1))
+    cohort = [f"d{i}" for i in range(n)]
+    u1 = data.draw(st.sets(st.sampled_from(cohort), min_size=1))
+    draws = _draws(cohort, b"any")
+    graph = NeighbourGraph(cohort, k, {d: draws[d] for d in u1})
+    m = len(u1)
+    degree = m - 1 if m - 1 <= k else k - 1 if (m * k) % 2 else k
+    for u in u1:
+        assert len(set(graph.of(u))) == degree
+        assert set(graph.of(u)) <= u1 - {u}
+        assert all(u in graph.of(v) for v in graph.of(u))
+    # Shamir x-coordinates follow the cohort, not U1.
+    assert [graph.share_x(u) for u in sorted(cohort)[:1]] == [1]
+
+
+def test_graph_depends_on_every_draw_and_on_nothing_else() -> None:
     cohort = [f"d{i}" for i in range(50)]
-    a = NeighbourGraph(cohort, 6, b"\x01" * 32)
-    b = NeighbourGraph(cohort, 6, b"\x02" * 32)
-    assert any(a.of(u) != b.of(u) for u in cohort)
+    draws = _draws(cohort, b"a")
+    a = NeighbourGraph(cohort, 6, draws)
+    assert NeighbourGraph(cohort, 6, dict(draws)).ring == a.ring
+    # One device's draw reorders the whole ring.
+    b = NeighbourGraph(cohort, 6, {**draws, "d17": _draws(["d17"], b"other")["d17"]})
+    assert sum(a.of(u) != b.of(u) for u in cohort) > 25
+    # So does leaving one advertiser out.
+    c = NeighbourGraph(cohort, 6, {d: v for d, v in draws.items() if d != "d17"})
+    assert sum(set(a.of(u)) - {"d17"} != set(c.of(u)) for u in cohort if u != "d17") > 25
     assert [a.share_x(u) for u in sorted(cohort)] == list(range(1, 51))
 
 
-def test_graph_refuses_impossible_degrees() -> None:
+def test_graph_from_a_roster_is_the_same_graph() -> None:
+    cohort = [f"d{i:02d}" for i in range(20)]
+    draws = _draws(cohort, b"roster")
+    u1 = tuple(d for d in sorted(cohort) if d not in ("d03", "d11"))
+    graph = NeighbourGraph(cohort, 4, {d: draws[d] for d in u1})
+    same = NeighbourGraph.from_roster(
+        cohort, 4, u1, membership_bitmap(sorted(cohort), u1), b"".join(draws[d] for d in u1)
+    )
+    assert same.ring == graph.ring
+    assert all(same.of(u) == graph.of(u) for u in u1)
     with pytest.raises(SecAggConfigError):
-        NeighbourGraph([f"d{i}" for i in range(5)], 3, b"\x00" * 32)
+        NeighbourGraph.from_roster(cohort, 4, u1, b"", b"")
+
+
+def test_graph_refuses_impossible_degrees_and_strangers() -> None:
+    draws = _draws([f"d{i}" for i in range(5)], b"x")
     with pytest.raises(SecAggConfigError):
-        NeighbourGraph(["a", "a", "b"], 2, b"\x00" * 32)
+        NeighbourGraph([f"d{i}" for i in range(5)], 5, draws)
+    with pytest.raises(SecAggConfigError):
+        NeighbourGraph(["a", "a", "b"], 2, {})
+    with pytest.raises(SecAggConfigError, match="not in the cohort"):
+        NeighbourGraph(["a", "b", "c"], 2, {"z": b"\x00" * 16})
+    with pytest.raises(SecAggConfigError, match="16 bytes"):
+        NeighbourGraph(["a", "b", "c"], 2, {"a": b"\x00" * 15})
+
+
+def test_membership_bitmap_round_trips_and_refuses_misfits() -> None:
+    cohort = tuple(f"d{i:02d}" for i in range(11))
+    members = ("d00", "d03", "d10")
+    bitmap = membership_bitmap(cohort, members)
+    assert len(bitmap) == 2
+    assert members_of(cohort, bitmap) == members
+    assert members_of(cohort, bitmap + b"\x00") is None
+    assert members_of(cohort, (1 << 11).to_bytes(2, "little")) is None
+
+
+def test_tickets_commit_to_draws_and_the_ring_seed_to_all_of_them() -> None:
+    draw = keys.new_draw(deterministic_random("t"))
+    ticket = keys.ticket_of("dev-1", draw)
+    assert len(ticket) == keys.TICKET_BYTES
+    assert keys.ticket_of("dev-2", draw) != ticket  # bound to the device
+    assert keys.ticket_of("dev-1", keys.new_draw(deterministic_random("u"))) != ticket
+    other = keys.new_draw(deterministic_random("v"))
+    assert keys.tickets_of_draws(["dev-1", "dev-2"], draw + other) == [
+        ticket,
+        keys.ticket_of("dev-2", other),
+    ]
+    with pytest.raises(CryptoError):
+        keys.ticket_of("dev-1", draw[:8])
+    with pytest.raises(CryptoError):
+        keys.tickets_of_draws(["dev-1"], draw + other)
+    seed = keys.ring_seed(b"\x03", draw + other)
+    assert keys.ring_seed(b"\x03", other + draw) != seed
+    assert keys.ring_seed(b"\x05", draw + other) != seed
 
 
 # ----------------------------------------------------------------------------------- packing
@@ -386,6 +467,7 @@ def test_advert_signatures_bind_every_field() -> None:
         "share_key": b"\x02" * 32,
         "mask_key": b"\x03" * 32,
         "seed_commitment": b"\x04" * 32,
+        "draw": b"\x05" * 16,
     }
     signature = keys.sign(signer, keys.advert_transcript(**fields))  # type: ignore[arg-type]
     keys.verify(bytes(signer.verify_key), keys.advert_transcript(**fields), signature)  # type: ignore[arg-type]
@@ -394,7 +476,7 @@ def test_advert_signatures_bind_every_field() -> None:
         changed[name] = (
             value + 1
             if isinstance(value, int)
-            else (value + "x" if isinstance(value, str) else b"\x09" * 32)
+            else (value + "x" if isinstance(value, str) else b"\x09" * len(value))
         )
         with pytest.raises(CryptoError):
             keys.verify(bytes(signer.verify_key), keys.advert_transcript(**changed), signature)  # type: ignore[arg-type]
@@ -411,6 +493,7 @@ ADVERT = {
     "share_key": b"\x01" * 32,
     "mask_key": b"\x02" * 32,
     "seed_commitment": b"\x03" * 32,
+    "draw": b"\x06" * 16,
     "signature": b"\x04" * 64,
 }
 SEALED = b"\x05" * SEALED_SHARE_BYTES
@@ -418,7 +501,13 @@ SHARE = b"\x00" * 66
 
 EXAMPLES: list[wire.Message] = [
     Advertise(round_id=1, sender="dev-1", **ADVERT),
-    Roster(round_id=1, recipient="dev-1", adverts=(KeyAdvert(device_id="dev-2", **ADVERT),)),
+    Roster(
+        round_id=1,
+        recipient="dev-1",
+        advertised=b"\x03",
+        draws=b"\x07" * 32,
+        adverts=(KeyAdvert(device_id="dev-2", **ADVERT),),
+    ),
     Shares(round_id=1, sender="dev-1", shares=(SealedShare(recipient="dev-2", ciphertext=SEALED),)),
     ShareInbox(
         round_id=1, recipient="dev-1", shares=(ForwardedShare(sender="dev-2", ciphertext=SEALED),)
@@ -463,6 +552,13 @@ def test_messages_round_trip_on_the_wire(message: wire.Message) -> None:
         (lambda: UnmaskRequest(round_id=1, survivors=("a", "a"), dropped=()), "survivors"),
         (lambda: RevealedShare(owner="dev-2", share=b"\x00" * 65), "share"),
         (lambda: Abort(round_id=1, reason=""), "reason"),
+        (lambda: Advertise(round_id=1, sender="dev-1", **{**ADVERT, "draw": b"\x01"}), "draw"),
+        (
+            lambda: Roster(
+                round_id=1, recipient="dev-1", advertised=b"\x07", draws=b"\x00" * 32, adverts=()
+            ),
+            "draws",
+        ),
         (lambda: MaskedInput(round_id=1, sender="dev-1", masked="text"), "masked"),
     ],
 )
@@ -538,8 +634,14 @@ def _machines() -> tuple[SecAggServer, SecAggClient]:
     ids = identities(4)
     verify = {d: bytes(k.verify_key) for d, k in ids.items()}
     deadlines = StageDeadlines.evenly(0.0, 10.0)
+    draws = graph_draws(list(ids), b"m")
     server = SecAggServer(
-        config=config, round_id=1, round_seed=b"\x00" * 32, verify_keys=verify, deadlines=deadlines
+        config=config,
+        round_id=1,
+        round_seed=b"\x00" * 32,
+        verify_keys=verify,
+        tickets=tickets_of(draws),
+        deadlines=deadlines,
     )
     client = SecAggClient(
         config=config,
@@ -548,6 +650,9 @@ def _machines() -> tuple[SecAggServer, SecAggClient]:
         signing_key=ids["dev-0000"],
         verify_keys=verify,
         round_seed=b"\x00" * 32,
+        tickets=tickets_of(draws),
+        draw=draws["dev-0000"],
+        floor=PrivacyFloor.minimal(),
         random=deterministic_random("m"),
         deadlines=deadlines,
     )
@@ -611,6 +716,7 @@ def test_a_deferred_close_waits_for_tick_and_sends_the_same() -> None:
     ids = identities(4)
     verify = {d: bytes(k.verify_key) for d, k in ids.items()}
     deadlines = StageDeadlines.evenly(0.0, 10.0)
+    draws = graph_draws(list(ids), b"defer")
 
     def server() -> SecAggServer:
         return SecAggServer(
@@ -618,6 +724,7 @@ def test_a_deferred_close_waits_for_tick_and_sends_the_same() -> None:
             round_id=1,
             round_seed=b"\x01" * 32,
             verify_keys=verify,
+            tickets=tickets_of(draws),
             deadlines=deadlines,
         )
 
@@ -630,6 +737,9 @@ def test_a_deferred_close_waits_for_tick_and_sends_the_same() -> None:
             signing_key=key,
             verify_keys=verify,
             round_seed=b"\x01" * 32,
+            tickets=tickets_of(draws),
+            draw=draws[d],
+            floor=PrivacyFloor.minimal(),
             random=deterministic_random(f"defer/{d}"),
             deadlines=deadlines,
         )

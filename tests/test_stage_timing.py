@@ -19,9 +19,9 @@ from shared import settings, topics, wire
 from shared import tflite_model as tm
 from shared.rounds import RoundAnnounce, RoundState, StageTimes
 from shared.secagg.client import SecAggClient
-from shared.secagg.config import SecAggConfig, Stage
+from shared.secagg.config import PrivacyFloor, SecAggConfig, Stage
 from shared.secagg.server import SecAggServer, ServerState
-from tests.secagg_support import deterministic_random, identities
+from tests.secagg_support import deterministic_random, graph_draws, identities, tickets_of
 from tests.test_rounds_inmemory import MODEL, Fleet, make_fleet, run_round
 
 VERSION = 1
@@ -108,7 +108,15 @@ def test_stage_durations_count_from_the_previous_stage_close() -> None:
 
 
 def test_stalled_devices_are_left_out_until_they_show_life() -> None:
-    fleet = make_fleet(12, times=_times(advertise_hard=10.0), stall_cooldown=300.0, adapt=False)
+    # A third of the cohort never advertises: below the devices' default advertised fraction
+    # (0.8), so the fleet's floor is set to let the round go on; stalls are what is tested.
+    fleet = make_fleet(
+        12,
+        times=_times(advertise_hard=10.0),
+        stall_cooldown=300.0,
+        adapt=False,
+        floor=PrivacyFloor(min_advertised_fraction=0.5),
+    )
     stalled = {"d08", "d09", "d10", "d11"}
     fleet.offline |= stalled
     run_round(fleet)
@@ -120,8 +128,7 @@ def test_stalled_devices_are_left_out_until_they_show_life() -> None:
     cohort = set(engine.select(VERSION, fleet.now))
     assert cohort == {f"d{i:02d}" for i in range(8)}
     # A fresh online status (it reconnected) or any message brings a device back.
-    status = wire.DeviceStatus(device_id="d08", online=True, model_version=VERSION)
-    engine.observe_status("d08", wire.encode(status), fleet.now)
+    fleet.status("d08")
     late = topics.parse(topics.per_device("plant-9", 1, topics.Kind.ADVERTISE, "d09"))
     engine.receive(late, b"late and garbled", fleet.now)
     assert set(engine.select(VERSION, fleet.now)) == cohort | {"d08", "d09"}
@@ -245,8 +252,14 @@ def test_server_without_deadlines_closes_only_when_told_and_says_why_not_yet() -
     ids = identities(6)
     verify = {d: bytes(k.verify_key) for d, k in ids.items()}
     seed = b"\x02" * 32
+    draws = graph_draws(list(ids), seed)
     server = SecAggServer(
-        config=config, round_id=1, round_seed=seed, verify_keys=verify, deadlines=None
+        config=config,
+        round_id=1,
+        round_seed=seed,
+        verify_keys=verify,
+        tickets=tickets_of(draws),
+        deadlines=None,
     )
     assert server.deadline is None
     adverts = []
@@ -258,6 +271,9 @@ def test_server_without_deadlines_closes_only_when_told_and_says_why_not_yet() -
             signing_key=key,
             verify_keys=verify,
             round_seed=seed,
+            tickets=tickets_of(draws),
+            draw=draws[d],
+            floor=PrivacyFloor.minimal(),
             random=deterministic_random(f"early/{d}"),
         )
         adverts += client.start(0.0)

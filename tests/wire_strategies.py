@@ -99,6 +99,7 @@ def _status() -> st.SearchStrategy[wire.Message]:
         sdk_version=st.text(max_size=12),
         samples=st.integers(0, 10**6),
         note=st.text(max_size=40),
+        ticket=st.sampled_from([0, 16]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
     )
 
 
@@ -157,6 +158,9 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
         secagg=secagg,
         state=draw(st.sampled_from(list(rounds.RoundState))),
         reason=draw(st.text(max_size=30)),
+        tickets=draw(st.binary(min_size=16 * len(cohort), max_size=16 * len(cohort)))
+        if secure or draw(st.booleans())
+        else b"",
     )
 
 

@@ -3,11 +3,13 @@ learns the sum of the survivors' quantized updates and metric sums, nothing per 
 
 What this package owns and how it is split (ARCHITECTURE §5, docs/secagg.md):
 
-    config        SecAggConfig (a wire.record), StageDeadlines, Stage, sizing rules
-    keys          X25519 / Ed25519 / HKDF / ChaCha20-Poly1305, one label per purpose
+    config        SecAggConfig (a wire.record), StageDeadlines, Stage, sizing rules, and
+                  PrivacyFloor (a device's own minimums, never from the announcement)
+    keys          X25519 / Ed25519 / HKDF / ChaCha20-Poly1305, one label per purpose; graph
+                  draws, their tickets and the ring seed
     prg           mask expansion: ChaCha20 keystream into preallocated buffers
     shamir        sharing whole 32-byte secrets over GF(2^521 - 1)
-    graph         the k-regular neighbour graph everyone derives from roster + round seed
+    graph         the neighbour ring over the advertisers, seeded by all their draws
     packing       exactly b bits per coordinate on the wire
     contribution  update + FedAvg weight + metrics -> Z_2^b, and the result's decoding
     messages      the wire messages (tags "secagg.*")
@@ -23,6 +25,7 @@ Rules for all of it: no sockets, no clock reads (time comes in as `now`), no glo
 
 from shared.secagg.client import ClientState, SecAggClient
 from shared.secagg.config import (
+    PrivacyFloor,
     SecAggConfig,
     Stage,
     StageDeadlines,
@@ -64,6 +67,7 @@ __all__ = [
     "LocalProtocolError",
     "MaskedInput",
     "Outbound",
+    "PrivacyFloor",
     "ProtocolError",
     "RandomSource",
     "RemoteProtocolError",

@@ -5,7 +5,9 @@ holds, its masked contribution, and what it agrees to reveal.
 
     client = SecAggClient(config=..., round_id=..., device_id=..., signing_key=...,
                           verify_keys={device_id: ed25519_verify_key_bytes, ...},
-                          round_seed=..., random=keys.system_random, deadlines=...)
+                          round_seed=..., tickets={device_id: announced_ticket, ...},
+                          draw=my_current_graph_draw, floor=PrivacyFloor(...),
+                          random=keys.system_random, deadlines=...)
     client.set_input(update, weight=w, metrics=TrainingMetrics(...))   # any time before COLLECT
     send(client.start(now))                       # -> [Advertise]
     send(client.receive(message, now))            # Roster -> [Shares]; ShareInbox -> [MaskedInput]
@@ -26,6 +28,12 @@ Rules it keeps:
   RemoteProtocolError and moves to ABORTED: the device stops and forgets its round secrets
   rather than reveal anything under a misbehaving aggregator.
 - For each neighbour the device reveals at most one of its two shares, ever.
+- Its neighbours are its own to check: the roster must name U1 with draws that match the
+  announced tickets (its own draw among them), and its adverts must be exactly this device's
+  neighbours on the ring those draws give (`graph`). Anything else is refused.
+- Its `PrivacyFloor` comes from the device's own configuration: it does not start in a cohort
+  below the floor, deals no shares when too few devices advertised, and reveals no share for
+  too few survivors, whatever the announcement's `min_survivors` says.
 - A local misuse (start twice, input of the wrong shape) raises LocalProtocolError; the
   machine then stays in ERROR. Any other exception is a bug and also leaves it in ERROR.
 """
@@ -44,10 +52,10 @@ import numpy as np
 from shared import wire
 from shared.ids import id_problem
 from shared.secagg import contribution, keys, packing, shamir
-from shared.secagg.config import SecAggConfig, StageDeadlines
+from shared.secagg.config import PrivacyFloor, SecAggConfig, StageDeadlines
 from shared.secagg.contribution import TrainingMetrics
 from shared.secagg.errors import CryptoError, LocalProtocolError, RemoteProtocolError
-from shared.secagg.graph import NeighbourGraph
+from shared.secagg.graph import NeighbourGraph, members_of
 from shared.secagg.messages import (
     Abort,
     Advertise,
@@ -151,6 +159,9 @@ class SecAggClient:
         signing_key: nacl.signing.SigningKey,
         verify_keys: Mapping[str, bytes],
         round_seed: bytes,
+        tickets: Mapping[str, bytes],
+        draw: bytes,
+        floor: PrivacyFloor,
         random: keys.RandomSource,
         deadlines: StageDeadlines | None = None,
     ) -> None:
@@ -176,6 +187,16 @@ class SecAggClient:
                 f"roster has {len(self._verify_keys)} devices; config.cohort_size is "
                 f"{config.cohort_size}"
             )
+        if set(tickets) != set(self._verify_keys) or any(
+            not isinstance(t, bytes) or len(t) != keys.TICKET_BYTES for t in tickets.values()
+        ):
+            raise LocalProtocolError(
+                f"tickets must map every cohort device to {keys.TICKET_BYTES} bytes"
+            )
+        if not isinstance(draw, bytes) or len(draw) != keys.DRAW_BYTES:
+            raise LocalProtocolError(f"draw must be {keys.DRAW_BYTES} bytes")
+        if not isinstance(floor, PrivacyFloor):
+            raise LocalProtocolError("floor must be a PrivacyFloor")
         self.config = config
         self.round_id = round_id
         self.device_id = device_id
@@ -183,8 +204,15 @@ class SecAggClient:
         self._signing_key = signing_key
         self._round_seed = round_seed
         self._random = random
-        self._graph = NeighbourGraph(tuple(self._verify_keys), config.neighbours, round_seed)
-        self._neighbours = frozenset(self._graph.of(device_id))
+        self._tickets = tickets  # read only; not copied (n entries, and n devices in a simulator)
+        self._draw = draw
+        self.floor = floor
+        self._cohort = tuple(sorted(self._verify_keys))
+        # From the roster, once checked: U1, and the neighbours' Shamir x-coordinates. The
+        # ring itself is not kept (n entries per device: a simulator runs 1000 of them).
+        # A tuple, not a set: tuples of strings drop out of the garbage collector's tracking.
+        self._advertisers: tuple[str, ...] = ()
+        self._neighbours: frozenset[str] = frozenset()
         self._state = ClientState.INIT
         self._reason: str | None = None
         # Round secrets: made by start(), dropped when the device is done or stops.
@@ -208,7 +236,13 @@ class SecAggClient:
         return self._reason
 
     @property
+    def advertisers(self) -> tuple[str, ...]:
+        """U1 as the roster named it, sorted (empty until the roster arrived and checked out)."""
+        return self._advertisers
+
+    @property
     def neighbours(self) -> frozenset[str]:
+        """This device's neighbours in U1; empty until the roster arrived and checked out."""
         return self._neighbours
 
     @property
@@ -309,10 +343,20 @@ class SecAggClient:
     # ------------------------------------------------------------------------------ start
 
     def start(self, now: float) -> list[wire.Message]:
-        """Generate this round's keys and return the signed Advertise."""
+        """Generate this round's keys and return the signed Advertise, revealing the draw.
+
+        Refuses (RemoteProtocolError, ABORTED, nothing revealed) a cohort below this device's
+        floor, or an announcement whose ticket for this device is not the one of its draw."""
         with self._guard(now):
             if self._state is not ClientState.INIT:
                 raise LocalProtocolError(f"start() in state {self._state.name}")
+            problem = self.floor.cohort_problem(self.config.cohort_size)
+            if problem:
+                raise self._refuse(problem)
+            if self._tickets[self.device_id] != keys.ticket_of(self.device_id, self._draw):
+                raise self._refuse(
+                    "the announcement's ticket for this device is not its current one"
+                )
             share_private, share_public = keys.generate_keypair(self._random)
             mask_private, mask_public = keys.generate_keypair(self._random)
             seed = keys.draw(self._random, keys.KEY_BYTES)
@@ -325,6 +369,7 @@ class SecAggClient:
                 share_key=share_public,
                 mask_key=mask_public,
                 seed_commitment=commitment,
+                draw=self._draw,
             )
             message = Advertise(
                 round_id=self.round_id,
@@ -332,6 +377,7 @@ class SecAggClient:
                 share_key=share_public,
                 mask_key=mask_public,
                 seed_commitment=commitment,
+                draw=self._draw,
                 signature=keys.sign(self._signing_key, transcript),
             )
             self._transition(ClientEvent.START)
@@ -409,11 +455,20 @@ class SecAggClient:
         return []
 
     def _on_roster(self, message: Roster) -> list[wire.Message]:
+        graph = self._check_membership(message)
+        me = self.device_id
+        neighbours = frozenset(graph.of(me))
+        got = {a.device_id for a in message.adverts}
+        if got != neighbours:
+            missing, extra = sorted(neighbours - got), sorted(got - neighbours)
+            raise self._refuse(
+                "the roster's adverts are not this device's neighbours on the ring of U1"
+                + (f"; missing {missing[:3]}" if missing else "")
+                + (f"; not neighbours {extra[:3]}" if extra else "")
+            )
         adverts: dict[str, KeyAdvert] = {}
         for advert in message.adverts:
             v = advert.device_id
-            if v not in self._neighbours:
-                continue  # the aggregator may send a superset; only neighbours matter
             transcript = keys.advert_transcript(
                 round_id=self.round_id,
                 round_seed=self._round_seed,
@@ -421,6 +476,7 @@ class SecAggClient:
                 share_key=advert.share_key,
                 mask_key=advert.mask_key,
                 seed_commitment=advert.seed_commitment,
+                draw=advert.draw,
             )
             try:
                 keys.verify(self._verify_keys[v], transcript, advert.signature)
@@ -428,16 +484,20 @@ class SecAggClient:
                 raise self._refuse(
                     f"the advert of neighbour {v!r} does not carry its signature"
                 ) from None
+            if keys.ticket_of(v, advert.draw) != self._tickets[v]:
+                raise self._refuse(f"the advert of neighbour {v!r} carries another draw")
             adverts[v] = advert
+        self._advertisers = graph.members
+        self._neighbours = neighbours
         t = self.config.threshold
         if len(adverts) < t:
             raise self._refuse(
-                f"only {len(adverts)} of {len(self._neighbours)} neighbours advertised; "
+                f"only {len(adverts)} neighbours among the {len(graph.members)} advertisers; "
                 f"the threshold is {t}"
             )
         secrets = self._secrets
         recipients = sorted(adverts)
-        xs = [self._graph.share_x(v) for v in recipients]
+        xs = [graph.share_x(v) for v in recipients]
         dealt = shamir.split([secrets.mask_private, secrets.seed], xs, t, self._random)
         sealed = []
         channels: dict[str, bytes] = {}
@@ -461,6 +521,34 @@ class SecAggClient:
         self._channels = channels
         self._transition(ClientEvent.ROSTER)
         return [Shares(round_id=self.round_id, sender=self.device_id, shares=tuple(sealed))]
+
+    def _check_membership(self, message: Roster) -> NeighbourGraph:
+        """U1 and its draws from the roster, checked against the announcement and the floor;
+        the ring they give. Any mismatch is the aggregator's: refused."""
+        n = len(self._cohort)
+        members = members_of(self._cohort, message.advertised)
+        if members is None:
+            raise self._refuse(f"the advertised bitmap does not fit a cohort of {n}")
+        if self.device_id not in members:
+            raise self._refuse("the roster leaves this device out of the advertisers")
+        needed = self.floor.advertisers_needed(self.config)
+        if len(members) < needed:
+            raise self._refuse(
+                f"only {len(members)} of {n} devices advertised; this device deals shares "
+                f"only when at least {needed} did"
+            )
+        size = keys.DRAW_BYTES
+        blob = message.draws
+        tickets = self._tickets
+        for device, ticket in zip(members, keys.tickets_of_draws(members, blob), strict=True):
+            if ticket != tickets[device]:
+                raise self._refuse(f"the draw of {device!r} does not match its announced ticket")
+        mine = members.index(self.device_id)
+        if blob[mine * size : (mine + 1) * size] != self._draw:
+            raise self._refuse("the roster gives this device a draw that is not its own")
+        return NeighbourGraph.from_roster(
+            self._cohort, self.config.neighbours, members, message.advertised, blob
+        )
 
     def _open(self, forwarded: ForwardedShare) -> tuple[int, int] | None:
         """Decrypt one forwarded share; None when it does not open (the sender's loss)."""
@@ -550,10 +638,15 @@ class SecAggClient:
         if self.device_id not in survivors:
             self._abort("the aggregator did not count this device's masked input")
             return []
-        if len(survivors) < self.config.min_survivors:
+        strangers = sorted((survivors | dropped) - set(self._advertisers))
+        if strangers:
+            # Only advertisers can count towards the floor below.
+            raise self._refuse(f"survivor list names {strangers[:3]}, who did not advertise")
+        needed = self.floor.survivors_needed(self.config)
+        if len(survivors) < needed:
             raise self._refuse(
-                f"only {len(survivors)} survivors; at least {self.config.min_survivors} "
-                "are required before anything is unmasked"
+                f"only {len(survivors)} survivors; at least {needed} are required before "
+                "anything is unmasked"
             )
         live = survivors & self._neighbours
         if len(live) < self.config.threshold:

@@ -1,8 +1,9 @@
 """Parameters of one secure-aggregation round: cohort, graph, threshold, ring, quantization.
 
 What it owns: `SecAggConfig` (validated once, shared by server and devices, and a `wire.record`
-so the round announcement can carry it), `StageDeadlines`, the `Stage` names, and the sizing
-rules that tie them together:
+so the round announcement can carry it), `StageDeadlines`, the `Stage` names, a device's own
+`PrivacyFloor` (never on the wire: the announcement cannot lower it), and the sizing rules that
+tie them together:
 
 - every device has exactly k neighbours (so n*k must be even), and a threshold t > k/2 of them
   must stay alive; k = n - 1 is classic SecAgg (Bonawitz et al. 2017), smaller k is SecAgg+
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 
 from shared import wire
 from shared.secagg.errors import SecAggConfigError
@@ -274,6 +276,70 @@ class SecAggConfig(wire.Record):
     def packed_bytes(self) -> int:
         """Bytes of one masked vector on the wire: exactly b bits per coordinate, rounded up."""
         return -(-self.coordinates * self.field_bits // 8)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacyFloor:
+    """What a device demands of a round before it reveals anything, from its own configuration.
+
+    min_cohort              refuse to join a round whose cohort (U0) is smaller
+    min_survivors           refuse to go on with fewer advertisers, or to unmask for fewer
+                            survivors (the announcement's `min_survivors` applies too: the
+                            larger of the two wins)
+    min_advertised_fraction refuse to go on when fewer than ceil(fraction * |U0|) devices are
+                            in U1: it bounds how small the aggregator can make U1, which it may
+                            choose (leaving honest advertisers out) to try rings until one gives
+                            a victim t colluding neighbours; a smaller U1 makes that likelier
+
+    Defaults: 3 / 3 / 0.8. Three is the smallest sum that hides one device's input from each of
+    the others; larger sizes depend on the fleet and come from the operator (`fleetlearn device
+    --min-cohort/--min-survivors`). 0.8 tolerates one device in five failing to advertise (the
+    aggregator over-selects by 1.2 for that) and makes that search 15 to 150 times longer than
+    0.5 would; the numbers are in docs/secagg.md ("What the aggregator can still do").
+    """
+
+    min_cohort: int = MIN_COHORT
+    min_survivors: int = 3
+    min_advertised_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.min_cohort) or not MIN_COHORT <= self.min_cohort <= MAX_COHORT:
+            raise SecAggConfigError(
+                "floor.min_cohort",
+                f"must be an int in {MIN_COHORT}..{MAX_COHORT}, got {self.min_cohort!r}",
+            )
+        if not _is_int(self.min_survivors) or not 2 <= self.min_survivors <= MAX_COHORT:
+            raise SecAggConfigError(
+                "floor.min_survivors",
+                f"must be an int in 2..{MAX_COHORT}, got {self.min_survivors!r}",
+            )
+        fraction = self.min_advertised_fraction
+        if not _is_number(fraction) or not 0.0 <= fraction <= 1.0:
+            raise SecAggConfigError(
+                "floor.min_advertised_fraction", f"must be a number in [0, 1], got {fraction!r}"
+            )
+
+    @classmethod
+    def minimal(cls) -> PrivacyFloor:
+        """Only what the protocol itself requires (cohort 3, 2 survivors, no share of
+        advertisers). For tests and benchmarks of the protocol's own rules, not for devices."""
+        return cls(min_cohort=MIN_COHORT, min_survivors=2, min_advertised_fraction=0.0)
+
+    def cohort_problem(self, cohort_size: int) -> str | None:
+        """Why a round with this many devices is too small for this device, or None."""
+        least = max(self.min_cohort, self.min_survivors)
+        if cohort_size < least:
+            return f"a cohort of {cohort_size} devices is below this device's floor of {least}"
+        return None
+
+    def survivors_needed(self, config: SecAggConfig) -> int:
+        """Fewest survivors this device unmasks for: the announcement's and its own minimum."""
+        return max(config.min_survivors, self.min_survivors)
+
+    def advertisers_needed(self, config: SecAggConfig) -> int:
+        """Fewest advertisers (|U1|) this device deals its shares to."""
+        share = math.ceil(self.min_advertised_fraction * config.cohort_size - 1e-9)
+        return max(self.survivors_needed(config), share)
 
 
 @wire.record

@@ -23,8 +23,9 @@ import nacl.signing
 import numpy as np
 
 from shared import wire
+from shared.secagg import keys
 from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import SecAggConfig, Stage, StageDeadlines
+from shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
 from shared.secagg.contribution import TrainingMetrics
 from shared.secagg.errors import ProtocolError, RemoteProtocolError
 from shared.secagg.keys import RandomSource
@@ -110,15 +111,27 @@ class InMemoryRound:
         lazy_inputs: bool = False,
         timer: Callable[[], float] | None = None,
         stage_seconds: float = 10.0,
+        draws: Mapping[str, bytes] | None = None,
+        floor: PrivacyFloor | None = None,
     ) -> None:
+        """`draws`: each device's graph draw (its announced ticket is derived from it); by
+        default drawn from the device's own random source. `floor`: every device's
+        `PrivacyFloor`; by default `PrivacyFloor.minimal()`, so that only the protocol's own
+        rules decide (tests of the floor pass one)."""
         self.config = config
         self.deadlines = StageDeadlines.evenly(0.0, stage_seconds)
         verify_keys = {d: bytes(k.verify_key) for d, k in identities.items()}
+        sources = {d: random_for(d) for d in sorted(identities)}
+        self.draws = {
+            d: draws[d] if draws is not None else keys.new_draw(sources[d]) for d in sources
+        }
+        self.tickets = {d: keys.ticket_of(d, draw) for d, draw in self.draws.items()}
         self.server = SecAggServer(
             config=config,
             round_id=round_id,
             round_seed=round_seed,
             verify_keys=verify_keys,
+            tickets=self.tickets,
             deadlines=self.deadlines,
         )
         self.clients = {
@@ -129,7 +142,10 @@ class InMemoryRound:
                 signing_key=key,
                 verify_keys=verify_keys,
                 round_seed=round_seed,
-                random=random_for(d),
+                tickets=self.tickets,
+                draw=self.draws[d],
+                floor=floor or PrivacyFloor.minimal(),
+                random=sources[d],
                 deadlines=self.deadlines,
             )
             for d, key in sorted(identities.items())

@@ -5,20 +5,23 @@ What it owns: every use of a cryptographic primitive in SecAgg apart from mask e
 
 Rules it keeps:
 - Primitives come from pynacl (X25519, Ed25519) and `cryptography` (HKDF-SHA256,
-  ChaCha20-Poly1305, SHA-256). Nothing here is home-made.
+  ChaCha20-Poly1305, SHA-256; hashlib's OpenSSL SHA-256 where a hash is taken per device of
+  the cohort, for speed). Nothing here is home-made.
 - Randomness only from the injected `RandomSource` (a callable returning n fresh bytes); the
   machines take one from their adapter. `system_random` is the OS CSPRNG for adapters to pass.
 - Every derived key has its own label, and every label, round and party that a key belongs to
   is inside the HKDF info (length-prefixed), so no key can be reused for another purpose, round
   or pair. Keys per round are fresh, so a round's keys reveal nothing about another round.
 - A bad value from a peer raises `CryptoError`; the caller knows who sent it.
+- A graph draw is committed by its ticket before the round and revealed once, in the device's
+  signed advert; the neighbour ring is seeded by all advertisers' draws (`ring_seed`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import nacl.bindings
 import nacl.exceptions
@@ -39,6 +42,8 @@ KEY_BYTES = 32  # X25519 keys, HKDF outputs, mask seeds, self-mask secrets
 SIGNATURE_BYTES = 64  # Ed25519
 COMMITMENT_BYTES = 32  # SHA-256
 AEAD_TAG_BYTES = 16  # Poly1305
+DRAW_BYTES = 16  # a device's secret graph draw: 128 bits, never reused
+TICKET_BYTES = 16  # the published commitment to a draw
 
 _PREFIX = b"fleetlearn/secagg/v1/"
 LABEL_ADVERT = _PREFIX + b"advertise"
@@ -46,6 +51,8 @@ LABEL_PAIRWISE_MASK = _PREFIX + b"pairwise-mask"
 LABEL_SELF_MASK = _PREFIX + b"self-mask"
 LABEL_SHARE_ENCRYPTION = _PREFIX + b"share-encryption"
 LABEL_SEED_COMMITMENT = _PREFIX + b"self-mask-commitment"
+LABEL_GRAPH_TICKET = _PREFIX + b"graph-ticket"
+LABEL_NEIGHBOUR_RING = _PREFIX + b"neighbour-ring"
 
 # A share-encryption key is derived for one direction of one pair in one round and seals
 # exactly one message, so a fixed nonce never repeats under a key.
@@ -125,8 +132,10 @@ def advert_transcript(
     share_key: bytes,
     mask_key: bytes,
     seed_commitment: bytes,
+    draw: bytes,
 ) -> bytes:
-    """What a device signs: its round keys bound to the round, the round seed and its id."""
+    """What a device signs: its round keys and graph draw, bound to the round, the round seed
+    and its id."""
     return frame(
         LABEL_ADVERT,
         encode_round(round_id),
@@ -135,7 +144,57 @@ def advert_transcript(
         share_key,
         mask_key,
         seed_commitment,
+        draw,
     )
+
+
+# ------------------------------------------------------------------------- graph draw / ticket
+
+
+def new_draw(random: RandomSource) -> bytes:
+    """A fresh secret graph draw. Published only as its ticket until the device advertises."""
+    return draw(random, DRAW_BYTES)
+
+
+_TICKET_HASH = hashlib.sha256(frame(LABEL_GRAPH_TICKET))
+
+
+def _ticket(ident: bytes, graph_draw: bytes) -> bytes:
+    digest = _TICKET_HASH.copy()
+    digest.update(len(ident).to_bytes(4, "big") + ident)
+    digest.update(graph_draw)  # fixed size: the framing stays unambiguous
+    return digest.digest()[:TICKET_BYTES]
+
+
+def ticket_of(device_id: str, graph_draw: bytes) -> bytes:
+    """The public commitment to `graph_draw` that the device puts in its retained status."""
+    if len(graph_draw) != DRAW_BYTES:
+        raise CryptoError(f"a graph draw is {DRAW_BYTES} bytes, got {len(graph_draw)}")
+    return _ticket(encode_id(device_id), graph_draw)
+
+
+def tickets_of_draws(device_ids: Sequence[str], draws: bytes) -> list[bytes]:
+    """The ticket of each device's DRAW_BYTES slice of `draws`, in order: what a device checks
+    for every advertiser in its roster (about 1.5 ms for 1000)."""
+    if len(draws) != DRAW_BYTES * len(device_ids):
+        raise CryptoError(f"expected {DRAW_BYTES} bytes of draw per device")
+    # _ticket inlined: the call overhead was half the time at n = 1000.
+    copy, out = _TICKET_HASH.copy, []
+    for i, device in enumerate(device_ids):
+        ident = encode_id(device)
+        digest = copy()
+        digest.update(len(ident).to_bytes(4, "big") + ident)
+        digest.update(draws[i * DRAW_BYTES : (i + 1) * DRAW_BYTES])
+        out.append(digest.digest()[:TICKET_BYTES])
+    return out
+
+
+def ring_seed(advertised: bytes, draws: bytes) -> bytes:
+    """The seed of a round's neighbour ring: SHA-256 over who advertised (the cohort bitmap)
+    and all their draws, in cohort order. Unknown to everyone until the last advert."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(frame(LABEL_NEIGHBOUR_RING, advertised, draws))
+    return digest.finalize()
 
 
 def sign(signing_key: nacl.signing.SigningKey, transcript: bytes) -> bytes:

@@ -22,7 +22,13 @@ from typing import ClassVar
 
 from shared import wire
 from shared.secagg.config import Stage
-from shared.secagg.keys import AEAD_TAG_BYTES, COMMITMENT_BYTES, KEY_BYTES, SIGNATURE_BYTES
+from shared.secagg.keys import (
+    AEAD_TAG_BYTES,
+    COMMITMENT_BYTES,
+    DRAW_BYTES,
+    KEY_BYTES,
+    SIGNATURE_BYTES,
+)
 from shared.secagg.shamir import SHARE_BYTES
 
 # One sealed share carries two field elements: the share of s_u (mask key) and of b_u (seed).
@@ -58,6 +64,7 @@ class KeyAdvert(wire.Record):
     share_key: bytes  # X25519 public key c_u: agreement for share encryption
     mask_key: bytes  # X25519 public key s_u: agreement for pairwise masks
     seed_commitment: bytes  # SHA-256 commitment to the self-mask secret b_u
+    draw: bytes  # the graph draw its announced ticket commits to: its place on the ring
     signature: bytes  # Ed25519 by the device's identity key over keys.advert_transcript
 
     def __post_init__(self) -> None:
@@ -65,12 +72,14 @@ class KeyAdvert(wire.Record):
         _require_bytes(self.share_key, KEY_BYTES, "share_key")
         _require_bytes(self.mask_key, KEY_BYTES, "mask_key")
         _require_bytes(self.seed_commitment, COMMITMENT_BYTES, "seed_commitment")
+        _require_bytes(self.draw, DRAW_BYTES, "draw")
         _require_bytes(self.signature, SIGNATURE_BYTES, "signature")
 
 
 @wire.message("secagg.advertise")
 class Advertise(wire.Message):
-    """Stage 1, device -> aggregator: this device's two round public keys, signed."""
+    """Stage 1, device -> aggregator: this device's two round public keys and its graph draw
+    (revealed here for the first and only time), signed."""
 
     STAGE: ClassVar[Stage] = Stage.ADVERTISE
 
@@ -79,6 +88,7 @@ class Advertise(wire.Message):
     share_key: bytes
     mask_key: bytes
     seed_commitment: bytes
+    draw: bytes
     signature: bytes
 
     def __post_init__(self) -> None:
@@ -87,6 +97,7 @@ class Advertise(wire.Message):
         _require_bytes(self.share_key, KEY_BYTES, "share_key")
         _require_bytes(self.mask_key, KEY_BYTES, "mask_key")
         _require_bytes(self.seed_commitment, COMMITMENT_BYTES, "seed_commitment")
+        _require_bytes(self.draw, DRAW_BYTES, "draw")
         _require_bytes(self.signature, SIGNATURE_BYTES, "signature")
 
     def advert(self) -> KeyAdvert:
@@ -95,27 +106,44 @@ class Advertise(wire.Message):
             share_key=self.share_key,
             mask_key=self.mask_key,
             seed_commitment=self.seed_commitment,
+            draw=self.draw,
             signature=self.signature,
         )
 
 
 @wire.message("secagg.roster")
 class Roster(wire.Message):
-    """Stage 1, aggregator -> one device: the adverts of its neighbours that advertised (U1).
+    """Stage 1, aggregator -> one device: who advertised (U1) with their graph draws, and the
+    signed adverts of this device's neighbours among them.
 
-    Per device rather than cohort-wide: k adverts instead of n, so a device downloads and
-    verifies O(k) signatures. A device ignores adverts of non-neighbours.
+    `advertised` is a bitmap over the sorted cohort (bit i of the little-endian integer is the
+    i-th device) and `draws` the U1 members' draws concatenated in that order: 16 bytes per
+    advertiser, so every device can check each draw against its announced ticket and rebuild
+    the ring. Adverts are per device (k of them, O(k) signatures to verify), and must be
+    exactly the recipient's neighbours in that ring.
     """
 
     STAGE: ClassVar[Stage] = Stage.ADVERTISE
 
     round_id: int
     recipient: str
+    advertised: bytes
+    draws: bytes
     adverts: tuple[KeyAdvert, ...]
 
     def __post_init__(self) -> None:
         _require_round(self.round_id)
         wire.require_id(self.recipient, "recipient")
+        wire.require(type(self.advertised) is bytes, "advertised", "expected bytes")
+        wire.require(type(self.draws) is bytes, "draws", "expected bytes")
+        if (
+            len(self.draws) % DRAW_BYTES
+            or len(self.draws) // DRAW_BYTES
+            != int.from_bytes(self.advertised, "little").bit_count()
+        ):
+            raise wire.SchemaError(
+                f"must hold {DRAW_BYTES} bytes per device the bitmap marks", field="draws"
+            )
         _require_tuple(self.adverts, "adverts")
         wire.require(
             all(type(a) is KeyAdvert for a in self.adverts), "adverts", "expected KeyAdvert items"

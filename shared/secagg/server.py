@@ -6,6 +6,7 @@ unmasking that turns it into the sum of the survivors' contributions.
 
     server = SecAggServer(config=..., round_id=..., round_seed=...,
                           verify_keys={device_id: ed25519_verify_key_bytes, ...},  # the cohort
+                          tickets={device_id: announced_ticket, ...},             # the cohort
                           deadlines=StageDeadlines(...))   # or None: the adapter decides
     for out in server.receive(message, now):   # message decoded with expect=TO_AGGREGATOR
         publish(out.message, to=out.to)        # out.to: tuple of device ids, or None = cohort
@@ -25,10 +26,13 @@ The transitions are the table `TRANSITIONS`.
 
 Rules it keeps:
 - Sans-IO: no sockets, no clock (`now` is passed in), no randomness needed at all.
+- An advert whose graph draw does not open the device's announced ticket is refused like a bad
+  signature. The neighbour graph is the ring over U1 seeded by all those draws (`graph`), built
+  when ADVERTISE closes; every roster carries U1 and all its draws so devices can rebuild it.
 - A message that is wrong for its sender (not in the cohort, another round or stage, late,
-  duplicate, bad signature, wrong neighbours or lengths, bad share) raises RemoteProtocolError
-  naming that sender, and changes nothing: every check runs before any state is touched.
-  The round goes on for everyone else.
+  duplicate, bad signature or draw, wrong neighbours or lengths, bad share) raises
+  RemoteProtocolError naming that sender, and changes nothing: every check runs before any
+  state is touched. The round goes on for everyone else.
 - Every survivor must keep >= t live neighbours at every stage (and every dropped device whose
   masks must be removed must keep t neighbours holding its shares), else ABORTED saying who.
 - Reconstructed secrets are checked against what the device committed to (its mask public key,
@@ -57,7 +61,7 @@ from shared.secagg.errors import (
     RemoteProtocolError,
     ThresholdError,
 )
-from shared.secagg.graph import NeighbourGraph
+from shared.secagg.graph import NeighbourGraph, membership_bitmap
 from shared.secagg.messages import (
     MAX_REASON,
     Abort,
@@ -155,6 +159,7 @@ class SecAggServer:
         round_id: int,
         round_seed: bytes,
         verify_keys: Mapping[str, bytes],
+        tickets: Mapping[str, bytes],
         deadlines: StageDeadlines | None,
     ) -> None:
         if not isinstance(config, SecAggConfig):
@@ -175,11 +180,21 @@ class SecAggServer:
             problem = id_problem(device)
             if problem:
                 raise LocalProtocolError(f"roster id {device!r}: {problem}")
+        if set(tickets) != set(self._verify_keys) or any(
+            not isinstance(t, bytes) or len(t) != keys.TICKET_BYTES for t in tickets.values()
+        ):
+            raise LocalProtocolError(
+                f"tickets must map every cohort device to {keys.TICKET_BYTES} bytes"
+            )
         self.config = config
         self.round_id = round_id
         self.deadlines = deadlines
         self._round_seed = round_seed
-        self._graph = NeighbourGraph(tuple(self._verify_keys), config.neighbours, round_seed)
+        self._tickets = dict(tickets)
+        self._cohort = tuple(sorted(self._verify_keys))
+        self._in_cohort = frozenset(self._cohort)
+        # The graph exists once ADVERTISE closed: the ring over U1, seeded by all their draws.
+        self._graph = NeighbourGraph(self._cohort, config.neighbours, {})
         self._state = ServerState.ADVERTISE
         self._reason: str | None = None
         self._result: SecAggResult | None = None
@@ -236,7 +251,12 @@ class SecAggServer:
 
     @property
     def cohort(self) -> tuple[str, ...]:
-        return self._graph.cohort
+        return self._cohort
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        """The neighbour graph over U1 (empty until ADVERTISE closed)."""
+        return self._graph
 
     @property
     def advertised(self) -> frozenset[str]:
@@ -342,7 +362,14 @@ class SecAggServer:
         Changes nothing. An adapter with its own timing asks this before closing a stage that
         is not complete yet (e.g. after a soft limit): the same checks the close makes."""
         if self._state is ServerState.ADVERTISE:
-            return self._neighbourhood_problem(frozenset(self._adverts), "advertised keys")
+            # The ring exists only once U1 is fixed (it is seeded by U1's draws): check the
+            # ring these advertisers would get, keeping the current one.
+            current = self._graph
+            try:
+                self._graph = self._ring(frozenset(self._adverts))
+                return self._neighbourhood_problem(frozenset(self._adverts), "advertised keys")
+            finally:
+                self._graph = current
         if self._state is ServerState.SHARE:
             return self._neighbourhood_problem(frozenset(self._sealed), "shared their secrets")
         if self._state is ServerState.COLLECT:
@@ -377,7 +404,7 @@ class SecAggServer:
 
         if message.round_id != self.round_id:
             raise reject(f"message for round {message.round_id}; this is round {self.round_id}")
-        if sender not in self._graph:
+        if sender not in self._in_cohort:
             raise reject("not in this round's cohort")
         if self._state not in _LIVE:
             raise reject(f"the round is over ({self._state.name})")
@@ -407,6 +434,7 @@ class SecAggServer:
             share_key=message.share_key,
             mask_key=message.mask_key,
             seed_commitment=message.seed_commitment,
+            draw=message.draw,
         )
         try:
             keys.verify(self._verify_keys[sender], transcript, message.signature)
@@ -414,6 +442,8 @@ class SecAggServer:
             raise reject(
                 "advert signature does not verify with the device's identity key"
             ) from None
+        if keys.ticket_of(sender, message.draw) != self._tickets[sender]:
+            raise reject("graph draw does not match the device's announced ticket")
         if message.share_key == message.mask_key:
             raise reject("share_key and mask_key must be different keys")
         for name in ("share_key", "mask_key"):
@@ -499,7 +529,7 @@ class SecAggServer:
         # record senders from the stage's expected set, so equal sizes mean nobody is missing.
         state = self._state
         if state is ServerState.ADVERTISE:
-            return len(self._adverts) == len(self._graph.cohort)
+            return len(self._adverts) == len(self._cohort)
         if state is ServerState.SHARE:
             return len(self._sealed) == len(self._u1)
         if state is ServerState.COLLECT:
@@ -552,17 +582,35 @@ class SecAggServer:
             )
         return None
 
+    def _ring(self, u1: frozenset[str]) -> NeighbourGraph:
+        """The neighbour ring over advertisers `u1`, seeded by their committed draws."""
+        draws = {u: self._adverts[u].draw for u in u1}
+        return NeighbourGraph(self._cohort, self.config.neighbours, draws)
+
     def _close_advertise(self) -> list[Outbound]:
         u1 = frozenset(self._adverts)
         self._mark_dropped(frozenset(self.cohort) - u1, Stage.ADVERTISE)
         self._u1 = u1
+        draws = {u: self._adverts[u].draw for u in u1}
+        self._graph = self._ring(u1)
         problem = self._neighbourhood_problem(u1, "advertised keys")
         if problem:
             return self._abort(f"ADVERTISE: {problem}")
+        # The same U1 and draws for everyone (16 bytes per advertiser), built once.
+        members = tuple(sorted(u1))
+        advertised = membership_bitmap(self._cohort, members)
+        all_draws = b"".join(draws[u] for u in members)
         out = []
-        for u in sorted(u1):
-            adverts = tuple(self._adverts[v] for v in sorted(self._graph.live(u, u1)))
-            out.append(Outbound(Roster(round_id=self.round_id, recipient=u, adverts=adverts), (u,)))
+        for u in members:
+            adverts = tuple(self._adverts[v] for v in self._graph.of(u))
+            roster = Roster(
+                round_id=self.round_id,
+                recipient=u,
+                advertised=advertised,
+                draws=all_draws,
+                adverts=adverts,
+            )
+            out.append(Outbound(roster, (u,)))
         self._transition(ServerEvent.CLOSE)
         return out
 
