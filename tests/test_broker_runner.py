@@ -138,11 +138,13 @@ def test_unreachable_state_dir_is_a_clear_error(tmp_path: Path, fleet_dir: Path)
     broker = BrokerProcess(
         BrokerSettings(port=0, fleet_dir=fleet_dir, state_dir=closed / "state"), "mosquitto"
     )
-    with pytest.raises(BrokerError, match="cannot reach the state directory") as info:
-        broker.start()
-    assert "\n" not in str(info.value)
-    assert not broker.running()
-    broker.close()
+    try:
+        with pytest.raises(BrokerError, match="cannot reach the state directory") as info:
+            broker.start()
+        assert "\n" not in str(info.value)
+        assert not broker.running()
+    finally:
+        broker.close()  # also when it wrongly started
 
 
 def test_state_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
