@@ -52,7 +52,9 @@ from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, Sta
 from shared.secagg import messages as sm
 from shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
 from shared.secagg.errors import RemoteProtocolError, SecAggError
+from shared.secagg.packing import packed_size
 from shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
+from shared.secagg.shamir import SHARE_BYTES
 from shared.stagetime import ArrivalHistory, StageWindow
 
 STAGE_ORDER = {Stage.ADVERTISE: 0, Stage.SHARE: 1, Stage.COLLECT: 2, Stage.UNMASK: 3}
@@ -73,6 +75,29 @@ _EXPECTED_TYPE: dict[topics.Kind, type[wire.Message]] = {
 # Round messages expire after this long on MQTT 5 brokers: nobody needs them later.
 ROUND_MESSAGE_EXPIRY = 600
 KEEP_FINISHED = 32  # finished rounds whose late messages are still told apart
+# Size limits per device message, far below the wire's 16 MB default: what an honest device of
+# this round can send, plus room for the envelope. One device's credentials then cannot make
+# the aggregator decompress and parse tens of megabytes per message.
+_SLACK = 16 * 1024
+STATUS_LIMITS = wire.Limits(max_compressed=_SLACK, max_decompressed=_SLACK)
+
+
+def round_limits(dim: int, secagg: SecAggConfig | None) -> dict[topics.Kind, wire.Limits]:
+    """The largest payload an honest device sends on each round topic, with slack."""
+    if secagg is None:  # plain: a dense float32 update is the largest form
+        sizes = {topics.Kind.UPDATE: 8 * dim + _SLACK}
+    else:
+        k = secagg.neighbours
+        sizes = {
+            topics.Kind.ADVERTISE: _SLACK,
+            topics.Kind.SHARES: k * (sm.SEALED_SHARE_BYTES + 128) + _SLACK,
+            topics.Kind.MASKED: packed_size(secagg.dimension + 4, secagg.field_bits) + _SLACK,
+            topics.Kind.UNMASK: k * (SHARE_BYTES + 128) + _SLACK,
+        }
+    return {
+        kind: wire.Limits(max_compressed=size, max_decompressed=size)
+        for kind, size in sizes.items()
+    }
 
 
 class EngineError(FleetlearnError):
@@ -207,6 +232,7 @@ class _Run:
     server: SecAggServer | None
     stages: dict[Stage, StageStats]
     members: frozenset[str] = frozenset()  # the cohort, for membership tests per message
+    limits: dict[topics.Kind, wire.Limits] = field(default_factory=dict)  # see round_limits
     plain: dict[str, PlainUpdate] = field(default_factory=dict)
     plain_closed: bool = False
     clock: float = 0.0  # the latest `now` seen: whether the soft limit has passed
@@ -262,7 +288,12 @@ class RoundEngine:
             )
             return
         try:
-            status = wire.decode(payload, wire.DeviceStatus, context={"device_id": device_id})
+            status = wire.decode(
+                payload,
+                wire.DeviceStatus,
+                context={"device_id": device_id},
+                limits=STATUS_LIMITS,
+            )
         except wire.WireError as exc:
             self._reject("bad_payload", device_id, f"status: {exc}")
             return
@@ -446,6 +477,7 @@ class RoundEngine:
             server=server,
             stages=stages,
             members=frozenset(cohort),
+            limits=round_limits(dim, secagg),
             clock=now,
         )
         self.outcome = None
@@ -511,6 +543,7 @@ class RoundEngine:
                 payload,
                 expect=expected,
                 context={"round_id": topic.round_id, "sender": device},
+                limits=run.limits.get(topic.kind, wire.DEFAULT_LIMITS),
             )
         except wire.WireError as exc:
             self._reject("bad_payload", device, str(exc))

@@ -15,6 +15,7 @@ An attacker holding one device's credentials can publish anything on that device
 from __future__ import annotations
 
 import math
+import os
 import struct
 from typing import Any
 
@@ -353,3 +354,22 @@ def test_participant_in_a_round_ignores_hostile_round_messages(payload: bytes) -
         actions = device.on_message(topics.parse(name), payload, fleet.now)
         assert all(isinstance(a, Note) for a in actions)
     assert device.round is not None  # garbage from the network does not end its round
+
+
+def test_device_messages_larger_than_the_round_needs_are_refused_unread() -> None:
+    """Each device topic has the size an honest device of this round can need (plus room for
+    the envelope), far below the wire's 16 MB: larger payloads are refused before anything is
+    decompressed, and counted."""
+    fleet, engine = _engine_with_round()
+    device = sorted(fleet.devices)[0]
+    # 64 kB of random padding: incompressible, so the frame itself is that large.
+    padded = frame(msgpack.packb({"v": 1, "t": "status", "pad": os.urandom(64 * 1024)}))
+    kinds = [topics.Kind.ADVERTISE, topics.Kind.SHARES, topics.Kind.MASKED, topics.Kind.UNMASK]
+    for kind in kinds:
+        topic = topics.parse(topics.per_device(FLEET, 1, kind, device))
+        assert engine.receive(topic, padded, fleet.now) == []
+    engine.observe_status(device, padded, fleet.now)
+    refusals = [e for e in engine.drain_events() if e["event"] == "rejected"]
+    assert len(refusals) == len(kinds) + 1
+    assert all("limit" in e["detail"] and e["reason"] == "bad_payload" for e in refusals)
+    assert engine.running
