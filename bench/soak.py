@@ -5,11 +5,11 @@
 
 Starts a broker on loopback (fleetlearn's runner, with persistence), provisions the fleet,
 starts `fleetlearn sim` (10% of each cohort vanishes before masking, as in the demo) and
-`fleetlearn aggregator --rounds 0`, and every minute prints the resident memory (VmRSS) of
-the aggregator, of the simulator (its main process and workers together) and of the broker,
-with the rounds closed and aborted so far. Stops by itself after --minutes (also on Ctrl-C),
-terminating everything it started, then prints the aggregator's growth over the last 20
-minutes (the acceptance bound of issue 13 is < 5 MB) and the command.
+`fleetlearn aggregator --rounds 0` with the demo's round settings, and every minute prints
+the resident memory (VmRSS) of the aggregator, of the simulator (its main process and workers
+together) and of the broker, with the rounds closed and aborted so far. Stops by itself after
+--minutes (also on Ctrl-C), terminating everything it started, then prints the aggregator's
+growth over the last 20 minutes (the acceptance bound of issue 13 is < 5 MB) and the command.
 """
 
 from __future__ import annotations
@@ -39,6 +39,19 @@ samples = 300
 [dropout]
 collect = 0.1
 """
+
+
+# The demo's round settings (firmware_sim/cli.py): short soft limits, so rounds follow each
+# other quickly and the soak sees many of them.
+DEMO_SETTINGS = [
+    "rounds.settle=1.5",
+    "stages.advertise=5", "stages.share=5", "stages.collect=5", "stages.unmask=5",
+    "stages.advertise_hard=30", "stages.share_hard=30", "stages.collect_hard=60",
+    "stages.unmask_hard=30",
+    "training.epochs=2", "training.max_samples=256",
+    "compression.density=0.1", "compression.clip=1.0",
+    "secagg.expected_dropout=0.1",
+]  # fmt: skip
 
 
 def rss_mb(pid: int) -> float:
@@ -128,9 +141,7 @@ def main() -> int:
              "--fleet-dir", str(fleet_dir), "--state-dir", str(state), "--rounds", "0",
              "--mode", args.mode, "--cohort", str(args.cohort),
              "--set", f"broker.protocol={protocol}",
-             "--set", "secagg.expected_dropout=0.1", "--set", "rounds.settle=1.5",
-             "--set", "training.max_samples=256", "--set", "training.epochs=2",
-             "--set", "compression.clip=1.0"],
+             *[x for kv in DEMO_SETTINGS for x in ("--set", kv)]],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=agg_log,
         )  # fmt: skip
         procs.append(agg)
