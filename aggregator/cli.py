@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from fleetlearn.shared.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -47,8 +47,8 @@ def register(sub: Any) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from aggregator import model_build  # imports TensorFlow only when it builds
-    from shared.settings import writable_dir
+    from fleetlearn.aggregator import model_build  # imports TensorFlow only when it builds
+    from fleetlearn.shared.settings import writable_dir
 
     if args.out.is_dir():
         raise ConfigError("--out", f"{args.out} is a directory; give the .tflite file's name")
@@ -80,7 +80,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def format_model(data: bytes, name: str) -> str:
     """The `inspect` report: what a field engineer needs to know about one model file."""
-    from shared import tflite_model as tm
+    from fleetlearn.shared import tflite_model as tm
 
     info = tm.describe_model(data)
     lines = [f"{name}: {info.size:,} bytes, TFLite schema {info.schema_version}"]
@@ -177,8 +177,8 @@ _FLAG_KEYS = {
 
 
 def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Any:
-    from aggregator.config import AggregatorSettings
-    from shared import settings
+    from fleetlearn.aggregator.config import AggregatorSettings
+    from fleetlearn.shared import settings
 
     text = None if args.config is None else settings.read_text(args.config, "--config")
     sets = settings.parse_sets(args.set)
@@ -201,10 +201,10 @@ def run_aggregator(args: argparse.Namespace) -> int:
     import signal
     import sys
 
-    from aggregator.service import AggregatorService, RoundSummary
-    from broker import provision as prov
-    from device.mqtt import check_ca_file
-    from shared import settings as settings_mod
+    from fleetlearn.aggregator.service import AggregatorService, RoundSummary
+    from fleetlearn.shared import fleetdir as prov
+    from fleetlearn.shared import settings as settings_mod
+    from fleetlearn.transport import check_ca_file
 
     loaded = load_settings(args, dict(os.environ))
     if args.print_config:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from aggregator import rules
-from aggregator.engine import EngineConfig, EngineError
-from shared import rounds
-from shared.errors import ConfigError
-from shared.ids import id_problem
-from shared.secagg.config import MAX_COHORT
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.engine import EngineConfig, EngineError
+from fleetlearn.shared import rounds
+from fleetlearn.shared.errors import ConfigError
+from fleetlearn.shared.ids import id_problem
+from fleetlearn.shared.secagg.config import MAX_COHORT
 
 T = TypeVar("T")
 MAX_ROUNDS = 1_000_000_000
@@ -31,7 +31,7 @@ class BrokerSection:
     ca_file: str = ""  # for mqtts:// brokers with a private CA
 
     def __post_init__(self) -> None:
-        from device.mqtt import BrokerAddress  # the one parser of broker URLs
+        from fleetlearn.transport import BrokerAddress  # the one parser of broker URLs
 
         address = BrokerAddress.parse(self.url, key="broker.url")
         if self.ca_file and not address.tls:
@@ -196,7 +196,7 @@ class AggregatorSettings:
 
     def engine_config(self) -> EngineConfig:
         """The round engine's view; errors name the settings key."""
-        from shared import wire
+        from fleetlearn.shared import wire
 
         def build(section: str, cls: type[T], **values: Any) -> T:
             # The wire records validate themselves; re-key their errors to the settings key.

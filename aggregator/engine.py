@@ -45,17 +45,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aggregator import rules
-from shared import rounds, sparse, topics, wire
-from shared.errors import FleetlearnError
-from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
-from shared.secagg import messages as sm
-from shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
-from shared.secagg.errors import RemoteProtocolError, SecAggError
-from shared.secagg.packing import packed_size
-from shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
-from shared.secagg.shamir import SHARE_BYTES
-from shared.stagetime import ArrivalHistory, StageWindow
+from fleetlearn.aggregator import rules
+from fleetlearn.shared import rounds, sparse, topics, wire
+from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
+from fleetlearn.shared.secagg import messages as sm
+from fleetlearn.shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
+from fleetlearn.shared.secagg.errors import RemoteProtocolError, SecAggError
+from fleetlearn.shared.secagg.packing import packed_size
+from fleetlearn.shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
+from fleetlearn.shared.secagg.shamir import SHARE_BYTES
+from fleetlearn.shared.stagetime import ArrivalHistory, StageWindow
 
 STAGE_ORDER = {Stage.ADVERTISE: 0, Stage.SHARE: 1, Stage.COLLECT: 2, Stage.UNMASK: 3}
 _MESSAGE_STAGE: dict[topics.Kind, Stage] = {

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from shared import settings
-from shared import tflite_model as tm
-from shared.errors import ConfigError
-from shared.ids import id_problem
+from fleetlearn.shared import settings
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared.errors import ConfigError
+from fleetlearn.shared.ids import id_problem
 
 DEFAULT_SPEC_PATH = Path(__file__).with_name("models") / "pdm_default.toml"
 DEFAULT_MODEL_PATH = Path(__file__).with_name("models") / "pdm_default.tflite"

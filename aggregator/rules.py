@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from shared.errors import ConfigError
+from fleetlearn.shared.errors import ConfigError
 
 RuleName = Literal["mean", "median", "trimmed"]
 OptimizerName = Literal["fedavg", "fedavgm", "fedadam"]

@@ -1,8 +1,9 @@
 """The aggregator service: the round engine over MQTT, with persistence and releases.
 
 Tasks in one TaskGroup:
-- `link`: the MQTT connection (device/mqtt.Link: reconnect with jittered backoff, MQTT 5
-  properties when the broker has them).
+- `link`: the publishing connection, and `ingest` the receiving one (`transport.Transport`s;
+  by default MQTT `Link`s: reconnect with jittered backoff, MQTT 5 properties when the broker
+  has them).
 - `intake`: drains incoming messages into the engine, in arrival order.
 - `deadlines`: ticks the engine when a stage deadline passes.
 - `rounds`: waits for enough eligible devices, starts a round, waits for its outcome, then
@@ -55,23 +56,25 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from aggregator import rules
-from aggregator.config import AggregatorSettings
-from aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
-from aggregator.store import Store
-from broker.provision import AggregatorCredentials, FleetRegistry
-from device.mqtt import (
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.config import AggregatorSettings
+from fleetlearn.aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
+from fleetlearn.aggregator.store import Store
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics, wire
+from fleetlearn.shared.errors import ConfigError, FleetlearnError
+from fleetlearn.shared.fleetdir import AggregatorCredentials, FleetRegistry
+from fleetlearn.shared.rounds import RoundAnnounce, RoundState
+from fleetlearn.transport import (
     JSON_CONTENT_TYPE,
     MSGPACK_CONTENT_TYPE,
     BrokerAddress,
+    Connector,
+    Endpoint,
     Incoming,
-    Link,
     LinkError,
+    Transport,
 )
-from shared import tflite_model as tm
-from shared import topics, wire
-from shared.errors import ConfigError, FleetlearnError
-from shared.rounds import RoundAnnounce, RoundState
 
 log = logging.getLogger("fleetlearn.aggregator")
 PUBLISH_WINDOW = 20
@@ -84,7 +87,7 @@ class RoundsAbortedError(FleetlearnError):
 
 
 def default_model() -> bytes:
-    return (resources.files("aggregator") / "models" / "pdm_default.tflite").read_bytes()
+    return (resources.files("fleetlearn.aggregator") / "models" / "pdm_default.tflite").read_bytes()
 
 
 @dataclass(slots=True)
@@ -104,7 +107,10 @@ class AggregatorService:
         registry: FleetRegistry,
         *,
         on_round: Callable[[RoundSummary], None] | None = None,
+        connector: Connector | None = None,
     ) -> None:
+        """`connector` opens the two connections; by default MQTT links to `broker.url`
+        (tests pass `transport.memory.MemoryBroker.connector` to run without a broker)."""
         if registry.fleet != settings.fleet.id:
             raise ConfigError(
                 "fleet.id",
@@ -129,7 +135,11 @@ class AggregatorService:
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
         self._outcome = asyncio.Event()
         self._stop = asyncio.Event()
-        address = BrokerAddress.parse(settings.broker.url, key="broker.url")
+        if connector is None:
+            from fleetlearn.transport import mqtt
+
+            address = BrokerAddress.parse(settings.broker.url, key="broker.url")
+            connector = mqtt.connector(address, ca_file=settings.broker.ca_file or None)
         # Two connections. `link` publishes (models, rounds, inboxes, metrics, events) and
         # uses MQTT 5 when the broker has it: message expiry and content types. `ingest`
         # subscribes to everything devices send and speaks MQTT 3.1.1 unless 5 is forced:
@@ -139,25 +149,25 @@ class AggregatorService:
         # reconnects wait at the broker.
         # Each connection is its own broker identity: brokers bind client ids to usernames,
         # so two connections under one username would replace each other.
-        self.link = Link(
-            address,
-            client_id=credentials.username,
-            username=credentials.username,
-            password=credentials.password,
-            protocol=settings.broker.protocol,
-            persistent=False,
-            on_connect=self._on_connect,
-            ca_file=settings.broker.ca_file or None,
+        self.link: Transport = connector(
+            Endpoint(
+                client_id=credentials.username,
+                username=credentials.username,
+                password=credentials.password,
+                protocol=settings.broker.protocol,
+                persistent=False,
+                on_connect=self._on_connect,
+            )
         )
-        self.ingest = Link(
-            address,
-            client_id=credentials.ingest_username,
-            username=credentials.ingest_username,
-            password=credentials.ingest_password,
-            subscriptions=topics.aggregator_filters(self.fleet),
-            protocol="5" if settings.broker.protocol == "5" else "3.1.1",
-            on_message=self._queue.put_nowait,
-            ca_file=settings.broker.ca_file or None,
+        self.ingest: Transport = connector(
+            Endpoint(
+                client_id=credentials.ingest_username,
+                username=credentials.ingest_username,
+                password=credentials.ingest_password,
+                subscriptions=tuple(topics.aggregator_filters(self.fleet)),
+                protocol="5" if settings.broker.protocol == "5" else "3.1.1",
+                on_message=self._queue.put_nowait,
+            )
         )
         # The latest round summaries (what run() returns); older ones are in the store.
         self.summaries: collections.deque[RoundSummary] = collections.deque(maxlen=1000)
@@ -205,7 +215,7 @@ class AggregatorService:
         await self.link.publish(topics.model(self.fleet), latest.payload, retain=True)
         log.warning(
             "connected to %s (MQTT %s); release v%d published",
-            self.link.address,
+            self.link.peer,
             self.link.version,
             latest.version,
         )

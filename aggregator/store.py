@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import FleetlearnError
+from fleetlearn.shared.errors import FleetlearnError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (

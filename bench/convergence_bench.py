@@ -16,11 +16,11 @@ import argparse
 import statistics
 import time
 
-from aggregator import rules
-from aggregator.engine import EngineConfig
-from firmware_sim.inmemory import InMemoryFleet, central_accuracy, held_out_set
-from firmware_sim.scenario import Scenario
-from shared import rounds
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.engine import EngineConfig
+from fleetlearn.firmware_sim.inmemory import InMemoryFleet, central_accuracy, held_out_set
+from fleetlearn.firmware_sim.scenario import Scenario
+from fleetlearn.shared import rounds
 
 CONFIGS = {
     "EF off, server lr 1/density": (False, 10.0),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware_sim.data import FEATURE_SCALE, FEATURES, MACHINE_TYPES, device_machine
+from fleetlearn.firmware_sim.data import FEATURE_SCALE, FEATURES, MACHINE_TYPES, device_machine
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker import provision as prov  # noqa: E402
-from broker.runner import BrokerProcess, BrokerSettings  # noqa: E402
-from shared import wire  # noqa: E402
+from fleetlearn.broker import provision as prov  # noqa: E402
+from fleetlearn.broker.runner import BrokerProcess, BrokerSettings  # noqa: E402
+from fleetlearn.shared import wire  # noqa: E402
 
 
 async def wait_online(url_host: str, port: int, fleet_dir: Path, count: int, limit: float) -> float:

@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.secagg.config import PrivacyFloor, SecAggConfig
-from shared.secagg.graph import NeighbourGraph
-from shared.secagg.keys import DRAW_BYTES
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig
+from fleetlearn.shared.secagg.graph import NeighbourGraph
+from fleetlearn.shared.secagg.keys import DRAW_BYTES
 
 
 def degree(m: int, k: int) -> int:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import nacl.signing
 import numpy as np
 
-from aggregator import model_build as mb
-from device.trainer import LiteRTTrainer
-from shared import tflite_model as tm
+from fleetlearn.aggregator import model_build as mb
+from fleetlearn.device.trainer import LiteRTTrainer
+from fleetlearn.shared import tflite_model as tm
 
 # name -> (input width, hidden layers); 4 classes and batch 32 throughout.
 SIZES: dict[str, tuple[int, tuple[int, ...]]] = {

@@ -81,13 +81,13 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def run_one(work: Path, n: int, model: Path, mode: str, rounds: int = 4) -> dict[str, Any]:
-    from aggregator.config import AggregatorSettings
-    from aggregator.service import AggregatorService, RoundSummary
-    from broker import provision as prov
-    from broker.runner import BrokerProcess, BrokerSettings
-    from firmware_sim.fleet import SimSpec, Simulator
-    from firmware_sim.scenario import Scenario
-    from shared import settings
+    from fleetlearn.aggregator.config import AggregatorSettings
+    from fleetlearn.aggregator.service import AggregatorService, RoundSummary
+    from fleetlearn.broker import provision as prov
+    from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
+    from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
+    from fleetlearn.firmware_sim.scenario import Scenario
+    from fleetlearn.shared import settings
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
     fleet_dir = run_dir / "fleet"

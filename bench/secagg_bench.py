@@ -39,11 +39,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.secagg.config import SecAggConfig, Stage, default_neighbours, suggest_neighbours
-from shared.secagg.contribution import TrainingMetrics
-from shared.secagg.harness import DeviceInput, DropPoint, InMemoryRound
-from shared.secagg.keys import system_random
-from shared.secagg.server import ServerState
+from fleetlearn.shared.secagg.config import (
+    SecAggConfig,
+    Stage,
+    default_neighbours,
+    suggest_neighbours,
+)
+from fleetlearn.shared.secagg.contribution import TrainingMetrics
+from fleetlearn.shared.secagg.harness import DeviceInput, DropPoint, InMemoryRound
+from fleetlearn.shared.secagg.keys import system_random
+from fleetlearn.shared.secagg.server import ServerState
 
 STAGES = (Stage.ADVERTISE, Stage.SHARE, Stage.COLLECT, Stage.UNMASK)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker import provision as prov  # noqa: E402
-from broker.runner import BrokerProcess, BrokerSettings  # noqa: E402
+from fleetlearn.broker import provision as prov  # noqa: E402
+from fleetlearn.broker.runner import BrokerProcess, BrokerSettings  # noqa: E402
 
 SCENARIO = """
 [fleet]

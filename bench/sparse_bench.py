@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared import wire
-from shared.sparse import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.sparse import (
     Compression,
     SharedUpdate,
     SparseMode,

@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.errors import FleetlearnError
+from fleetlearn.shared.errors import FleetlearnError
 
 
 class AclError(FleetlearnError):

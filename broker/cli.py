@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from broker import provision as prov
-from broker.runner import (
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import (
     DEFAULT_PORT,
     BrokerProcess,
     BrokerSettings,
@@ -21,8 +21,8 @@ from broker.runner import (
     find_mosquitto,
     start_broker,
 )
-from shared.errors import ConfigError
-from shared.ids import id_problem
+from fleetlearn.shared.errors import ConfigError
+from fleetlearn.shared.ids import id_problem
 
 DEFAULT_FLEET = "plant-7"
 DEFAULT_FLEET_DIR = Path("fleet")

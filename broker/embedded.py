@@ -42,8 +42,8 @@ from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from broker.acl import Access, Acl
-from broker.provision import check_password
+from fleetlearn.broker.acl import Access, Acl
+from fleetlearn.broker.provision import check_password
 
 log = logging.getLogger("fleetlearn.broker.embedded")
 CONNECT_TIMEOUT = 10.0  # seconds a new connection has to send its CONNECT
@@ -223,11 +223,13 @@ class EmbeddedConfig:
     def amqtt_config(self) -> dict[str, Any]:
         plugins: dict[str, Any] = {}
         if self.password_file is not None:
-            plugins["broker.embedded.PasswdAuthPlugin"] = {"password_file": str(self.password_file)}
+            plugins["fleetlearn.broker.embedded.PasswdAuthPlugin"] = {
+                "password_file": str(self.password_file)
+            }
         else:
             plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
         if self.acl_file is not None:
-            plugins["broker.embedded.AclTopicPlugin"] = {"acl_file": str(self.acl_file)}
+            plugins["fleetlearn.broker.embedded.AclTopicPlugin"] = {"acl_file": str(self.acl_file)}
         plugins.update(self.extra_plugins)
         return {
             "listeners": {

@@ -1,5 +1,8 @@
 """Fleet provisioning: broker credentials, the ACL, and Ed25519 identity keys.
 
+This module writes the fleet directory; reading it is `shared.fleetdir`'s (re-exported here),
+so that the aggregator and gateways load their credentials without importing `broker`.
+
 What `provision()` writes under its output directory (the "fleet directory"):
 
     fleet.json                   public registry: fleet id, aggregator and device verify keys
@@ -39,19 +42,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
-from shared import topics
-from shared.errors import FleetlearnError
-from shared.ids import id_problem
-
-AGGREGATOR_USER = "aggregator"
-AGGREGATOR_INGEST_USER = "aggregator-ingest"
-DASHBOARD_USER = "dashboard"
-SIMULATOR_USER = "simulator"
-RESERVED_USERS = frozenset(
-    {AGGREGATOR_USER, AGGREGATOR_INGEST_USER, DASHBOARD_USER, SIMULATOR_USER}
+from fleetlearn.shared import topics
+from fleetlearn.shared.fleetdir import (  # noqa: F401 - the readers are part of this module's API
+    AGGREGATOR_INGEST_USER,
+    AGGREGATOR_USER,
+    DASHBOARD_USER,
+    RESERVED_USERS,
+    SIMULATOR_USER,
+    AggregatorCredentials,
+    DeviceCredentials,
+    FleetRegistry,
+    ProvisionError,
+    dashboard_password,
+    load_aggregator,
+    load_device,
+    load_registry,
+    provisioned_devices,
+    read_text,
+    signing_key,
+    simulator_password,
+    verify_key,
 )
+from fleetlearn.shared.ids import id_problem
+
 MAX_DEVICES = 100_000
 MAX_ID = 2**32 - 1  # (uid_t)-1 means "leave unchanged" to chown
 
@@ -60,52 +75,6 @@ MAX_ID = 2**32 - 1  # (uid_t)-1 means "leave unchanged" to chown
 # simulated fleet of 1000 devices connects at once.
 PBKDF2_ITERATIONS = 1_000
 SALT_BYTES = 12  # what mosquitto_passwd uses
-
-
-class ProvisionError(FleetlearnError):
-    """The fleet directory is missing, unreadable, or inconsistent."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceCredentials:
-    """What one device needs: loaded from `devices/{id}/`."""
-
-    device_id: str
-    fleet: str
-    password: str
-    identity: SigningKey
-    aggregator_key: VerifyKey
-
-    @property
-    def username(self) -> str:
-        return self.device_id
-
-
-@dataclass(frozen=True, slots=True)
-class AggregatorCredentials:
-    """The aggregator's two MQTT identities (one per connection) and its signing key."""
-
-    fleet: str
-    password: str
-    identity: SigningKey
-    ingest_password: str
-
-    @property
-    def username(self) -> str:
-        return AGGREGATOR_USER
-
-    @property
-    def ingest_username(self) -> str:
-        return AGGREGATOR_INGEST_USER
-
-
-@dataclass(frozen=True, slots=True)
-class FleetRegistry:
-    """The public half of a fleet: who exists and which keys they sign with."""
-
-    fleet: str
-    aggregator_key: VerifyKey
-    device_keys: dict[str, VerifyKey]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,40 +119,6 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
     return path
-
-
-def _read(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ProvisionError(f"{what} not found at {path}; run `fleetlearn provision`") from None
-    except OSError as exc:
-        raise ProvisionError(f"cannot read {what} at {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ProvisionError(f"{what} at {path} is not text; was it overwritten?") from None
-
-
-def _signing_key(path: Path, what: str) -> SigningKey:
-    text = _read(path, what)
-    try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        raise ProvisionError(f"{what} at {path} is not hex") from None
-    if len(seed) != 32:
-        raise ProvisionError(f"{what} at {path} holds {len(seed)} bytes; expected 32")
-    return SigningKey(seed)
-
-
-def _verify_key(text: object, what: str) -> VerifyKey:
-    if not isinstance(text, str):
-        raise ProvisionError(f"{what} must be a hex string")
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raise ProvisionError(f"{what} is not hex") from None
-    if len(raw) != 32:
-        raise ProvisionError(f"{what} holds {len(raw)} bytes; expected 32")
-    return VerifyKey(raw)
 
 
 def _new_password() -> str:
@@ -366,7 +301,7 @@ def _provision(
     agg_key_path = agg_dir / "identity.key"
     if rotate or not agg_key_path.exists():
         _write_secret(agg_key_path, SigningKey.generate().encode().hex() + "\n")
-    aggregator_key = _signing_key(agg_key_path, "aggregator identity key")
+    aggregator_key = signing_key(agg_key_path, "aggregator identity key")
     service_passwords = {
         AGGREGATOR_USER: agg_dir / "password",
         AGGREGATOR_INGEST_USER: agg_dir / "ingest-password",
@@ -391,9 +326,7 @@ def _provision(
         if rotate or not pw_path.exists():
             _write_secret(pw_path, _new_password() + "\n")
         (added if fresh and dev not in existing else kept).append(dev)
-        verify_keys[dev] = (
-            _signing_key(key_path, f"identity key of {dev}").verify_key.encode().hex()
-        )
+        verify_keys[dev] = signing_key(key_path, f"identity key of {dev}").verify_key.encode().hex()
         _write_public(
             ddir / "device.json",
             json.dumps(
@@ -404,8 +337,11 @@ def _provision(
         )
 
     users = [
-        *((user, _read(path, f"password of {user}")) for user, path in service_passwords.items()),
-        *((d, _read(dev_root / d / "password", f"password of {d}")) for d in all_devices),
+        *(
+            (user, read_text(path, f"password of {user}"))
+            for user, path in service_passwords.items()
+        ),
+        *((d, read_text(dev_root / d / "password", f"password of {d}")) for d in all_devices),
     ]
     old_hashes = _read_passwd(root / "passwd") if (root / "passwd").exists() else {}
     lines = []
@@ -443,83 +379,8 @@ def _provision(
 
 def _read_passwd(path: Path) -> dict[str, str]:
     out = {}
-    for line in _read(path, "password file").splitlines():
+    for line in read_text(path, "password file").splitlines():
         user, sep, hashed = line.partition(":")
         if sep:
             out[user] = hashed
     return out
-
-
-# -------------------------------------------------------------------------------------- loading
-
-
-def load_registry(directory: Path | str) -> FleetRegistry:
-    root = Path(directory)
-    text = _read(root / "fleet.json", "fleet registry")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProvisionError(f"{root / 'fleet.json'} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
-        raise ProvisionError(f"{root / 'fleet.json'} lacks a 'devices' map")
-    fleet = data.get("fleet")
-    if id_problem(fleet) is not None:
-        raise ProvisionError(f"{root / 'fleet.json'}: fleet id {id_problem(fleet)}")
-    devices = {}
-    for dev, key in data["devices"].items():
-        if id_problem(dev) is not None:
-            raise ProvisionError(f"{root / 'fleet.json'}: device id {id_problem(dev)}")
-        devices[dev] = _verify_key(key, f"verify key of {dev}")
-    return FleetRegistry(
-        fleet=str(fleet),
-        aggregator_key=_verify_key(data.get("aggregator_verify_key"), "aggregator verify key"),
-        device_keys=devices,
-    )
-
-
-def load_device(device_dir: Path | str) -> DeviceCredentials:
-    """Load `devices/{id}/` (the bundle a gateway is given)."""
-    ddir = Path(device_dir)
-    try:
-        info = json.loads(_read(ddir / "device.json", "device.json"))
-    except json.JSONDecodeError as exc:
-        raise ProvisionError(f"{ddir / 'device.json'} is not valid JSON: {exc}") from None
-    if not isinstance(info, dict):
-        raise ProvisionError(f"{ddir / 'device.json'} must hold a JSON object")
-    dev, fleet = info.get("device_id"), info.get("fleet")
-    for what, value in (("device_id", dev), ("fleet", fleet)):
-        if id_problem(value) is not None:
-            raise ProvisionError(f"{ddir / 'device.json'}: {what} {id_problem(value)}")
-    return DeviceCredentials(
-        device_id=str(dev),
-        fleet=str(fleet),
-        password=_read(ddir / "password", f"password of {dev}"),
-        identity=_signing_key(ddir / "identity.key", f"identity key of {dev}"),
-        aggregator_key=_verify_key(info.get("aggregator_verify_key"), "aggregator verify key"),
-    )
-
-
-def load_aggregator(directory: Path | str) -> AggregatorCredentials:
-    root = Path(directory)
-    registry = load_registry(root)
-    return AggregatorCredentials(
-        fleet=registry.fleet,
-        password=_read(root / "aggregator" / "password", "aggregator password"),
-        identity=_signing_key(root / "aggregator" / "identity.key", "aggregator identity key"),
-        # A fleet directory from before the ingest user: re-running provision adds it.
-        ingest_password=_read(
-            root / "aggregator" / "ingest-password", "aggregator ingest password"
-        ),
-    )
-
-
-def dashboard_password(directory: Path | str) -> str:
-    return _read(Path(directory) / "dashboard" / "password", "dashboard password")
-
-
-def simulator_password(directory: Path | str) -> str:
-    return _read(Path(directory) / "simulator" / "password", "simulator password")
-
-
-def provisioned_devices(directory: Path | str) -> list[str]:
-    return sorted(load_registry(directory).device_keys)

@@ -37,8 +37,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from broker.acl import Acl
-from shared.errors import FleetlearnError
+import fleetlearn
+from fleetlearn.broker.acl import Acl
+from fleetlearn.shared.errors import FleetlearnError, require_modules
 
 Mode = Literal["auto", "mosquitto", "embedded"]
 
@@ -288,10 +289,11 @@ class BrokerProcess:
             if binary is None:
                 raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
             return [binary, "-c", str(self._mosquitto_conf())]
+        require_modules("the embedded broker (no mosquitto found)", ("amqtt",), "broker")
         cmd = [
             sys.executable,
             "-m",
-            "broker.embedded",
+            "fleetlearn.broker.embedded",
             "--host",
             self.settings.host,
             "--port",
@@ -316,8 +318,9 @@ class BrokerProcess:
                 "choose another --port or stop what listens there"
             )
         env = dict(os.environ)
-        # The embedded broker imports this package; make sure the child finds it.
-        root = str(Path(__file__).resolve().parent.parent)
+        # The embedded broker imports this package; make sure the child finds it (the folder
+        # holding `fleetlearn/`: the checkout, or site-packages).
+        root = str(Path(fleetlearn.__file__).parent.parent)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         command = self._command()
         # The log is ours (root's, when root runs this): created 0600, appended to.

@@ -50,18 +50,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from device.mqtt import (
-    JSON_CONTENT_TYPE,
-    MSGPACK_CONTENT_TYPE,
-    BrokerAddress,
-    Incoming,
-    LastWill,
-    Link,
-)
-from device.mqtt import (
-    Protocol as MqttProtocol,
-)
-from device.participant import (
+from fleetlearn.device.participant import (
     Action,
     LoadModel,
     LocalResult,
@@ -71,9 +60,20 @@ from device.participant import (
     Send,
     Train,
 )
-from device.trainer import LiteRTTrainer, TrainerError
-from shared import sparse, topics, wire
-from shared.errors import FleetlearnError
+from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
+from fleetlearn.shared import sparse, topics, wire
+from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.transport import (
+    JSON_CONTENT_TYPE,
+    MSGPACK_CONTENT_TYPE,
+    BrokerAddress,
+    Connector,
+    Endpoint,
+    Incoming,
+    LastWill,
+    MqttVersion,
+    Transport,
+)
 
 log = logging.getLogger("fleetlearn.device")
 SDK_VERSION = "fleetlearn-0.1"
@@ -151,10 +151,10 @@ class DeviceAgent:
         self,
         *,
         participant: Participant,
-        address: BrokerAddress,
+        address: BrokerAddress | None = None,
         password: str,
         data: LocalData,
-        protocol: MqttProtocol = "auto",
+        protocol: MqttVersion = "auto",
         state_dir: Path | None = None,
         labels: tuple[str, ...] = (),
         condition: Callable[[], Condition] | None = None,
@@ -166,7 +166,16 @@ class DeviceAgent:
         train_seed: int | None = None,
         ca_file: str | None = None,
         health_window: int = 64,
+        connector: Connector | None = None,
     ) -> None:
+        """The network is `connector` when given (e.g. `transport.memory`), else an MQTT link
+        to `address` (with `ca_file` for mqtts://)."""
+        if connector is None:
+            if address is None:
+                raise ValueError("DeviceAgent needs a broker address or a connector")
+            from fleetlearn.transport import mqtt
+
+            connector = mqtt.connector(address, ca_file=ca_file)
         self.participant = participant
         self.device_id = participant.device_id
         self.fleet = participant.fleet
@@ -199,17 +208,17 @@ class DeviceAgent:
         offline = wire.DeviceStatus(
             device_id=self.device_id, online=False, eligibility=wire.Eligibility.OFFLINE
         )
-        self.link = Link(
-            address,
-            client_id=self.device_id,
-            username=self.device_id,
-            password=password,
-            subscriptions=topics.device_filters(self.fleet, self.device_id),
-            will=LastWill(topics.status(self.fleet, self.device_id), wire.encode(offline)),
-            protocol=protocol,
-            on_message=self._queue.put_nowait,
-            on_connect=self.publish_status,
-            ca_file=ca_file,
+        self.link: Transport = connector(
+            Endpoint(
+                client_id=self.device_id,
+                username=self.device_id,
+                password=password,
+                subscriptions=tuple(topics.device_filters(self.fleet, self.device_id)),
+                will=LastWill(topics.status(self.fleet, self.device_id), wire.encode(offline)),
+                protocol=protocol,
+                on_message=self._queue.put_nowait,
+                on_connect=self.publish_status,
+            )
         )
 
     # ---------------------------------------------------------------------------- running

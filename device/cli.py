@@ -68,14 +68,14 @@ def register(sub: Any) -> None:
 
 
 def run_device(args: argparse.Namespace) -> int:
-    from broker import provision as prov
-    from device.agent import ArrayData, DeviceAgent
-    from device.mqtt import BrokerAddress, check_ca_file
-    from device.participant import Participant
-    from shared.errors import ConfigError
-    from shared.secagg.config import PrivacyFloor
-    from shared.secagg.errors import SecAggConfigError
-    from shared.settings import writable_dir
+    from fleetlearn.device.agent import ArrayData, DeviceAgent
+    from fleetlearn.device.participant import Participant
+    from fleetlearn.shared import fleetdir as prov
+    from fleetlearn.shared.errors import ConfigError
+    from fleetlearn.shared.secagg.config import PrivacyFloor
+    from fleetlearn.shared.secagg.errors import SecAggConfigError
+    from fleetlearn.shared.settings import writable_dir
+    from fleetlearn.transport import BrokerAddress, check_ca_file
 
     # Every flag and file is checked here, before the agent connects: each problem is one line.
     try:

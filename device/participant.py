@@ -43,16 +43,16 @@ from dataclasses import dataclass
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
-from shared import sparse, topics, wire
-from shared import tflite_model as tm
-from shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
-from shared.secagg import keys as sk
-from shared.secagg import messages as sm
-from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import PrivacyFloor, Stage
-from shared.secagg.contribution import TrainingMetrics
-from shared.secagg.errors import ProtocolError, SecAggError
-from shared.stagetime import give_up_at
+from fleetlearn.shared import sparse, topics, wire
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
+from fleetlearn.shared.secagg import keys as sk
+from fleetlearn.shared.secagg import messages as sm
+from fleetlearn.shared.secagg.client import ClientState, SecAggClient
+from fleetlearn.shared.secagg.config import PrivacyFloor, Stage
+from fleetlearn.shared.secagg.contribution import TrainingMetrics
+from fleetlearn.shared.secagg.errors import ProtocolError, SecAggError
+from fleetlearn.shared.stagetime import give_up_at
 
 ROUND_MESSAGE_EXPIRY = 600
 

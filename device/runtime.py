@@ -12,7 +12,7 @@ import importlib
 import logging
 from typing import Any
 
-from shared.errors import FleetlearnError
+from fleetlearn.shared.errors import FleetlearnError
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 import nacl.signing
 import numpy as np
 
-from device.runtime import new_interpreter
-from shared import tflite_model as tm
-from shared.errors import FleetlearnError
+from fleetlearn.device.runtime import new_interpreter
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared.errors import FleetlearnError
 
 REQUIRED_SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 _EVAL_CHUNK = 1024  # rows per `infer` call; bounds the interpreter's tensor arena

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.ids import id_problem
+from fleetlearn.shared.errors import ConfigError, require_modules
+from fleetlearn.shared.ids import id_problem
 
 MAX_PROCS = 64
 MAX_DEMO_DEVICES = 10_000  # what one machine simulates (docs/simulation.md)
@@ -134,7 +134,7 @@ def register(sub: Any) -> None:
 
 
 def _scenario(path: Path | None, default: str = "") -> Any:
-    from firmware_sim.scenario import Scenario
+    from fleetlearn.firmware_sim.scenario import Scenario
 
     if path is not None:
         return Scenario.load(path)
@@ -145,9 +145,9 @@ async def _watch_metrics(
     url: str, fleet: str, password: str, rows: list[dict[str, Any]], seen: asyncio.Event
 ) -> None:
     """Read round summaries as the simulator user; append each new one to `rows`."""
-    from broker.provision import SIMULATOR_USER
-    from device.mqtt import BrokerAddress, Incoming, Link
-    from shared import topics
+    from fleetlearn.broker.provision import SIMULATOR_USER
+    from fleetlearn.shared import topics
+    from fleetlearn.transport.mqtt import BrokerAddress, Incoming, Link
 
     def on_message(msg: Incoming) -> None:
         if msg.retain:
@@ -176,14 +176,15 @@ async def _watch_metrics(
 
 
 def run_sim(args: argparse.Namespace) -> int:
+    require_modules("fleetlearn sim", ("rich", "ai_edge_litert"), "sim")
     from rich.console import Console
     from rich.live import Live
 
-    from broker import provision as prov
-    from device.mqtt import BrokerAddress
-    from firmware_sim.fleet import SimSpec, Simulator
-    from firmware_sim.report import round_table
-    from shared.settings import writable_dir
+    from fleetlearn.broker import provision as prov
+    from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
+    from fleetlearn.firmware_sim.report import round_table
+    from fleetlearn.shared.settings import writable_dir
+    from fleetlearn.transport import BrokerAddress
 
     # Every flag and file is checked before the first worker starts: one line per problem.
     BrokerAddress.parse(args.broker)
@@ -276,7 +277,7 @@ def _status_line(total: dict[str, Any], rounds: int, elapsed: float) -> str:
 
 
 def _row_line(metrics: dict[str, Any]) -> str:
-    from firmware_sim.report import COLUMNS, cell
+    from fleetlearn.firmware_sim.report import COLUMNS, cell
 
     return "  ".join(f"{header}={cell(metrics, key)}" for key, header in COLUMNS)
 
@@ -295,15 +296,16 @@ DEMO_MAX_ABORTS = 3  # aborted rounds in a row after which the demo stops
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    require_modules("fleetlearn demo", ("rich", "matplotlib", "ai_edge_litert"), "sim")
     from rich.console import Console
 
-    from aggregator.config import AggregatorSettings
-    from aggregator.service import AggregatorService, RoundsAbortedError, RoundSummary
-    from broker import provision as prov
-    from broker.runner import BrokerSettings, choose_mode, free_port, start_broker
-    from firmware_sim.fleet import SimSpec, Simulator
-    from firmware_sim.report import round_table, write_plot, write_report
-    from shared import settings
+    from fleetlearn.aggregator.config import AggregatorSettings
+    from fleetlearn.aggregator.service import AggregatorService, RoundsAbortedError, RoundSummary
+    from fleetlearn.broker import provision as prov
+    from fleetlearn.broker.runner import BrokerSettings, choose_mode, free_port, start_broker
+    from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
+    from fleetlearn.firmware_sim.report import round_table, write_plot, write_report
+    from fleetlearn.shared import settings
 
     console = Console(width=None if sys.stdout.isatty() else 110)
     started = time.monotonic()
@@ -323,7 +325,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     model_path = ""
     if args.build:
-        from aggregator import model_build
+        from fleetlearn.aggregator import model_build
 
         model_path = str(work / "model.tflite")
         model_build.build_to_file(model_build.load_spec(None), Path(model_path))

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
-from shared import topics
+from fleetlearn.firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
+from fleetlearn.shared import topics
 
 log = logging.getLogger("fleetlearn.sim")
 
@@ -82,12 +82,12 @@ def _worker(spec: SimSpec, proc: int, share: list[tuple[int, str]], out: Any, st
 async def _worker_main(
     spec: SimSpec, proc: int, share: list[tuple[int, str]], out: Any, stop: Any
 ) -> None:
-    from broker import provision as prov
-    from device.agent import ArrayData, Condition, DeviceAgent
-    from device.mqtt import BrokerAddress
-    from device.participant import Participant
-    from firmware_sim.data import CLASSES, device_machine
-    from shared import wire
+    from fleetlearn.broker import provision as prov
+    from fleetlearn.device.agent import ArrayData, Condition, DeviceAgent
+    from fleetlearn.device.participant import Participant
+    from fleetlearn.firmware_sim.data import CLASSES, device_machine
+    from fleetlearn.shared import wire
+    from fleetlearn.transport import BrokerAddress
 
     scenario = spec.scenario
     address = BrokerAddress.parse(spec.broker)

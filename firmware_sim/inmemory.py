@@ -16,16 +16,23 @@ from typing import Any
 import numpy as np
 from nacl.signing import SigningKey
 
-from aggregator import rules
-from aggregator.engine import EngineConfig, Publish, RoundEngine
-from aggregator.service import default_model
-from device.participant import LoadModel, LocalResult, Participant, PublishStatus, Send, Train
-from device.trainer import LiteRTTrainer
-from firmware_sim.data import device_machine
-from firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
-from shared import tflite_model as tm
-from shared import topics, wire
-from shared.rounds import RoundState
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
+from fleetlearn.aggregator.service import default_model
+from fleetlearn.device.participant import (
+    LoadModel,
+    LocalResult,
+    Participant,
+    PublishStatus,
+    Send,
+    Train,
+)
+from fleetlearn.device.trainer import LiteRTTrainer
+from fleetlearn.firmware_sim.data import device_machine
+from fleetlearn.firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics, wire
+from fleetlearn.shared.rounds import RoundState
 
 FLEET = "memory"
 

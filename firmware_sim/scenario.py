@@ -54,12 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_sim.data import MACHINE_TYPES
-from shared import settings
-from shared.errors import ConfigError
-from shared.secagg.config import PrivacyFloor
-from shared.secagg.errors import SecAggConfigError
-from shared.topics import Kind
+from fleetlearn.firmware_sim.data import MACHINE_TYPES
+from fleetlearn.shared import settings
+from fleetlearn.shared.errors import ConfigError
+from fleetlearn.shared.secagg.config import PrivacyFloor
+from fleetlearn.shared.secagg.errors import SecAggConfigError
+from fleetlearn.shared.topics import Kind
 
 STAGE_KINDS = {
     "advertise": (Kind.ADVERTISE,),

@@ -22,10 +22,16 @@ from __future__ import annotations
 import enum
 import math
 
-from shared import wire
-from shared.secagg.config import STAGES, SecAggConfig, Stage
-from shared.secagg.keys import TICKET_BYTES
-from shared.sparse import Compression, DenseUpdate, SharedUpdate, SparseMode, SparseUpdate
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg.config import STAGES, SecAggConfig, Stage
+from fleetlearn.shared.secagg.keys import TICKET_BYTES
+from fleetlearn.shared.sparse import (
+    Compression,
+    DenseUpdate,
+    SharedUpdate,
+    SparseMode,
+    SparseUpdate,
+)
 
 SEED_BYTES = 32
 MAX_COHORT = 100_000

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from shared.errors import ConfigError
+from fleetlearn.shared.errors import ConfigError
 
 T = TypeVar("T")
 INT_LIMIT = 2**63  # integers beyond 64 bits are nobody's setting (TOML allows any size)

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared import wire
-from shared.errors import FleetlearnError
+from fleetlearn.shared import wire
+from fleetlearn.shared.errors import FleetlearnError
 
 # bits above 62 would leave no headroom in a uint64 for the sum of even a few contributions.
 MAX_QUANT_BITS = 62

@@ -30,8 +30,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from shared.rounds import StageTimes
-from shared.secagg.config import STAGES, Stage
+from fleetlearn.shared.rounds import StageTimes
+from fleetlearn.shared.secagg.config import STAGES, Stage
 
 
 def quorum_count(expected: int, quorum: float) -> int:

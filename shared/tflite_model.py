@@ -31,8 +31,8 @@ import nacl.signing
 import numpy as np
 import zstandard
 
-from shared import wire
-from shared.errors import FleetlearnError
+from fleetlearn.shared import wire
+from fleetlearn.shared.errors import FleetlearnError
 
 # ---------------------------------------------------------------------------------------- errors
 

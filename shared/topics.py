@@ -14,8 +14,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from shared.errors import FleetlearnError
-from shared.ids import id_problem
+from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.ids import id_problem
 
 PREFIX = "fl"
 MAX_ROUND = 2**31 - 1

@@ -38,17 +38,17 @@ import msgpack
 import numpy as np
 import zstandard
 
-from shared.errors import FleetlearnError
-from shared.ids import id_problem
+from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.ids import id_problem
 
 WIRE_VERSION = 1
 
 # Modules that declare messages; imported on demand so that decode() knows every tag.
 _MESSAGE_MODULES = (
-    "shared.secagg.messages",
-    "shared.sparse",
-    "shared.tflite_model",
-    "shared.rounds",
+    "fleetlearn.shared.secagg.messages",
+    "fleetlearn.shared.sparse",
+    "fleetlearn.shared.tflite_model",
+    "fleetlearn.shared.rounds",
 )
 
 

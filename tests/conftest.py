@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from broker import provision as prov
-from broker.runner import BrokerProcess, BrokerSettings, find_mosquitto
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess, BrokerSettings, find_mosquitto
 
 # Under CI the property tests draw the same examples every run, so a landing never depends on
 # luck; on developer machines they explore new examples each run (which is how edge cases such

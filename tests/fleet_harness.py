@@ -1,7 +1,8 @@
-"""Run an aggregator service and N device agents in one event loop against a real broker.
+"""Run an aggregator service and N device agents in one event loop, over a broker or in memory.
 
 Used by the integration tests: devices get synthetic predictive-maintenance data from
 firmware_sim.data, their own provisioned credentials, and optional hooks that script dropouts.
+`fleet()` starts a real broker; `memory_fleet()` routes through `transport.memory` instead.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.config import AggregatorSettings
-from aggregator.service import AggregatorService, RoundSummary
-from broker import provision as prov
-from broker.runner import BrokerProcess
-from device.agent import ArrayData, DeviceAgent
-from device.mqtt import BrokerAddress
-from device.participant import Participant
-from firmware_sim.data import CLASSES, MACHINE_TYPES, device_machine
-from shared import settings, topics
+from fleetlearn.aggregator.config import AggregatorSettings
+from fleetlearn.aggregator.service import AggregatorService, RoundSummary
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess
+from fleetlearn.device.agent import ArrayData, DeviceAgent
+from fleetlearn.device.participant import Participant
+from fleetlearn.firmware_sim.data import CLASSES, MACHINE_TYPES, device_machine
+from fleetlearn.shared import settings, topics
+from fleetlearn.transport import BrokerAddress, Connector
+from fleetlearn.transport.memory import MemoryBroker
 
 # A provisioned device no agent runs: tests read and probe the broker with its credentials.
 # Brokers bind client ids to usernames, so a second connection with a running device's
@@ -51,7 +53,7 @@ def device_data(index: int, samples: int = 300) -> ArrayData:
 
 @dataclass
 class Harness:
-    broker: BrokerProcess
+    broker: BrokerProcess | None  # None: in memory, through `connector`
     fleet_dir: Path
     fleet: str
     devices: list[str]
@@ -61,13 +63,14 @@ class Harness:
     hooks: dict[str, Callable[[topics.Kind, int], Awaitable[bool]]] = field(default_factory=dict)
     tamper: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
     samples: int = 300
+    connector: Connector | None = None
 
     def observer(self) -> prov.DeviceCredentials:
         return prov.load_device(self.fleet_dir / "devices" / OBSERVER)
 
     def settings(self, **overrides: str) -> AggregatorSettings:
         sets = {
-            "broker.url": self.broker.url,
+            "broker.url": self.broker.url if self.broker else "mqtt://127.0.0.1:1",
             "fleet.id": self.fleet,
             "fleet.dir": str(self.fleet_dir),
             "state.dir": str(self.state_dir),
@@ -84,7 +87,10 @@ class Harness:
     def aggregator(self, **overrides: str) -> AggregatorService:
         s = self.settings(**overrides)
         return AggregatorService(
-            s, prov.load_aggregator(self.fleet_dir), prov.load_registry(self.fleet_dir)
+            s,
+            prov.load_aggregator(self.fleet_dir),
+            prov.load_registry(self.fleet_dir),
+            connector=self.connector,
         )
 
     def make_agent(self, dev: str, index: int) -> DeviceAgent:
@@ -101,10 +107,11 @@ class Harness:
         hook = self.hooks.get(dev)
         return DeviceAgent(
             participant=participant,
-            address=BrokerAddress.parse(self.broker.url),
+            address=BrokerAddress.parse(self.broker.url) if self.broker else None,
+            connector=self.connector,
             password=creds.password,
             data=device_data(index, self.samples),
-            protocol="5" if self.broker.kind == "mosquitto" else "3.1.1",
+            protocol="3.1.1" if self.broker and self.broker.kind == "embedded" else "5",
             state_dir=self.state_dir / "devices" / dev,
             labels=CLASSES,
             before_send=hook,
@@ -148,7 +155,7 @@ class Harness:
 @contextlib.asynccontextmanager
 async def fleet(tmp: Path, n: int, *, persistence: bool = False, mode: str = "mosquitto"):  # type: ignore[no-untyped-def]
     """A provisioned fleet of `n` devices and its own broker; devices are started by the test."""
-    from broker.runner import BrokerSettings
+    from fleetlearn.broker.runner import BrokerSettings
 
     fleet_dir = tmp / "fleet"
     devices = prov.device_ids(n)
@@ -165,3 +172,24 @@ async def fleet(tmp: Path, n: int, *, persistence: bool = False, mode: str = "mo
     finally:
         await h.stop_all()
         broker.close()
+
+
+@contextlib.asynccontextmanager
+async def memory_fleet(tmp: Path, n: int):  # type: ignore[no-untyped-def]
+    """A provisioned fleet of `n` devices on a `MemoryBroker` that checks the fleet's
+    passwords; devices are started by the test."""
+    fleet_dir = tmp / "fleet"
+    devices = prov.device_ids(n)
+    prov.provision(fleet_dir, "plant-7", [*devices, OBSERVER])
+    hashes = prov._read_passwd(fleet_dir / "passwd")
+
+    def authenticate(username: str | None, password: str | None) -> bool:
+        hashed = hashes.get(username or "")
+        return hashed is not None and password is not None and prov.check_password(password, hashed)
+
+    broker = MemoryBroker(authenticate=authenticate)
+    h = Harness(None, fleet_dir, "plant-7", devices, tmp / "state", connector=broker.connector)
+    try:
+        yield h
+    finally:
+        await h.stop_all()

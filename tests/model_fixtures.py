@@ -17,9 +17,9 @@ import nacl.signing
 import numpy as np
 from hypothesis import strategies as st
 
-from aggregator import model_build as mb
-from shared import tflite_model as tm
-from shared import wire
+from fleetlearn.aggregator import model_build as mb
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import wire
 from tests.wire_strategies import ids
 
 SHIPPED_MODEL = mb.DEFAULT_MODEL_PATH

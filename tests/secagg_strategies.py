@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from hypothesis import strategies as st
 
-from shared import wire
-from shared.secagg.messages import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg.messages import (
     SEALED_SHARE_BYTES,
     Abort,
     Advertise,

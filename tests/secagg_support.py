@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping
 import nacl.signing
 import numpy as np
 
-from shared.secagg import keys
-from shared.secagg.config import PrivacyFloor, SecAggConfig
-from shared.secagg.contribution import TrainingMetrics
-from shared.secagg.graph import NeighbourGraph
-from shared.secagg.harness import DeviceInput, DropPoint, InMemoryRound, RoundRun, Tamper
-from shared.secagg.keys import RandomSource
+from fleetlearn.shared.secagg import keys
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig
+from fleetlearn.shared.secagg.contribution import TrainingMetrics
+from fleetlearn.shared.secagg.graph import NeighbourGraph
+from fleetlearn.shared.secagg.harness import DeviceInput, DropPoint, InMemoryRound, RoundRun, Tamper
+from fleetlearn.shared.secagg.keys import RandomSource
 
 
 def deterministic_random(label: str) -> RandomSource:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 from hypothesis import strategies as st
 
-from shared import wire
-from shared.sparse import DenseUpdate, ResidualState, SharedUpdate, SparseUpdate
+from fleetlearn.shared import wire
+from fleetlearn.shared.sparse import DenseUpdate, ResidualState, SharedUpdate, SparseUpdate
 
 _float32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import rules
-from aggregator.cli import load_settings
-from aggregator.config import AggregatorSettings
-from aggregator.store import Store, StoreError
-from fleetlearn import build_parser
-from shared import settings
-from shared.errors import ConfigError
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.cli import load_settings
+from fleetlearn.aggregator.config import AggregatorSettings
+from fleetlearn.aggregator.store import Store, StoreError
+from fleetlearn.cli import build_parser
+from fleetlearn.shared import settings
+from fleetlearn.shared.errors import ConfigError
 
 # ------------------------------------------------------------------------------------ rules
 
@@ -233,9 +233,9 @@ def test_expected_dropout_sizes_the_neighbour_graph() -> None:
 
     from nacl.signing import SigningKey
 
-    from aggregator.engine import EngineConfig, RoundEngine
-    from shared import wire
-    from shared.secagg.config import default_neighbours, suggest_neighbours
+    from fleetlearn.aggregator.engine import EngineConfig, RoundEngine
+    from fleetlearn.shared import wire
+    from fleetlearn.shared.secagg.config import default_neighbours, suggest_neighbours
 
     ids = [f"d{i:03d}" for i in range(60)]
     keys = {d: bytes(SigningKey.generate().verify_key) for d in ids}

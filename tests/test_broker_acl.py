@@ -13,9 +13,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from broker import provision as prov
-from broker.runner import BrokerProcess
-from shared import topics
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess
+from fleetlearn.shared import topics
 from tests.conftest import FLEET
 
 pytestmark = pytest.mark.broker

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from broker import provision as prov
-from broker.runner import free_port
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import free_port
 from tests.conftest import FLEET, require_mosquitto
 
 pytestmark = pytest.mark.broker

@@ -17,12 +17,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from aggregator.config import AggregatorSettings
-from aggregator.service import AggregatorService
-from broker import provision as prov
-from broker.runner import BrokerProcess
-from device.mqtt import BrokerAddress, Link
-from shared import settings, topics, wire
+from fleetlearn.aggregator.config import AggregatorSettings
+from fleetlearn.aggregator.service import AggregatorService
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess
+from fleetlearn.shared import settings, topics, wire
+from fleetlearn.transport.mqtt import BrokerAddress, Link
 from tests.conftest import FLEET
 
 pytestmark = pytest.mark.broker

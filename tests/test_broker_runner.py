@@ -16,15 +16,15 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from broker import provision as prov
-from broker.runner import (
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import (
     BROKER_USER,
     BrokerError,
     BrokerProcess,
     BrokerSettings,
     mosquitto_config,
 )
-from shared import topics
+from fleetlearn.shared import topics
 from tests.conftest import FLEET, require_mosquitto
 
 pytestmark = pytest.mark.broker

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker import provision as prov
-from fleetlearn import main
+from fleetlearn.broker import provision as prov
+from fleetlearn.cli import main
 
 FLEET = "plant-7"
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator import rules
-from aggregator.engine import EngineConfig
-from firmware_sim.inmemory import InMemoryFleet, central_accuracy, held_out_set
-from firmware_sim.scenario import Scenario
-from shared import rounds
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.engine import EngineConfig
+from fleetlearn.firmware_sim.inmemory import InMemoryFleet, central_accuracy, held_out_set
+from fleetlearn.firmware_sim.scenario import Scenario
+from fleetlearn.shared import rounds
 
 pytestmark = pytest.mark.slow
 

@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 import zstandard
 
-from aggregator.service import RoundsAbortedError
-from aggregator.store import Store
-from broker import provision as prov
-from broker.runner import free_port
-from shared import tflite_model as tm
-from shared import topics, wire
+from fleetlearn.aggregator.service import RoundsAbortedError
+from fleetlearn.aggregator.store import Store
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import free_port
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics, wire
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness, fleet
 

@@ -26,9 +26,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.engine import RoundEngine
-from device.participant import Note, Participant
-from shared import rounds, sparse, topics, wire
+from fleetlearn.aggregator.engine import RoundEngine
+from fleetlearn.device.participant import Note, Participant
+from fleetlearn.shared import rounds, sparse, topics, wire
 from tests.test_rounds_inmemory import FLEET, make_fleet, run_round
 from tests.wire_strategies import for_type
 

@@ -18,10 +18,10 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from broker import provision as prov
-from shared import tflite_model as tm
-from shared import topics, wire
-from shared.rounds import RoundAnnounce, RoundState
+from fleetlearn.broker import provision as prov
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics, wire
+from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import FAST_STAGES, Harness, fleet
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import provision as prov
-from broker.runner import BrokerProcess, BrokerSettings
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness
 from tests.netem import NetemUnavailableError, ShapedLink, can_admin_network, missing_tools

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store import Store
-from device.trainer import LiteRTTrainer
-from firmware_sim.data import MACHINE_TYPES, device_machine
-from shared import tflite_model as tm
+from fleetlearn.aggregator.store import Store
+from fleetlearn.device.trainer import LiteRTTrainer
+from fleetlearn.firmware_sim.data import MACHINE_TYPES, device_machine
+from fleetlearn.shared import tflite_model as tm
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import fleet
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import tflite_model as tm
-from shared import topics
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness, fleet
 
@@ -74,7 +74,7 @@ async def test_three_secure_rounds_with_dropouts(harness20: Harness) -> None:
     assert r2.metrics["stages"]["unmask"]["arrived"] <= 17
 
     # The applied update equals the survivors' weighted mean within the quantization bound.
-    from aggregator.store import Store
+    from fleetlearn.aggregator.store import Store
 
     store = Store(h.state_dir)
     try:

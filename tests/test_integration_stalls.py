@@ -16,13 +16,13 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from aggregator.service import AggregatorService, RoundSummary, default_model
-from broker import provision as prov
-from broker.runner import BrokerProcess, BrokerSettings
-from firmware_sim.fleet import SimSpec, Simulator
-from firmware_sim.scenario import Scenario
-from shared import tflite_model as tm
-from shared import topics, wire
+from fleetlearn.aggregator.service import AggregatorService, RoundSummary, default_model
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
+from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
+from fleetlearn.firmware_sim.scenario import Scenario
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics, wire
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-import fleetlearn
-from aggregator import model_build as mb
-from device.trainer import LiteRTTrainer
-from shared import tflite_model as tm
-from shared.errors import ConfigError
+from fleetlearn import cli as fleetlearn
+from fleetlearn.aggregator import model_build as mb
+from fleetlearn.device.trainer import LiteRTTrainer
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared.errors import ConfigError
 from tests.model_fixtures import SPECS, blobs, built, shipped_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ BUILD_WITHOUT_TF = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, Blocker())
-    import fleetlearn
+    from fleetlearn import cli as fleetlearn
     sys.exit(fleetlearn.main(["model", "build", "--out", sys.argv[1]]))
     """
 )

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator import model_build as mb
-from device.runtime import new_interpreter
-from shared import tflite_model as tm
+from fleetlearn.aggregator import model_build as mb
+from fleetlearn.device.runtime import new_interpreter
+from fleetlearn.shared import tflite_model as tm
 from tests.model_fixtures import shipped_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ PATCH_WITHOUT_TF = textwrap.dedent(
             raise SystemExit(f"{name} imported despite the blocker")
 
     import numpy as np
-    from shared import tflite_model as tm
+    from fleetlearn.shared import tflite_model as tm
 
     source, weights_file, out = sys.argv[1:4]
     data = open(source, "rb").read()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from shared import tflite_model as tm
-from shared import wire
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import wire
 from tests.model_fixtures import shipped_model, signing_key
 
 KEY = signing_key(1)

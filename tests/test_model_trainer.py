@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import device.runtime as runtime
-from device.trainer import LiteRTTrainer, TrainerError
-from shared import tflite_model as tm
+import fleetlearn.device.runtime as runtime
+from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
+from fleetlearn.shared import tflite_model as tm
 from tests.model_fixtures import blobs, reference_sgd_step, shipped_model, signing_key
 
 KEY = signing_key(1)

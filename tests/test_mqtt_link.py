@@ -1,4 +1,4 @@
-"""device.mqtt.Link against a real broker (both modes): delivery, order, robustness, sessions."""
+"""transport.mqtt.Link against a real broker (both modes): delivery, order, robustness, sessions."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from broker import provision as prov
-from broker.runner import BrokerProcess
-from device.mqtt import BrokerAddress, Incoming, Link
-from shared import topics
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess
+from fleetlearn.shared import topics
+from fleetlearn.transport.mqtt import BrokerAddress, Incoming, Link
 from tests.conftest import FLEET
 
 pytestmark = pytest.mark.broker

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import provision as prov
-from broker.acl import Access, Acl
-from fleetlearn import main
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.acl import Access, Acl
+from fleetlearn.cli import main
 
 
 def _mode(path: Path) -> int:

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
-from aggregator.engine import EngineConfig, Publish, RoundEngine
-from device.participant import LocalResult, Note, Participant, PublishStatus, Send, Train
-from shared import rounds, topics, wire
-from shared import tflite_model as tm
-from shared.secagg import keys as sk
-from shared.secagg import messages as sm
-from shared.secagg.config import PrivacyFloor
+from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
+from fleetlearn.device.participant import LocalResult, Note, Participant, PublishStatus, Send, Train
+from fleetlearn.shared import rounds, topics, wire
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared.secagg import keys as sk
+from fleetlearn.shared.secagg import messages as sm
+from fleetlearn.shared.secagg.config import PrivacyFloor
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = (ROOT / "aggregator" / "models" / "pdm_default.tflite").read_bytes()

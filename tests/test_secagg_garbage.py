@@ -19,11 +19,11 @@ import zstandard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from shared import wire
-from shared.secagg.config import SecAggConfig
-from shared.secagg.errors import RemoteProtocolError
-from shared.secagg.harness import AGGREGATOR
-from shared.secagg.messages import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg.config import SecAggConfig
+from fleetlearn.shared.secagg.errors import RemoteProtocolError
+from fleetlearn.shared.secagg.harness import AGGREGATOR
+from fleetlearn.shared.secagg.messages import (
     TO_AGGREGATOR,
     TO_DEVICE,
     Advertise,
@@ -35,7 +35,7 @@ from shared.secagg.messages import (
     Shares,
     Unmask,
 )
-from shared.secagg.server import ServerState
+from fleetlearn.shared.secagg.server import ServerState
 from tests.secagg_strategies import STRATEGIES
 from tests.secagg_support import device_ids, run_round
 

@@ -20,13 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from shared.secagg import keys
-from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import PrivacyFloor, SecAggConfig, StageDeadlines
-from shared.secagg.errors import RemoteProtocolError
-from shared.secagg.graph import NeighbourGraph, membership_bitmap
-from shared.secagg.messages import Advertise, KeyAdvert, Roster, Shares, Unmask, UnmaskRequest
-from shared.secagg.server import Outbound, SecAggServer, ServerState
+from fleetlearn.shared.secagg import keys
+from fleetlearn.shared.secagg.client import ClientState, SecAggClient
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, StageDeadlines
+from fleetlearn.shared.secagg.errors import RemoteProtocolError
+from fleetlearn.shared.secagg.graph import NeighbourGraph, membership_bitmap
+from fleetlearn.shared.secagg.messages import (
+    Advertise,
+    KeyAdvert,
+    Roster,
+    Shares,
+    Unmask,
+    UnmaskRequest,
+)
+from fleetlearn.shared.secagg.server import Outbound, SecAggServer, ServerState
 from tests.secagg_support import (
     deterministic_random,
     graph_draws,
@@ -421,7 +428,7 @@ def test_a_survivor_list_below_the_device_floor_reveals_nothing() -> None:
 
 
 def test_floor_settings_are_validated() -> None:
-    from shared.secagg.errors import SecAggConfigError
+    from fleetlearn.shared.secagg.errors import SecAggConfigError
 
     for kwargs, key in (
         ({"min_cohort": 2}, "floor.min_cohort"),
@@ -441,9 +448,9 @@ def test_floor_settings_are_validated() -> None:
 def test_the_device_command_and_the_scenario_set_the_floor(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import fleetlearn
-    from firmware_sim.scenario import Scenario
-    from shared.errors import ConfigError
+    from fleetlearn import cli as fleetlearn
+    from fleetlearn.firmware_sim.scenario import Scenario
+    from fleetlearn.shared.errors import ConfigError
 
     argv = ["device", "--broker", "mqtt://127.0.0.1:1", "--keys", str(tmp_path)]
     argv += ["--data", str(tmp_path / "x.npz"), "--min-advertised-fraction", "1.5"]
@@ -463,7 +470,7 @@ def test_a_status_from_before_tickets_still_decodes_and_a_bad_ticket_does_not() 
     import msgpack
     import zstandard
 
-    from shared import wire
+    from fleetlearn.shared import wire
 
     def payload(fields: dict[str, object]) -> bytes:
         body = {"v": 1, "t": "status", "device_id": "dev-0001", "online": True, **fields}

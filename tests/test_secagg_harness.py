@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.secagg.config import SecAggConfig, Stage, default_neighbours
-from shared.secagg.harness import DropPoint
-from shared.secagg.server import ServerState
+from fleetlearn.shared.secagg.config import SecAggConfig, Stage, default_neighbours
+from fleetlearn.shared.secagg.harness import DropPoint
+from fleetlearn.shared.secagg.server import ServerState
 from tests.secagg_support import device_ids, pick_drops, predict, run_round, weighted_mean
 
 SEED = b"\x07" * 32

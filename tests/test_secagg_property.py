@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from shared.secagg.config import SecAggConfig, sum_bits
-from shared.secagg.errors import SecAggError
-from shared.secagg.harness import DropPoint
-from shared.secagg.server import ServerState
+from fleetlearn.shared.secagg.config import SecAggConfig, sum_bits
+from fleetlearn.shared.secagg.errors import SecAggError
+from fleetlearn.shared.secagg.harness import DropPoint
+from fleetlearn.shared.secagg.server import ServerState
 from tests.secagg_support import device_ids, predict, run_round, weighted_mean
 
 

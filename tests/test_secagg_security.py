@@ -16,14 +16,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from shared import wire
-from shared.secagg import keys, packing
-from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
-from shared.secagg.errors import RemoteProtocolError
-from shared.secagg.graph import NeighbourGraph, membership_bitmap
-from shared.secagg.harness import DeviceInput
-from shared.secagg.messages import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg import keys, packing
+from fleetlearn.shared.secagg.client import ClientState, SecAggClient
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
+from fleetlearn.shared.secagg.errors import RemoteProtocolError
+from fleetlearn.shared.secagg.graph import NeighbourGraph, membership_bitmap
+from fleetlearn.shared.secagg.harness import DeviceInput
+from fleetlearn.shared.secagg.messages import (
     Advertise,
     MaskedInput,
     Roster,
@@ -32,8 +32,8 @@ from shared.secagg.messages import (
     Unmask,
     UnmaskRequest,
 )
-from shared.secagg.prg import chacha20_keystream
-from shared.secagg.server import Outbound, SecAggServer, ServerState
+from fleetlearn.shared.secagg.prg import chacha20_keystream
+from fleetlearn.shared.secagg.server import Outbound, SecAggServer, ServerState
 from tests.secagg_support import (
     deterministic_random,
     graph_draws,
@@ -445,8 +445,8 @@ def test_client_modules_do_not_import_numpy_random_for_masks() -> None:
     """Static guard: the masking path's modules never name numpy's random module."""
     import inspect
 
-    from shared.secagg import graph, prg, server, shamir
-    from shared.secagg import keys as keys_module
+    from fleetlearn.shared.secagg import graph, prg, server, shamir
+    from fleetlearn.shared.secagg import keys as keys_module
 
     for module in (prg, keys_module, shamir, graph, server):
         assert "np.random" not in inspect.getsource(module), module.__name__

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import sparse, wire
-from shared.errors import ConfigError, FleetlearnError
-from shared.secagg import contribution, keys, packing, shamir
-from shared.secagg.client import TRANSITIONS as CLIENT_TRANSITIONS
-from shared.secagg.client import ClientEvent, ClientState, SecAggClient
-from shared.secagg.config import (
+from fleetlearn.shared import sparse, wire
+from fleetlearn.shared.errors import ConfigError, FleetlearnError
+from fleetlearn.shared.secagg import contribution, keys, packing, shamir
+from fleetlearn.shared.secagg.client import TRANSITIONS as CLIENT_TRANSITIONS
+from fleetlearn.shared.secagg.client import ClientEvent, ClientState, SecAggClient
+from fleetlearn.shared.secagg.config import (
     PrivacyFloor,
     SecAggConfig,
     StageDeadlines,
@@ -25,8 +25,8 @@ from shared.secagg.config import (
     default_neighbours,
     suggest_neighbours,
 )
-from shared.secagg.contribution import TrainingMetrics
-from shared.secagg.errors import (
+from fleetlearn.shared.secagg.contribution import TrainingMetrics
+from fleetlearn.shared.secagg.errors import (
     CryptoError,
     LocalProtocolError,
     ProtocolError,
@@ -35,8 +35,8 @@ from shared.secagg.errors import (
     SecAggError,
     ThresholdError,
 )
-from shared.secagg.graph import NeighbourGraph, members_of, membership_bitmap
-from shared.secagg.messages import (
+from fleetlearn.shared.secagg.graph import NeighbourGraph, members_of, membership_bitmap
+from fleetlearn.shared.secagg.messages import (
     SEALED_SHARE_BYTES,
     Abort,
     Advertise,
@@ -51,9 +51,9 @@ from shared.secagg.messages import (
     Unmask,
     UnmaskRequest,
 )
-from shared.secagg.prg import MaskExpander, chacha20_keystream
-from shared.secagg.server import TRANSITIONS as SERVER_TRANSITIONS
-from shared.secagg.server import SecAggServer, ServerEvent, ServerState
+from fleetlearn.shared.secagg.prg import MaskExpander, chacha20_keystream
+from fleetlearn.shared.secagg.server import TRANSITIONS as SERVER_TRANSITIONS
+from fleetlearn.shared.secagg.server import SecAggServer, ServerEvent, ServerState
 from tests.secagg_support import deterministic_random, graph_draws, identities, tickets_of
 
 FAST = settings(max_examples=60, deadline=None)

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from broker import provision as prov
-from broker.runner import BrokerProcess, BrokerSettings
-from firmware_sim.fleet import SimSpec, Simulator
-from firmware_sim.scenario import Scenario
+from fleetlearn.broker import provision as prov
+from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
+from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
+from fleetlearn.firmware_sim.scenario import Scenario
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness
 
@@ -177,7 +177,7 @@ async def test_samples_per_device_show_in_metrics(tmp_path: Path) -> None:
 
 
 def test_scenario_errors_name_the_key(tmp_path: Path) -> None:
-    from shared.errors import ConfigError
+    from fleetlearn.shared.errors import ConfigError
 
     cases = {
         "[dropout]\nunmask = 1.5\n": "dropout.unmask",
@@ -199,7 +199,7 @@ def test_sites_and_non_iid_shape_the_data() -> None:
     """The data knobs: site shares set the machine mix; non_iid skews each site's fault mix."""
     import numpy as np
 
-    from firmware_sim.data import device_machine
+    from fleetlearn.firmware_sim.data import device_machine
 
     skewed = Scenario.parse("[fleet]\nnon_iid = 0.2\n")
     even = Scenario.parse("[fleet]\nnon_iid = 50.0\n")

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import wire
-from shared.sparse import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.sparse import (
     Compression,
     CompressionError,
     DenseUpdate,

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.config import AggregatorSettings
-from fleetlearn import main as fleetlearn_main
-from shared import settings, topics, wire
-from shared import tflite_model as tm
-from shared.rounds import RoundAnnounce, RoundState, StageTimes
-from shared.secagg.client import SecAggClient
-from shared.secagg.config import PrivacyFloor, SecAggConfig, Stage
-from shared.secagg.server import SecAggServer, ServerState
+from fleetlearn.aggregator.config import AggregatorSettings
+from fleetlearn.cli import main as fleetlearn_main
+from fleetlearn.shared import settings, topics, wire
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared.rounds import RoundAnnounce, RoundState, StageTimes
+from fleetlearn.shared.secagg.client import SecAggClient
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, Stage
+from fleetlearn.shared.secagg.server import SecAggServer, ServerState
 from tests.secagg_support import deterministic_random, graph_draws, identities, tickets_of
 from tests.test_rounds_inmemory import MODEL, Fleet, make_fleet, run_round
 

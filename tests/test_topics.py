@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import topics
+from fleetlearn.shared import topics
 from tests.wire_strategies import ids
 
 KINDS = list(topics.Kind)

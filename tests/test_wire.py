@@ -12,7 +12,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import wire
+from fleetlearn.shared import wire
 from tests.wire_strategies import for_type
 
 ALL_TYPES = sorted(wire.registered_types().items())
@@ -173,7 +173,7 @@ def test_schema_errors_name_the_field(obj: Any, needle: str) -> None:
     ],
 )
 def test_nested_errors_name_the_full_path(share: object, field: str, needle: str) -> None:
-    from shared.secagg.messages import SEALED_SHARE_BYTES
+    from fleetlearn.shared.secagg.messages import SEALED_SHARE_BYTES
 
     good = {"recipient": "d1", "ciphertext": b"\0" * SEALED_SHARE_BYTES}
     body = {"v": 1, "t": "secagg.shares", "round_id": 1, "sender": "d0", "shares": [good, share]}

@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from shared import wire
+from fleetlearn.shared import wire
 
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-_.:"
 ids = st.text(ID_ALPHABET, min_size=1, max_size=12).map(lambda s: "d" + s)
@@ -105,9 +105,9 @@ def _status() -> st.SearchStrategy[wire.Message]:
 
 @st.composite
 def _announce_draw(draw: st.DrawFn) -> wire.Message:
-    from shared import rounds
-    from shared.secagg.config import SecAggConfig
-    from shared.sparse import Compression, SparseMode
+    from fleetlearn.shared import rounds
+    from fleetlearn.shared.secagg.config import SecAggConfig
+    from fleetlearn.shared.sparse import Compression, SparseMode
 
     cohort = tuple(draw(st.lists(ids, min_size=3, max_size=8, unique=True)))
     mode = draw(st.sampled_from(list(rounds.RoundMode)))
@@ -170,7 +170,7 @@ def _announce() -> st.SearchStrategy[wire.Message]:
 
 @st.composite
 def _plain_update_draw(draw: st.DrawFn) -> wire.Message:
-    from shared import rounds
+    from fleetlearn.shared import rounds
     from tests.sparse_strategies import STRATEGIES as SPARSE
 
     update = draw(st.one_of(SPARSE[t]() for t in ("update.sparse", "update.randk", "update.dense")))

@@ -23,8 +23,8 @@ Rules for all of it: no sockets, no clock reads (time comes in as `now`), no glo
 `shared.wire`. The adapters in aggregator/ and device/ do MQTT, timers and threads.
 """
 
-from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import (
+from fleetlearn.shared.secagg.client import ClientState, SecAggClient
+from fleetlearn.shared.secagg.config import (
     PrivacyFloor,
     SecAggConfig,
     Stage,
@@ -32,8 +32,8 @@ from shared.secagg.config import (
     default_neighbours,
     suggest_neighbours,
 )
-from shared.secagg.contribution import SecAggResult, TrainingMetrics
-from shared.secagg.errors import (
+from fleetlearn.shared.secagg.contribution import SecAggResult, TrainingMetrics
+from fleetlearn.shared.secagg.errors import (
     CryptoError,
     LocalProtocolError,
     ProtocolError,
@@ -42,8 +42,8 @@ from shared.secagg.errors import (
     SecAggError,
     ThresholdError,
 )
-from shared.secagg.keys import RandomSource, system_random
-from shared.secagg.messages import (
+from fleetlearn.shared.secagg.keys import RandomSource, system_random
+from fleetlearn.shared.secagg.messages import (
     TO_AGGREGATOR,
     TO_DEVICE,
     Abort,
@@ -55,7 +55,7 @@ from shared.secagg.messages import (
     Unmask,
     UnmaskRequest,
 )
-from shared.secagg.server import Outbound, SecAggServer, ServerState
+from fleetlearn.shared.secagg.server import Outbound, SecAggServer, ServerState
 
 __all__ = [
     "TO_AGGREGATOR",

@@ -49,14 +49,14 @@ from dataclasses import dataclass
 import nacl.signing
 import numpy as np
 
-from shared import wire
-from shared.ids import id_problem
-from shared.secagg import contribution, keys, packing, shamir
-from shared.secagg.config import PrivacyFloor, SecAggConfig, StageDeadlines
-from shared.secagg.contribution import TrainingMetrics
-from shared.secagg.errors import CryptoError, LocalProtocolError, RemoteProtocolError
-from shared.secagg.graph import NeighbourGraph, members_of
-from shared.secagg.messages import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.ids import id_problem
+from fleetlearn.shared.secagg import contribution, keys, packing, shamir
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, StageDeadlines
+from fleetlearn.shared.secagg.contribution import TrainingMetrics
+from fleetlearn.shared.secagg.errors import CryptoError, LocalProtocolError, RemoteProtocolError
+from fleetlearn.shared.secagg.graph import NeighbourGraph, members_of
+from fleetlearn.shared.secagg.messages import (
     Abort,
     Advertise,
     ForwardedShare,
@@ -70,7 +70,7 @@ from shared.secagg.messages import (
     Unmask,
     UnmaskRequest,
 )
-from shared.secagg.prg import MaskExpander
+from fleetlearn.shared.secagg.prg import MaskExpander
 
 AGGREGATOR = "aggregator"  # the only peer of a device; names it in RemoteProtocolError.sender
 

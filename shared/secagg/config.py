@@ -23,8 +23,8 @@ import enum
 import math
 from dataclasses import dataclass
 
-from shared import wire
-from shared.secagg.errors import SecAggConfigError
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg.errors import SecAggConfigError
 
 # Order of the values appended after the update coordinates (see shared.secagg.contribution).
 EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples")

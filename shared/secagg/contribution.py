@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared import sparse
-from shared.secagg.config import SecAggConfig
-from shared.secagg.errors import LocalProtocolError, SecAggError
+from fleetlearn.shared import sparse
+from fleetlearn.shared.secagg.config import SecAggConfig
+from fleetlearn.shared.secagg.errors import LocalProtocolError, SecAggError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

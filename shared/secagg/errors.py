@@ -19,7 +19,7 @@ in its ERROR state for good. Wire-level garbage never reaches here: `wire.decode
 
 from __future__ import annotations
 
-from shared.errors import ConfigError, FleetlearnError
+from fleetlearn.shared.errors import ConfigError, FleetlearnError
 
 
 class SecAggError(FleetlearnError):

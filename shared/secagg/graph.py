@@ -34,9 +34,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from shared.secagg.errors import SecAggConfigError
-from shared.secagg.keys import DRAW_BYTES, ring_seed
-from shared.secagg.prg import chacha20_keystream
+from fleetlearn.shared.secagg.errors import SecAggConfigError
+from fleetlearn.shared.secagg.keys import DRAW_BYTES, ring_seed
+from fleetlearn.shared.secagg.prg import chacha20_keystream
 
 
 class NeighbourGraph:

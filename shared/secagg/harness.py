@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import nacl.signing
 import numpy as np
 
-from shared import wire
-from shared.secagg import keys
-from shared.secagg.client import ClientState, SecAggClient
-from shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
-from shared.secagg.contribution import TrainingMetrics
-from shared.secagg.errors import ProtocolError, RemoteProtocolError
-from shared.secagg.keys import RandomSource
-from shared.secagg.messages import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg import keys
+from fleetlearn.shared.secagg.client import ClientState, SecAggClient
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
+from fleetlearn.shared.secagg.contribution import TrainingMetrics
+from fleetlearn.shared.secagg.errors import ProtocolError, RemoteProtocolError
+from fleetlearn.shared.secagg.keys import RandomSource
+from fleetlearn.shared.secagg.messages import (
     TO_AGGREGATOR,
     TO_DEVICE,
     Advertise,
@@ -37,7 +37,7 @@ from shared.secagg.messages import (
     Shares,
     Unmask,
 )
-from shared.secagg.server import Outbound, SecAggServer, ServerState
+from fleetlearn.shared.secagg.server import Outbound, SecAggServer, ServerState
 
 AGGREGATOR = "aggregator"
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.secagg.errors import CryptoError, LocalProtocolError
+from fleetlearn.shared.secagg.errors import CryptoError, LocalProtocolError
 
 RandomSource = Callable[[int], bytes]
 """Returns n fresh uniformly random bytes. Injected, so tests can make rounds deterministic."""

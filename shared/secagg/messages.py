@@ -20,16 +20,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from shared import wire
-from shared.secagg.config import Stage
-from shared.secagg.keys import (
+from fleetlearn.shared import wire
+from fleetlearn.shared.secagg.config import Stage
+from fleetlearn.shared.secagg.keys import (
     AEAD_TAG_BYTES,
     COMMITMENT_BYTES,
     DRAW_BYTES,
     KEY_BYTES,
     SIGNATURE_BYTES,
 )
-from shared.secagg.shamir import SHARE_BYTES
+from fleetlearn.shared.secagg.shamir import SHARE_BYTES
 
 # One sealed share carries two field elements: the share of s_u (mask key) and of b_u (seed).
 SEALED_SHARE_BYTES = 2 * SHARE_BYTES + AEAD_TAG_BYTES

@@ -50,19 +50,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared import sparse, wire
-from shared.ids import id_problem
-from shared.secagg import contribution, keys, packing, shamir
-from shared.secagg.config import SecAggConfig, Stage, StageDeadlines
-from shared.secagg.contribution import SecAggResult
-from shared.secagg.errors import (
+from fleetlearn.shared import sparse, wire
+from fleetlearn.shared.ids import id_problem
+from fleetlearn.shared.secagg import contribution, keys, packing, shamir
+from fleetlearn.shared.secagg.config import SecAggConfig, Stage, StageDeadlines
+from fleetlearn.shared.secagg.contribution import SecAggResult
+from fleetlearn.shared.secagg.errors import (
     CryptoError,
     LocalProtocolError,
     RemoteProtocolError,
     ThresholdError,
 )
-from shared.secagg.graph import NeighbourGraph, membership_bitmap
-from shared.secagg.messages import (
+from fleetlearn.shared.secagg.graph import NeighbourGraph, membership_bitmap
+from fleetlearn.shared.secagg.messages import (
     MAX_REASON,
     Abort,
     Advertise,
@@ -75,7 +75,7 @@ from shared.secagg.messages import (
     Unmask,
     UnmaskRequest,
 )
-from shared.secagg.prg import MaskExpander
+from fleetlearn.shared.secagg.prg import MaskExpander
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from shared.secagg.errors import CryptoError, ThresholdError
-from shared.secagg.keys import RandomSource, draw
+from fleetlearn.shared.secagg.errors import CryptoError, ThresholdError
+from fleetlearn.shared.secagg.keys import RandomSource, draw
 
 PRIME = (1 << 521) - 1
 SHARE_BYTES = 66  # ceil(521 / 8)

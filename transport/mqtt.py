@@ -13,8 +13,10 @@ What it owns:
 - Handing each incoming message to a callback, straight from paho's `on_message` on the event
   loop's thread; the callback must be quick (queue and return).
 
-The aggregator imports this from `device/` because it is what a gateway installs anyway; it holds
-no device logic.
+This is the one file that touches paho's and aiomqtt's internals (the socket, paho's callbacks,
+read and write registration; see `_make_client`): they are what made 1000-device rounds cheap,
+and they are why pyproject.toml pins both libraries to the major versions tested here
+(aiomqtt 2.x, paho-mqtt 2.x; aiomqtt 3 drops paho). Everything else sees `transport.Transport`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -38,13 +38,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.errors import ConfigError, FleetlearnError
+from fleetlearn.transport.base import (
+    DEFAULT_BACKOFF,
+    MSGPACK_CONTENT_TYPE,
+    SESSION_EXPIRY_SECONDS,
+    Backoff,
+    BrokerAddress,
+    Connector,
+    Endpoint,
+    Incoming,
+    LastWill,
+    LinkAuthError,
+    LinkError,
+    MqttVersion,
+    Transport,
+)
 
-Protocol = Literal["auto", "5", "3.1.1"]
 PENDING_PUBLISH_WARNING = 100
-MSGPACK_CONTENT_TYPE = "application/vnd.fleetlearn.v1+msgpack+zstd"
-JSON_CONTENT_TYPE = "application/json"
-SESSION_EXPIRY_SECONDS = 3600
 READ_BURST = 64  # incoming packets taken per wakeup of the socket, at most
 RETRY_WARNING_EVERY = 30.0  # seconds between warnings while a connection keeps failing
 # CONNACK codes that mean "wrong credentials / not allowed": retrying will not help.
@@ -52,79 +62,6 @@ _AUTH_CODES = {4, 5, 134, 135}
 _VERSION_CODES = {1, 132}
 
 log = logging.getLogger("fleetlearn.mqtt")
-
-
-class LinkError(FleetlearnError):
-    """The link cannot do what was asked (not connected in time, closed...)."""
-
-
-class LinkAuthError(LinkError):
-    """The broker refused our credentials."""
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, url: str, *, key: str = "--broker") -> BrokerAddress:
-        """`mqtt://host:port` or `mqtts://host:port` (TLS); the port defaults to 1883/8883."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ConfigError(key, f"{url!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ConfigError(key, f"{url!r} has no host")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError(key, f"{url!r} has an invalid port") from None
-        if parts.path not in ("", "/") or parts.query or parts.username:
-            raise ConfigError(key, f"{url!r}: give only scheme, host and port")
-        tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def check_ca_file(path: str, key: str) -> None:
-    """Refuse, before connecting, a CA file the TLS context could not load (a reconnect loop
-    would otherwise retry the same error forever)."""
-    try:
-        ssl.create_default_context(cafile=path)
-    except OSError as exc:  # ssl.SSLError is an OSError too
-        raise ConfigError(
-            key, f"cannot use {path} as a CA certificate: {exc.strerror or exc}"
-        ) from None
-    except ValueError as exc:
-        raise ConfigError(key, f"cannot use {path!r} as a CA certificate: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**attempt))."""
-
-    base: float = 0.25
-    cap: float = 10.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0, min(self.cap, self.base * (2 ** min(attempt, 30))))
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-@dataclass(frozen=True, slots=True)
-class LastWill:
-    topic: str
-    payload: bytes
-    retain: bool = True
 
 
 class _PackedProperties(Properties):
@@ -157,11 +94,11 @@ class Link:
         password: str | None,
         subscriptions: Sequence[str] = (),
         will: LastWill | None = None,
-        protocol: Protocol = "auto",
+        protocol: MqttVersion = "auto",
         persistent: bool = True,
         on_message: Callable[[Incoming], None] | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         rng: random.Random | None = None,
         ca_file: str | None = None,
         keepalive: int = 30,
@@ -172,7 +109,7 @@ class Link:
         self._password = password
         self._subscriptions = tuple(subscriptions)
         self._will = will
-        self._protocol: Protocol = protocol
+        self._protocol: MqttVersion = protocol
         self._persistent = persistent
         self._on_message = on_message
         self._on_connect = on_connect
@@ -194,6 +131,10 @@ class Link:
     @property
     def mqtt5(self) -> bool:
         return self.version == "5"
+
+    @property
+    def peer(self) -> str:
+        return str(self.address)
 
     async def publish(
         self,
@@ -494,3 +435,27 @@ class Link:
             self._client = None
         if not self._closing:
             raise aiomqtt.MqttError("disconnected")
+
+
+def connector(
+    address: BrokerAddress, *, ca_file: str | None = None, backoff: Backoff = DEFAULT_BACKOFF
+) -> Connector:
+    """A `Connector` that opens `Link`s to the broker at `address`."""
+
+    def connect(endpoint: Endpoint) -> Transport:
+        return Link(
+            address,
+            client_id=endpoint.client_id,
+            username=endpoint.username,
+            password=endpoint.password,
+            subscriptions=endpoint.subscriptions,
+            will=endpoint.will,
+            protocol=endpoint.protocol,
+            persistent=endpoint.persistent,
+            on_message=endpoint.on_message,
+            on_connect=endpoint.on_connect,
+            backoff=backoff,
+            ca_file=ca_file,
+        )
+
+    return connect

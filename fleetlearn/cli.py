@@ -22,10 +22,10 @@ from typing import NoReturn
 
 # (module, what it adds). Order is the order shown in --help.
 COMMAND_MODULES: tuple[str, ...] = (
-    "broker.cli",
-    "aggregator.cli",
-    "device.cli",
-    "firmware_sim.cli",
+    "fleetlearn.broker.cli",
+    "fleetlearn.aggregator.cli",
+    "fleetlearn.device.cli",
+    "fleetlearn.firmware_sim.cli",
 )
 
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shared.errors import FleetlearnError
+    from fleetlearn.shared.errors import FleetlearnError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,7 +68,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetlearn {args.command}: interrupted", file=sys.stderr)
         return 130
     return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())

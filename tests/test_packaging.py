@@ -1,0 +1,128 @@
+"""The built wheel: one `fleetlearn` namespace, nothing else top-level, and it imports installed.
+
+Builds the wheel from this checkout (no network: the build backend is the one installed here),
+installs it without dependencies into a fresh virtualenv that borrows this environment's
+third-party libraries through a path entry, and imports it there from a directory that is not
+the checkout, with `-I` so neither the checkout nor PYTHONPATH can stand in for the wheel.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("shared", "transport", "aggregator", "device", "broker", "firmware_sim")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=out,
+    )
+    (built,) = out.glob("fleetlearn-*.whl")
+    return built
+
+
+def test_wheel_holds_only_the_fleetlearn_namespace(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"fleetlearn", next(t for t in tops if t.endswith(".dist-info"))}
+    for side in SIDES:
+        assert f"fleetlearn/{side}/__init__.py" in names  # the files, not the links
+    assert "fleetlearn/shared/wire.py" in names
+    assert "fleetlearn/aggregator/models/pdm_default.tflite" in names
+    assert not any(n.split("/")[0] in SIDES for n in names)
+    assert not any("/tests/" in n or n.startswith(("tests/", "bench/")) for n in names)
+
+
+def test_installed_wheel_imports_as_fleetlearn_only(wheel: Path, tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    # numpy, msgpack, nacl... from this environment: a plain path entry, so its .pth files
+    # (among them the editable install of this checkout) are not run.
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [python, "-I", "-c", code],
+            check=False,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    ok = run(
+        "import fleetlearn.shared.wire as w, fleetlearn.transport, fleetlearn.device.participant;"
+        "print(w.__file__)"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().startswith(str(site))
+    for side in SIDES:
+        failed = run(f"import {side}")
+        assert failed.returncode != 0
+        assert "ModuleNotFoundError" in failed.stderr
+    cli = subprocess.run(
+        [env_dir / "bin" / "python", "-I", "-m", "fleetlearn", "--help"],
+        check=False,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "aggregator" in cli.stdout

@@ -1,0 +1,89 @@
+"""The aggregator service and 20 device agents over `transport.memory`: no broker, no sockets.
+
+The same stack as the integration tests (AggregatorService with its store and optimizer,
+DeviceAgents with real LiteRT training and SecAgg+), with only the transport swapped, so a
+change to the round logic is caught by the default test run even where mosquitto is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleetlearn.aggregator.store import Store
+from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics
+from tests.fleet_harness import Harness, memory_fleet
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def memory20(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with memory_fleet(tmp_path, 20) as h:
+        yield h
+
+
+async def test_secure_rounds_with_dropouts_in_memory(memory20: Harness) -> None:
+    """Round 2: one device never advertises, two leave after sending their masked input."""
+    h = memory20
+    leavers = {"dev-0004", "dev-0013"}
+    silent = "dev-0009"
+
+    def make_hook(dev: str):  # type: ignore[no-untyped-def]
+        async def hook(kind: topics.Kind, round_id: int) -> bool:
+            if round_id != 2:
+                return True
+            if dev == silent and kind is topics.Kind.ADVERTISE:
+                return False
+            if dev in leavers and kind is topics.Kind.UNMASK:
+                asyncio.get_running_loop().call_soon(asyncio.ensure_future, h.stop_device(dev))
+                return False
+            return True
+
+        return hook
+
+    for dev in [*leavers, silent]:
+        h.hooks[dev] = make_hook(dev)
+    h.start_devices()
+    service, summaries = await h.run_aggregator(
+        timeout=240, **{"rounds.count": "2", "rounds.min_cohort": "3"}
+    )
+    assert [s.state for s in summaries] == ["closed"] * 2, [
+        s.metrics.get("reason") for s in summaries
+    ]
+    assert [s.new_version for s in summaries] == [2, 3]
+    assert service.link.peer == "memory broker"
+
+    r2 = summaries[1]
+    assert set(r2.survivors) == set(h.devices) - {silent}  # the leavers' inputs are in the sum
+    assert r2.metrics["stages"]["advertise"]["dropped"] == 1
+    assert r2.metrics["mode"] == "secure"
+
+    # The release the aggregator applied is the survivors' weighted mean (quantization bound).
+    store = Store(h.state_dir)
+    try:
+        v2, v3 = store.model_bytes(2), store.model_bytes(3)
+    finally:
+        store.close()
+    manifest = tm.read_manifest(v2)
+    assert manifest is not None
+    w2 = tm.flatten(tm.read_weights(v2), manifest.layout).astype(np.float64)
+    w3 = tm.flatten(tm.read_weights(v3), manifest.layout).astype(np.float64)
+    inputs = {d: h.agents[d].participant.inputs[2] for d in r2.survivors}
+    idx = next(iter(inputs.values()))[0]
+    total = sum(w for _, _, w in inputs.values())
+    expected = (
+        sum(w * np.clip(v * w / 256, -0.5, 0.5) / (w / 256) for _, v, w in inputs.values()) / total
+    )
+    bound = r2.metrics["quantization_bound"]
+    assert np.max(np.abs((w3 - w2)[idx] - expected)) <= bound + 1e-6
+    # Every device still running holds the newest release, delivered through the memory broker.
+    running = [d for d in h.devices if d not in leavers]
+    async with asyncio.timeout(60):
+        while any(h.agents[d].participant.model_version != 3 for d in running):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
