@@ -55,7 +55,7 @@ def test_wheel_holds_only_the_fleetlearn_namespace(wheel: Path) -> None:
     assert tops == {"fleetlearn", next(t for t in tops if t.endswith(".dist-info"))}
     for side in SIDES:
         assert f"fleetlearn/{side}/__init__.py" in names  # the files, not the links
-    assert "fleetlearn/shared/wire.py" in names
+    assert "fleetlearn/shared/wire/__init__.py" in names  # subpackages are found too
     assert "fleetlearn/aggregator/models/pdm_default.tflite" in names
     assert not any(n.split("/")[0] in SIDES for n in names)
     assert not any("/tests/" in n or n.startswith(("tests/", "bench/")) for n in names)

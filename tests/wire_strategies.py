@@ -20,6 +20,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from fleetlearn.shared import wire
+from fleetlearn.shared.wire import codec
 
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-_.:"
 ids = st.text(ID_ALPHABET, min_size=1, max_size=12).map(lambda s: "d" + s)
@@ -53,7 +54,7 @@ def for_annotation(hint: Any) -> st.SearchStrategy[Any]:
         return st.sampled_from(list(hint))
     if isinstance(hint, type) and issubclass(hint, wire.Record):
         return for_type(hint)
-    nested = wire._message_alternatives(hint)
+    nested = codec._message_alternatives(hint)
     if nested:
         return st.one_of(*(for_type(c) for c in nested))
     if origin is tuple:
