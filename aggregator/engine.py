@@ -46,7 +46,8 @@ from typing import Any, Literal
 import numpy as np
 
 from fleetlearn.aggregator import rules
-from fleetlearn.shared import rounds, sparse, topics, wire
+from fleetlearn.shared import compression as sparse
+from fleetlearn.shared import rounds, topics, wire
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
 from fleetlearn.shared.secagg import messages as sm

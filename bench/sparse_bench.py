@@ -1,4 +1,4 @@
-"""Bytes per update and encode/decode time of shared.sparse, against dense float32.
+"""Bytes per update and encode/decode time of shared.compression, against dense float32.
 
     .venv/bin/python bench/sparse_bench.py                 # d in {100k, 1M}, the docs table
     .venv/bin/python bench/sparse_bench.py --dims 100000 --repeat 3
@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fleetlearn.shared import wire
-from fleetlearn.shared.sparse import (
+from fleetlearn.shared.compression import (
     Compression,
     SharedUpdate,
     SparseMode,

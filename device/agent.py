@@ -61,7 +61,8 @@ from fleetlearn.device.participant import (
     Train,
 )
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
-from fleetlearn.shared import sparse, topics, wire
+from fleetlearn.shared import compression as sparse
+from fleetlearn.shared import topics, wire
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.transport import (
     JSON_CONTENT_TYPE,

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
-from fleetlearn.shared import sparse, topics, wire
+from fleetlearn.shared import compression as sparse
 from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import topics, wire
 from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
 from fleetlearn.shared.secagg import keys as sk
 from fleetlearn.shared.secagg import messages as sm

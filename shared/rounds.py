@@ -23,15 +23,15 @@ import enum
 import math
 
 from fleetlearn.shared import wire
-from fleetlearn.shared.secagg.config import STAGES, SecAggConfig, Stage
-from fleetlearn.shared.secagg.keys import TICKET_BYTES
-from fleetlearn.shared.sparse import (
+from fleetlearn.shared.compression.messages import (
     Compression,
     DenseUpdate,
     SharedUpdate,
     SparseMode,
     SparseUpdate,
 )
+from fleetlearn.shared.secagg.config import STAGES, SecAggConfig, Stage
+from fleetlearn.shared.secagg.keys import TICKET_BYTES
 
 SEED_BYTES = 32
 MAX_COHORT = 100_000

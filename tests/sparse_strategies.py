@@ -1,4 +1,4 @@
-"""Hypothesis strategies for shared.sparse's wire messages (valid instances only).
+"""Hypothesis strategies for shared.compression's wire messages (valid instances only).
 
 Random fields almost never satisfy these messages' rules (strictly increasing gaps, values on
 the grid, a float32 scale), so the generic strategies of tests/wire_strategies.py discard every
@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from fleetlearn.shared import wire
-from fleetlearn.shared.sparse import DenseUpdate, ResidualState, SharedUpdate, SparseUpdate
+from fleetlearn.shared.compression import DenseUpdate, ResidualState, SharedUpdate, SparseUpdate
 
 _float32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 

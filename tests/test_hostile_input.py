@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from fleetlearn.aggregator.engine import RoundEngine
 from fleetlearn.device.participant import Note, Participant
-from fleetlearn.shared import rounds, sparse, topics, wire
+from fleetlearn.shared import rounds, topics, wire
+from fleetlearn.shared.compression import DenseUpdate
 from tests.test_rounds_inmemory import FLEET, make_fleet, run_round
 from tests.wire_strategies import for_type
 
@@ -175,7 +176,7 @@ def test_the_reported_payload_is_refused_with_a_wire_error() -> None:
 def _examples() -> dict[str, wire.Message]:
     _, engine = _engine_with_round()
     assert engine.announce is not None
-    dense = sparse.DenseUpdate(values=np.zeros(4, np.float32))
+    dense = DenseUpdate(values=np.zeros(4, np.float32))
     return {
         "status": wire.DeviceStatus(device_id="d00", online=True),
         "plain": rounds.PlainUpdate(

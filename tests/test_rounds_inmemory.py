@@ -1,8 +1,8 @@
 """Round engine + device participants wired through an in-memory broker (no MQTT, no LiteRT).
 
-Checks the glue between aggregator.engine, device.participant, shared.secagg and shared.sparse:
-topics, payloads, deadlines, stragglers, error feedback, and that the engine's mean equals the
-weighted mean of the survivors' inputs within the quantization bound.
+Checks the glue between aggregator.engine, device.participant, shared.secagg and
+shared.compression: topics, payloads, deadlines, stragglers, error feedback, and that the
+engine's mean equals the weighted mean of the survivors' inputs within the quantization bound.
 """
 
 from __future__ import annotations

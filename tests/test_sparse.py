@@ -1,4 +1,4 @@
-"""Unit and property tests for shared.sparse: quantization, coordinates, encoders, error feedback.
+"""Unit and property tests for shared.compression: quantization, coordinates, codec, feedback.
 
 Statistical tests use tolerances of a few standard errors computed from the test's own sample
 size, so an implementation with a bias larger than that fails them.
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetlearn.shared import wire
-from fleetlearn.shared.sparse import (
+from fleetlearn.shared.compression import (
     Compression,
     CompressionError,
     DenseUpdate,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fleetlearn.shared.sparse import Compression, ErrorFeedback, SparseMode, compress
+from fleetlearn.shared.compression import Compression, ErrorFeedback, SparseMode, compress
 
 pytestmark = pytest.mark.slow
 

@@ -107,8 +107,8 @@ def _status() -> st.SearchStrategy[wire.Message]:
 @st.composite
 def _announce_draw(draw: st.DrawFn) -> wire.Message:
     from fleetlearn.shared import rounds
+    from fleetlearn.shared.compression import Compression, SparseMode
     from fleetlearn.shared.secagg.config import SecAggConfig
-    from fleetlearn.shared.sparse import Compression, SparseMode
 
     cohort = tuple(draw(st.lists(ids, min_size=3, max_size=8, unique=True)))
     mode = draw(st.sampled_from(list(rounds.RoundMode)))

@@ -6,9 +6,9 @@ What it owns: the layout of the vector that is masked, and the bounds of its dec
       d update coordinates, q bits     the four EXTRA_COORDINATES, b - ceil(log2 n) bits each
 
 - The update is pre-scaled by w/W (FedAvg weight over `max_weight`), clipped to [-clip, clip]
-  and stochastically rounded to q bits by `shared.sparse.quantize` (the one implementation of
-  stochastic rounding in the code base; its dither generator is device-local noise, never mask
-  material). The weighted mean is then sum(w/W * x) / sum(w/W).
+  and stochastically rounded to q bits by `shared.compression.quantization.quantize` (the one
+  implementation of stochastic rounding in the code base; its dither generator is device-local
+  noise, never mask material). The weighted mean is then sum(w/W * x) / sum(w/W).
 - The weight and the loss sum (mean loss * samples) are stochastically rounded the same way on
   the grid [0, max] with the extra-coordinate budget; `correct` and `samples` are integers and
   travel exactly. So the aggregator learns only the four sums, never one device's values.
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fleetlearn.shared import sparse
+from fleetlearn.shared.compression import quantization
+from fleetlearn.shared.compression.errors import CompressionError
 from fleetlearn.shared.secagg.config import SecAggConfig
 from fleetlearn.shared.secagg.errors import LocalProtocolError, SecAggError
 
@@ -54,9 +55,9 @@ def _loss_range(config: SecAggConfig) -> float:
 
 
 def _quantize_scalar(value: float, high: float, bits: int, rng: np.random.Generator) -> int:
-    # sparse.quantize works on [-clip, clip]; shift [0, high] onto it (exact grid mapping).
+    # quantization.quantize works on [-clip, clip]; shift [0, high] onto it (exact grid mapping).
     half = high / 2.0
-    grid = sparse.quantize(np.array([value - half]), clip=half, bits=bits, rng=rng)
+    grid = quantization.quantize(np.array([value - half]), clip=half, bits=bits, rng=rng)
     return int(grid[0])
 
 
@@ -87,7 +88,7 @@ def encode(
     dtype = np.dtype(f"<u{config.word_bits // 8}")
     out = np.empty(config.coordinates, dtype=dtype)
     scaled = np.multiply(values, float(weight) / config.max_weight, dtype=np.float64)
-    out[: config.dimension] = sparse.quantize(
+    out[: config.dimension] = quantization.quantize(
         scaled, clip=config.clip, bits=config.quant_bits, rng=rng
     )
     bits = config.float_extra_bits
@@ -105,7 +106,7 @@ def encode(
 def _dequantize_scalar_sum(total: int, high: float, bits: int, count: int) -> float:
     half = high / 2.0
     grid = np.array([total], dtype=np.uint64)
-    shifted = sparse.dequantize(grid, clip=half, bits=bits, count=count)
+    shifted = quantization.dequantize(grid, clip=half, bits=bits, count=count)
     return float(shifted[0]) + count * half
 
 
@@ -140,7 +141,7 @@ class SecAggResult:
 
     def update_sum(self) -> np.ndarray:
         """sum over survivors of clip(w/W * x), as float64 (within count * step per coordinate)."""
-        return sparse.dequantize(
+        return quantization.dequantize(
             self.vector, clip=self.config.clip, bits=self.config.quant_bits, count=self.count
         )
 
@@ -162,7 +163,7 @@ class SecAggResult:
         denominator = self.weight_sum / cfg.max_weight
         if denominator <= 0.0:
             raise SecAggError("the survivors' weights sum to zero; there is no weighted mean")
-        step_q = sparse.quant_step(cfg.clip, cfg.quant_bits)
+        step_q = quantization.quant_step(cfg.clip, cfg.quant_bits)
         step_w = 1.0 / ((1 << cfg.float_extra_bits) - 1)  # weight grid step, in units of W
         a = self.count * step_q / denominator
         r = self.count * step_w / denominator
@@ -174,7 +175,7 @@ class SecAggResult:
 def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) -> SecAggResult:
     """Split an unmasked sum (reduced mod 2^b) into the update sum and the extra sums.
 
-    Raises sparse.CompressionError when a coordinate is larger than `len(survivors)` honest
+    Raises CompressionError when a coordinate is larger than `len(survivors)` honest
     contributions can make: the sum is corrupt (a bad masked vector or share got in).
     """
     d = config.dimension
@@ -183,13 +184,13 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
     bits = config.float_extra_bits
     integer_limit = count * ((1 << config.extra_bits) - 1)
     if correct > integer_limit or samples > integer_limit or correct > samples:
-        raise sparse.CompressionError(
+        raise CompressionError(
             f"unmasked counts (correct={correct}, samples={samples}) are impossible for "
             f"{count} devices"
         )
     vector = total[:d].copy()
     # Decoding the update sum here runs dequantize's range check once, before anyone uses it.
-    sparse.dequantize(vector, clip=config.clip, bits=config.quant_bits, count=count)
+    quantization.dequantize(vector, clip=config.clip, bits=config.quant_bits, count=count)
     return SecAggResult(
         config=config,
         survivors=survivors,

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fleetlearn.shared import sparse, wire
+from fleetlearn.shared import wire
+from fleetlearn.shared.compression.errors import CompressionError
 from fleetlearn.shared.ids import id_problem
 from fleetlearn.shared.secagg import contribution, keys, packing, shamir
 from fleetlearn.shared.secagg.config import SecAggConfig, Stage, StageDeadlines
@@ -674,7 +675,7 @@ class SecAggServer:
         try:
             total = self._unmask()
             result = contribution.decode(self.config, total, tuple(sorted(self._u3)))
-        except (ThresholdError, CryptoError, sparse.CompressionError) as exc:
+        except (ThresholdError, CryptoError, CompressionError) as exc:
             return self._abort(f"UNMASK: {exc}")
         self._result = result
         self._sum = None

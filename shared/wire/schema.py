@@ -29,7 +29,8 @@ from fleetlearn.shared.wire.errors import SchemaError, WireError
 # Modules that declare messages; imported on demand so that decode() knows every tag.
 _MESSAGE_MODULES = (
     "fleetlearn.shared.secagg.messages",
-    "fleetlearn.shared.sparse",
+    "fleetlearn.shared.compression.messages",
+    "fleetlearn.shared.compression.feedback",
     "fleetlearn.shared.tflite_model",
     "fleetlearn.shared.rounds",
     "fleetlearn.shared.wire.status",
