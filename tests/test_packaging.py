@@ -56,6 +56,10 @@ def test_wheel_holds_only_the_fleetlearn_namespace(wheel: Path) -> None:
     for side in SIDES:
         assert f"fleetlearn/{side}/__init__.py" in names  # the files, not the links
     assert "fleetlearn/shared/wire/__init__.py" in names  # subpackages are found too
+    # setuptools builds in the checkout's build/ and never deletes from it: a module that was
+    # moved or removed would still ship (stale), registering its message tags a second time.
+    stale = [n for n in names if n.endswith(".py") and not (ROOT / n).exists()]
+    assert not stale, f"not in the checkout (rm -rf build/ and rebuild): {stale}"
     assert "fleetlearn/aggregator/models/pdm_default.tflite" in names
     assert not any(n.split("/")[0] in SIDES for n in names)
     assert not any("/tests/" in n or n.startswith(("tests/", "bench/")) for n in names)
