@@ -80,9 +80,9 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def format_model(data: bytes, name: str) -> str:
     """The `inspect` report: what a field engineer needs to know about one model file."""
-    from fleetlearn.shared import tflite_model as tm
+    from fleetlearn.shared import tflite
 
-    info = tm.describe_model(data)
+    info = tflite.describe_model(data)
     lines = [f"{name}: {info.size:,} bytes, TFLite schema {info.schema_version}"]
 
     lines.append("signatures:")
@@ -111,11 +111,11 @@ def format_model(data: bytes, name: str) -> str:
             f"{var.nbytes:,} bytes{note}"
         )
 
-    manifest = tm.read_manifest(data)
+    manifest = tflite.read_manifest(data)
     if manifest is None:
         lines.append("manifest: none (not built by `fleetlearn model build`)")
     else:
-        ok = tm.content_hash(data) == manifest.content_hash
+        ok = tflite.content_hash(data) == manifest.content_hash
         lines.append(
             f"manifest: {manifest.model_id} v{manifest.version}, "
             f"{manifest.parameter_count:,} parameters in {len(manifest.layout)} weights"

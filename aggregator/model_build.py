@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.shared import settings
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import settings, tflite
 from fleetlearn.shared.errors import ConfigError
 from fleetlearn.shared.ids import id_problem
 
@@ -54,7 +53,7 @@ _MAX_LAYERS = 16
 _MAX_BATCH = 4096
 
 
-class ModelBuildError(tm.ModelError):
+class ModelBuildError(tflite.ModelError):
     """The model cannot be built here (TensorFlow missing, conversion refused, ...)."""
 
 
@@ -107,17 +106,17 @@ class ModelSpec:
     def layer_widths(self) -> tuple[int, ...]:
         return (self.input_width, *self.hidden, self.classes)
 
-    def layout(self) -> tuple[tm.WeightSpec, ...]:
+    def layout(self) -> tuple[tflite.WeightSpec, ...]:
         """The weight layout, layer by layer: kernel then bias."""
         specs = []
         for i, (fan_in, fan_out) in enumerate(pairwise(self.layer_widths)):
-            specs.append(tm.WeightSpec(name=f"dense_{i}_kernel", shape=(fan_in, fan_out)))
-            specs.append(tm.WeightSpec(name=f"dense_{i}_bias", shape=(fan_out,)))
+            specs.append(tflite.WeightSpec(name=f"dense_{i}_kernel", shape=(fan_in, fan_out)))
+            specs.append(tflite.WeightSpec(name=f"dense_{i}_bias", shape=(fan_out,)))
         return tuple(specs)
 
     @property
     def parameter_count(self) -> int:
-        return tm.layout_size(self.layout())
+        return tflite.layout_size(self.layout())
 
 
 def _check_width(key: str, value: int) -> None:
@@ -351,24 +350,24 @@ def convert_module(module: Any) -> bytes:
     except Exception as exc:  # the converter raises a zoo of types; report any as ours
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelBuildError(f"TFLite conversion failed: {first}") from exc
-    custom = tm.describe_model(data).custom_ops
+    custom = tflite.describe_model(data).custom_ops
     if custom:
         raise ModelBuildError(f"converter emitted non-builtin ops {custom}; devices lack them")
     return data
 
 
-def build_model(spec: ModelSpec) -> tuple[bytes, tm.ModelManifest]:
+def build_model(spec: ModelSpec) -> tuple[bytes, tflite.ModelManifest]:
     """Build, convert, check and embed the version-1 manifest. Returns (tflite bytes, manifest)."""
     data = convert_module(build_module(spec))
     try:
-        return tm.embed_manifest(
+        return tflite.embed_manifest(
             data, model_id=spec.model_id, version=1, layout=spec.layout(), labels=spec.labels
         )
-    except tm.SharedBufferError as exc:
+    except tflite.SharedBufferError as exc:
         raise ModelBuildError(f"converted model cannot be patched: {exc}") from exc
 
 
-def build_to_file(spec: ModelSpec, out: Path) -> tm.ModelManifest:
+def build_to_file(spec: ModelSpec, out: Path) -> tflite.ModelManifest:
     """`build_model`, then write the file atomically (a half-written model never appears)."""
     data, manifest = build_model(spec)
     tmp = out.with_name(out.name + ".tmp")

@@ -60,10 +60,10 @@ from fleetlearn.aggregator import rules
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
 from fleetlearn.aggregator.store import Store
-from fleetlearn.shared import tflite_model as tm
-from fleetlearn.shared import topics, wire
+from fleetlearn.shared import tflite, topics, wire
 from fleetlearn.shared.errors import ConfigError, FleetlearnError
 from fleetlearn.shared.fleetdir import AggregatorCredentials, FleetRegistry
+from fleetlearn.shared.release import make_release, release_weights, verify_release
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from fleetlearn.transport import (
     JSON_CONTENT_TYPE,
@@ -185,12 +185,14 @@ class AggregatorService:
                 model = Path(path).read_bytes() if path else default_model()
             except OSError as exc:
                 raise ConfigError("model.initial", f"cannot read {path}: {exc.strerror}") from None
-            manifest = tm.read_manifest(model)
+            manifest = tflite.read_manifest(model)
             if manifest is None:
                 raise ConfigError("model.initial", f"{path or 'default model'} has no manifest")
             if manifest.version != 1:
-                model, manifest = tm.embed_manifest(model, model_id=manifest.model_id, version=1)
-            release = tm.make_release(model, manifest, self._creds.identity)
+                model, manifest = tflite.embed_manifest(
+                    model, model_id=manifest.model_id, version=1
+                )
+            release = make_release(model, manifest, self._creds.identity)
             self.store.save_release(
                 1, None, manifest.content_hash.hex(), wire.encode(release), model, now
             )
@@ -465,7 +467,7 @@ class AggregatorService:
                 continue
             round_id = await asyncio.to_thread(self.store.next_round_id)
             model = await asyncio.to_thread(self.store.model_bytes, latest.version)
-            manifest = tm.read_manifest(model)
+            manifest = tflite.read_manifest(model)
             assert manifest is not None
             now = time.monotonic()
             self._outcome.clear()
@@ -611,21 +613,21 @@ class AggregatorService:
     ) -> tuple[int, bytes]:
         """Optimizer step, patch, sign, then commit release + round + optimizer state in one
         transaction (aggregator.store). Runs in a worker thread. Fills in `metrics`."""
-        manifest = tm.read_manifest(model)
+        manifest = tflite.read_manifest(model)
         assert manifest is not None
         assert outcome.mean_update is not None
-        weights = tm.flatten(tm.read_weights(model), manifest.layout)
+        weights = tflite.flatten(tflite.read_weights(model), manifest.layout)
         state_before = {k: v.copy() for k, v in self.optimizer.state.items()}
         new = self.optimizer.step(weights, outcome.mean_update)
         try:
             if not np.all(np.isfinite(new)):
                 raise ValueError("new weights hold NaN or infinity")
             version = self.store.latest_version() + 1
-            release = tm.release_weights(
+            release = release_weights(
                 model, new.astype(np.float32), version=version, signing_key=self._creds.identity
             )
             payload = wire.encode(release)
-            new_model, _ = tm.verify_release(
+            new_model, _ = verify_release(
                 release, self._creds.identity.verify_key, min_version=version
             )
             metrics["update_norm"] = float(np.linalg.norm(outcome.mean_update))

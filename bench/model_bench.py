@@ -24,7 +24,8 @@ import numpy as np
 
 from fleetlearn.aggregator import model_build as mb
 from fleetlearn.device.trainer import LiteRTTrainer
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite
+from fleetlearn.shared.release import release_weights, verify_release
 
 # name -> (input width, hidden layers); 4 classes and batch 32 throughout.
 SIZES: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -97,16 +98,16 @@ def bench_size(
     build_s = time.perf_counter() - start
 
     vector = rng.normal(0, 0.05, manifest.parameter_count).astype(np.float32)
-    weights = tm.unflatten(vector, manifest.layout)
-    patch_ms = median_ms(lambda: tm.patch_weights(model, weights), args.repeats)
-    release = tm.release_weights(model, vector, version=2, signing_key=key)
+    weights = tflite.unflatten(vector, manifest.layout)
+    patch_ms = median_ms(lambda: tflite.patch_weights(model, weights), args.repeats)
+    release = release_weights(model, vector, version=2, signing_key=key)
     release_ms = median_ms(
-        lambda: tm.release_weights(model, vector, version=2, signing_key=key), args.repeats
+        lambda: release_weights(model, vector, version=2, signing_key=key), args.repeats
     )
     verify_ms = median_ms(
-        lambda: tm.verify_release(release, key.verify_key, min_version=1), args.repeats
+        lambda: verify_release(release, key.verify_key, min_version=1), args.repeats
     )
-    released, released_manifest = tm.verify_release(release, key.verify_key, min_version=1)
+    released, released_manifest = verify_release(release, key.verify_key, min_version=1)
 
     def load() -> LiteRTTrainer:
         trainer = LiteRTTrainer(released, released_manifest)

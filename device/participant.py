@@ -44,7 +44,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from fleetlearn.shared import compression as sparse
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite_model as tm  # noqa: TID251 (until h-engine lands)
 from fleetlearn.shared import topics, wire
 from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
 from fleetlearn.shared.secagg import keys as sk

@@ -25,8 +25,9 @@ import nacl.signing
 import numpy as np
 
 from fleetlearn.device.runtime import new_interpreter
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite
 from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.release import ModelRelease, verify_release
 
 REQUIRED_SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 _EVAL_CHUNK = 1024  # rows per `infer` call; bounds the interpreter's tensor arena
@@ -56,8 +57,10 @@ class Evaluation:
 class LiteRTTrainer:
     """Trains one model release on local data. `model` and `manifest` come from verify_release."""
 
-    def __init__(self, model: bytes, manifest: tm.ModelManifest, *, num_threads: int = 1) -> None:
-        info = tm.describe_model(model)
+    def __init__(
+        self, model: bytes, manifest: tflite.ModelManifest, *, num_threads: int = 1
+    ) -> None:
+        info = tflite.describe_model(model)
         keys = {sig.key for sig in info.signatures}
         missing = [key for key in REQUIRED_SIGNATURES if key not in keys]
         if missing:
@@ -81,7 +84,7 @@ class LiteRTTrainer:
         self.manifest = manifest
         self.layout = manifest.layout
         # The release's own weights: the update is measured from here.
-        self.initial = tm.flatten(tm.read_weights(model, returned), self.layout)
+        self.initial = tflite.flatten(tflite.read_weights(model, returned), self.layout)
         self._model = model  # the interpreter reads from this buffer; keep it alive
         self._interpreter = new_interpreter(model, num_threads=num_threads)
         self._train = self._interpreter.get_signature_runner("train")
@@ -95,14 +98,14 @@ class LiteRTTrainer:
     @classmethod
     def from_release(
         cls,
-        release: tm.ModelRelease,
+        release: ModelRelease,
         verify_key: nacl.signing.VerifyKey,
         *,
         min_version: int,
         num_threads: int = 1,
     ) -> LiteRTTrainer:
         """Verify `release` (signature, rollback, content), then load it in a fresh interpreter."""
-        model, manifest = tm.verify_release(release, verify_key, min_version=min_version)
+        model, manifest = verify_release(release, verify_key, min_version=min_version)
         return cls(model, manifest, num_threads=num_threads)
 
     @property
@@ -204,10 +207,10 @@ class LiteRTTrainer:
 
     def flat_weights(self) -> np.ndarray:
         """The current weights as one float32 vector in the manifest's layout."""
-        return tm.flatten(self.get_weights(), self.layout)
+        return tflite.flatten(self.get_weights(), self.layout)
 
     def set_flat_weights(self, vector: np.ndarray) -> None:
-        self.set_weights(tm.unflatten(vector, self.layout))
+        self.set_weights(tflite.unflatten(vector, self.layout))
 
     def update(self) -> np.ndarray:
         """What local training changed: current minus release weights, flat float32, in layout."""

@@ -30,8 +30,8 @@ from fleetlearn.device.participant import (
 from fleetlearn.device.trainer import LiteRTTrainer
 from fleetlearn.firmware_sim.data import device_machine
 from fleetlearn.firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
-from fleetlearn.shared import tflite_model as tm
-from fleetlearn.shared import topics, wire
+from fleetlearn.shared import tflite, topics, wire
+from fleetlearn.shared.release import ModelRelease, make_release, release_weights, verify_release
 from fleetlearn.shared.rounds import RoundState
 
 FLEET = "memory"
@@ -89,7 +89,7 @@ class InMemoryFleet:
             )
             self.devices[dev] = _Device(i, participant, x, y, rng=np.random.default_rng(i))
         self.model = model or default_model()
-        manifest = tm.read_manifest(self.model)
+        manifest = tflite.read_manifest(self.model)
         assert manifest is not None
         self.manifest = manifest
         self.version = manifest.version
@@ -98,11 +98,11 @@ class InMemoryFleet:
         self._round = 0
         self._pending: list[tuple[str, Train]] = []
         self.history: list[dict[str, Any]] = []
-        self._release(tm.make_release(self.model, manifest, self.aggregator_key))
+        self._release(make_release(self.model, manifest, self.aggregator_key))
 
     # -------------------------------------------------------------------------- routing
 
-    def _release(self, release: tm.ModelRelease) -> None:
+    def _release(self, release: ModelRelease) -> None:
         payload = wire.encode(release)
         for device in self.devices.values():
             for action in device.participant.on_model(payload, self.now):
@@ -195,13 +195,13 @@ class InMemoryFleet:
         assert outcome is not None
         metrics = dict(outcome.metrics)
         if outcome.state is RoundState.CLOSED and outcome.mean_update is not None:
-            weights = tm.flatten(tm.read_weights(self.model), self.manifest.layout)
+            weights = tflite.flatten(tflite.read_weights(self.model), self.manifest.layout)
             new = self.optimizer.step(weights, outcome.mean_update).astype(np.float32)
             self.version += 1
-            release = tm.release_weights(
+            release = release_weights(
                 self.model, new, version=self.version, signing_key=self.aggregator_key
             )
-            self.model, self.manifest = tm.verify_release(
+            self.model, self.manifest = verify_release(
                 release, self.aggregator_key.verify_key, min_version=self.version
             )
             self._release(release)
@@ -231,7 +231,7 @@ def central_accuracy(
         xs.append(x)
         ys.append(y)
     model = default_model()
-    manifest = tm.read_manifest(model)
+    manifest = tflite.read_manifest(model)
     assert manifest is not None
     trainer = LiteRTTrainer(model, manifest)
     trainer.train(

@@ -1,7 +1,7 @@
 """Round-level messages: the announcement every device reads, and plain-mode updates.
 
 The secure stages' own messages live in `shared.secagg.messages`; model releases in
-`shared.tflite_model`. What is here:
+`shared.release`. What is here:
 
 - `RoundAnnounce`, retained on `fl/{fleet}/round`: which round, which model version it trains,
   who is in the cohort, the round seed (public: it picks the rand-k coordinates; the neighbour

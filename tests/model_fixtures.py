@@ -18,8 +18,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from fleetlearn.aggregator import model_build as mb
-from fleetlearn.shared import tflite_model as tm
-from fleetlearn.shared import wire
+from fleetlearn.shared import tflite, wire
+from fleetlearn.shared.release import MAX_RELEASE_MODEL_BYTES, ModelRelease
 from tests.wire_strategies import ids
 
 SHIPPED_MODEL = mb.DEFAULT_MODEL_PATH
@@ -50,7 +50,7 @@ class Built:
     spec: mb.ModelSpec
     module: Any  # the tf.Module the model was converted from, at its initial weights
     model: bytes  # converted, with the version-1 manifest embedded
-    manifest: tm.ModelManifest
+    manifest: tflite.ModelManifest
 
     def fresh_module(self) -> Any:
         """A new tf.Module at the model's initial weights (training mutates `module`)."""
@@ -63,7 +63,7 @@ def built(name: str) -> Built:
     spec = SPECS[name]
     module = mb.build_module(spec)
     data = mb.convert_module(module)
-    model, manifest = tm.embed_manifest(
+    model, manifest = tflite.embed_manifest(
         data, model_id=spec.model_id, version=1, layout=spec.layout(), labels=spec.labels
     )
     return Built(spec=spec, module=module, model=model, manifest=manifest)
@@ -120,39 +120,39 @@ _names = st.lists(ids, min_size=1, max_size=4, unique=True)
 
 
 @st.composite
-def manifests(draw: st.DrawFn, *, zero_hash: bool = False) -> tm.ModelManifest:
+def manifests(draw: st.DrawFn, *, zero_hash: bool = False) -> tflite.ModelManifest:
     names = draw(_names)
     layout = tuple(
-        tm.WeightSpec(name=name, shape=tuple(draw(st.lists(st.integers(1, 64), max_size=3))))
+        tflite.WeightSpec(name=name, shape=tuple(draw(st.lists(st.integers(1, 64), max_size=3))))
         for name in names
     )
-    return tm.ModelManifest(
+    return tflite.ModelManifest(
         model_id=draw(ids),
         version=draw(st.integers(1, 2**63 - 1)),
         layout=layout,
         labels=tuple(draw(st.lists(ids, max_size=5, unique=True))),
-        content_hash=tm.ZERO_HASH if zero_hash else draw(st.binary(min_size=32, max_size=32)),
+        content_hash=tflite.ZERO_HASH if zero_hash else draw(st.binary(min_size=32, max_size=32)),
     )
 
 
 @st.composite
-def releases(draw: st.DrawFn) -> tm.ModelRelease:
-    return tm.ModelRelease(
+def releases(draw: st.DrawFn) -> ModelRelease:
+    return ModelRelease(
         manifest=draw(manifests()),
-        model_size=draw(st.integers(1, tm.MAX_RELEASE_MODEL_BYTES)),
+        model_size=draw(st.integers(1, MAX_RELEASE_MODEL_BYTES)),
         model_zst=draw(st.binary(min_size=1, max_size=64)),
         signature=draw(st.binary(min_size=64, max_size=64)),
     )
 
 
 def embedded_manifests() -> st.SearchStrategy[wire.Message]:
-    return manifests(zero_hash=True).map(lambda m: tm.EmbeddedManifest(manifest=m))
+    return manifests(zero_hash=True).map(lambda m: tflite.EmbeddedManifest(manifest=m))
 
 
 # The wire property tests draw every registered message type; these two have rules (hash and
 # signature lengths, float32 layouts) that random fields almost never meet. Same shape as
 # wire_strategies.EXPLICIT, for its `_register_explicit` to merge.
 STRATEGIES: dict[str, Callable[[], st.SearchStrategy[wire.Message]]] = {
-    tm.ModelRelease.TAG: releases,
-    tm.EmbeddedManifest.TAG: embedded_manifests,
+    ModelRelease.TAG: releases,
+    tflite.EmbeddedManifest.TAG: embedded_manifests,
 }

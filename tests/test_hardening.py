@@ -31,8 +31,8 @@ from fleetlearn.aggregator.service import RoundsAbortedError
 from fleetlearn.aggregator.store import Store
 from fleetlearn.broker import provision as prov
 from fleetlearn.broker.runner import free_port
-from fleetlearn.shared import tflite_model as tm
-from fleetlearn.shared import topics, wire
+from fleetlearn.shared import tflite, topics, wire
+from fleetlearn.shared.release import ModelRelease, make_release, release_weights
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness, fleet
 
@@ -175,12 +175,12 @@ async def test_a_restarted_device_refuses_an_older_retained_release(tmp_path: Pa
     async with fleet(tmp_path, 3) as h:
         creds = prov.load_aggregator(h.fleet_dir)
         base = (ROOT / "aggregator" / "models" / "pdm_default.tflite").read_bytes()
-        manifest = tm.read_manifest(base)
+        manifest = tflite.read_manifest(base)
         assert manifest is not None
-        base, manifest = tm.embed_manifest(base, model_id=manifest.model_id, version=1)
-        v1 = tm.make_release(base, manifest, creds.identity)
-        weights = tm.flatten(tm.read_weights(base), manifest.layout)
-        v2 = tm.release_weights(
+        base, manifest = tflite.embed_manifest(base, model_id=manifest.model_id, version=1)
+        v1 = make_release(base, manifest, creds.identity)
+        weights = tflite.flatten(tflite.read_weights(base), manifest.layout)
+        v2 = release_weights(
             base, (weights + 0.01).astype(np.float32), version=2, signing_key=creds.identity
         )
         model_topic = topics.model(h.fleet)
@@ -275,7 +275,7 @@ async def test_a_crash_after_the_release_is_committed_keeps_the_round_closed(
 
         async def dies_on_new_release(topic: str, payload: bytes, **kw: Any) -> None:
             if topic == model_topic:
-                release = wire.decode(payload, tm.ModelRelease)
+                release = wire.decode(payload, ModelRelease)
                 if release.manifest.version >= 2:
                     raise _Crash  # the new release is persisted; the process dies here
             await publish(topic, payload, **kw)

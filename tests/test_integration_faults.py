@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from fleetlearn.broker import provision as prov
-from fleetlearn.shared import tflite_model as tm
 from fleetlearn.shared import topics, wire
+from fleetlearn.shared.release import ModelRelease, release_weights, verify_release
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import FAST_STAGES, Harness, fleet
@@ -225,7 +225,7 @@ async def test_aggregator_sigkill_mid_round_and_restart(tmp_path: Path) -> None:
         async with watcher:
             await watcher.subscribe(topics.model(h.fleet), qos=1)
             retained = await anext(aiter(watcher.messages))
-            assert wire.decode(bytes(retained.payload), tm.ModelRelease).manifest.version == 2  # type: ignore[arg-type]
+            assert wire.decode(bytes(retained.payload), ModelRelease).manifest.version == 2  # type: ignore[arg-type]
             second = await asyncio.create_subprocess_exec(
                 *_aggregator_cmd(h, 1, {}),
                 cwd=ROOT,
@@ -236,7 +236,7 @@ async def test_aggregator_sigkill_mid_round_and_restart(tmp_path: Path) -> None:
             # the restarted aggregator republishes the latest release (live, not retained)
             async with asyncio.timeout(30):
                 live = await anext(aiter(watcher.messages))
-            assert wire.decode(bytes(live.payload), tm.ModelRelease).manifest.version == 2  # type: ignore[arg-type]
+            assert wire.decode(bytes(live.payload), ModelRelease).manifest.version == 2  # type: ignore[arg-type]
             # ... and announces that round 2 is over, on the round topic
             await watcher.subscribe(topics.round_announce(h.fleet), qos=1)
             rounds_seen = []
@@ -314,11 +314,11 @@ async def test_forged_and_tampered_releases(tmp_path: Path) -> None:
         agg = prov.load_aggregator(h.fleet_dir)
         dev = h.observer()  # a device's credentials, of one that is not running
         genuine = await _retained(h, topics.model(h.fleet), dev.username, dev.password)
-        release = wire.decode(genuine, tm.ModelRelease)
+        release = wire.decode(genuine, ModelRelease)
 
         # 1. a device's credentials cannot publish a release: the ACL drops it
-        model, _ = tm.verify_release(release, agg.identity.verify_key, min_version=2)
-        forged = tm.release_weights(
+        model, _ = verify_release(release, agg.identity.verify_key, min_version=2)
+        forged = release_weights(
             model,
             np.zeros(release.manifest.parameter_count, np.float32),
             version=3,
@@ -331,19 +331,19 @@ async def test_forged_and_tampered_releases(tmp_path: Path) -> None:
         # 2. with the aggregator's credentials, a tampered release reaches devices: all refuse
         tampered_zst = bytearray(release.model_zst)
         tampered_zst[len(tampered_zst) // 2] ^= 0x01
-        tampered = tm.ModelRelease(
+        tampered = ModelRelease(
             manifest=release.manifest,
             model_size=release.model_size,
             model_zst=bytes(tampered_zst),
             signature=release.signature,
         )
-        bumped = tm.release_weights(
+        bumped = release_weights(
             model,
             np.ones(release.manifest.parameter_count, np.float32),
             version=3,
             signing_key=agg.identity,
         )
-        resigned = tm.ModelRelease(
+        resigned = ModelRelease(
             manifest=bumped.manifest,
             model_size=bumped.model_size,
             model_zst=bumped.model_zst,

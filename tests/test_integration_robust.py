@@ -10,7 +10,7 @@ import pytest
 from fleetlearn.aggregator.store import Store
 from fleetlearn.device.trainer import LiteRTTrainer
 from fleetlearn.firmware_sim.data import MACHINE_TYPES, device_machine
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import fleet
 
@@ -60,7 +60,7 @@ async def _run(tmp: Path, rule: str, poisoned: bool) -> float:
             model = store.model_bytes(store.latest_version())
         finally:
             store.close()
-    manifest = tm.read_manifest(model)
+    manifest = tflite.read_manifest(model)
     assert manifest is not None
     x, y = _test_set()
     return LiteRTTrainer(model, manifest).evaluate(x, y).accuracy

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetlearn.shared import tflite_model as tm
-from fleetlearn.shared import topics
+from fleetlearn.shared import tflite, topics
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness, fleet
 
@@ -81,10 +80,10 @@ async def test_three_secure_rounds_with_dropouts(harness20: Harness) -> None:
         v2, v3 = store.model_bytes(2), store.model_bytes(3)
     finally:
         store.close()
-    manifest = tm.read_manifest(v2)
+    manifest = tflite.read_manifest(v2)
     assert manifest is not None
-    w2 = tm.flatten(tm.read_weights(v2), manifest.layout).astype(np.float64)
-    w3 = tm.flatten(tm.read_weights(v3), manifest.layout).astype(np.float64)
+    w2 = tflite.flatten(tflite.read_weights(v2), manifest.layout).astype(np.float64)
+    w3 = tflite.flatten(tflite.read_weights(v3), manifest.layout).astype(np.float64)
     inputs = {d: h.agents[d].participant.inputs[2] for d in r2.survivors}
     idx = next(iter(inputs.values()))[0]
     total = sum(w for _, _, w in inputs.values())

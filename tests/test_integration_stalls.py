@@ -21,8 +21,8 @@ from fleetlearn.broker import provision as prov
 from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
 from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
 from fleetlearn.firmware_sim.scenario import Scenario
-from fleetlearn.shared import tflite_model as tm
-from fleetlearn.shared import topics, wire
+from fleetlearn.shared import tflite, topics, wire
+from fleetlearn.shared.release import make_release
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness
 
@@ -55,10 +55,10 @@ async def _publish_release_v1(broker: BrokerProcess, fleet_dir: Path) -> None:
     devices can load it and look eligible before any round exists."""
     creds = prov.load_aggregator(fleet_dir)
     model = default_model()
-    manifest = tm.read_manifest(model)
+    manifest = tflite.read_manifest(model)
     assert manifest is not None
     assert manifest.version == 1
-    release = tm.make_release(model, manifest, creds.identity)
+    release = make_release(model, manifest, creds.identity)
     async with aiomqtt.Client(
         broker.host,
         broker.port,

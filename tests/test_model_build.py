@@ -19,7 +19,7 @@ import pytest
 from fleetlearn import cli as fleetlearn
 from fleetlearn.aggregator import model_build as mb
 from fleetlearn.device.trainer import LiteRTTrainer
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite
 from fleetlearn.shared.errors import ConfigError
 from tests.model_fixtures import SPECS, blobs, built, shipped_model
 
@@ -147,7 +147,7 @@ def test_inspect_flags_a_patched_file_and_refuses_garbage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     patched = tmp_path / "patched.tflite"
-    patched.write_bytes(tm.patch_weights(shipped_model(), {"dense_2_bias": np.ones(4)}))
+    patched.write_bytes(tflite.patch_weights(shipped_model(), {"dense_2_bias": np.ones(4)}))
     assert fleetlearn.main(["model", "inspect", str(patched)]) == 0
     assert "DOES NOT MATCH" in capsys.readouterr().out
     garbage = tmp_path / "garbage.tflite"
@@ -165,9 +165,9 @@ def test_inspect_flags_a_patched_file_and_refuses_garbage(
 @pytest.mark.parametrize("name", MODELS)
 def test_converted_model_uses_builtin_ops_only(name: str) -> None:
     """Acceptance 1, for two model sizes."""
-    info = tm.describe_model(built(name).model)
+    info = tflite.describe_model(built(name).model)
     assert info.custom_ops == ()
-    assert all(code.builtin != tm.OP_CUSTOM for code in info.op_codes)
+    assert all(code.builtin != tflite.OP_CUSTOM for code in info.op_codes)
     assert all(code.custom is None and not code.name.startswith("CUSTOM") for code in info.op_codes)
     assert {"FULLY_CONNECTED", "VAR_HANDLE", "ASSIGN_VARIABLE", "CALL_ONCE"} <= {
         code.name for code in info.op_codes
@@ -199,7 +199,7 @@ def test_litert_training_matches_tensorflow(name: str) -> None:
     diff = max(float(np.abs(tf_weights[k] - lite_weights[k]).max()) for k in tf_weights)
     assert diff < 1e-5
     np.testing.assert_allclose(lite_losses, tf_losses, atol=1e-5, rtol=0)
-    start = tm.read_weights(b.model, lite_weights)
+    start = tflite.read_weights(b.model, lite_weights)
     moved = max(float(np.abs(lite_weights[k] - v).max()) for k, v in start.items())
     assert moved > 1e-3  # training changed the weights, so agreement means something
 
@@ -208,16 +208,16 @@ def test_litert_training_matches_tensorflow(name: str) -> None:
 def test_shipped_model_is_what_the_default_spec_builds() -> None:
     fresh = built("pdm").model
     shipped = shipped_model()
-    a, b = tm.describe_model(fresh), tm.describe_model(shipped)
+    a, b = tflite.describe_model(fresh), tflite.describe_model(shipped)
     assert a.signatures == b.signatures
     assert [(v.name, v.shape, v.dtype) for v in a.variables] == [
         (v.name, v.shape, v.dtype) for v in b.variables
     ]
     assert a.op_codes == b.op_codes
     assert [sg.ops for sg in a.subgraphs] == [sg.ops for sg in b.subgraphs]
-    fresh_weights, shipped_weights = tm.read_weights(fresh), tm.read_weights(shipped)
+    fresh_weights, shipped_weights = tflite.read_weights(fresh), tflite.read_weights(shipped)
     assert all(np.array_equal(fresh_weights[k], shipped_weights[k]) for k in fresh_weights)
-    man_a, man_b = tm.read_manifest(fresh), tm.read_manifest(shipped)
+    man_a, man_b = tflite.read_manifest(fresh), tflite.read_manifest(shipped)
     assert man_a is not None
     assert man_b is not None
     assert (man_a.model_id, man_a.version, man_a.layout, man_a.labels) == (
@@ -234,18 +234,18 @@ def test_shipped_model_is_what_the_default_spec_builds() -> None:
 @pytest.mark.slow
 def test_adam_slots_share_buffers_and_are_never_patched() -> None:
     b = built("wide-adam")
-    info = tm.describe_model(b.model)
+    info = tflite.describe_model(b.model)
     slots = [v for v in info.variables if v.name.startswith("adam_")]
     assert slots
     assert any(v.shared_with for v in slots)  # zeros of one shape: merged by the converter
     assert all(not info.variable(w.name).shared_with for w in b.manifest.layout)
     shared = next(v for v in slots if v.shared_with)
-    with pytest.raises(tm.SharedBufferError, match=shared.name):
-        tm.patch_weights(b.model, {shared.name: np.ones(shared.shape, np.float32)})
+    with pytest.raises(tflite.SharedBufferError, match=shared.name):
+        tflite.patch_weights(b.model, {shared.name: np.ones(shared.shape, np.float32)})
     # The weights themselves patch fine, and the patched model trains from them.
     vector = np.random.default_rng(0).normal(0, 0.1, b.manifest.parameter_count)
-    patched = tm.patch_flat(b.model, vector.astype(np.float32), b.manifest.layout)
-    model, manifest = tm.embed_manifest(patched, model_id="wide-adam", version=2)
+    patched = tflite.patch_flat(b.model, vector.astype(np.float32), b.manifest.layout)
+    model, manifest = tflite.embed_manifest(patched, model_id="wide-adam", version=2)
     trainer = LiteRTTrainer(model, manifest)
     np.testing.assert_array_equal(trainer.flat_weights(), vector.astype(np.float32))
     x, y = blobs(64, seed=9)
@@ -263,11 +263,11 @@ def test_cli_build_writes_the_model(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "small.tflite"
     assert fleetlearn.main(["model", "build", "--spec", str(spec_file), "--out", str(out)]) == 0
     assert f"wrote {out}: small v1, 51 parameters" in capsys.readouterr().out
-    manifest = tm.read_manifest(out.read_bytes())
+    manifest = tflite.read_manifest(out.read_bytes())
     assert manifest is not None
     assert manifest.model_id == "small"
     assert manifest.labels == ("class_0", "class_1", "class_2")
-    train = tm.describe_model(out.read_bytes()).signature("train")
+    train = tflite.describe_model(out.read_bytes()).signature("train")
     assert {t.name: t.shape for t in train.inputs}["x"] == (8, 8)
 
 

@@ -1,4 +1,4 @@
-"""shared.tflite_model without TensorFlow: parsing, weights, patching, manifest, hostile bytes.
+"""shared.tflite without TensorFlow: parsing, weights, patching, manifest, hostile bytes.
 
 Runs on the shipped pdm_default.tflite, so none of these tests needs TensorFlow. The patch path
 is also run in a subprocess where importing TensorFlow or LiteRT fails (acceptance 3).
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fleetlearn.aggregator import model_build as mb
 from fleetlearn.device.runtime import new_interpreter
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite
 from tests.model_fixtures import shipped_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def _new_weights(seed: int) -> dict[str, np.ndarray]:
 
 
 def test_shipped_model_describes_itself() -> None:
-    info = tm.describe_model(shipped_model())
+    info = tflite.describe_model(shipped_model())
     assert {s.key for s in info.signatures} == {"train", "infer", "get_weights", "set_weights"}
     train = {t.name: t for t in info.signature("train").inputs}
     assert train["x"].shape == (32, 16)
@@ -54,7 +54,7 @@ def test_shipped_model_describes_itself() -> None:
 
 def test_initial_weights_are_those_the_spec_seeds() -> None:
     expected = mb.initial_weights(mb.load_spec())
-    got = tm.read_weights(shipped_model())
+    got = tflite.read_weights(shipped_model())
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert np.array_equal(got[name], value), name
@@ -62,13 +62,13 @@ def test_initial_weights_are_those_the_spec_seeds() -> None:
 
 def test_shipped_manifest() -> None:
     data = shipped_model()
-    manifest = tm.read_manifest(data)
+    manifest = tflite.read_manifest(data)
     assert manifest is not None
     assert (manifest.model_id, manifest.version) == ("pdm-default", 1)
     assert manifest.labels == ("healthy", "bearing_wear", "imbalance", "misalignment")
     assert [w.name for w in manifest.layout] == LAYOUT_NAMES
     assert manifest.parameter_count == 16 * 32 + 32 + 32 * 16 + 16 + 16 * 4 + 4
-    assert tm.content_hash(data) == manifest.content_hash
+    assert tflite.content_hash(data) == manifest.content_hash
 
 
 # ---------------------------------------------------------------------------------- patching
@@ -77,26 +77,30 @@ def test_shipped_manifest() -> None:
 def test_patch_changes_only_the_weight_buffers() -> None:
     data = shipped_model()
     weights = _new_weights(1)
-    patched = tm.patch_weights(data, weights)
+    patched = tflite.patch_weights(data, weights)
     assert len(patched) == len(data)
-    got = tm.read_weights(patched)
+    got = tflite.read_weights(patched)
     for name, value in weights.items():
         assert np.array_equal(got[name], value)
-    regions = [(v.offset, v.offset + v.nbytes) for v in tm.describe_model(data).variables]
+    regions = [(v.offset, v.offset + v.nbytes) for v in tflite.describe_model(data).variables]
     diff = np.nonzero(np.frombuffer(patched, np.uint8) != np.frombuffer(data, np.uint8))[0]
     assert diff.size > 0
     assert all(any(lo <= i < hi for lo, hi in regions) for i in diff)
-    assert tm.read_weights(data)["dense_0_bias"][0] != weights["dense_0_bias"][0]  # input intact
+    assert (
+        tflite.read_weights(data)["dense_0_bias"][0] != weights["dense_0_bias"][0]
+    )  # input intact
 
 
 def test_patch_flat_follows_the_layout() -> None:
     data = shipped_model()
-    layout = tm.read_manifest(data).layout  # type: ignore[union-attr]
-    vector = np.arange(tm.layout_size(layout), dtype=np.float32) / 1000.0
-    patched = tm.patch_flat(data, vector, layout)
-    assert np.array_equal(tm.flatten(tm.read_weights(patched), layout), vector)
+    layout = tflite.read_manifest(data).layout  # type: ignore[union-attr]
+    vector = np.arange(tflite.layout_size(layout), dtype=np.float32) / 1000.0
+    patched = tflite.patch_flat(data, vector, layout)
+    assert np.array_equal(tflite.flatten(tflite.read_weights(patched), layout), vector)
     first = layout[0]
-    assert np.array_equal(tm.read_weights(patched)[first.name].reshape(-1), vector[: first.size])
+    assert np.array_equal(
+        tflite.read_weights(patched)[first.name].reshape(-1), vector[: first.size]
+    )
 
 
 @pytest.mark.parametrize(
@@ -109,28 +113,28 @@ def test_patch_flat_follows_the_layout() -> None:
     ],
 )
 def test_patch_refuses_bad_weights(weights: dict[str, np.ndarray], message: str) -> None:
-    with pytest.raises(tm.LayoutError, match=message):
-        tm.patch_weights(shipped_model(), weights)
+    with pytest.raises(tflite.LayoutError, match=message):
+        tflite.patch_weights(shipped_model(), weights)
 
 
 def test_flatten_unflatten_round_trip_and_errors() -> None:
     layout = mb.load_spec().layout()
     weights = _new_weights(2)
-    vector = tm.flatten(weights, layout)
+    vector = tflite.flatten(weights, layout)
     assert vector.dtype == np.float32
-    assert vector.shape == (tm.layout_size(layout),)
-    back = tm.unflatten(vector, layout)
+    assert vector.shape == (tflite.layout_size(layout),)
+    back = tflite.unflatten(vector, layout)
     assert all(np.array_equal(back[k], weights[k]) for k in weights)
-    with pytest.raises(tm.LayoutError):
-        tm.unflatten(vector[:-1], layout)
-    with pytest.raises(tm.LayoutError):
-        tm.flatten({k: v for k, v in weights.items() if k != "dense_1_bias"}, layout)
+    with pytest.raises(tflite.LayoutError):
+        tflite.unflatten(vector[:-1], layout)
+    with pytest.raises(tflite.LayoutError):
+        tflite.flatten({k: v for k, v in weights.items() if k != "dense_1_bias"}, layout)
 
 
 def test_patched_model_runs_with_new_weights_in_a_fresh_interpreter() -> None:
     data = shipped_model()
     weights = _new_weights(3)
-    patched = tm.patch_weights(data, weights)
+    patched = tflite.patch_weights(data, weights)
     got = new_interpreter(patched).get_signature_runner("get_weights")()
     assert all(np.array_equal(got[k], weights[k]) for k in weights)
 
@@ -156,14 +160,14 @@ PATCH_WITHOUT_TF = textwrap.dedent(
             raise SystemExit(f"{name} imported despite the blocker")
 
     import numpy as np
-    from fleetlearn.shared import tflite_model as tm
+    from fleetlearn.shared import tflite
 
     source, weights_file, out = sys.argv[1:4]
     data = open(source, "rb").read()
     weights = dict(np.load(weights_file))
     start = time.perf_counter()
-    patched = tm.patch_weights(data, weights)
-    model, manifest = tm.embed_manifest(patched, model_id="pdm-default", version=2)
+    patched = tflite.patch_weights(data, weights)
+    model, manifest = tflite.embed_manifest(patched, model_id="pdm-default", version=2)
     seconds = time.perf_counter() - start
     open(out, "wb").write(model)
     loaded = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
@@ -194,10 +198,10 @@ def test_patch_path_needs_neither_tensorflow_nor_litert(tmp_path: Path) -> None:
     for name, value in weights.items():
         assert got[name].dtype == np.float32
         assert np.array_equal(got[name], value), name  # exact, not approximately
-    manifest = tm.read_manifest(model)
+    manifest = tflite.read_manifest(model)
     assert manifest is not None
     assert manifest.version == 2
-    assert tm.content_hash(model) == manifest.content_hash
+    assert tflite.content_hash(model) == manifest.content_hash
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -205,51 +209,51 @@ def test_patch_path_needs_neither_tensorflow_nor_litert(tmp_path: Path) -> None:
 
 def test_embed_rewrites_in_place_and_rehashes() -> None:
     data = shipped_model()
-    old = tm.read_manifest(data)
+    old = tflite.read_manifest(data)
     assert old is not None
-    patched = tm.patch_weights(data, _new_weights(5))
-    assert tm.content_hash(patched) != old.content_hash  # weights are covered by the hash
-    model, manifest = tm.embed_manifest(patched, model_id="pdm-default", version=7)
+    patched = tflite.patch_weights(data, _new_weights(5))
+    assert tflite.content_hash(patched) != old.content_hash  # weights are covered by the hash
+    model, manifest = tflite.embed_manifest(patched, model_id="pdm-default", version=7)
     assert len(model) == len(data)  # the reserved space took the new manifest
-    assert tm.read_manifest(model) == manifest
+    assert tflite.read_manifest(model) == manifest
     assert manifest.version == 7
     assert manifest.layout == old.layout
     assert manifest.labels == old.labels
-    assert tm.content_hash(model) == manifest.content_hash != old.content_hash
+    assert tflite.content_hash(model) == manifest.content_hash != old.content_hash
 
 
 def test_embed_grows_the_file_when_the_manifest_outgrows_its_space() -> None:
     data = shipped_model()
     # 40 incompressible labels: ~1.5 KB compressed, past the space reserved at build time.
     labels = tuple(hashlib.sha256(bytes([i])).hexdigest()[:60] for i in range(40))
-    model, manifest = tm.embed_manifest(data, model_id="pdm-default", version=2, labels=labels)
+    model, manifest = tflite.embed_manifest(data, model_id="pdm-default", version=2, labels=labels)
     assert len(model) > len(data)
     assert (len(model) - len(data)) % 16 == 0
-    info = tm.describe_model(model)
-    old_offsets = {v.name: v.offset for v in tm.describe_model(data).variables}
+    info = tflite.describe_model(model)
+    old_offsets = {v.name: v.offset for v in tflite.describe_model(data).variables}
     for var in info.variables:  # moved by a multiple of 16: every alignment is kept
         assert var.offset is not None
         assert old_offsets[var.name] is not None
         assert var.offset % 16 == old_offsets[var.name] % 16  # type: ignore[operator]
     assert info.metadata.count("fleetlearn.manifest") == 1
-    assert tm.read_manifest(model) == manifest
+    assert tflite.read_manifest(model) == manifest
     assert manifest.labels == labels
-    assert tm.content_hash(model) == manifest.content_hash
-    before = tm.read_weights(data)
-    after = tm.read_weights(model)
+    assert tflite.content_hash(model) == manifest.content_hash
+    before = tflite.read_weights(data)
+    after = tflite.read_weights(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     # The interpreter accepts the rewritten file (its flatbuffer verifier checks alignment).
     got = new_interpreter(model).get_signature_runner("get_weights")()
     assert all(np.array_equal(got[k], before[k]) for k in before)
     # And the next, smaller manifest fits in place again.
-    again, _ = tm.embed_manifest(model, model_id="pdm-default", version=3, labels=())
+    again, _ = tflite.embed_manifest(model, model_id="pdm-default", version=3, labels=())
     assert len(again) == len(model)
 
 
 def test_embed_refuses_a_layout_the_model_does_not_have() -> None:
-    bad = (tm.WeightSpec(name="dense_0_kernel", shape=(16, 33)),)
-    with pytest.raises(tm.LayoutError, match="dense_0_kernel"):
-        tm.embed_manifest(shipped_model(), model_id="pdm-default", version=2, layout=bad)
+    bad = (tflite.WeightSpec(name="dense_0_kernel", shape=(16, 33)),)
+    with pytest.raises(tflite.LayoutError, match="dense_0_kernel"):
+        tflite.embed_manifest(shipped_model(), model_id="pdm-default", version=2, layout=bad)
 
 
 # ----------------------------------------------------------------------------- hostile bytes
@@ -258,35 +262,35 @@ def test_embed_refuses_a_layout_the_model_does_not_have() -> None:
 def _all_readers(data: bytes) -> None:
     """Run every reader; each may succeed or raise ModelError, and nothing else."""
     for call in (
-        tm.describe_model,
-        tm.read_manifest,
-        tm.content_hash,
-        tm.read_weights,
-        lambda d: tm.patch_weights(d, {"dense_2_bias": np.ones(4, np.float32)}),
-        lambda d: tm.embed_manifest(d, model_id="pdm-default", version=2),
+        tflite.describe_model,
+        tflite.read_manifest,
+        tflite.content_hash,
+        tflite.read_weights,
+        lambda d: tflite.patch_weights(d, {"dense_2_bias": np.ones(4, np.float32)}),
+        lambda d: tflite.embed_manifest(d, model_id="pdm-default", version=2),
     ):
         try:
             call(data)
-        except tm.ModelError:
+        except tflite.ModelError:
             pass
 
 
 @pytest.mark.parametrize("data", [b"", b"TFL3", b"\0\0\0\0TFL3", b"\x08\0\0\0TFL3\xff\xff\xff\xff"])
 def test_tiny_inputs_are_format_errors(data: bytes) -> None:
-    with pytest.raises(tm.ModelFormatError):
-        tm.describe_model(data)
+    with pytest.raises(tflite.ModelFormatError):
+        tflite.describe_model(data)
 
 
 def test_not_bytes_is_a_format_error() -> None:
-    with pytest.raises(tm.ModelFormatError):
-        tm.describe_model(bytearray(shipped_model()))  # type: ignore[arg-type]
+    with pytest.raises(tflite.ModelFormatError):
+        tflite.describe_model(bytearray(shipped_model()))  # type: ignore[arg-type]
 
 
 def test_every_truncation_is_a_format_error() -> None:
     data = shipped_model()
     for size in [*range(0, 512), *range(512, len(data), 61)]:
-        with pytest.raises(tm.ModelFormatError):
-            tm.describe_model(data[:size])
+        with pytest.raises(tflite.ModelFormatError):
+            tflite.describe_model(data[:size])
 
 
 @FUZZ

@@ -10,7 +10,8 @@ import pytest
 
 import fleetlearn.device.runtime as runtime
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import tflite
+from fleetlearn.shared.release import SignatureError, make_release, release_weights
 from tests.model_fixtures import blobs, reference_sgd_step, shipped_model, signing_key
 
 KEY = signing_key(1)
@@ -20,13 +21,13 @@ LR = 0.05  # the shipped spec's learning rate
 def _trainer(version: int = 1, seed: int | None = None) -> LiteRTTrainer:
     data = shipped_model()
     if seed is None and version == 1:
-        release = tm.make_release(data, tm.read_manifest(data), KEY)  # type: ignore[arg-type]
+        release = make_release(data, tflite.read_manifest(data), KEY)  # type: ignore[arg-type]
     else:
-        manifest = tm.read_manifest(data)
+        manifest = tflite.read_manifest(data)
         assert manifest is not None
         rng = np.random.default_rng(seed)
         vector = rng.normal(0, 0.3, size=manifest.parameter_count).astype(np.float32)
-        release = tm.release_weights(data, vector, version=version, signing_key=KEY)
+        release = release_weights(data, vector, version=version, signing_key=KEY)
     return LiteRTTrainer.from_release(release, KEY.verify_key, min_version=1)
 
 
@@ -34,16 +35,16 @@ def test_loads_a_verified_release_at_its_weights() -> None:
     trainer = _trainer(version=3, seed=5)
     assert trainer.version == 3
     assert (trainer.batch_size, trainer.input_width, trainer.classes) == (32, 16, 4)
-    model_weights = tm.read_weights(shipped_model())
-    assert not np.array_equal(trainer.flat_weights(), tm.flatten(model_weights, trainer.layout))
+    model_weights = tflite.read_weights(shipped_model())
+    assert not np.array_equal(trainer.flat_weights(), tflite.flatten(model_weights, trainer.layout))
     assert np.array_equal(trainer.flat_weights(), trainer.initial)
     assert not trainer.update().any()
 
 
 def test_refuses_a_release_it_cannot_verify() -> None:
     data = shipped_model()
-    forged = tm.make_release(data, tm.read_manifest(data), signing_key(9))  # type: ignore[arg-type]
-    with pytest.raises(tm.SignatureError):
+    forged = make_release(data, tflite.read_manifest(data), signing_key(9))  # type: ignore[arg-type]
+    with pytest.raises(SignatureError):
         LiteRTTrainer.from_release(forged, KEY.verify_key, min_version=1)
 
 

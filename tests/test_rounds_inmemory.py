@@ -20,8 +20,8 @@ from nacl.signing import SigningKey
 
 from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
 from fleetlearn.device.participant import LocalResult, Note, Participant, PublishStatus, Send, Train
-from fleetlearn.shared import rounds, topics, wire
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import rounds, tflite, topics, wire
+from fleetlearn.shared.release import ModelRelease, make_release, release_weights
 from fleetlearn.shared.secagg import keys as sk
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg.config import PrivacyFloor
@@ -162,17 +162,17 @@ def make_fleet(
         )
         for d in ids
     }
-    manifest = tm.read_manifest(MODEL)
+    manifest = tflite.read_manifest(MODEL)
     assert manifest is not None
     fleet = Fleet(
         engine,
         devices,
         agg,
-        tm.layout_size(manifest.layout),
+        tflite.layout_size(manifest.layout),
         defer_close=defer_close,
         identities=keys,
     )
-    release = tm.make_release(MODEL, manifest, agg)
+    release = make_release(MODEL, manifest, agg)
     fleet.publish([Publish(topics.model(FLEET), wire.encode(release), retain=True)])
     for d in ids:
         fleet.status(d)
@@ -180,7 +180,7 @@ def make_fleet(
 
 
 def run_round(fleet: Fleet, round_id: int = 1) -> None:
-    manifest = tm.read_manifest(MODEL)
+    manifest = tflite.read_manifest(MODEL)
     assert manifest is not None
     fleet.publish(
         fleet.engine.start_round(
@@ -325,7 +325,7 @@ def test_plain_round_with_late_device() -> None:
 
 def test_garbage_is_counted_and_round_goes_on() -> None:
     fleet = make_fleet(5)
-    manifest = tm.read_manifest(MODEL)
+    manifest = tflite.read_manifest(MODEL)
     assert manifest is not None
     fleet.publish(
         fleet.engine.start_round(round_id=1, model_version=manifest.version, dim=fleet.dim, now=0.0)
@@ -356,13 +356,13 @@ def test_tampered_release_keeps_previous_model() -> None:
     fleet = make_fleet(3)
     part = fleet.devices["d00"]
     assert part.model_version == 1
-    manifest = tm.read_manifest(MODEL)
+    manifest = tflite.read_manifest(MODEL)
     assert manifest is not None
-    good = tm.release_weights(
+    good = release_weights(
         MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=fleet.agg_key
     )
     raw = bytearray(wire.encode(good))
-    tampered = tm.ModelRelease(
+    tampered = ModelRelease(
         manifest=good.manifest,
         model_size=good.model_size,
         model_zst=good.model_zst,
@@ -372,7 +372,7 @@ def test_tampered_release_keeps_previous_model() -> None:
     assert part.model_version == 1
     assert isinstance(actions[0], Note)
     assert "refused" in actions[0].text
-    forged = tm.release_weights(
+    forged = release_weights(
         MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=SigningKey.generate()
     )
     part.on_model(wire.encode(forged), 0.0)

@@ -15,8 +15,7 @@ import pytest
 
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.cli import main as fleetlearn_main
-from fleetlearn.shared import settings, topics, wire
-from fleetlearn.shared import tflite_model as tm
+from fleetlearn.shared import settings, tflite, topics, wire
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState, StageTimes
 from fleetlearn.shared.secagg.client import SecAggClient
 from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, Stage
@@ -51,7 +50,7 @@ def _stage_closes(fleet: Fleet, round_id: int = 1) -> dict[str, dict[str, object
 
 
 def _start(fleet: Fleet, round_id: int = 1) -> None:
-    manifest = tm.read_manifest(MODEL)
+    manifest = tflite.read_manifest(MODEL)
     assert manifest is not None
     fleet.publish(
         fleet.engine.start_round(

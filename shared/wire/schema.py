@@ -31,7 +31,8 @@ _MESSAGE_MODULES = (
     "fleetlearn.shared.secagg.messages",
     "fleetlearn.shared.compression.messages",
     "fleetlearn.shared.compression.feedback",
-    "fleetlearn.shared.tflite_model",
+    "fleetlearn.shared.tflite.manifest",
+    "fleetlearn.shared.release",
     "fleetlearn.shared.rounds",
     "fleetlearn.shared.wire.status",
 )
