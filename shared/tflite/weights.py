@@ -3,11 +3,12 @@
 Owns `WeightSpec` (one variable of the layout, a `wire.record`), `flatten`/`unflatten` between
 named arrays and the flat float32 vector, `read_weights`, and `patch_weights`, which rewrites
 the variables' initial-value buffers in place so the aggregator ships new weights without
-TensorFlow (~80 µs for 1M parameters).
+TensorFlow (docs/models.md has the timings).
 Guarantees: patching changes only those buffers and returns new bytes (the input is never
 modified); it refuses a variable whose buffer is shared with another tensor
-(`SharedBufferError`: the converter merges identical constants), a shape or dtype that differs
-from the model's, and NaN or infinite weights (`LayoutError`).
+(`SharedBufferError`: the converter merges identical constants), and a shape that differs
+from the model's, a variable that is not floating point, or NaN or infinite weights
+(`LayoutError`).
 """
 
 from __future__ import annotations
