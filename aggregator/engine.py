@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fleetlearn.aggregator import rules
-from fleetlearn.shared import rounds, sparse, topics, wire
+from fleetlearn.shared import protocol, rounds, sparse, topics, wire
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState, StageTimes
 from fleetlearn.shared.secagg import messages as sm
@@ -57,23 +57,6 @@ from fleetlearn.shared.secagg.server import STAGE_OF, Outbound, SecAggServer, Se
 from fleetlearn.shared.secagg.shamir import SHARE_BYTES
 from fleetlearn.shared.stagetime import ArrivalHistory, StageWindow
 
-STAGE_ORDER = {Stage.ADVERTISE: 0, Stage.SHARE: 1, Stage.COLLECT: 2, Stage.UNMASK: 3}
-_MESSAGE_STAGE: dict[topics.Kind, Stage] = {
-    topics.Kind.ADVERTISE: Stage.ADVERTISE,
-    topics.Kind.SHARES: Stage.SHARE,
-    topics.Kind.MASKED: Stage.COLLECT,
-    topics.Kind.UPDATE: Stage.COLLECT,
-    topics.Kind.UNMASK: Stage.UNMASK,
-}
-_EXPECTED_TYPE: dict[topics.Kind, type[wire.Message]] = {
-    topics.Kind.ADVERTISE: sm.Advertise,
-    topics.Kind.SHARES: sm.Shares,
-    topics.Kind.MASKED: sm.MaskedInput,
-    topics.Kind.UNMASK: sm.Unmask,
-    topics.Kind.UPDATE: PlainUpdate,
-}
-# Round messages expire after this long on MQTT 5 brokers: nobody needs them later.
-ROUND_MESSAGE_EXPIRY = 600
 KEEP_FINISHED = 32  # finished rounds whose late messages are still told apart
 # Size limits per device message, far below the wire's 16 MB default: what an honest device of
 # this round can send, plus room for the envelope. One device's credentials then cannot make
@@ -510,7 +493,8 @@ class RoundEngine:
             self._alive_mark[device] = self._arrivals
         if run is not None:
             run.clock = max(run.clock, now)
-        if topic.kind not in _EXPECTED_TYPE or topic.round_id is None:
+        route = protocol.UPLINK.get(topic.kind)
+        if route is None or topic.round_id is None:
             self._reject("wrong_topic", device, f"{topic.kind.value} is not a device round topic")
             return []
         if run is None or topic.round_id != run.announce.round_id:
@@ -529,9 +513,10 @@ class RoundEngine:
         if device not in run.members:
             self._reject("not_in_cohort", device, f"not selected for round {topic.round_id}")
             return []
-        expected = _EXPECTED_TYPE[topic.kind]
-        stage = _MESSAGE_STAGE[topic.kind]
-        if (topic.kind is topics.Kind.UPDATE) != (run.server is None):
+        expected = route.message
+        stage = route.stage
+        assert stage is not None
+        if run.announce.mode not in route.modes:
             self._reject(
                 "wrong_mode",
                 device,
@@ -619,7 +604,7 @@ class RoundEngine:
         server = run.server
         assert server is not None
         current = server.stage
-        if current is None or STAGE_ORDER[stage] < STAGE_ORDER[current]:
+        if current is None or protocol.STAGE_INDEX[stage] < protocol.STAGE_INDEX[current]:
             self._late(run.announce.round_id, device, None, run_stats=run.stages[stage])
             return []
         before = server.state
@@ -667,12 +652,7 @@ class RoundEngine:
     def _stage_closed(self, run: _Run, before: ServerState, now: float) -> None:
         server = run.server
         assert server is not None
-        stage = {
-            ServerState.ADVERTISE: Stage.ADVERTISE,
-            ServerState.SHARE: Stage.SHARE,
-            ServerState.COLLECT: Stage.COLLECT,
-            ServerState.UNMASK: Stage.UNMASK,
-        }.get(before)
+        stage = STAGE_OF.get(before)
         if stage is None:
             return
         stats = run.stages[stage]
@@ -705,16 +685,18 @@ class RoundEngine:
 
     def _route(self, run: _Run, out: Outbound) -> Publish:
         msg = out.message
+        route = protocol.ROUTE_OF[type(msg)]
         r = run.announce.round_id
         payload = wire.encode(msg)
-        if isinstance(msg, sm.Roster | sm.ShareInbox):
-            topic = topics.per_device(self.fleet, r, topics.Kind.INBOX, msg.recipient)
+        if out.to is not None:  # an inbox message (roster, share inbox): one per device
+            assert isinstance(msg, sm.Roster | sm.ShareInbox)
+            topic = topics.per_device(self.fleet, r, route.kind, msg.recipient)
             run.downlink[msg.recipient] += len(payload)
-        else:  # UnmaskRequest, Abort: one message for the whole cohort
-            topic = topics.per_round(self.fleet, r, topics.Kind.SURVIVORS)
+        else:  # unmask request, abort: one message for the whole cohort
+            topic = topics.per_round(self.fleet, r, route.kind)
             for dev in run.announce.cohort:
                 run.downlink[dev] += len(payload)
-        return Publish(topic, payload, expiry=ROUND_MESSAGE_EXPIRY)
+        return Publish(topic, payload, expiry=route.expiry)
 
     def _secure_done(self, run: _Run, now: float) -> list[Publish]:
         server = run.server
@@ -923,13 +905,7 @@ class RoundEngine:
             if run.server is not None and run.server.state is not ServerState.ABORTED:
                 # The server did not abort on its own (shutdown, local failure): tell the cohort.
                 abort = sm.Abort(round_id=ann.round_id, reason=reason[: sm.MAX_REASON])
-                out.append(
-                    Publish(
-                        topics.per_round(self.fleet, ann.round_id, topics.Kind.SURVIVORS),
-                        wire.encode(abort),
-                        expiry=ROUND_MESSAGE_EXPIRY,
-                    )
-                )
+                out.append(self._route(run, Outbound(abort, None)))
         return out
 
     def closing_announce(self, outcome: RoundOutcome, announce: RoundAnnounce) -> Publish:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
-from fleetlearn.shared import sparse, topics, wire
+from fleetlearn.shared import protocol, sparse, topics, wire
 from fleetlearn.shared import tflite_model as tm
 from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
 from fleetlearn.shared.secagg import keys as sk
@@ -54,15 +54,13 @@ from fleetlearn.shared.secagg.contribution import TrainingMetrics
 from fleetlearn.shared.secagg.errors import ProtocolError, SecAggError
 from fleetlearn.shared.stagetime import give_up_at
 
-ROUND_MESSAGE_EXPIRY = 600
-
 
 @dataclass(frozen=True, slots=True)
 class Send:
     topic: str
     payload: bytes
     retain: bool = False
-    expiry: int | None = ROUND_MESSAGE_EXPIRY
+    expiry: int | None = protocol.ROUND_MESSAGE_EXPIRY
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +107,6 @@ _WAITING: dict[ClientState, tuple[Stage, bool]] = {
     ClientState.SHARE: (Stage.SHARE, True),
     ClientState.NEED_INPUT: (Stage.COLLECT, False),
     ClientState.COLLECT: (Stage.COLLECT, True),
-}
-# The aggregator message that opens a stage, as the device sees it.
-_OPENS: dict[type[wire.Message], Stage] = {
-    sm.Roster: Stage.SHARE,
-    sm.ShareInbox: Stage.COLLECT,
-    sm.UnmaskRequest: Stage.UNMASK,
 }
 
 
@@ -285,11 +277,7 @@ class Participant:
         run = self._round
         if run is None or run.client is None or topic.round_id != run.announce.round_id:
             return []
-        expect: tuple[type[wire.Message], ...] = (
-            (sm.Roster, sm.ShareInbox)
-            if topic.kind is topics.Kind.INBOX
-            else (sm.UnmaskRequest, sm.Abort)
-        )
+        expect = protocol.downlink(topic.kind)
         try:
             message = wire.decode(payload, expect, context={"round_id": run.announce.round_id})
             outs = run.client.receive(message, now)
@@ -305,7 +293,7 @@ class Participant:
             self._end_round(counted=False)
             return [Note(f"round {topic.round_id} failed on this device: {exc}")]
         actions: list[Action] = self._sends(outs)
-        opens = _OPENS.get(type(message))
+        opens = protocol.OPENS.get(type(message))
         if opens is not None:
             run.opened.setdefault(opens, now)
         if isinstance(message, sm.UnmaskRequest):
@@ -353,12 +341,7 @@ class Participant:
                 samples=samples,
             )
             run.counted = True  # plain rounds have no survivor list; aborts reclaim it
-            return [
-                Send(
-                    topics.per_device(self.fleet, round_id, topics.Kind.UPDATE, self.device_id),
-                    wire.encode(message),
-                )
-            ]
+            return self._sends([message])
         cfg = ann.secagg
         assert cfg is not None
         dim = self.feedback.dim
@@ -436,20 +419,13 @@ class Participant:
         self._round = None
 
     def _sends(self, messages: list[wire.Message]) -> list[Action]:
+        """Each message on the device topic the protocol gives it, under this device's id."""
         out: list[Action] = []
         for msg in messages:
-            kind = _KIND_OF[type(msg)]
-            assert isinstance(msg, sm.Advertise | sm.Shares | sm.MaskedInput | sm.Unmask)
-            r = msg.round_id
-            out.append(
-                Send(topics.per_device(self.fleet, r, kind, self.device_id), wire.encode(msg))
+            route = protocol.ROUTE_OF[type(msg)]
+            assert isinstance(
+                msg, sm.Advertise | sm.Shares | sm.MaskedInput | sm.Unmask | PlainUpdate
             )
+            topic = topics.per_device(self.fleet, msg.round_id, route.kind, self.device_id)
+            out.append(Send(topic, wire.encode(msg), expiry=route.expiry))
         return out
-
-
-_KIND_OF: dict[type[wire.Message], topics.Kind] = {
-    sm.Advertise: topics.Kind.ADVERTISE,
-    sm.Shares: topics.Kind.SHARES,
-    sm.MaskedInput: topics.Kind.MASKED,
-    sm.Unmask: topics.Kind.UNMASK,
-}
