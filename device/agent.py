@@ -55,6 +55,7 @@ from fleetlearn.device.participant import (
     LoadModel,
     LocalResult,
     Note,
+    NoteKind,
     Participant,
     PublishStatus,
     Send,
@@ -332,7 +333,7 @@ class DeviceAgent:
             elif isinstance(action, Note):
                 self.stats.notes += 1
                 log.info("%s: %s", self.device_id, action.text)
-                if "release" in action.text:
+                if action.kind is NoteKind.RELEASE_REFUSED:
                     self.stats.releases_refused += 1
                     self._note = action.text[:500]
                     await self.publish_status()
@@ -460,7 +461,8 @@ class DeviceAgent:
         loop = asyncio.get_running_loop()
         version = action.announce.model_version
         if await self._trainer_for(version, action.announce.times.collect_hard) is None:
-            await self._carry_out([Note(f"round {action.round_id}: model v{version} not loaded")])
+            why = f"round {action.round_id}: model v{version} not loaded"
+            await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
             return
         async with self._trainer_lock:
             trainer = self.trainer
@@ -471,7 +473,8 @@ class DeviceAgent:
                     self._executor, self._train_sync, trainer, plan.epochs, plan.max_samples
                 )
             except (TrainerError, FleetlearnError) as exc:
-                await self._carry_out([Note(f"round {action.round_id}: training failed: {exc}")])
+                why = f"round {action.round_id}: training failed: {exc}"
+                await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
                 return
         if self._slowdown > 0:
             await asyncio.sleep(self._slowdown)

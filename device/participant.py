@@ -8,7 +8,8 @@ for the adapter (`device.agent`) to carry out:
     LoadModel(model, manifest)  a verified release: load it into a fresh interpreter
     Train(round_id, plan)       train the loaded model on local data, then call trained()
     PublishStatus()             republish the retained status: `ticket` changed
-    Note(text)                  something worth reporting in the retained status
+    Note(kind, text)            something to report; `kind` (NoteKind) says what, for the
+                                adapter to act on (a refused release goes in the status)
 
 Rules:
 - A release is loaded only after its signature, manifest and content hash verify against the
@@ -35,6 +36,7 @@ Rules:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -81,8 +83,18 @@ class PublishStatus:
     """The retained status is out of date (a new graph ticket): publish it again."""
 
 
+class NoteKind(enum.Enum):
+    """What a Note reports. Adapters act on the kind, never on the wording of `text`."""
+
+    RELEASE_REFUSED = "release_refused"  # a release was not loaded; the previous model stays
+    ROUND_SKIPPED = "round_skipped"  # an announcement this device does not join, and why
+    ROUND_LEFT = "round_left"  # it left (or gave up on) a round it was in; the round goes on
+    MESSAGE_IGNORED = "message_ignored"  # a round message not for now; nothing changed
+
+
 @dataclass(frozen=True, slots=True)
 class Note:
+    kind: NoteKind
     text: str
 
 
@@ -211,7 +223,7 @@ class Participant:
     def _refuse(self, why: str) -> list[Action]:
         self.refused.append(why)
         del self.refused[:-20]  # the newest reasons are what a status shows; keep memory flat
-        return [Note(why)]
+        return [Note(NoteKind.RELEASE_REFUSED, why)]
 
     # ------------------------------------------------------------------------------ rounds
 
@@ -219,7 +231,7 @@ class Participant:
         try:
             announce = wire.decode(payload, RoundAnnounce)
         except wire.WireError as exc:
-            return [Note(f"unreadable round announcement ({exc})")]
+            return [Note(NoteKind.ROUND_SKIPPED, f"unreadable round announcement ({exc})")]
         current = self._round
         if announce.state is not RoundState.OPEN:
             if current is not None and current.announce.round_id == announce.round_id:
@@ -230,8 +242,9 @@ class Participant:
         if announce.model_version != self.model_version:
             return [
                 Note(
+                    NoteKind.ROUND_SKIPPED,
                     f"round {announce.round_id} trains model v{announce.model_version}; "
-                    f"this device has v{self.model_version}"
+                    f"this device has v{self.model_version}",
                 )
             ]
         if current is not None:
@@ -244,7 +257,8 @@ class Participant:
             try:
                 keys = {d: self._registry[d] for d in announce.cohort}
             except KeyError as exc:
-                return [Note(f"round {announce.round_id}: cohort member {exc} is not provisioned")]
+                why = f"round {announce.round_id}: cohort member {exc} is not provisioned"
+                return [Note(NoteKind.ROUND_SKIPPED, why)]
             try:
                 client = SecAggClient(
                     config=announce.secagg,
@@ -262,7 +276,9 @@ class Participant:
                 advert = client.start(now)
             except ProtocolError as exc:
                 # Below this device's floor, or not its current ticket: nothing was revealed.
-                return [Note(f"round {announce.round_id}: not joining: {exc}")]
+                return [
+                    Note(NoteKind.ROUND_SKIPPED, f"round {announce.round_id}: not joining: {exc}")
+                ]
             out += self._sends(advert)
             # The advert revealed the draw: never use it again.
             self._draw = sk.new_draw(self._random)
@@ -283,15 +299,18 @@ class Participant:
             outs = run.client.receive(message, now)
         except (wire.WireError, ProtocolError) as exc:
             if run.client.state not in (ClientState.ABORTED, ClientState.ERROR):
-                return [Note(f"round {run.announce.round_id}: ignored a message ({exc})")]
+                why = f"round {run.announce.round_id}: ignored a message ({exc})"
+                return [Note(NoteKind.MESSAGE_IGNORED, why)]
             # The aggregator's message made this device leave the round (below its floor, an
             # inconsistent roster...): it forgot its secrets. Its status shows it is alive and
             # out by its own choice, so the aggregator does not count it as stalled.
             self._end_round(counted=False)
-            return [Note(f"round {run.announce.round_id}: refused: {exc}"), PublishStatus()]
+            why = f"round {run.announce.round_id}: refused: {exc}"
+            return [Note(NoteKind.ROUND_LEFT, why), PublishStatus()]
         except SecAggError as exc:
             self._end_round(counted=False)
-            return [Note(f"round {topic.round_id} failed on this device: {exc}")]
+            why = f"round {topic.round_id} failed on this device: {exc}"
+            return [Note(NoteKind.ROUND_LEFT, why)]
         actions: list[Action] = self._sends(outs)
         opens = protocol.OPENS.get(type(message))
         if opens is not None:
@@ -299,7 +318,8 @@ class Participant:
         if isinstance(message, sm.UnmaskRequest):
             run.counted = self.device_id in message.survivors
         if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
-            actions.append(Note(f"round {run.announce.round_id}: {run.client.reason}"))
+            why = f"round {run.announce.round_id}: {run.client.reason}"
+            actions.append(Note(NoteKind.ROUND_LEFT, why))
             self._end_round(counted=False)
         elif run.client.state is ClientState.DONE:
             self._end_round(counted=bool(run.counted))
@@ -313,10 +333,12 @@ class Participant:
         run.trained = True
         ann = run.announce
         if self.feedback is None or self.feedback.dim != result.update.shape[0]:
-            return [Note(f"round {round_id}: update has {result.update.shape[0]} values")]
+            why = f"round {round_id}: update has {result.update.shape[0]} values"
+            return [Note(NoteKind.ROUND_LEFT, why)]
         if not np.all(np.isfinite(result.update)) or not result.weight > 0:
             self._end_round(counted=False)
-            return [Note(f"round {round_id}: training diverged; update not sent")]
+            why = f"round {round_id}: training diverged; update not sent"
+            return [Note(NoteKind.ROUND_LEFT, why)]
         samples = min(result.samples, ann.training.max_samples)
         weight = float(min(result.weight, ann.training.max_samples))
         loss = result.loss if math.isfinite(result.loss) else 0.0
@@ -373,7 +395,7 @@ class Participant:
             outs = run.client.set_input(vector.astype(np.float64), weight=weight, metrics=metrics)
         except SecAggError as exc:
             self._end_round(counted=False)
-            return [Note(f"round {round_id}: {exc}")]
+            return [Note(NoteKind.ROUND_LEFT, f"round {round_id}: {exc}")]
         return list(self._sends(outs))
 
     def tick(self, now: float) -> list[Action]:
@@ -384,11 +406,11 @@ class Participant:
             run.client.tick(now)
         except SecAggError as exc:
             self._end_round(counted=False)
-            return [Note(f"round {run.announce.round_id}: {exc}")]
+            return [Note(NoteKind.ROUND_LEFT, f"round {run.announce.round_id}: {exc}")]
         if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
             reason = run.client.reason
             self._end_round(counted=False)
-            return [Note(f"round {run.announce.round_id}: {reason}")]
+            return [Note(NoteKind.ROUND_LEFT, f"round {run.announce.round_id}: {reason}")]
         waiting = _WAITING.get(run.client.state)
         if waiting is not None:
             stage, answered = waiting
@@ -401,7 +423,8 @@ class Participant:
                     if answered
                     else "the local update was not ready within the stage's hard limit"
                 )
-                return [Note(f"round {run.announce.round_id}: timed out in {stage.value}: {why}")]
+                why = f"round {run.announce.round_id}: timed out in {stage.value}: {why}"
+                return [Note(NoteKind.ROUND_LEFT, why)]
         return []
 
     # ---------------------------------------------------------------------------- helpers
