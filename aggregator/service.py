@@ -33,10 +33,10 @@ and contains its own failures (aggregator.engine): a bug met while checking a me
 that message (`internal_error`), a bug while the round handles it or closes a stage ends that
 round in the engine's ERROR phase, aborted with the error as its reason, and the next round
 starts as after any abort. The service logs each such exception with its traceback. A failure
-around the engine (parsing a topic) costs that message only. Publishing while
-the broker is away is retried by the link and otherwise given up per message (retained state is
-republished on reconnect). SIGINT/SIGTERM (`stop()`) end the service cleanly in every state,
-also while it waits for a broker it cannot reach.
+around the engine (parsing a topic) costs that message only. Publishing while the broker is
+away is retried by the link and otherwise given up per message (retained state is republished
+on reconnect). SIGINT/SIGTERM (`stop()`) end the service cleanly in every state, also while
+it waits for a broker it cannot reach.
 """
 
 from __future__ import annotations
