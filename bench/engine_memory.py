@@ -197,7 +197,8 @@ def run(mode: str, args: argparse.Namespace) -> float:
     before = rss_bytes()
     print(f"{mode:6s} before round 1: RSS {before / MB:7.1f} MB", flush=True)
     start_rss = 0
-    began = time.perf_counter()
+    began = lap = time.perf_counter()
+    lap_round = 0
     for r in range(1, args.rounds + 1):
         outcome = fleet.run_round(r)
         assert outcome is not None
@@ -212,20 +213,24 @@ def run(mode: str, args: argparse.Namespace) -> float:
         if r == 1:
             start_rss = rss_bytes()
             print(f"{mode:6s} round {r:4d}: RSS {start_rss / MB:7.1f} MB (start line)", flush=True)
+            lap, lap_round = time.perf_counter(), r
         elif r % 100 == 0 or r == args.rounds:
-            now_rss = rss_bytes()
+            now_rss, now = rss_bytes(), time.perf_counter()
             print(
                 f"{mode:6s} round {r:4d}: RSS {now_rss / MB:7.1f} MB"
                 f"  growth {(now_rss - start_rss) / MB:+6.1f} MB"
-                f"  ({(time.perf_counter() - began) / r * 1000:.0f} ms/round)",
+                f"  ({(now - lap) / (r - lap_round) * 1000:.0f} ms/round since the last line)",
                 flush=True,
             )
+            lap, lap_round = now, r
     end = rss_bytes()
     growth = (end - start_rss) / MB
     print(
         f"{mode:6s} {args.rounds} rounds, d={args.dim}, {args.devices} devices, "
         f"{args.sparsity}: growth {growth:+.1f} MB from round 1, "
-        f"{(end - before) / MB:+.1f} MB from before it (mean update norm {norm / args.rounds:.3g})"
+        f"{(end - before) / MB:+.1f} MB from before it, "
+        f"{(time.perf_counter() - began) / args.rounds * 1000:.0f} ms/round "
+        f"(mean update norm {norm / args.rounds:.3g})"
     )
     return growth
 
