@@ -28,12 +28,15 @@ is closed only once its release, its metrics and the optimizer state are committ
 that commit, and every (re)connect republishes the release and the last finished round as
 stored, so what dashboards and devices read never contradicts the state directory.
 
-Hostile or broken input never stops the service: every message is handled on its own, and a
-failure while handling one (a bug included) costs that message, which is logged with its topic
-and counted (`internal_error`); a failing stage close aborts that round only. Publishing while
-the broker is away is retried by the link and otherwise given up per message (retained state is
-republished on reconnect). SIGINT/SIGTERM (`stop()`) end the service cleanly in every state,
-also while it waits for a broker it cannot reach.
+Hostile or broken input never stops the service: the engine refuses bad messages (counted)
+and contains its own failures (aggregator.engine): a bug met while checking a message costs
+that message (`internal_error`), a bug while the round handles it or closes a stage ends that
+round in the engine's ERROR phase, aborted with the error as its reason, and the next round
+starts as after any abort. The service logs each such exception with its traceback. A failure
+around the engine (parsing a topic) costs that message only. Publishing while the broker is
+away is retried by the link and otherwise given up per message (retained state is republished
+on reconnect). SIGINT/SIGTERM (`stop()`) end the service cleanly in every state, also while
+it waits for a broker it cannot reach.
 """
 
 from __future__ import annotations
@@ -332,6 +335,9 @@ class AggregatorService:
     async def _flush_events(self) -> None:
         async with self._engine_lock:  # not while a worker call may be adding events
             events = self.engine.drain_events()
+            errors = self.engine.drain_errors()
+        for exc in errors:  # each cost a message or ended a round; the engine went on
+            log.error("round engine: %s: %s", type(exc).__name__, exc, exc_info=exc)
         sends = []
         for event in events:
             self.recent_events.append(event)
@@ -386,9 +392,10 @@ class AggregatorService:
                 self._outcome.set()
 
     def _take(self, msg: Incoming, now: float) -> list[Publish]:
-        """One message into the engine. The engine refuses bad input itself (counted); this
-        guard is for what should never happen, a bug on some input: that message is dropped,
-        logged with its topic and counted, and the service goes on."""
+        """One message into the engine. The engine refuses bad input and contains its own
+        failures (module doc); this guard is for a failure around it (topic parsing, a
+        replaced engine method): that message is dropped, logged with its topic and
+        counted, and the service goes on."""
         try:
             topic = topics.parse(msg.topic)
         except topics.TopicError:
@@ -406,8 +413,8 @@ class AggregatorService:
             return []
 
     async def _tick(self) -> list[Publish]:
-        """Close due stages on the worker. A failure there (a bug) aborts the round it was
-        closing, with the error as the reason, rather than the service."""
+        """Close due stages on the worker. The engine ends a round whose close fails in
+        its ERROR phase itself; this guard is for a failure of the call around it."""
         try:
             return await self._engine_call(self.engine.tick, time.monotonic())
         except Exception as exc:
@@ -510,15 +517,18 @@ class AggregatorService:
                 current = self.engine.outcome
                 if current is not None and current.round_id == round_id:
                     break
-            outcome = self.engine.outcome
-            if outcome is None or outcome.round_id != round_id:  # stopping
-                async with self._engine_lock:
+            # Taken, not read: the engine keeps no full-size update once it is ours.
+            async with self._engine_lock:
+                outcome = self.engine.take_outcome()
+                if outcome is None or outcome.round_id != round_id:  # stopping
                     pubs = await self._engine_call(
                         self.engine.abort, "aggregator stopped", time.monotonic()
                     )
-                await self._publish(pubs)
-                outcome = self.engine.outcome
-                assert outcome is not None
+                    outcome = self.engine.take_outcome()
+                else:
+                    pubs = []
+            await self._publish(pubs)
+            assert outcome is not None
             summary = await self._conclude(outcome, announce, model)
             self.summaries.append(summary)
             if self._on_round is not None:

@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleetlearn.shared.secagg.config import (
+    STAGES,
     SecAggConfig,
     Stage,
     default_neighbours,
@@ -49,8 +50,6 @@ from fleetlearn.shared.secagg.contribution import TrainingMetrics
 from fleetlearn.shared.secagg.harness import DeviceInput, DropPoint, InMemoryRound
 from fleetlearn.shared.secagg.keys import system_random
 from fleetlearn.shared.secagg.server import ServerState
-
-STAGES = (Stage.ADVERTISE, Stage.SHARE, Stage.COLLECT, Stage.UNMASK)
 
 
 def run(

@@ -55,14 +55,14 @@ from fleetlearn.device.participant import (
     LoadModel,
     LocalResult,
     Note,
+    NoteKind,
     Participant,
     PublishStatus,
     Send,
     Train,
 )
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
-from fleetlearn.shared import compression as sparse
-from fleetlearn.shared import topics, wire
+from fleetlearn.shared import compression, topics, wire
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.transport import (
     JSON_CONTENT_TYPE,
@@ -333,7 +333,7 @@ class DeviceAgent:
             elif isinstance(action, Note):
                 self.stats.notes += 1
                 log.info("%s: %s", self.device_id, action.text)
-                if "release" in action.text:
+                if action.kind is NoteKind.RELEASE_REFUSED:
                     self.stats.releases_refused += 1
                     self._note = action.text[:500]
                     await self.publish_status()
@@ -461,7 +461,8 @@ class DeviceAgent:
         loop = asyncio.get_running_loop()
         version = action.announce.model_version
         if await self._trainer_for(version, action.announce.times.collect_hard) is None:
-            await self._carry_out([Note(f"round {action.round_id}: model v{version} not loaded")])
+            why = f"round {action.round_id}: model v{version} not loaded"
+            await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
             return
         async with self._trainer_lock:
             trainer = self.trainer
@@ -472,7 +473,8 @@ class DeviceAgent:
                     self._executor, self._train_sync, trainer, plan.epochs, plan.max_samples
                 )
             except (TrainerError, FleetlearnError) as exc:
-                await self._carry_out([Note(f"round {action.round_id}: training failed: {exc}")])
+                why = f"round {action.round_id}: training failed: {exc}"
+                await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
                 return
         if self._slowdown > 0:
             await asyncio.sleep(self._slowdown)
@@ -563,7 +565,7 @@ class DeviceAgent:
         if path is None or not path.exists():
             return
         try:
-            self.participant.feedback = sparse.ErrorFeedback.load(path.read_bytes())
+            self.participant.feedback = compression.ErrorFeedback.load(path.read_bytes())
         except (OSError, wire.WireError) as exc:
             log.warning("%s: ignoring unreadable residual %s (%s)", self.device_id, path, exc)
 

@@ -8,7 +8,8 @@ for the adapter (`device.agent`) to carry out:
     LoadModel(model, manifest)  a verified release: load it into a fresh interpreter
     Train(round_id, plan)       train the loaded model on local data, then call trained()
     PublishStatus()             republish the retained status: `ticket` changed
-    Note(text)                  something worth reporting in the retained status
+    Note(kind, text)            something to report; `kind` (NoteKind) says what, for the
+                                adapter to act on (a refused release goes in the status)
 
 Rules:
 - A release is loaded only after its signature, manifest and content hash verify against the
@@ -35,6 +36,7 @@ Rules:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -43,9 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
-from fleetlearn.shared import compression as sparse
-from fleetlearn.shared import tflite_model as tm  # noqa: TID251 (until h-engine lands)
-from fleetlearn.shared import topics, wire
+from fleetlearn.shared import compression, protocol, tflite, topics, wire
+from fleetlearn.shared.release import ModelRelease, verify_release
 from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
 from fleetlearn.shared.secagg import keys as sk
 from fleetlearn.shared.secagg import messages as sm
@@ -55,21 +56,19 @@ from fleetlearn.shared.secagg.contribution import TrainingMetrics
 from fleetlearn.shared.secagg.errors import ProtocolError, SecAggError
 from fleetlearn.shared.stagetime import give_up_at
 
-ROUND_MESSAGE_EXPIRY = 600
-
 
 @dataclass(frozen=True, slots=True)
 class Send:
     topic: str
     payload: bytes
     retain: bool = False
-    expiry: int | None = ROUND_MESSAGE_EXPIRY
+    expiry: int | None = protocol.ROUND_MESSAGE_EXPIRY
 
 
 @dataclass(frozen=True, slots=True)
 class LoadModel:
     model: bytes
-    manifest: tm.ModelManifest
+    manifest: tflite.ModelManifest
     release: bytes = b""  # the signed release as received, for the adapter to persist
 
 
@@ -84,8 +83,18 @@ class PublishStatus:
     """The retained status is out of date (a new graph ticket): publish it again."""
 
 
+class NoteKind(enum.Enum):
+    """What a Note reports. Adapters act on the kind, never on the wording of `text`."""
+
+    RELEASE_REFUSED = "release_refused"  # a release was not loaded; the previous model stays
+    ROUND_SKIPPED = "round_skipped"  # an announcement this device does not join, and why
+    ROUND_LEFT = "round_left"  # it left (or gave up on) a round it was in; the round goes on
+    MESSAGE_IGNORED = "message_ignored"  # a round message not for now; nothing changed
+
+
 @dataclass(frozen=True, slots=True)
 class Note:
+    kind: NoteKind
     text: str
 
 
@@ -111,12 +120,6 @@ _WAITING: dict[ClientState, tuple[Stage, bool]] = {
     ClientState.NEED_INPUT: (Stage.COLLECT, False),
     ClientState.COLLECT: (Stage.COLLECT, True),
 }
-# The aggregator message that opens a stage, as the device sees it.
-_OPENS: dict[type[wire.Message], Stage] = {
-    sm.Roster: Stage.SHARE,
-    sm.ShareInbox: Stage.COLLECT,
-    sm.UnmaskRequest: Stage.UNMASK,
-}
 
 
 @dataclass(slots=True)
@@ -139,7 +142,7 @@ class Participant:
         aggregator_key: VerifyKey,
         registry: Mapping[str, bytes],
         random: Callable[[int], bytes],
-        feedback: sparse.ErrorFeedback | None = None,
+        feedback: compression.ErrorFeedback | None = None,
         min_version: int = 1,
         floor: PrivacyFloor | None = None,
     ) -> None:
@@ -155,7 +158,7 @@ class Participant:
         # The secret behind `ticket`: revealed in one advert only, then replaced.
         self._draw = sk.new_draw(random)
         self.feedback = feedback
-        self.manifest: tm.ModelManifest | None = None
+        self.manifest: tflite.ModelManifest | None = None
         self._release_digest = b""
         self._round: _Round | None = None
         self._last_round = -1
@@ -185,7 +188,7 @@ class Participant:
 
     def on_model(self, payload: bytes, now: float) -> list[Action]:
         try:
-            release = wire.decode(payload, tm.ModelRelease)
+            release = wire.decode(payload, ModelRelease)
         except wire.WireError as exc:
             return self._refuse(f"unreadable release ({exc})")
         version = release.manifest.version
@@ -193,10 +196,10 @@ class Participant:
         if version == self.model_version and digest == self._release_digest:
             return []  # the very same release again (retained, after a reconnect)
         try:
-            model, manifest = tm.verify_release(
+            model, manifest = verify_release(
                 release, self._aggregator_key, min_version=max(self.min_version, self.model_version)
             )
-        except tm.ModelError as exc:
+        except tflite.ModelError as exc:
             return self._refuse(f"release v{version} refused: {exc}")
         if self.manifest is not None and manifest.version == self.model_version:
             if manifest.content_hash == self.manifest.content_hash:
@@ -212,15 +215,15 @@ class Participant:
         self.manifest = manifest
         self.min_version = manifest.version
         self._release_digest = digest
-        dim = tm.layout_size(manifest.layout)
+        dim = tflite.layout_size(manifest.layout)
         if self.feedback is None or self.feedback.dim != dim:
-            self.feedback = sparse.ErrorFeedback(dim)
+            self.feedback = compression.ErrorFeedback(dim)
         return [LoadModel(model, manifest, payload)]
 
     def _refuse(self, why: str) -> list[Action]:
         self.refused.append(why)
         del self.refused[:-20]  # the newest reasons are what a status shows; keep memory flat
-        return [Note(why)]
+        return [Note(NoteKind.RELEASE_REFUSED, why)]
 
     # ------------------------------------------------------------------------------ rounds
 
@@ -228,7 +231,7 @@ class Participant:
         try:
             announce = wire.decode(payload, RoundAnnounce)
         except wire.WireError as exc:
-            return [Note(f"unreadable round announcement ({exc})")]
+            return [Note(NoteKind.ROUND_SKIPPED, f"unreadable round announcement ({exc})")]
         current = self._round
         if announce.state is not RoundState.OPEN:
             if current is not None and current.announce.round_id == announce.round_id:
@@ -239,8 +242,9 @@ class Participant:
         if announce.model_version != self.model_version:
             return [
                 Note(
+                    NoteKind.ROUND_SKIPPED,
                     f"round {announce.round_id} trains model v{announce.model_version}; "
-                    f"this device has v{self.model_version}"
+                    f"this device has v{self.model_version}",
                 )
             ]
         if current is not None:
@@ -253,7 +257,8 @@ class Participant:
             try:
                 keys = {d: self._registry[d] for d in announce.cohort}
             except KeyError as exc:
-                return [Note(f"round {announce.round_id}: cohort member {exc} is not provisioned")]
+                why = f"round {announce.round_id}: cohort member {exc} is not provisioned"
+                return [Note(NoteKind.ROUND_SKIPPED, why)]
             try:
                 client = SecAggClient(
                     config=announce.secagg,
@@ -271,7 +276,9 @@ class Participant:
                 advert = client.start(now)
             except ProtocolError as exc:
                 # Below this device's floor, or not its current ticket: nothing was revealed.
-                return [Note(f"round {announce.round_id}: not joining: {exc}")]
+                return [
+                    Note(NoteKind.ROUND_SKIPPED, f"round {announce.round_id}: not joining: {exc}")
+                ]
             out += self._sends(advert)
             # The advert revealed the draw: never use it again.
             self._draw = sk.new_draw(self._random)
@@ -286,33 +293,33 @@ class Participant:
         run = self._round
         if run is None or run.client is None or topic.round_id != run.announce.round_id:
             return []
-        expect: tuple[type[wire.Message], ...] = (
-            (sm.Roster, sm.ShareInbox)
-            if topic.kind is topics.Kind.INBOX
-            else (sm.UnmaskRequest, sm.Abort)
-        )
+        expect = protocol.downlink(topic.kind)
         try:
             message = wire.decode(payload, expect, context={"round_id": run.announce.round_id})
             outs = run.client.receive(message, now)
         except (wire.WireError, ProtocolError) as exc:
             if run.client.state not in (ClientState.ABORTED, ClientState.ERROR):
-                return [Note(f"round {run.announce.round_id}: ignored a message ({exc})")]
+                why = f"round {run.announce.round_id}: ignored a message ({exc})"
+                return [Note(NoteKind.MESSAGE_IGNORED, why)]
             # The aggregator's message made this device leave the round (below its floor, an
             # inconsistent roster...): it forgot its secrets. Its status shows it is alive and
             # out by its own choice, so the aggregator does not count it as stalled.
             self._end_round(counted=False)
-            return [Note(f"round {run.announce.round_id}: refused: {exc}"), PublishStatus()]
+            why = f"round {run.announce.round_id}: refused: {exc}"
+            return [Note(NoteKind.ROUND_LEFT, why), PublishStatus()]
         except SecAggError as exc:
             self._end_round(counted=False)
-            return [Note(f"round {topic.round_id} failed on this device: {exc}")]
+            why = f"round {topic.round_id} failed on this device: {exc}"
+            return [Note(NoteKind.ROUND_LEFT, why)]
         actions: list[Action] = self._sends(outs)
-        opens = _OPENS.get(type(message))
+        opens = protocol.OPENS.get(type(message))
         if opens is not None:
             run.opened.setdefault(opens, now)
         if isinstance(message, sm.UnmaskRequest):
             run.counted = self.device_id in message.survivors
         if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
-            actions.append(Note(f"round {run.announce.round_id}: {run.client.reason}"))
+            why = f"round {run.announce.round_id}: {run.client.reason}"
+            actions.append(Note(NoteKind.ROUND_LEFT, why))
             self._end_round(counted=False)
         elif run.client.state is ClientState.DONE:
             self._end_round(counted=bool(run.counted))
@@ -326,10 +333,12 @@ class Participant:
         run.trained = True
         ann = run.announce
         if self.feedback is None or self.feedback.dim != result.update.shape[0]:
-            return [Note(f"round {round_id}: update has {result.update.shape[0]} values")]
+            why = f"round {round_id}: update has {result.update.shape[0]} values"
+            return [Note(NoteKind.ROUND_LEFT, why)]
         if not np.all(np.isfinite(result.update)) or not result.weight > 0:
             self._end_round(counted=False)
-            return [Note(f"round {round_id}: training diverged; update not sent")]
+            why = f"round {round_id}: training diverged; update not sent"
+            return [Note(NoteKind.ROUND_LEFT, why)]
         samples = min(result.samples, ann.training.max_samples)
         weight = float(min(result.weight, ann.training.max_samples))
         loss = result.loss if math.isfinite(result.loss) else 0.0
@@ -340,7 +349,7 @@ class Participant:
                     result.update, ann.compression, rng=self._rng(), seed=ann.seed
                 )
             else:
-                compressed = sparse.compress(
+                compressed = compression.compress(
                     result.update, ann.compression, rng=self._rng(), seed=ann.seed
                 )
             run.sent = compressed.sent if use_feedback else None
@@ -354,12 +363,7 @@ class Participant:
                 samples=samples,
             )
             run.counted = True  # plain rounds have no survivor list; aborts reclaim it
-            return [
-                Send(
-                    topics.per_device(self.fleet, round_id, topics.Kind.UPDATE, self.device_id),
-                    wire.encode(message),
-                )
-            ]
+            return self._sends([message])
         cfg = ann.secagg
         assert cfg is not None
         dim = self.feedback.dim
@@ -369,8 +373,8 @@ class Participant:
             else np.asarray(result.update, dtype=np.float64)
         )
         idx = (
-            sparse.shared_coordinates(ann.seed, dim, cfg.dimension)
-            if ann.compression.mode is sparse.SparseMode.RAND_K
+            compression.shared_coordinates(ann.seed, dim, cfg.dimension)
+            if ann.compression.mode is compression.SparseMode.RAND_K
             else np.arange(dim)
         )
         vector = acc[idx]
@@ -379,7 +383,7 @@ class Participant:
         scale = weight / cfg.max_weight
         sent_values = np.clip(vector * scale, -cfg.clip, cfg.clip) / scale
         if use_feedback:
-            run.sent = sparse.scatter(idx, sent_values, dim)
+            run.sent = compression.scatter(idx, sent_values, dim)
             self.feedback.commit(run.sent)
         self.inputs[round_id] = (idx, vector.astype(np.float64), weight)
         for old in sorted(self.inputs)[:-4]:
@@ -391,7 +395,7 @@ class Participant:
             outs = run.client.set_input(vector.astype(np.float64), weight=weight, metrics=metrics)
         except SecAggError as exc:
             self._end_round(counted=False)
-            return [Note(f"round {round_id}: {exc}")]
+            return [Note(NoteKind.ROUND_LEFT, f"round {round_id}: {exc}")]
         return list(self._sends(outs))
 
     def tick(self, now: float) -> list[Action]:
@@ -402,11 +406,11 @@ class Participant:
             run.client.tick(now)
         except SecAggError as exc:
             self._end_round(counted=False)
-            return [Note(f"round {run.announce.round_id}: {exc}")]
+            return [Note(NoteKind.ROUND_LEFT, f"round {run.announce.round_id}: {exc}")]
         if run.client.state in (ClientState.ABORTED, ClientState.ERROR):
             reason = run.client.reason
             self._end_round(counted=False)
-            return [Note(f"round {run.announce.round_id}: {reason}")]
+            return [Note(NoteKind.ROUND_LEFT, f"round {run.announce.round_id}: {reason}")]
         waiting = _WAITING.get(run.client.state)
         if waiting is not None:
             stage, answered = waiting
@@ -419,7 +423,8 @@ class Participant:
                     if answered
                     else "the local update was not ready within the stage's hard limit"
                 )
-                return [Note(f"round {run.announce.round_id}: timed out in {stage.value}: {why}")]
+                why = f"round {run.announce.round_id}: timed out in {stage.value}: {why}"
+                return [Note(NoteKind.ROUND_LEFT, why)]
         return []
 
     # ---------------------------------------------------------------------------- helpers
@@ -437,20 +442,13 @@ class Participant:
         self._round = None
 
     def _sends(self, messages: list[wire.Message]) -> list[Action]:
+        """Each message on the device topic the protocol gives it, under this device's id."""
         out: list[Action] = []
         for msg in messages:
-            kind = _KIND_OF[type(msg)]
-            assert isinstance(msg, sm.Advertise | sm.Shares | sm.MaskedInput | sm.Unmask)
-            r = msg.round_id
-            out.append(
-                Send(topics.per_device(self.fleet, r, kind, self.device_id), wire.encode(msg))
+            route = protocol.ROUTE_OF[type(msg)]
+            assert isinstance(
+                msg, sm.Advertise | sm.Shares | sm.MaskedInput | sm.Unmask | PlainUpdate
             )
+            topic = topics.per_device(self.fleet, msg.round_id, route.kind, self.device_id)
+            out.append(Send(topic, wire.encode(msg), expiry=route.expiry))
         return out
-
-
-_KIND_OF: dict[type[wire.Message], topics.Kind] = {
-    sm.Advertise: topics.Kind.ADVERTISE,
-    sm.Shares: topics.Kind.SHARES,
-    sm.MaskedInput: topics.Kind.MASKED,
-    sm.Unmask: topics.Kind.UNMASK,
-}

@@ -191,8 +191,9 @@ class InMemoryFleet:
                 break
             self.now = max(self.now + 0.01, deadline)
             self._deliver(self.engine.tick(self.now))
-        outcome = self.engine.outcome
+        outcome = self.engine.take_outcome()  # as the service does: the engine keeps no update
         assert outcome is not None
+        self.engine.drain_events()  # nobody publishes them here
         metrics = dict(outcome.metrics)
         if outcome.state is RoundState.CLOSED and outcome.mean_update is not None:
             weights = tflite.flatten(tflite.read_weights(self.model), self.manifest.layout)

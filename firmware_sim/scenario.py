@@ -55,19 +55,16 @@ from pathlib import Path
 from typing import Any
 
 from fleetlearn.firmware_sim.data import MACHINE_TYPES
-from fleetlearn.shared import settings
+from fleetlearn.shared import protocol, settings
 from fleetlearn.shared.errors import ConfigError
-from fleetlearn.shared.secagg.config import PrivacyFloor
+from fleetlearn.shared.secagg.config import STAGES, PrivacyFloor
 from fleetlearn.shared.secagg.errors import SecAggConfigError
 from fleetlearn.shared.topics import Kind
 
-STAGE_KINDS = {
-    "advertise": (Kind.ADVERTISE,),
-    "share": (Kind.SHARES,),
-    "collect": (Kind.MASKED, Kind.UPDATE),
-    "unmask": (Kind.UNMASK,),
-}
-STAGE_ORDER = ("advertise", "share", "collect", "unmask")
+# Dropout keys are the protocol's stage names, in its order; a stage's dropout silences the
+# device topics that answer it (shared.protocol).
+STAGE_ORDER: tuple[str, ...] = tuple(stage.value for stage in STAGES)
+STAGE_KINDS: dict[str, tuple[Kind, ...]] = {s.value: protocol.uplink_kinds(s) for s in STAGES}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,22 @@ import pytest
 from nacl.signing import SigningKey
 
 from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
-from fleetlearn.device.participant import LocalResult, Note, Participant, PublishStatus, Send, Train
+from fleetlearn.device.agent import ArrayData, DeviceAgent
+from fleetlearn.device.participant import (
+    LocalResult,
+    Note,
+    NoteKind,
+    Participant,
+    PublishStatus,
+    Send,
+    Train,
+)
 from fleetlearn.shared import rounds, tflite, topics, wire
 from fleetlearn.shared.release import ModelRelease, make_release, release_weights
 from fleetlearn.shared.secagg import keys as sk
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg.config import PrivacyFloor
+from fleetlearn.transport.memory import MemoryBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = (ROOT / "aggregator" / "models" / "pdm_default.tflite").read_bytes()
@@ -372,6 +382,7 @@ def test_tampered_release_keeps_previous_model() -> None:
     assert part.model_version == 1
     assert isinstance(actions[0], Note)
     assert "refused" in actions[0].text
+    assert actions[0].kind is NoteKind.RELEASE_REFUSED
     forged = release_weights(
         MODEL, np.zeros(fleet.dim, np.float32), version=2, signing_key=SigningKey.generate()
     )
@@ -379,6 +390,31 @@ def test_tampered_release_keeps_previous_model() -> None:
     assert part.model_version == 1
     part.on_model(bytes(raw), 0.0)
     assert part.model_version == 2
+
+
+async def test_the_agent_acts_on_a_notes_kind_never_on_its_words() -> None:
+    """A refused release goes in the device's retained status; other notes only in its log,
+    whatever words they use."""
+    fleet = make_fleet(3)
+    agent = DeviceAgent(
+        participant=fleet.devices["d00"],
+        connector=MemoryBroker().connector,
+        password="unused",
+        data=ArrayData(np.zeros((4, 3), np.float32), np.zeros(4, np.int32)),
+    )
+    shown: list[str] = []
+
+    async def publish_status() -> None:
+        shown.append(agent._note)
+
+    agent.publish_status = publish_status  # type: ignore[method-assign]
+    await agent._carry_out([Note(NoteKind.ROUND_LEFT, "round 3: release v2 not loaded in time")])
+    assert agent.stats.releases_refused == 0
+    assert shown == []
+    await agent._carry_out([Note(NoteKind.RELEASE_REFUSED, "v7: signature does not verify")])
+    assert agent.stats.releases_refused == 1
+    assert shown == ["v7: signature does not verify"]
+    assert agent.stats.notes == 2
 
 
 # ------------------------------------------------------- graph tickets and the device floor

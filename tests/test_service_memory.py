@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from fleetlearn.aggregator.engine import Phase
 from fleetlearn.aggregator.store import Store
 from fleetlearn.shared import tflite, topics
+from fleetlearn.shared.secagg.server import SecAggServer
 from tests.fleet_harness import Harness, memory_fleet
 
 pytestmark = pytest.mark.slow
@@ -86,3 +89,49 @@ async def test_secure_rounds_with_dropouts_in_memory(memory20: Harness) -> None:
     async with asyncio.timeout(60):
         while any(h.agents[d].participant.model_version != 3 for d in running):  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+
+
+async def test_a_bug_inside_the_engine_aborts_that_round_and_the_service_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SecAgg+ server raises RuntimeError on round 1's first masked input: that round ends
+    aborted with the error as its reason (persisted, on metrics and events), the devices are
+    told, and the service starts and closes the next round."""
+    real = SecAggServer._on_masked
+    raised: list[str] = []
+
+    def broken(self: SecAggServer, message: Any, sender: str) -> None:
+        if not raised:
+            raised.append(sender)
+            raise RuntimeError("injected bug in the masked-input handler")
+        real(self, message, sender)
+
+    monkeypatch.setattr(SecAggServer, "_on_masked", broken)
+    async with memory_fleet(tmp_path, 6) as h:
+        h.start_devices()
+        service, summaries = await h.run_aggregator(
+            timeout=240, **{"rounds.count": "1", "rounds.min_cohort": "3"}
+        )
+    assert raised
+    assert [s.state for s in summaries] == ["aborted", "closed"], [
+        s.metrics.get("reason") for s in summaries
+    ]
+    reason = summaries[0].metrics["reason"]
+    assert reason == (
+        f"internal error while taking masked from {raised[0]}: "
+        "RuntimeError: injected bug in the masked-input handler"
+    )
+    assert summaries[1].new_version == 2
+    assert len(summaries[1].survivors) == 6
+    assert service.engine.phase is Phase.CLOSED
+    aborted = [e for e in service.recent_events if e["event"] == "round_aborted"]
+    assert [(e["round"], e["reason"]) for e in aborted] == [(1, reason)]
+    store = Store(h.state_dir)
+    try:
+        rows = store.rounds()
+    finally:
+        store.close()
+    assert [(r.round_id, r.status, r.reason) for r in rows] == [
+        (1, "aborted", reason),
+        (2, "done", ""),
+    ]

@@ -15,6 +15,7 @@ import pytest
 
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.cli import main as fleetlearn_main
+from fleetlearn.device.participant import NoteKind
 from fleetlearn.shared import settings, tflite, topics, wire
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState, StageTimes
 from fleetlearn.shared.secagg.client import SecAggClient
@@ -175,6 +176,7 @@ def test_devices_apply_hard_limits_on_their_own_clock() -> None:
         notes = part.tick(seen + 30.0)
         assert part.round is None
         assert "timed out in advertise" in notes[0].text  # type: ignore[attr-defined]
+        assert notes[0].kind is NoteKind.ROUND_LEFT  # type: ignore[attr-defined]
 
     # Share inbox in, training not done: the masked input is due within collect_hard of the
     # inbox's arrival on the device's clock, after which it gives up.

@@ -21,9 +21,12 @@ What this package owns and how it is split (ARCHITECTURE §5, docs/secagg.md):
 Rules for all of it: no sockets, no clock reads (time comes in as `now`), no global RNG
 (randomness is an injected byte source; `keys.system_random` is the OS CSPRNG), bytes only via
 `shared.wire`. The adapters in aggregator/ and device/ do MQTT, timers and threads.
+
+`client` and `server` are imported from their modules, not re-exported here: they take their
+stage vocabulary from `shared.protocol`, which builds on `shared.rounds`, which needs
+`config` from this package, so importing them here would make that a cycle.
 """
 
-from fleetlearn.shared.secagg.client import ClientState, SecAggClient
 from fleetlearn.shared.secagg.config import (
     PrivacyFloor,
     SecAggConfig,
@@ -55,30 +58,24 @@ from fleetlearn.shared.secagg.messages import (
     Unmask,
     UnmaskRequest,
 )
-from fleetlearn.shared.secagg.server import Outbound, SecAggServer, ServerState
 
 __all__ = [
     "TO_AGGREGATOR",
     "TO_DEVICE",
     "Abort",
     "Advertise",
-    "ClientState",
     "CryptoError",
     "LocalProtocolError",
     "MaskedInput",
-    "Outbound",
     "PrivacyFloor",
     "ProtocolError",
     "RandomSource",
     "RemoteProtocolError",
     "Roster",
-    "SecAggClient",
     "SecAggConfig",
     "SecAggConfigError",
     "SecAggError",
     "SecAggResult",
-    "SecAggServer",
-    "ServerState",
     "ShareInbox",
     "Shares",
     "Stage",

@@ -49,10 +49,10 @@ from dataclasses import dataclass
 import nacl.signing
 import numpy as np
 
-from fleetlearn.shared import wire
+from fleetlearn.shared import protocol, wire
 from fleetlearn.shared.ids import id_problem
 from fleetlearn.shared.secagg import contribution, keys, packing, shamir
-from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, StageDeadlines
+from fleetlearn.shared.secagg.config import PrivacyFloor, SecAggConfig, Stage, StageDeadlines
 from fleetlearn.shared.secagg.contribution import TrainingMetrics
 from fleetlearn.shared.secagg.errors import CryptoError, LocalProtocolError, RemoteProtocolError
 from fleetlearn.shared.secagg.graph import NeighbourGraph, members_of
@@ -117,21 +117,22 @@ TRANSITIONS: dict[tuple[ClientState, ClientEvent], ClientState] = {
     **{(s, ClientEvent.LOCAL_ERROR): ClientState.ERROR for s in ClientState},
 }
 
-# Which aggregator message each waiting state expects.
+# The stage each waiting state waits for the aggregator to open; the message that opens it
+# (shared.protocol) is the one the state expects.
+_WAITS_FOR: dict[ClientState, Stage] = {
+    ClientState.ADVERTISE: Stage.SHARE,
+    ClientState.SHARE: Stage.COLLECT,
+    ClientState.COLLECT: Stage.UNMASK,
+}
 _EXPECTS: dict[ClientState, type[wire.Message]] = {
-    ClientState.ADVERTISE: Roster,
-    ClientState.SHARE: ShareInbox,
-    ClientState.COLLECT: UnmaskRequest,
+    state: message
+    for state, stage in _WAITS_FOR.items()
+    if (message := protocol.opener(stage)) is not None
 }
 
 # The deadline after which a waiting state gives up: the reply to stage S is useless once
-# stage S+1 has closed at the aggregator.
-_GIVE_UP_AT = {
-    ClientState.ADVERTISE: "share",
-    ClientState.SHARE: "collect",
-    ClientState.NEED_INPUT: "collect",
-    ClientState.COLLECT: "unmask",
-}
+# stage S+1 has closed at the aggregator (NEED_INPUT owes its COLLECT answer itself).
+_GIVE_UP_AT: dict[ClientState, Stage] = {**_WAITS_FOR, ClientState.NEED_INPUT: Stage.COLLECT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +437,7 @@ class SecAggClient:
         with self._guard(now):
             stage = _GIVE_UP_AT.get(self._state)
             if stage is not None and self.deadlines is not None:
-                deadline = getattr(self.deadlines, stage)
+                deadline = self.deadlines.of(stage)
                 if now >= deadline:
                     self._abort(
                         f"timed out in {self._state.name}: nothing from the aggregator by the "

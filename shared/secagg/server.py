@@ -50,9 +50,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fleetlearn.shared import wire
+from fleetlearn.shared import protocol, wire
 from fleetlearn.shared.compression.errors import CompressionError
 from fleetlearn.shared.ids import id_problem
+from fleetlearn.shared.rounds import RoundMode
 from fleetlearn.shared.secagg import contribution, keys, packing, shamir
 from fleetlearn.shared.secagg.config import SecAggConfig, Stage, StageDeadlines
 from fleetlearn.shared.secagg.contribution import SecAggResult
@@ -119,25 +120,15 @@ TRANSITIONS: dict[tuple[ServerState, ServerEvent], ServerState] = {
     **{(s, ServerEvent.LOCAL_ERROR): ServerState.ERROR for s in ServerState},
 }
 
+# Each live state collects one protocol stage; what a device sends in it is the protocol's.
 STAGE_OF: dict[ServerState, Stage] = {
     ServerState.ADVERTISE: Stage.ADVERTISE,
     ServerState.SHARE: Stage.SHARE,
     ServerState.COLLECT: Stage.COLLECT,
     ServerState.UNMASK: Stage.UNMASK,
 }
-
-# The one device message each live state accepts.
 _ACCEPTS: dict[ServerState, type[wire.Message]] = {
-    ServerState.ADVERTISE: Advertise,
-    ServerState.SHARE: Shares,
-    ServerState.COLLECT: MaskedInput,
-    ServerState.UNMASK: Unmask,
-}
-_STAGE_OF_MESSAGE: dict[type[wire.Message], Stage] = {
-    Advertise: Stage.ADVERTISE,
-    Shares: Stage.SHARE,
-    MaskedInput: Stage.COLLECT,
-    Unmask: Stage.UNMASK,
+    state: protocol.answer(stage, RoundMode.SECURE) for state, stage in STAGE_OF.items()
 }
 
 _NAMES_IN_REASON = 5  # how many device ids an abort reason lists before "and N more"
@@ -413,7 +404,7 @@ class SecAggServer:
         if not isinstance(message, expected):
             raise reject(
                 f"{type(message).__name__} belongs to stage "
-                f"{_STAGE_OF_MESSAGE[type(message)].value}; the round is in {stage}"
+                f"{protocol.ANSWERS[type(message)].value}; the round is in {stage}"
             )
         deadline = self.deadline
         if deadline is not None and now >= deadline:

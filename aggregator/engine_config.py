@@ -1,0 +1,85 @@
+"""The round engine's settings and errors, apart from the engine so that its parts (selection,
+modes, report) can read them without importing the engine.
+
+Rules: a config that exists is consistent (`__post_init__` refuses combinations that cannot
+work, naming the setting as `aggregator.config` spells it). `aggregator.config` builds one
+from the service's settings; tests and the simulator build one directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fleetlearn.aggregator import rules
+from fleetlearn.shared import rounds
+from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.rounds import StageTimes
+
+
+class EngineError(FleetlearnError):
+    """The engine cannot do what was asked (e.g. too few eligible devices to start)."""
+
+
+class NotEnoughDevicesError(EngineError):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    mode: Literal["secure", "plain"] = "secure"
+    cohort: int = 20  # devices whose updates a round aims for
+    over_select: float = 1.2  # select this many times `cohort` when enough are eligible
+    min_cohort: int = 3
+    battery_floor: float = 0.2
+    times: StageTimes = field(default_factory=StageTimes)
+    # After its soft limit a stage closes once this share of the devices it waits for answered.
+    quorum: float = 0.8
+    adapt: bool = True  # soft limits follow recent arrival times (never above the hard ones)
+    stall_cooldown: float = 600.0  # seconds a stalled device stays deprioritized at most
+    training: rounds.TrainingPlan = field(default_factory=rounds.TrainingPlan)
+    sparsity: Literal["dense", "rand_k", "top_k"] = "rand_k"
+    density: float = 0.1
+    quant_bits: int = 16
+    clip: float = 0.5
+    top_k_bits: int = 8
+    neighbours: int = 0  # 0: about 2*log2(n), or sized for expected_dropout
+    threshold: int = 0  # 0: k/2 + 1
+    # Share of the cohort expected to drop during a round. Above 0, an automatic k is the
+    # smallest whose chance of aborting a round stays under 1e-3 (secagg.suggest_neighbours).
+    expected_dropout: float = 0.0
+    rule: rules.RuleName = "mean"
+    trim: float = 0.2
+    clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_cohort < (3 if self.mode == "secure" else 1):
+            raise EngineError(
+                f"rounds.min_cohort must be >= 3 in secure mode, got {self.min_cohort}"
+            )
+        if self.cohort < self.min_cohort:
+            raise EngineError(
+                f"rounds.cohort {self.cohort} is below rounds.min_cohort {self.min_cohort}"
+            )
+        if not 0.0 <= self.expected_dropout < 1.0:
+            raise EngineError(
+                f"secagg.expected_dropout must be in [0, 1), got {self.expected_dropout}"
+            )
+        if self.over_select < 1.0:
+            raise EngineError(f"rounds.over_select must be >= 1, got {self.over_select}")
+        if not 0.0 < self.quorum <= 1.0:
+            raise EngineError(f"stages.quorum must be in (0, 1], got {self.quorum}")
+        if not 0.0 <= self.stall_cooldown <= 86_400:
+            raise EngineError(
+                f"rounds.stall_cooldown must be in 0..86400 seconds, got {self.stall_cooldown}"
+            )
+        if self.mode == "secure" and self.sparsity == "top_k":
+            raise EngineError(
+                "compression.sparsity top_k cannot be masked (each device picks its own "
+                "coordinates); use rand_k or dense in secure mode"
+            )
+        if self.mode == "secure" and self.rule != "mean":
+            raise EngineError(
+                f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "
+                "sees their sum, so it supports 'mean' only"
+            )

@@ -1,0 +1,408 @@
+"""Round modes: how a round of each kind collects the cohort's answers and yields a mean update.
+
+What it owns: the strategies the engine (aggregator.engine) runs a round with. The engine
+owns what every round shares (the phase, stage windows and timing, counts, late and refused
+messages, the summary); a mode owns what differs:
+
+    mode = MODES[config.mode](config)        # one per engine: SecureMode, PlainMode
+    mode.admits(status)                      # may selection take this device?
+    round = mode.open(setup)                 # one per round: SecureRound, PlainRound
+    round.secagg, round.tickets, round.limits    # for the announcement and the decoder
+    round.stage                              # the stage it collects now
+    round.take(device, message, now)         # one decoded device message; never closes
+    round.complete() / round.can_close()     # everyone answered / closing now can go on
+    round.close(now) -> Progress             # close the open stage with whoever answered
+    round.result(stages) -> Aggregate        # once a Progress said `collected`
+    round.abort_notice(reason)               # what the cohort is told if the engine aborts
+
+Rules:
+- Sans-IO, like the engine. Which stages a mode runs and which message answers each comes
+  from `shared.protocol`.
+- `take` either accepts the message, or raises `RefusedError` (counted under its reason;
+  nothing changed) or `RoundFailedError` (the round cannot go on); `close` and `result`
+  raise `RoundFailedError` for the same. Any other exception is a bug: the engine ends the
+  round in its ERROR phase.
+- Secure rounds: SecAgg+ (shared.secagg) with the engine's timing (`deadlines=None`); the
+  aggregator learns only the sum. Plain rounds: every update is visible and the configured
+  robust rule (aggregator.rules) aggregates them.
+- A new mode (e.g. asynchronous FedBuff) is one more `Mode`/`ModeRound` pair and a row in
+  `MODES`; the engine needs no branch for it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.engine_config import EngineConfig, EngineError
+from fleetlearn.aggregator.report import Aggregate, StageStats, finite
+from fleetlearn.shared import compression, protocol, wire
+from fleetlearn.shared.rounds import PlainUpdate, RoundMode
+from fleetlearn.shared.secagg import messages as sm
+from fleetlearn.shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
+from fleetlearn.shared.secagg.errors import RemoteProtocolError, SecAggError
+from fleetlearn.shared.secagg.packing import packed_size
+from fleetlearn.shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
+from fleetlearn.shared.secagg.shamir import SHARE_BYTES
+from fleetlearn.shared.topics import Kind
+
+# Size limits per device message, far below the wire's 16 MB default: what an honest device of
+# this round can send, plus room for the envelope. One device's credentials then cannot make
+# the aggregator decompress and parse tens of megabytes per message.
+SLACK = 16 * 1024
+
+
+class RefusedError(EngineError):
+    """A device message the round does not take; `reason` is what it is counted under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class RoundFailedError(EngineError):
+    """The round cannot go on (too few devices, a threshold, a failed reconstruction)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSetup:
+    """What the engine decided for a round before its announcement."""
+
+    round_id: int
+    cohort: tuple[str, ...]
+    seed: bytes  # the round seed (public): picks the rand-k coordinates
+    dim: int
+    compression: compression.Compression
+    coordinates: np.ndarray | None  # the rand-k coordinates every device sends
+    verify_keys: Mapping[str, bytes]  # the cohort's Ed25519 keys
+    tickets: Mapping[str, bytes]  # the cohort's graph tickets, from their statuses
+
+
+@dataclass(frozen=True, slots=True)
+class StageClose:
+    """A stage that closed."""
+
+    stage: Stage
+    unanswered: list[str]  # expected devices whose answer had not arrived
+    # It closed because what it had sufficed: before the hard limit, the unanswered were
+    # not needed (their answers are counted as such, not as dropouts or late).
+    sufficed: bool = False
+    next_expected: int | None = None  # how many devices the next stage waits for
+
+
+@dataclass(slots=True)
+class Progress:
+    """What one step of a round did."""
+
+    outbound: list[Outbound] = field(default_factory=list)  # messages for devices
+    closed: StageClose | None = None
+    failure: str | None = None  # the round cannot go on: why
+    collected: bool = False  # the last stage closed: result() may be called
+
+
+class ModeRound(abc.ABC):
+    """One round of a mode (see the module docstring)."""
+
+    secagg: SecAggConfig | None  # for the announcement
+    tickets: bytes  # for the announcement: each member's ticket, in cohort order
+    limits: dict[Kind, wire.Limits]  # the largest honest payload per device topic
+
+    @property
+    @abc.abstractmethod
+    def stage(self) -> Stage: ...
+
+    @abc.abstractmethod
+    def take(self, device: str, message: wire.Message, now: float) -> None: ...
+
+    @abc.abstractmethod
+    def complete(self) -> bool: ...
+
+    @abc.abstractmethod
+    def can_close(self) -> bool: ...
+
+    @abc.abstractmethod
+    def close(self, now: float) -> Progress: ...
+
+    @abc.abstractmethod
+    def result(self, stages: Mapping[Stage, StageStats]) -> Aggregate: ...
+
+    def abort_notice(self, reason: str) -> list[Outbound]:
+        return []
+
+
+class Mode(abc.ABC):
+    """One kind of round; the engine holds one, chosen by `EngineConfig.mode`."""
+
+    round_mode: ClassVar[RoundMode]
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return protocol.stages(self.round_mode)
+
+    def admits(self, status: wire.DeviceStatus) -> bool:
+        """Whether selection may take a device with this status."""
+        return True
+
+    def compression(self) -> compression.Compression:
+        c = self.config
+        if c.sparsity == "dense":
+            return compression.Compression(mode=compression.SparseMode.DENSE)
+        if c.sparsity == "top_k":
+            return compression.Compression(
+                mode=compression.SparseMode.TOP_K, density=c.density, bits=c.top_k_bits
+            )
+        return compression.Compression(
+            mode=compression.SparseMode.RAND_K, density=c.density, bits=c.quant_bits, clip=c.clip
+        )
+
+    @abc.abstractmethod
+    def open(self, setup: RoundSetup) -> ModeRound: ...
+
+
+def _limits(sizes: Mapping[Kind, int]) -> dict[Kind, wire.Limits]:
+    return {k: wire.Limits(max_compressed=n, max_decompressed=n) for k, n in sizes.items()}
+
+
+def _expand(setup: RoundSetup, values: np.ndarray) -> np.ndarray:
+    if setup.coordinates is None:
+        return values.astype(np.float64)
+    return compression.scatter(setup.coordinates, values, setup.dim)
+
+
+# ------------------------------------------------------------------------------------ secure
+
+
+class SecureMode(Mode):
+    round_mode = RoundMode.SECURE
+
+    def admits(self, status: wire.DeviceStatus) -> bool:
+        return bool(status.ticket)  # its advert must open the ticket the announcement carries
+
+    def open(self, setup: RoundSetup) -> SecureRound:
+        return SecureRound(setup, self.config)
+
+
+class SecureRound(ModeRound):
+    """SecAgg+ through `SecAggServer`: ADVERTISE, SHARE, COLLECT, UNMASK."""
+
+    def __init__(self, setup: RoundSetup, config: EngineConfig) -> None:
+        c, plan = config, setup.compression
+        if plan.mode is compression.SparseMode.DENSE:
+            quant_bits, clip = c.quant_bits, c.clip
+        else:
+            quant_bits, clip = plan.bits, plan.clip
+        neighbours, threshold = c.neighbours or None, c.threshold or None
+        if neighbours is None and c.expected_dropout > 0:
+            neighbours, suggested_t = suggest_neighbours(len(setup.cohort), c.expected_dropout)
+            threshold = threshold or suggested_t
+        self.secagg = SecAggConfig.create(
+            cohort_size=len(setup.cohort),
+            dimension=plan.k(setup.dim),
+            neighbours=neighbours,
+            threshold=threshold,
+            quant_bits=quant_bits,
+            clip=clip,
+            # FedAvg weight = local examples trained on, at most the plan's max_samples.
+            max_weight=float(c.training.max_samples),
+            max_samples=c.training.max_samples,
+        )
+        missing = [d for d in setup.cohort if not setup.tickets.get(d)]
+        if missing:
+            raise EngineError(f"{missing[:3]} have no graph ticket in their status")
+        self.tickets = b"".join(setup.tickets[d] for d in setup.cohort)
+        self._setup = setup
+        self._server = SecAggServer(
+            config=self.secagg,
+            round_id=setup.round_id,
+            round_seed=setup.seed,
+            verify_keys={d: setup.verify_keys[d] for d in setup.cohort},
+            tickets={d: setup.tickets[d] for d in setup.cohort},
+            deadlines=None,  # the engine applies soft and hard limits
+        )
+        k = self.secagg.neighbours
+        self.limits = _limits(
+            {
+                Kind.ADVERTISE: SLACK,
+                Kind.SHARES: k * (sm.SEALED_SHARE_BYTES + 128) + SLACK,
+                Kind.MASKED: packed_size(self.secagg.dimension + 4, self.secagg.field_bits) + SLACK,
+                Kind.UNMASK: k * (SHARE_BYTES + 128) + SLACK,
+            }
+        )
+
+    @property
+    def stage(self) -> Stage:
+        return STAGE_OF[self._server.state]
+
+    def take(self, device: str, message: wire.Message, now: float) -> None:
+        try:
+            self._server.receive(message, now, close=False)
+        except RemoteProtocolError as exc:
+            raise RefusedError("protocol", exc.problem) from None
+        except SecAggError as exc:
+            raise RoundFailedError(f"secure aggregation failed: {exc}") from None
+
+    def complete(self) -> bool:
+        return self._server.close_due
+
+    def can_close(self) -> bool:
+        return self._server.close_problem() is None
+
+    def close(self, now: float) -> Progress:
+        server = self._server
+        before = server.state
+        try:
+            outs = server.tick(now) if server.close_due else server.close_stage(now)
+        except SecAggError as exc:
+            raise RoundFailedError(f"secure aggregation failed: {exc}") from None
+        after = server.state
+        closed = None
+        if after is not before and before in STAGE_OF:
+            stage = STAGE_OF[before]
+            following = {
+                Stage.ADVERTISE: server.advertised,
+                Stage.SHARE: server.sharers,
+                Stage.COLLECT: server.survivors,
+            }.get(stage)
+            closed = StageClose(
+                stage=stage,
+                unanswered=sorted(d for d, s in server.dropped.items() if s is stage),
+                # UNMASK closes as soon as every secret has t shares.
+                sufficed=stage is Stage.UNMASK and after is ServerState.DONE,
+                next_expected=(
+                    len(following) if following is not None and after in STAGE_OF else None
+                ),
+            )
+        failed = after in (ServerState.ABORTED, ServerState.ERROR)
+        return Progress(
+            outbound=outs,
+            closed=closed,
+            failure=(server.reason or "aborted") if failed else None,
+            collected=after is ServerState.DONE,
+        )
+
+    def result(self, stages: Mapping[Stage, StageStats]) -> Aggregate:
+        result = self._server.result
+        if result is None:
+            raise RoundFailedError("secure aggregation ended without a sum")
+        try:
+            mean = result.mean()
+            bound = float(np.max(result.mean_error_bound())) if mean.size else 0.0
+        except SecAggError as exc:
+            raise RoundFailedError(str(exc)) from None
+        return Aggregate(
+            mean_update=_expand(self._setup, mean),
+            error_bound=bound,
+            survivors=tuple(sorted(result.survivors)),
+            mean_loss=finite(result.mean_loss),
+            accuracy=finite(result.accuracy),
+            samples=result.samples,
+            weight_sum=result.weight_sum,
+            # Sharers that sent no masked input (their pairwise masks were removed with their
+            # neighbours' key shares) and survivors that did not help unmask (their self-masks
+            # were rebuilt without them).
+            dropouts_recovered=stages[Stage.COLLECT].dropped + stages[Stage.UNMASK].dropped,
+        )
+
+    def abort_notice(self, reason: str) -> list[Outbound]:
+        if self._server.state is ServerState.ABORTED:
+            return []  # the server told the cohort itself
+        abort = sm.Abort(round_id=self._setup.round_id, reason=reason[: sm.MAX_REASON])
+        return [Outbound(abort, None)]
+
+
+# ------------------------------------------------------------------------------------- plain
+
+
+class PlainMode(Mode):
+    round_mode = RoundMode.PLAIN
+
+    def open(self, setup: RoundSetup) -> PlainRound:
+        return PlainRound(setup, self.config)
+
+
+class PlainRound(ModeRound):
+    """Every device's `PlainUpdate` in one stage, COLLECT; then the aggregation rule."""
+
+    secagg = None
+    tickets = b""
+
+    def __init__(self, setup: RoundSetup, config: EngineConfig) -> None:
+        self._setup = setup
+        self._config = config
+        self._updates: dict[str, PlainUpdate] = {}
+        # A dense float32 update is the largest form a plain update takes.
+        self.limits = _limits({Kind.UPDATE: 8 * setup.dim + SLACK})
+
+    @property
+    def stage(self) -> Stage:
+        return Stage.COLLECT
+
+    def take(self, device: str, message: wire.Message, now: float) -> None:
+        assert isinstance(message, PlainUpdate)
+        if device in self._updates:
+            raise RefusedError("duplicate", "second update in one round")
+        try:
+            compression.check_update(
+                message.update, config=self._setup.compression, dim=self._setup.dim
+            )
+        except wire.WireError as exc:
+            raise RefusedError("bad_payload", str(exc)) from None
+        self._updates[device] = message
+
+    def complete(self) -> bool:
+        return len(self._updates) == len(self._setup.cohort)
+
+    def can_close(self) -> bool:
+        return len(self._updates) >= self._config.min_cohort
+
+    def close(self, now: float) -> Progress:
+        cohort = self._setup.cohort
+        closed = StageClose(Stage.COLLECT, [d for d in cohort if d not in self._updates])
+        if len(self._updates) < self._config.min_cohort:
+            why = (
+                f"only {len(self._updates)} of {len(cohort)} devices sent an update by the "
+                f"deadline; at least {self._config.min_cohort} are needed"
+            )
+            return Progress(closed=closed, failure=why)
+        return Progress(closed=closed, collected=True)
+
+    def result(self, stages: Mapping[Stage, StageStats]) -> Aggregate:
+        c, setup = self._config, self._setup
+        senders = sorted(self._updates)
+        sent = [self._updates[d] for d in senders]
+        dense = [
+            compression.to_dense(m.update, config=setup.compression, dim=setup.dim, seed=setup.seed)
+            for m in sent
+        ]
+        weights = [m.weight for m in sent]
+        mean = rules.aggregate(dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
+        samples = sum(m.samples for m in sent)
+        loss = sum(m.loss * m.samples for m in sent)
+        correct = sum(m.correct for m in sent)
+        return Aggregate(
+            mean_update=mean,
+            error_bound=0.0,
+            survivors=tuple(senders),
+            mean_loss=loss / samples if samples else None,
+            accuracy=correct / samples if samples else None,
+            samples=samples,
+            weight_sum=float(sum(weights)),
+            dropouts_recovered=0,
+        )
+
+
+# The engine's `mode` setting -> its strategy. An asynchronous mode would add a row here.
+MODES: dict[str, type[Mode]] = {"secure": SecureMode, "plain": PlainMode}

@@ -1,0 +1,148 @@
+"""What a round measured and how it ended: per-stage counts, the result, the round summary.
+
+What it owns: `StageStats` (one per stage: expected, arrived, late, dropped, how it closed),
+`RoundTally` (a round's stages and byte and refusal counts), `Aggregate` (what a mode's
+round yields when it closes), `RoundOutcome` (what the engine hands the service), and
+`summary()`, the JSON-able dict published on `fl/{fleet}/metrics` and persisted.
+
+Rules: the summary is written once, when the round ends, from typed state; nothing reads it
+back to decide anything. The outcome holds the full-size mean update only until the service
+takes it (`RoundEngine.take_outcome`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from fleetlearn.shared.rounds import RoundAnnounce, RoundState
+from fleetlearn.shared.secagg.config import Stage
+
+ClosedBy = Literal["complete", "quorum", "hard_limit"]
+
+
+@dataclass(slots=True)
+class StageStats:
+    expected: int = 0
+    arrived: int = 0
+    late: int = 0
+    dropped: int = 0  # expected devices that had not answered when the stage closed
+    # A stage may close with what it needs before everyone answered (secure UNMASK: every
+    # secret has t shares); answers still on their way then are not needed, not dropouts.
+    not_needed: int = 0
+    closed_by: ClosedBy | Literal[""] = ""  # "" while open
+    seconds: float = 0.0  # from the stage's opening to its close
+    last: float = 0.0  # from the stage's opening to the last answer in time
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "expected": self.expected,
+            "arrived": self.arrived,
+            "late": self.late,
+            "dropped": self.dropped,
+            "not_needed": self.not_needed,
+            "closed_by": self.closed_by,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(slots=True)
+class RoundTally:
+    """One round's counts, kept while it runs."""
+
+    stages: dict[Stage, StageStats] = field(
+        default_factory=lambda: {s: StageStats() for s in Stage}
+    )
+    uplink: Counter[str] = field(default_factory=Counter)  # device -> bytes it sent
+    downlink: Counter[str] = field(default_factory=Counter)  # device -> bytes addressed to it
+    rejected: Counter[str] = field(default_factory=Counter)  # reason -> refused messages
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """What a round yields when it closes."""
+
+    mean_update: np.ndarray  # full dimension, float64, in FedAvg direction
+    error_bound: float  # max abs error of mean_update from quantization (0 for plain dense)
+    survivors: tuple[str, ...]  # devices whose updates are in it
+    mean_loss: float | None
+    accuracy: float | None
+    samples: int
+    weight_sum: float
+    # Devices that dropped after their data was committed and whose loss the protocol
+    # recovered from (secure: sharers without a masked input, survivors that did not unmask).
+    dropouts_recovered: int
+
+
+@dataclass(slots=True)
+class RoundOutcome:
+    round_id: int
+    state: RoundState
+    reason: str
+    model_version: int
+    mean_update: np.ndarray | None  # full-dimension float64, in FedAvg direction
+    error_bound: float  # max abs error of mean_update from quantization (0 for plain dense)
+    survivors: tuple[str, ...]
+    metrics: dict[str, Any]
+
+
+def summary(
+    *,
+    announce: RoundAnnounce,
+    state: RoundState,
+    reason: str,
+    tally: RoundTally,
+    stages: tuple[Stage, ...],
+    started: float,
+    now: float,
+    dim: int,
+    coordinates: int,
+    aggregate: Aggregate | None,
+) -> dict[str, Any]:
+    """The round's summary for `metrics` and the store. `stages`: those the mode ran."""
+    survivors = aggregate.survivors if aggregate is not None else ()
+    cohort = len(announce.cohort)
+    participants = max(1, len(survivors) or cohort)
+    ran = {s: tally.stages[s] for s in stages}
+    metrics: dict[str, Any] = {
+        "round": announce.round_id,
+        "mode": announce.mode.value,
+        "state": state.value,
+        "reason": reason,
+        "model_version": announce.model_version,
+        "cohort": cohort,
+        "survivors": len(survivors),
+        "stragglers": sum(s.dropped for s in ran.values()),
+        "late_messages": sum(s.late for s in tally.stages.values()),
+        "rejected": sum(tally.rejected.values()),
+        "rejected_by_reason": dict(tally.rejected),
+        "stages": {s.value: st.as_dict() for s, st in ran.items()},
+        "uplink_bytes_per_device": round(sum(tally.uplink.values()) / participants),
+        "downlink_bytes_per_device": round(sum(tally.downlink.values()) / max(1, cohort)),
+        "duration_s": round(now - started, 3),
+        "dimension": dim,
+        "coordinates": coordinates,
+        "quantization_bound": 0.0,
+        "mean_loss": None,
+        "accuracy": None,
+        "samples": 0,
+        "dropouts_recovered": 0,
+    }
+    if aggregate is not None:
+        metrics.update(
+            quantization_bound=aggregate.error_bound,
+            mean_loss=finite(aggregate.mean_loss),
+            accuracy=finite(aggregate.accuracy),
+            samples=aggregate.samples,
+            weight_sum=aggregate.weight_sum,
+            dropouts_recovered=aggregate.dropouts_recovered,
+        )
+    return metrics
+
+
+def finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
