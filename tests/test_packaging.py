@@ -1,6 +1,7 @@
 """The built wheel: one `fleetlearn` namespace, nothing else top-level, and it imports installed.
 
-Builds the wheel from this checkout (no network: the build backend is the one installed here),
+Builds the wheel from a copy of this checkout (so the checkout gets no build/ of its own; no
+network: the build backend is the one installed here),
 installs it without dependencies into a fresh virtualenv that borrows this environment's
 third-party libraries through a path entry, and imports it there from a directory that is not
 the checkout, with `-I` so neither the checkout nor PYTHONPATH can stand in for the wheel.
@@ -8,6 +9,7 @@ the checkout, with `-I` so neither the checkout nor PYTHONPATH can stand in for 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +28,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    source = tmp_path_factory.mktemp("source") / "fleetlearn"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,  # fleetlearn/<side> stay links, as in a clone
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", "tests", "bench", "docs"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -38,7 +49,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-index",
             "-w",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -56,8 +67,8 @@ def test_wheel_holds_only_the_fleetlearn_namespace(wheel: Path) -> None:
     for side in SIDES:
         assert f"fleetlearn/{side}/__init__.py" in names  # the files, not the links
     assert "fleetlearn/shared/wire/__init__.py" in names  # subpackages are found too
-    # setuptools builds in the checkout's build/ and never deletes from it: a module that was
-    # moved or removed would still ship (stale), registering its message tags a second time.
+    # setuptools never deletes from a build/ directory: building in a checkout that has one, a
+    # module that was moved or removed would still ship, registering its message tags twice.
     stale = [n for n in names if n.endswith(".py") and not (ROOT / n).exists()]
     assert not stale, f"not in the checkout (rm -rf build/ and rebuild): {stale}"
     assert "fleetlearn/aggregator/models/pdm_default.tflite" in names
