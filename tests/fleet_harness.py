@@ -119,6 +119,28 @@ class Harness:
             train_seed=index,
         )
 
+    def script_dropouts(self, round_id: int, *, silent: str, leavers: set[str]) -> None:
+        """In round `round_id`, `silent` never advertises and each of `leavers` stops (its
+        agent and connection) instead of answering the unmask request, after it sent its
+        masked input."""
+
+        def make_hook(dev: str) -> Callable[[topics.Kind, int], Awaitable[bool]]:
+            async def hook(kind: topics.Kind, round_: int) -> bool:
+                if round_ != round_id:
+                    return True
+                if dev == silent and kind is topics.Kind.ADVERTISE:
+                    return False
+                if dev in leavers and kind is topics.Kind.UNMASK:
+                    loop = asyncio.get_running_loop()
+                    loop.call_soon(asyncio.ensure_future, self.stop_device(dev))
+                    return False
+                return True
+
+            return hook
+
+        for dev in [*leavers, silent]:
+            self.hooks[dev] = make_hook(dev)
+
     def start_devices(self) -> None:
         for i, dev in enumerate(self.devices):
             self.start_device(dev, i)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fleetlearn.shared import tflite, topics
+from fleetlearn.shared import tflite
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness, fleet
 
@@ -29,21 +28,7 @@ async def test_three_secure_rounds_with_dropouts(harness20: Harness) -> None:
     leavers = {"dev-0003", "dev-0011"}
     silent = "dev-0007"
 
-    def make_hook(dev: str):  # type: ignore[no-untyped-def]
-        async def hook(kind: topics.Kind, round_id: int) -> bool:
-            if round_id != 2:
-                return True
-            if dev == silent and kind is topics.Kind.ADVERTISE:
-                return False
-            if dev in leavers and kind is topics.Kind.UNMASK:
-                asyncio.get_running_loop().call_soon(asyncio.ensure_future, h.stop_device(dev))
-                return False
-            return True
-
-        return hook
-
-    for dev in [*leavers, silent]:
-        h.hooks[dev] = make_hook(dev)
+    h.script_dropouts(2, silent=silent, leavers=leavers)
     h.start_devices()
     service, summaries = await h.run_aggregator(
         timeout=240, **{"rounds.count": "3", "rounds.min_cohort": "3"}

@@ -17,7 +17,7 @@ import pytest
 
 from fleetlearn.aggregator.engine import Phase
 from fleetlearn.aggregator.store import Store
-from fleetlearn.shared import tflite, topics
+from fleetlearn.shared import tflite
 from fleetlearn.shared.secagg.server import SecAggServer
 from tests.fleet_harness import Harness, memory_fleet
 
@@ -36,21 +36,7 @@ async def test_secure_rounds_with_dropouts_in_memory(memory20: Harness) -> None:
     leavers = {"dev-0004", "dev-0013"}
     silent = "dev-0009"
 
-    def make_hook(dev: str):  # type: ignore[no-untyped-def]
-        async def hook(kind: topics.Kind, round_id: int) -> bool:
-            if round_id != 2:
-                return True
-            if dev == silent and kind is topics.Kind.ADVERTISE:
-                return False
-            if dev in leavers and kind is topics.Kind.UNMASK:
-                asyncio.get_running_loop().call_soon(asyncio.ensure_future, h.stop_device(dev))
-                return False
-            return True
-
-        return hook
-
-    for dev in [*leavers, silent]:
-        h.hooks[dev] = make_hook(dev)
+    h.script_dropouts(2, silent=silent, leavers=leavers)
     h.start_devices()
     service, summaries = await h.run_aggregator(
         timeout=240, **{"rounds.count": "2", "rounds.min_cohort": "3"}
