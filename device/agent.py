@@ -62,7 +62,8 @@ from fleetlearn.device.participant import (
     Train,
 )
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
-from fleetlearn.shared import compression, topics, wire
+from fleetlearn.shared import compression, dataset, topics, wire
+from fleetlearn.shared.dataset import DataError
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.transport import (
     JSON_CONTENT_TYPE,
@@ -78,10 +79,6 @@ from fleetlearn.transport import (
 
 log = logging.getLogger("fleetlearn.device")
 SDK_VERSION = "fleetlearn-0.1"
-
-
-class DataError(FleetlearnError):
-    """The local data file is unusable."""
 
 
 class LocalData(Protocol):
@@ -101,22 +98,16 @@ class ArrayData:
         self.x, self.y = x, y
 
     @classmethod
-    def load(cls, path: Path | str) -> ArrayData:
-        """An .npz with `x` (float, [n, features]) and `y` (int labels, [n])."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "x" not in data.files or "y" not in data.files:
-                    raise DataError(f"{path}: needs arrays 'x' and 'y', has {data.files}")
-                x, y = np.asarray(data["x"]), np.asarray(data["y"])
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not a readable .npz ({exc})") from None
-        if x.ndim != 2 or x.dtype.kind not in "fiu" or not np.all(np.isfinite(x)):
-            raise DataError(f"{path}: 'x' must be a finite numeric [n, features] array")
-        if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
-            raise DataError(f"{path}: 'y' must hold one integer label per row of 'x'")
-        if x.shape[0] == 0:
-            raise DataError(f"{path}: holds no examples")
-        return cls(x.astype(np.float32), y.astype(np.int32))
+    def load(cls, path: Path | str, *, label: str = dataset.DEFAULT_LABEL_COLUMN) -> ArrayData:
+        """A data file in the documented format (`shared.dataset`: .npz or .csv, docs/data.md).
+        A device that trains needs labels; a file without them is refused here."""
+        data = dataset.load(path, label=label)
+        if data.y is None:
+            raise DataError(
+                f"{path}: has no labels ('y' in an .npz, a {label!r} column in a .csv); "
+                "a device that trains needs them"
+            )
+        return cls(data.x, data.y)
 
     def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
         return self.x[-max_samples:], self.y[-max_samples:]
