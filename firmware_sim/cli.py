@@ -91,6 +91,14 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
     s.add_argument("--state-dir", type=Path, help="per-device residuals survive restarts here")
+    s.add_argument(
+        "--data",
+        type=Path,
+        help=(
+            "directory of per-device files (dev-0001.npz, ... from `fleetlearn partition`) "
+            "to train on instead of generated machine data"
+        ),
+    )
     s.set_defaults(handler=run_sim)
 
     d = sub.add_parser(
@@ -239,6 +247,30 @@ def run_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device_files(directory: Path, devices: tuple[str, ...]) -> None:
+    """Every simulated device's data file exists, loads, has labels and the same number of
+    features as the others: one line naming the first file that does not."""
+    from fleetlearn.device.agent import ArrayData
+    from fleetlearn.firmware_sim.fleet import device_data_file
+
+    if not directory.is_dir():
+        raise ConfigError("--data", f"{directory} is not a directory of device files")
+    width = None
+    for dev in devices:
+        path = device_data_file(directory, dev)
+        if not path.exists():
+            raise ConfigError(
+                "--data", f"{path} is missing (one file per device: fleetlearn partition)"
+            )
+        data = ArrayData.load(path)
+        if width is None:
+            width = data.x.shape[1]
+        elif data.x.shape[1] != width:
+            raise ConfigError(
+                "--data", f"{path} has {data.x.shape[1]} features, the others {width}"
+            )
+
+
 def run_sim(args: argparse.Namespace) -> int:
     require_modules("fleetlearn sim", ("rich", "ai_edge_litert"), "sim")
     from rich.console import Console
@@ -267,14 +299,18 @@ def run_sim(args: argparse.Namespace) -> int:
             f"run `fleetlearn provision --devices {args.devices}`",
         )
     prov.simulator_password(args.fleet_dir)  # its progress view's credentials are there
+    chosen = tuple(devices[: args.devices])
+    if args.data is not None:
+        _check_device_files(args.data, chosen)
     spec = SimSpec(
         broker=args.broker,
         fleet=args.fleet,
         fleet_dir=str(args.fleet_dir),
-        devices=tuple(devices[: args.devices]),
+        devices=chosen,
         scenario=_scenario(args.scenario),
         protocol=args.protocol,
         state_dir=str(args.state_dir) if args.state_dir else None,
+        data_dir=str(args.data) if args.data is not None else None,
     )
     console = Console(width=None if sys.stdout.isatty() else 110)
     rows: list[dict[str, Any]] = []

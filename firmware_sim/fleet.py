@@ -36,6 +36,13 @@ log = logging.getLogger("fleetlearn.sim")
 CONNECTS_PER_SECOND = 40  # per worker process; keeps the broker's accept queue short
 
 
+def device_data_file(directory: Path, device: str) -> Path:
+    """`{directory}/{device}.npz`, else `.csv` (what `fleetlearn partition` writes)."""
+    npz = directory / f"{device}.npz"
+    csv = directory / f"{device}.csv"
+    return csv if csv.exists() and not npz.exists() else npz
+
+
 @dataclass(frozen=True, slots=True)
 class SimSpec:
     """What every worker needs to build its devices (picklable)."""
@@ -48,6 +55,9 @@ class SimSpec:
     protocol: str = "auto"
     state_dir: str | None = None
     connect_rate: float = CONNECTS_PER_SECOND
+    # A directory of per-device files (`fleetlearn partition`): device `dev` trains on
+    # `{data_dir}/{dev}.npz` (or .csv) instead of generated machine data.
+    data_dir: str | None = None
 
 
 @dataclass(slots=True)
@@ -105,7 +115,12 @@ async def _worker_main(
         machine = device_machine(
             scenario.seed, index, site_index, scenario.machine_of(index), scenario.non_iid
         )
-        x, y = machine.windows(scenario.samples)
+        labels: tuple[str, ...] = ()  # from the model's manifest
+        if spec.data_dir is not None:
+            data = ArrayData.load(device_data_file(Path(spec.data_dir), dev))
+        else:
+            x, y = machine.windows(scenario.samples)
+            data, labels = ArrayData(x, y), CLASSES
         busy = scenario.is_busy(index)
         condition = Condition(
             eligibility=wire.Eligibility.BUSY if busy else wire.Eligibility.ELIGIBLE,
@@ -151,10 +166,10 @@ async def _worker_main(
             participant=participant,
             address=address,
             password=creds.password,
-            data=ArrayData(x, y),
+            data=data,
             protocol=spec.protocol,  # type: ignore[arg-type]
             state_dir=Path(spec.state_dir) / dev if spec.state_dir else None,
-            labels=CLASSES,
+            labels=labels,
             condition=lambda: condition,
             before_send=before_send,
             slowdown=scenario.slow_delay if scenario.is_slow(index) else 0.0,

@@ -291,3 +291,47 @@ def test_partition_command_errors_are_one_line(
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_sim_data_dir_problems_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetlearn.broker import provision as prov
+
+    fleet = tmp_path / "fleet"
+    prov.provision(fleet, "plant-7", prov.device_ids(3))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    base = [
+        "sim",
+        "--broker",
+        "mqtt://127.0.0.1:1",
+        "--fleet",
+        "plant-7",
+        "--fleet-dir",
+        str(fleet),
+        "--devices",
+        "3",
+        "--data",
+        str(parts),
+    ]
+
+    def error() -> str:
+        assert main(base) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        return err
+
+    assert "dev-0001.npz is missing" in error()
+    for i in (1, 2, 3):
+        np.savez(
+            parts / f"dev-{i:04d}.npz",
+            x=np.zeros((4, 16 if i < 3 else 8), np.float32),
+            y=np.zeros(4, np.int64),
+        )
+    assert "dev-0003.npz has 8 features, the others 16" in error()
+    (parts / "dev-0003.npz").unlink()
+    (parts / "dev-0003.csv").write_text("a,b\n1,2\n")
+    assert "dev-0003.csv: has no labels" in error()
+    assert main([*base[:-1], str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -36,7 +36,12 @@ SHORT = {  # stage durations: soft limit, then hard limit, each from the previou
 
 
 async def run(
-    tmp: Path, n: int, scenario: str, rounds: int = 1, **overrides: str
+    tmp: Path,
+    n: int,
+    scenario: str,
+    rounds: int = 1,
+    data_dir: Path | None = None,
+    **overrides: str,
 ) -> tuple[list[Any], dict[str, Any], Any]:
     require_mosquitto()
     fleet_dir = tmp / "fleet"
@@ -51,6 +56,7 @@ async def run(
         fleet_dir=str(fleet_dir),
         devices=tuple(devices),
         scenario=parsed,
+        data_dir=None if data_dir is None else str(data_dir),
     )
     sim = Simulator(spec, procs=1)
     try:
@@ -217,3 +223,44 @@ def test_sites_and_non_iid_shape_the_data() -> None:
     started = time.monotonic()
     assert Scenario().uniform("a", 1) == Scenario().uniform("a", 1)  # reproducible draws
     assert time.monotonic() - started < 1
+
+
+async def test_partitioned_user_data_drives_the_simulator(tmp_path: Path) -> None:
+    """A user's CSV, split by `fleetlearn partition`, is what the simulated devices train on:
+    the round's sample count is the rows of their files."""
+    from fleetlearn.cli import main
+    from fleetlearn.firmware_sim.data import MACHINE_TYPES, device_machine
+
+    rows = [",".join([*(f"f{i}" for i in range(16)), "label"])]
+    for m, kind in enumerate(MACHINE_TYPES):
+        x, y = device_machine(5, m, 0, kind).windows(60)
+        rows += [
+            ",".join([*(f"{v:.5g}" for v in xi), str(int(yi))]) for xi, yi in zip(x, y, strict=True)
+        ]
+    source = tmp_path / "plant.csv"
+    source.write_text("\n".join(rows) + "\n")
+    total = len(rows) - 1
+    parts = tmp_path / "parts"
+    argv = [
+        "partition",
+        "--data",
+        str(source),
+        "--devices",
+        "6",
+        "--scheme",
+        "dirichlet",
+        "--alpha",
+        "1",
+        "--min-rows",
+        "8",
+        "--out",
+        str(parts),
+    ]
+    assert main(argv) == 0
+    summaries, _, _ = await run(
+        tmp_path, 6, "", data_dir=parts, **{"training.max_samples": str(total)}
+    )
+    m = summaries[0].metrics
+    assert m["state"] == "closed", m.get("reason")
+    assert m["survivors"] == 6
+    assert m["samples"] == total
