@@ -129,6 +129,24 @@ def register(sub: Any) -> None:
     which.add_argument("--mosquitto", action="store_true", help="require mosquitto")
     d.add_argument("--build", action="store_true", help="build the model with TensorFlow first")
     d.add_argument(
+        "--data",
+        type=Path,
+        help=(
+            "your dataset (.npz or .csv, docs/data.md): split over the devices instead of "
+            "generated machine data; a model of its shape is built when the packaged one "
+            "(16 features, 4 classes) does not fit (needs TensorFlow)"
+        ),
+    )
+    d.add_argument(
+        "--partition",
+        choices=["iid", "dirichlet", "group"],
+        default="iid",
+        help="how --data is split over the devices (default iid; see fleetlearn partition)",
+    )
+    d.add_argument("--alpha", type=float, default=0.3, help="Dirichlet alpha for --partition")
+    d.add_argument("--label", default="label", help="CSV label column of --data")
+    d.add_argument("--group-column", help="CSV column of --data naming sites (--partition group)")
+    d.add_argument(
         "--set",
         action="append",
         default=[],
@@ -395,6 +413,33 @@ collect = 0.1       # one device in ten vanishes after sharing its keys, before 
 DEMO_MAX_ABORTS = 3  # aborted rounds in a row after which the demo stops
 
 
+PACKAGED_FEATURES, PACKAGED_CLASSES = 16, 4  # aggregator/models/pdm_default.toml
+
+
+def _demo_data(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """`--data` loaded and split over the demo's devices, or one line saying why not; and,
+    when the packaged model does not fit it, TensorFlow present to build one."""
+    from fleetlearn.firmware_sim import partition as part
+    from fleetlearn.shared import dataset
+
+    data = dataset.load(args.data, label=args.label, group=args.group_column)
+    if data.y is None:
+        raise ConfigError(
+            "--data", f"{args.data} has no labels (column {args.label!r}); the demo trains"
+        )
+    parts = part.partition(
+        data, args.devices, scheme=args.partition, alpha=args.alpha, seed=0, min_rows=1
+    )
+    if data.x.shape[1] != PACKAGED_FEATURES or data.classes > PACKAGED_CLASSES:
+        require_modules(
+            f"fleetlearn demo --data with {data.x.shape[1]} features and {data.classes} "
+            "classes (a model of that shape is built)",
+            ("tensorflow",),
+            "build",
+        )
+    return data, parts
+
+
 def run_demo(args: argparse.Namespace) -> int:
     require_modules("fleetlearn demo", ("rich", "matplotlib", "ai_edge_litert"), "sim")
     from rich.console import Console
@@ -417,19 +462,53 @@ def run_demo(args: argparse.Namespace) -> int:
     settings.writable_dir(args.out, "--out")  # before the run, not after it
     overrides = settings.parse_sets(args.set)
     settings.load(AggregatorSettings, sets=overrides)  # unknown keys, bad values: stop now
+    user_data = _demo_data(args) if args.data is not None else None
     work = Path(tempfile.mkdtemp(prefix="fleetlearn-demo-"))
     fleet_dir, state_dir = work / "fleet", work / "state"
     devices = prov.device_ids(args.devices)
     prov.provision(fleet_dir, "demo", devices)
     console.print(f"provisioned fleet [bold]demo[/] with {len(devices)} devices in {fleet_dir}")
+    data_dir = None
+    if user_data is not None:
+        from fleetlearn.firmware_sim import partition as part
+
+        data, parts = user_data
+        data_dir = work / "data"
+        part.write(
+            data_dir,
+            data,
+            parts,
+            summary={"source": str(args.data), "scheme": args.partition, "seed": 0},
+        )
+        console.print(
+            f"{args.data}: {len(data)} examples, {data.x.shape[1]} features, "
+            f"{data.classes} classes, split {args.partition} over {len(parts)} devices"
+        )
 
     model_path = ""
-    if args.build:
+    fits_packaged = user_data is None or (
+        user_data[0].x.shape[1] == PACKAGED_FEATURES and user_data[0].classes <= PACKAGED_CLASSES
+    )
+    if args.build or not fits_packaged:
+        from dataclasses import replace
+
         from fleetlearn.aggregator import model_build
 
+        model_spec = model_build.load_spec(None)
+        if not fits_packaged and user_data is not None:
+            data = user_data[0]
+            model_spec = replace(
+                model_spec,
+                model_id="demo-data",
+                input_width=int(data.x.shape[1]),
+                labels=tuple(f"class-{i}" for i in range(max(2, data.classes))),
+            )
         model_path = str(work / "model.tflite")
-        model_build.build_to_file(model_build.load_spec(None), Path(model_path))
-        console.print(f"built the default model with TensorFlow: {model_path}")
+        model_build.build_to_file(model_spec, Path(model_path))
+        console.print(
+            f"built a model with TensorFlow ({model_spec.input_width} features, "
+            f"{len(model_spec.labels)} classes): {model_path}"
+        )
     else:
         console.print("using the packaged default model (pdm-default, 1,140 parameters)")
 
@@ -450,6 +529,7 @@ def run_demo(args: argparse.Namespace) -> int:
         devices=tuple(devices),
         scenario=scenario,
         protocol="3.1.1" if broker.kind == "embedded" else "auto",
+        data_dir=None if data_dir is None else str(data_dir),
     )
     sim = Simulator(spec, args.procs)
     rows: list[dict[str, Any]] = []
@@ -544,6 +624,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "broker": broker.kind,
         "processes": sim.procs,
+        "data": None if args.data is None else {"file": str(args.data), "split": args.partition},
         "scenario": {
             "dropout": scenario.dropout,
             "samples": scenario.samples,

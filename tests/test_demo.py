@@ -87,3 +87,58 @@ def test_demo_reports_aborted_rounds_and_stops_after_three_in_a_row(tmp_path: Pa
     assert [r["state"] for r in report["rounds"]] == ["aborted"] * 3
     assert (report["rounds_closed"], report["rounds_aborted"]) == (0, 3)
     assert report["stopped"].startswith("3 rounds in a row aborted")
+
+
+def test_demo_on_the_users_own_data(tmp_path: Path) -> None:
+    """`fleetlearn demo --data FILE`: the CSV is split over the devices (label skew), and the
+    rounds train on it, not on generated data (a round's samples are at most the CSV's rows;
+    generated data would give each device 256)."""
+    require_mosquitto()
+    from fleetlearn.firmware_sim.data import MACHINE_TYPES, device_machine
+
+    rows = [",".join([*(f"f{i}" for i in range(16)), "label"])]
+    for m, kind in enumerate(MACHINE_TYPES):
+        x, y = device_machine(9, m, 0, kind).windows(100)
+        rows += [
+            ",".join([*(f"{v:.5g}" for v in xi), str(int(yi))]) for xi, yi in zip(x, y, strict=True)
+        ]
+    source = tmp_path / "plant.csv"
+    source.write_text("\n".join(rows) + "\n")
+    total = len(rows) - 1
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn",
+            "demo",
+            "--data",
+            str(source),
+            "--partition",
+            "dirichlet",
+            "--alpha",
+            "1",
+            "--devices",
+            "12",
+            "--cohort",
+            "6",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{total} examples, 16 features" in proc.stdout
+    assert "using the packaged default model" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == {"file": str(source), "split": "dirichlet"}
+    rounds = report["rounds"]
+    assert [r["state"] for r in rounds] == ["closed", "closed"]
+    assert all(0 < r["samples"] <= total for r in rounds)

@@ -335,3 +335,41 @@ def test_sim_data_dir_problems_are_one_line(
     assert "dev-0003.csv: has no labels" in error()
     assert main([*base[:-1], str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_demo_refuses_unlabelled_data_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_csv(tmp_path / "u.csv", "a,b\n1,2\n3,4\n5,6\n")
+    code = main(
+        [
+            "demo",
+            "--data",
+            str(source),
+            "--devices",
+            "3",
+            "--cohort",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "has no labels" in err
+    assert len(err.strip().splitlines()) == 1
+    missing = main(
+        [
+            "demo",
+            "--data",
+            str(tmp_path / "none.csv"),
+            "--devices",
+            "3",
+            "--cohort",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert missing == 2
+    assert "none.csv: no such file" in capsys.readouterr().err
