@@ -44,6 +44,19 @@ FAST_STAGES = {
 }
 
 
+def machine_csv(path: Path, *, seed: int, per_machine: int) -> int:
+    """A user's dataset as a CSV (16 feature columns f0..f15 and `label`): `per_machine`
+    windows from one machine of each type. Returns the number of rows."""
+    rows = [",".join([*(f"f{i}" for i in range(16)), "label"])]
+    for m, kind in enumerate(MACHINE_TYPES):
+        x, y = device_machine(seed, m, 0, kind).windows(per_machine)
+        rows += [
+            ",".join([*(f"{v:.5g}" for v in xi), str(int(yi))]) for xi, yi in zip(x, y, strict=True)
+        ]
+    path.write_text("\n".join(rows) + "\n")
+    return len(rows) - 1
+
+
 def device_data(index: int, samples: int = 300) -> ArrayData:
     kinds = list(MACHINE_TYPES)
     machine = device_machine(11, index, index % 4, kinds[index % len(kinds)])

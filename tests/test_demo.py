@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_mosquitto
+from tests.fleet_harness import machine_csv
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,17 +95,9 @@ def test_demo_on_the_users_own_data(tmp_path: Path) -> None:
     rounds train on it, not on generated data (a round's samples are at most the CSV's rows;
     generated data would give each device 256)."""
     require_mosquitto()
-    from fleetlearn.firmware_sim.data import MACHINE_TYPES, device_machine
 
-    rows = [",".join([*(f"f{i}" for i in range(16)), "label"])]
-    for m, kind in enumerate(MACHINE_TYPES):
-        x, y = device_machine(9, m, 0, kind).windows(100)
-        rows += [
-            ",".join([*(f"{v:.5g}" for v in xi), str(int(yi))]) for xi, yi in zip(x, y, strict=True)
-        ]
     source = tmp_path / "plant.csv"
-    source.write_text("\n".join(rows) + "\n")
-    total = len(rows) - 1
+    total = machine_csv(source, seed=9, per_machine=100)
     out = tmp_path / "report"
     proc = subprocess.run(
         [

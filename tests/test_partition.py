@@ -340,36 +340,13 @@ def test_sim_data_dir_problems_are_one_line(
 def test_demo_refuses_unlabelled_data_before_starting_anything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = write_csv(tmp_path / "u.csv", "a,b\n1,2\n3,4\n5,6\n")
-    code = main(
-        [
-            "demo",
-            "--data",
-            str(source),
-            "--devices",
-            "3",
-            "--cohort",
-            "3",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    def demo(data: Path) -> int:
+        out = str(tmp_path / "out")
+        return main(["demo", "--data", str(data), "--devices", "3", "--cohort", "3", "--out", out])
+
+    assert demo(write_csv(tmp_path / "u.csv", "a,b\n1,2\n3,4\n5,6\n")) == 2
     err = capsys.readouterr().err
-    assert code == 2
     assert "has no labels" in err
     assert len(err.strip().splitlines()) == 1
-    missing = main(
-        [
-            "demo",
-            "--data",
-            str(tmp_path / "none.csv"),
-            "--devices",
-            "3",
-            "--cohort",
-            "3",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert missing == 2
+    assert demo(tmp_path / "none.csv") == 2
     assert "none.csv: no such file" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
 from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
 from fleetlearn.firmware_sim.scenario import Scenario
 from tests.conftest import require_mosquitto
-from tests.fleet_harness import Harness
+from tests.fleet_harness import Harness, machine_csv
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 SHORT = {  # stage durations: soft limit, then hard limit, each from the previous close
@@ -229,17 +229,9 @@ async def test_partitioned_user_data_drives_the_simulator(tmp_path: Path) -> Non
     """A user's CSV, split by `fleetlearn partition`, is what the simulated devices train on:
     the round's sample count is the rows of their files."""
     from fleetlearn.cli import main
-    from fleetlearn.firmware_sim.data import MACHINE_TYPES, device_machine
 
-    rows = [",".join([*(f"f{i}" for i in range(16)), "label"])]
-    for m, kind in enumerate(MACHINE_TYPES):
-        x, y = device_machine(5, m, 0, kind).windows(60)
-        rows += [
-            ",".join([*(f"{v:.5g}" for v in xi), str(int(yi))]) for xi, yi in zip(x, y, strict=True)
-        ]
     source = tmp_path / "plant.csv"
-    source.write_text("\n".join(rows) + "\n")
-    total = len(rows) - 1
+    total = machine_csv(source, seed=5, per_machine=60)
     parts = tmp_path / "parts"
     argv = [
         "partition",
