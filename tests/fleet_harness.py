@@ -19,6 +19,7 @@ import numpy as np
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.aggregator.service import AggregatorService, RoundSummary
 from fleetlearn.broker import provision as prov
+from fleetlearn.broker.acl import Access, Acl
 from fleetlearn.broker.runner import BrokerProcess
 from fleetlearn.device.agent import ArrayData, DeviceAgent
 from fleetlearn.device.participant import Participant
@@ -212,7 +213,7 @@ async def fleet(tmp: Path, n: int, *, persistence: bool = False, mode: str = "mo
 @contextlib.asynccontextmanager
 async def memory_fleet(tmp: Path, n: int):  # type: ignore[no-untyped-def]
     """A provisioned fleet of `n` devices on a `MemoryBroker` that checks the fleet's
-    passwords; devices are started by the test."""
+    passwords and enforces its ACL; devices are started by the test."""
     fleet_dir = tmp / "fleet"
     devices = prov.device_ids(n)
     prov.provision(fleet_dir, "plant-7", [*devices, OBSERVER])
@@ -222,7 +223,13 @@ async def memory_fleet(tmp: Path, n: int):  # type: ignore[no-untyped-def]
         hashed = hashes.get(username or "")
         return hashed is not None and password is not None and prov.check_password(password, hashed)
 
-    broker = MemoryBroker(authenticate=authenticate)
+    acl = Acl.load(fleet_dir / "acl")  # the fleet's real ACL, as mosquitto enforces it
+
+    def authorize(username: str | None, topic: str, action: str) -> bool:
+        want = Access.READ if action == "read" else Access.WRITE
+        return acl.allowed(username, username, topic, want)
+
+    broker = MemoryBroker(authenticate=authenticate, authorize=authorize)
     h = Harness(None, fleet_dir, "plant-7", devices, tmp / "state", connector=broker.connector)
     try:
         yield h
