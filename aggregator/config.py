@@ -122,9 +122,34 @@ class StagesSection:
 
 @dataclass(frozen=True, slots=True)
 class TrainingSection:
+    """What devices do locally each round (shared.rounds.TrainingPlan says what each means)."""
+
+    learning_rate: float = rounds.DEFAULT_LEARNING_RATE  # the local rate of the first round
+    lr_decay: float = 1.0  # round r trains at learning_rate * lr_decay^(r-1) (releases applied)
     epochs: int = 1
+    steps: int = 0  # > 0: exactly this many local optimizer steps instead of epochs
     max_samples: int = 512
+    prox_mu: float = 0.0  # FedProx proximal weight; 0 = FedAvg
+    eval_fraction: float = 0.2  # of each device's rows held out for federated evaluation
+    personal: str = ""  # comma-separated weight names kept on devices (personalization)
     error_feedback: bool = True  # off: set server.lr = 1 / compression.density for rand-k
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.lr_decay <= 1.0:
+            raise ConfigError("training.lr_decay", f"must be in [0.5, 1], got {self.lr_decay}")
+
+    @property
+    def personal_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.personal.split(",") if n.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSection:
+    """Evaluation on a test set the aggregator holds (needs a LiteRT runtime: the `device`
+    extra). Devices' federated evaluation is `training.eval_fraction`."""
+
+    data: str = ""  # .npz or .csv in the data format (docs/data.md); "" = none
+    label: str = "label"  # the label column of a .csv
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +214,7 @@ class AggregatorSettings:
     rounds: RoundsSection = field(default_factory=RoundsSection)
     stages: StagesSection = field(default_factory=StagesSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
@@ -226,6 +252,11 @@ class AggregatorSettings:
             epochs=tr.epochs,
             max_samples=tr.max_samples,
             error_feedback=tr.error_feedback,
+            learning_rate=tr.learning_rate,
+            steps=tr.steps,
+            prox_mu=tr.prox_mu,
+            eval_fraction=tr.eval_fraction,
+            personal=tr.personal_names,
         )
         c = self.compression
         if not 0.0 < c.density <= 1.0:
@@ -259,6 +290,7 @@ class AggregatorSettings:
                 adapt=st.adapt,
                 stall_cooldown=self.rounds.stall_cooldown,
                 training=training,
+                lr_decay=tr.lr_decay,
                 sparsity=c.sparsity,
                 density=c.density,
                 quant_bits=c.quant_bits,

@@ -300,7 +300,7 @@ class RoundEngine:
             cohort=cohort,
             seed=seed,
             compression=plan,
-            training=c.training,
+            training=c.plan_for(model_version),
             times=times,
             secagg=machine.secagg,
             tickets=machine.tickets,

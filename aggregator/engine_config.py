@@ -8,6 +8,7 @@ from the service's settings; tests and the simulator build one directly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,8 @@ class EngineConfig:
     adapt: bool = True  # soft limits follow recent arrival times (never above the hard ones)
     stall_cooldown: float = 600.0  # seconds a stalled device stays deprioritized at most
     training: rounds.TrainingPlan = field(default_factory=rounds.TrainingPlan)
+    # Round r (model version v) trains at training.learning_rate * lr_decay^(v - 1).
+    lr_decay: float = 1.0
     sparsity: Literal["dense", "rand_k", "top_k"] = "rand_k"
     density: float = 0.1
     quant_bits: int = 16
@@ -52,7 +55,16 @@ class EngineConfig:
     trim: float = 0.2
     clip_norm: float = 0.0
 
+    def plan_for(self, model_version: int) -> rounds.TrainingPlan:
+        """The training plan announced for a round on `model_version`: the rate scheduled."""
+        if self.lr_decay == 1.0:
+            return self.training
+        rate = self.training.learning_rate * self.lr_decay ** (model_version - 1)
+        return dataclasses.replace(self.training, learning_rate=max(rate, 1e-6))
+
     def __post_init__(self) -> None:
+        if not 0.5 <= self.lr_decay <= 1.0:
+            raise EngineError(f"training.lr_decay must be in [0.5, 1], got {self.lr_decay}")
         if self.min_cohort < (3 if self.mode == "secure" else 1):
             raise EngineError(
                 f"rounds.min_cohort must be >= 3 in secure mode, got {self.min_cohort}"

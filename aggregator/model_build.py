@@ -16,9 +16,16 @@ Rules it keeps (ARCHITECTURE §6, each measured with TF 2.21):
 - Every weight starts from a distinct value (biases get tiny random values, not zeros): the
   converter merges identical constants, and a merged initial value cannot be patched.
 
-Signatures: `train(x[B,F], y[B] int32, sample_weight[B]) -> loss` (one optimizer step, loss
-before it), `infer(x[N,F]) -> logits, probabilities`, `get_weights() -> {name: array}`,
-`set_weights(**{name: array}) -> applied`. Weight names are the manifest layout's names.
+Signatures: `train(x[B,F], y[B] int32, sample_weight[B], learning_rate[], prox_mu[]) -> loss`
+(one optimizer step, loss before it), `infer(x[N,F]) -> logits, probabilities`,
+`get_weights() -> {name: array}`, `set_weights(**{name: array}) -> applied`. Weight names are the
+manifest layout's names.
+
+- The learning rate is an input, so each round's announcement sets it (a schedule needs no
+  rebuild); the spec's `train.learning_rate` is only the default for central training.
+- FedProx (Li et al. 2020): the step minimises loss + prox_mu/2 * ||w - anchor||^2, where the
+  anchor is what `set_weights` last set (the trainer sets the release's weights before local
+  training). prox_mu = 0 is plain SGD/Adam. The anchors start at zero and are never patched.
 """
 
 from __future__ import annotations
@@ -278,10 +285,14 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
         ]
         step = tf.Variable(0.0, name="adam_step", trainable=False)
         module.optimizer_state = [*slots_m, *slots_v, step]
+    # FedProx anchors: set with the weights by set_weights (zeros until then; never patched).
+    anchors = [
+        tf.Variable(tf.zeros_like(v), name=f"anchor_{w.name}", trainable=False)
+        for v, w in zip(variables, layout, strict=True)
+    ]
+    module.anchors = anchors
 
-    lr = spec.learning_rate
-
-    def apply(grads: list[Any]) -> None:
+    def apply(grads: list[Any], lr: Any) -> None:
         if spec.optimizer == "sgd":
             for v, g in zip(variables, grads, strict=True):
                 v.assign_sub(lr * g)
@@ -299,12 +310,17 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
             tf.TensorSpec([batch, width], tf.float32, name="x"),
             tf.TensorSpec([batch], tf.int32, name="y"),
             tf.TensorSpec([batch], tf.float32, name="sample_weight"),
+            tf.TensorSpec([], tf.float32, name="learning_rate"),
+            tf.TensorSpec([], tf.float32, name="prox_mu"),
         ]
     )
-    def train(x: Any, y: Any, sample_weight: Any) -> Any:
+    def train(x: Any, y: Any, sample_weight: Any, learning_rate: Any, prox_mu: Any) -> Any:
         with tf.GradientTape() as tape:
             loss = weighted_loss(x, y, sample_weight)
-        apply(tape.gradient(loss, variables))
+        grads = tape.gradient(loss, variables)
+        # The proximal term's gradient, written out (no second tape): mu * (w - anchor).
+        grads = [g + prox_mu * (v - a) for g, v, a in zip(grads, variables, anchors, strict=True)]
+        apply(grads, learning_rate)
         return {"loss": loss}
 
     @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32, name="x")])
@@ -318,8 +334,9 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
 
     # Positional parameters named after the weights: the TFLite signature keeps these names.
     def set_weights(*values: Any) -> Any:
-        for v, value in zip(variables, values, strict=True):
+        for v, a, value in zip(variables, anchors, values, strict=True):
             v.assign(value)
+            a.assign(value)
         return {"applied": tf.constant(len(values), tf.int32)}
 
     module.train = train

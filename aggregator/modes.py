@@ -309,6 +309,7 @@ class SecureRound(ModeRound):
             mean_loss=finite(result.mean_loss),
             accuracy=finite(result.accuracy),
             samples=result.samples,
+            local_accuracy=finite(result.local_accuracy),
             weight_sum=result.weight_sum,
             # Sharers that sent no masked input (their pairwise masks were removed with their
             # neighbours' key shares) and survivors that did not help unmask (their self-masks
@@ -392,6 +393,7 @@ class PlainRound(ModeRound):
         samples = sum(m.samples for m in sent)
         loss = sum(m.loss * m.samples for m in sent)
         correct = sum(m.correct for m in sent)
+        local_correct = sum(m.local_correct for m in sent)
         return Aggregate(
             mean_update=mean,
             error_bound=0.0,
@@ -399,6 +401,7 @@ class PlainRound(ModeRound):
             mean_loss=loss / samples if samples else None,
             accuracy=correct / samples if samples else None,
             samples=samples,
+            local_accuracy=local_correct / samples if samples else None,
             weight_sum=float(sum(weights)),
             dropouts_recovered=0,
         )

@@ -69,9 +69,12 @@ class Aggregate:
     mean_update: np.ndarray  # full dimension, float64, in FedAvg direction
     error_bound: float  # max abs error of mean_update from quantization (0 for plain dense)
     survivors: tuple[str, ...]  # devices whose updates are in it
+    # Federated evaluation over the survivors' held-out rows (`samples` of them): the round's
+    # global model, and each device's own trained model (`local_accuracy`).
     mean_loss: float | None
     accuracy: float | None
     samples: int
+    local_accuracy: float | None
     weight_sum: float
     # Devices that dropped after their data was committed and whose loss the protocol
     # recovered from (secure: sharers without a masked input, survivors that did not unmask).
@@ -114,6 +117,7 @@ def summary(
         "state": state.value,
         "reason": reason,
         "model_version": announce.model_version,
+        "learning_rate": announce.training.learning_rate,
         "cohort": cohort,
         "survivors": len(survivors),
         "stragglers": sum(s.dropped for s in ran.values()),
@@ -130,6 +134,7 @@ def summary(
         "mean_loss": None,
         "accuracy": None,
         "samples": 0,
+        "device_accuracy": None,
         "dropouts_recovered": 0,
     }
     if aggregate is not None:
@@ -138,6 +143,7 @@ def summary(
             mean_loss=finite(aggregate.mean_loss),
             accuracy=finite(aggregate.accuracy),
             samples=aggregate.samples,
+            device_accuracy=finite(aggregate.local_accuracy),
             weight_sum=aggregate.weight_sum,
             dropouts_recovered=aggregate.dropouts_recovered,
         )

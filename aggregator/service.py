@@ -63,11 +63,18 @@ from fleetlearn.aggregator import rules
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
 from fleetlearn.aggregator.store import Store
-from fleetlearn.shared import tflite, topics, wire
+from fleetlearn.shared import dataset, evaluation, tflite, topics, wire
+from fleetlearn.shared.dataset import DataError
 from fleetlearn.shared.errors import ConfigError, FleetlearnError
 from fleetlearn.shared.fleetdir import AggregatorCredentials, FleetRegistry
-from fleetlearn.shared.release import make_release, release_weights, verify_release
+from fleetlearn.shared.release import (
+    ModelRelease,
+    make_release,
+    release_weights,
+    verify_release,
+)
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
+from fleetlearn.shared.tflite.runtime import RuntimeMissingError, interpreter_class
 from fleetlearn.transport import (
     JSON_CONTENT_TYPE,
     MSGPACK_CONTENT_TYPE,
@@ -130,6 +137,7 @@ class AggregatorService:
             verify_keys={d: bytes(k) for d, k in registry.device_keys.items()},
             random=os.urandom,
         )
+        self._eval_set = load_eval_set(settings.eval.data, settings.eval.label)
         self.store = Store(settings.state.dir)
         self.optimizer = rules.ServerOptimizer(settings.optimizer_config())
         self.optimizer.state = self.store.load_arrays("optimizer")
@@ -203,6 +211,17 @@ class AggregatorService:
                 "initial release v1 of %s (%d parameters)",
                 manifest.model_id,
                 manifest.parameter_count,
+            )
+        latest = self.store.latest_release()
+        assert latest is not None
+        manifest = wire.decode(latest.payload, ModelRelease).manifest
+        names = {spec.name for spec in manifest.layout}
+        unknown = [n for n in self.settings.training.personal_names if n not in names]
+        if unknown:
+            raise ConfigError(
+                "training.personal",
+                f"{unknown} are not weights of model {manifest.model_id!r} "
+                f"(its weights: {', '.join(sorted(names))})",
             )
         self._interrupted = self.store.interrupted_rounds()
         for round_id in self._interrupted:
@@ -618,6 +637,13 @@ class AggregatorService:
         """The new release, retained (already committed: a reconnect republishes it too)."""
         await self._publish([Publish(topics.model(self.fleet), payload, retain=True)])
 
+    def _evaluate(self, model: bytes) -> dict[str, Any]:
+        assert self._eval_set is not None
+        result = _evaluate_on(model, *self._eval_set)
+        if "error" in result:
+            log.warning("eval.data: %s", result["error"])
+        return result
+
     def _apply(
         self, outcome: RoundOutcome, model: bytes, metrics: dict[str, Any]
     ) -> tuple[int, bytes]:
@@ -628,7 +654,10 @@ class AggregatorService:
         assert outcome.mean_update is not None
         weights = tflite.flatten(tflite.read_weights(model), manifest.layout)
         state_before = {k: v.copy() for k, v in self.optimizer.state.items()}
-        new = self.optimizer.step(weights, outcome.mean_update)
+        mean = personal_zeroed(
+            outcome.mean_update, manifest.layout, self.settings.training.personal_names
+        )
+        new = self.optimizer.step(weights, mean)
         try:
             if not np.all(np.isfinite(new)):
                 raise ValueError("new weights hold NaN or infinity")
@@ -640,8 +669,10 @@ class AggregatorService:
             new_model, _ = verify_release(
                 release, self._creds.identity.verify_key, min_version=version
             )
-            metrics["update_norm"] = float(np.linalg.norm(outcome.mean_update))
+            metrics["update_norm"] = float(np.linalg.norm(mean))
             metrics["new_version"] = version
+            if self._eval_set is not None:
+                metrics["server_eval"] = {"model_version": version, **self._evaluate(new_model)}
             metrics["ts"] = round(time.time(), 3)
             self.store.close_round(
                 outcome.round_id,
@@ -657,6 +688,43 @@ class AggregatorService:
             self.optimizer.state = state_before  # nothing of this round was committed
             raise
         return version, payload
+
+
+def _evaluate_on(model: bytes, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    try:
+        return evaluation.evaluate_model(model, x, y).as_dict()
+    except (ValueError, FleetlearnError) as exc:
+        # A test set that does not fit the model costs the figure, never the round.
+        return {"error": str(exc)[:300]}
+
+
+def load_eval_set(path: str, label: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The aggregator's own test set (`eval.data`), checked before anything starts."""
+    if not path:
+        return None
+    try:
+        data = dataset.load(Path(path), label=label)
+    except DataError as exc:
+        raise ConfigError("eval.data", str(exc)) from None
+    if data.y is None or len(data) == 0:
+        raise ConfigError("eval.data", f"{path}: evaluation needs labelled rows")
+    try:
+        interpreter_class()
+    except RuntimeMissingError as exc:
+        raise ConfigError("eval.data", str(exc)) from None
+    return data.x, data.y
+
+
+def personal_zeroed(
+    mean: np.ndarray, layout: tuple[tflite.WeightSpec, ...], personal: tuple[str, ...]
+) -> np.ndarray:
+    """The mean update with the personal layers' coordinates set to 0: devices send zeros
+    there, and whatever arrives, those weights stay as released (devices keep their own)."""
+    if not personal:
+        return mean
+    out = np.array(mean, dtype=np.float64)
+    out[tflite.mask_of(layout, personal)] = 0.0
+    return out
 
 
 async def _best_effort(send: Coroutine[Any, Any, None], topic: str | None) -> None:

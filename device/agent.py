@@ -16,6 +16,8 @@ After every new model it publishes its inference on recent local data as JSON on
 `fl/{fleet}/dev/{id}/health`, and its status (model version, eligibility, why a release was
 refused, its graph ticket) retained on `fl/{fleet}/dev/{id}/status`, again whenever the
 participant asks (`PublishStatus`: a new ticket after each advert). In `state_dir` it keeps:
+- `personal.npz`, the weights of its personal layers (the round plan's `personal` names),
+  which never leave the device and are put back into every new release it loads;
 - `residual.bin`, the error-feedback residual, saved after each round, so a restart does not
   lose what was not yet transmitted;
 - `release.bin`, the last release it loaded (signed, as received), and `release.json`, its
@@ -37,12 +39,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import io
 import json
 import logging
 import math
 import os
 import secrets
 import time
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +66,11 @@ from fleetlearn.device.participant import (
     Send,
     Train,
 )
-from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
-from fleetlearn.shared import compression, dataset, topics, wire
+from fleetlearn.device.trainer import LiteRTTrainer, TrainerError, local_round
+from fleetlearn.shared import compression, dataset, tflite, topics, wire
 from fleetlearn.shared.dataset import DataError
 from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.rounds import TrainingPlan
 from fleetlearn.transport import (
     JSON_CONTENT_TYPE,
     MSGPACK_CONTENT_TYPE,
@@ -196,6 +202,8 @@ class DeviceAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = AgentStats()
         self._load_residual()
+        # Weights of the round's personal layers (TrainingPlan.personal): never sent.
+        self._personal: dict[str, np.ndarray] = self._load_personal()
         self._saved_release = self._load_release_floor()
         offline = wire.DeviceStatus(
             device_id=self.device_id, online=False, eligibility=wire.Eligibility.OFFLINE
@@ -352,7 +360,7 @@ class DeviceAgent:
         loop = asyncio.get_running_loop()
         try:
             trainer = await loop.run_in_executor(
-                self._executor, lambda: LiteRTTrainer(action.model, action.manifest)
+                self._executor, self._new_trainer, action.model, action.manifest
             )
         except (TrainerError, FleetlearnError) as exc:
             self._note = f"release v{action.manifest.version} verified but not loadable: {exc}"
@@ -460,9 +468,7 @@ class DeviceAgent:
             if trainer is None or trainer.version != version:
                 return  # replaced by a newer one meanwhile: this round is stale
             try:
-                result = await loop.run_in_executor(
-                    self._executor, self._train_sync, trainer, plan.epochs, plan.max_samples
-                )
+                result = await loop.run_in_executor(self._executor, self._train_sync, trainer, plan)
             except (TrainerError, FleetlearnError) as exc:
                 why = f"round {action.round_id}: training failed: {exc}"
                 await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
@@ -474,24 +480,21 @@ class DeviceAgent:
             self.participant.trained, action.round_id, result, time.monotonic(), offload=True
         )
         self._save_residual()
+        self._save_personal()
         await self._carry_out(actions)
 
-    def _train_sync(self, trainer: LiteRTTrainer, epochs: int, max_samples: int) -> LocalResult:
-        x, y = self.data.training_set(max_samples)
-        before = trainer.evaluate(x, y)  # the global model on local data: federated evaluation
-        trainer.train(x, y, epochs=epochs, rng=self._rng)
-        update = trainer.update()
+    def _train_sync(self, trainer: LiteRTTrainer, plan: TrainingPlan) -> LocalResult:
+        x, y = self.data.training_set(self._data_limit(plan))
+        result = local_round(trainer, x, y, plan, rng=self._rng, personal=self._personal)
         if self._tamper is not None:
-            update = self._tamper(update).astype(np.float32)
-        trainer.set_flat_weights(trainer.initial)  # stay on the release for inference
-        correct = round(before.accuracy * before.samples) if math.isfinite(before.accuracy) else 0
-        return LocalResult(
-            update=update,
-            weight=float(x.shape[0]),
-            loss=before.loss if math.isfinite(before.loss) else 0.0,
-            correct=int(correct),
-            samples=before.samples,
-        )
+            tampered = self._tamper(result.update).astype(np.float32)
+            result = dataclasses.replace(result, update=tampered)
+        return result
+
+    @staticmethod
+    def _data_limit(plan: TrainingPlan) -> int:
+        """Rows to read: enough that `max_samples` remain for training after the hold-out."""
+        return math.ceil(plan.max_samples / (1.0 - plan.eval_fraction)) + 1
 
     # ------------------------------------------------------------------- release floor
 
@@ -545,6 +548,43 @@ class DeviceAgent:
             {"version": action.manifest.version, "model_id": action.manifest.model_id}
         )
         _atomic_write(floor_path, floor.encode())
+
+    def _new_trainer(self, model: bytes, manifest: tflite.ModelManifest) -> LiteRTTrainer:
+        """An interpreter for a release, carrying this device's personal layers (if any)."""
+        trainer = LiteRTTrainer(model, manifest)
+        personal = {
+            spec.name: self._personal[spec.name]
+            for spec in trainer.layout
+            if spec.name in self._personal and self._personal[spec.name].shape == spec.shape
+        }
+        if personal:
+            trainer.set_weights({**trainer.get_weights(), **personal})
+        return trainer
+
+    # ------------------------------------------------------------------ personal layers
+
+    def _personal_path(self) -> Path | None:
+        return None if self._state_dir is None else self._state_dir / "personal.npz"
+
+    def _load_personal(self) -> dict[str, np.ndarray]:
+        path = self._personal_path()
+        if path is None or not path.exists():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: np.asarray(archive[name], dtype=np.float32) for name in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            log.warning("%s: ignoring unreadable %s (%s)", self.device_id, path, exc)
+            return {}
+
+    def _save_personal(self) -> None:
+        path = self._personal_path()
+        if path is None or not self._personal:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, allow_pickle=False, **self._personal)
+        _atomic_write(path, buffer.getvalue())
 
     # --------------------------------------------------------------------- error feedback
 

@@ -107,9 +107,11 @@ class LocalResult:
 
     update: np.ndarray  # trained weights - release weights, float32/64, full dimension
     weight: float  # FedAvg weight: examples trained on
-    loss: float  # mean loss of the release on local data (evaluated before training)
-    correct: int
+    # Federated evaluation on the device's held-out rows (`samples` of them; 0: none held out):
+    loss: float  # mean loss of the release as it is (the global model)
+    correct: int  # rows the global model classified right
     samples: int
+    local_correct: int = 0  # rows the device's own trained model classified right
 
 
 # A secure round's client, waiting: in which stage, and whether it already sent its message
@@ -361,6 +363,7 @@ class Participant:
                 loss=loss,
                 correct=min(result.correct, samples),
                 samples=samples,
+                local_correct=min(result.local_correct, samples),
             )
             run.counted = True  # plain rounds have no survivor list; aborts reclaim it
             return self._sends([message])
@@ -389,7 +392,10 @@ class Participant:
         for old in sorted(self.inputs)[:-4]:
             del self.inputs[old]
         metrics = TrainingMetrics(
-            loss=min(loss, cfg.max_loss), correct=min(result.correct, samples), samples=samples
+            loss=min(loss, cfg.max_loss),
+            correct=min(result.correct, samples),
+            samples=samples,
+            local_correct=min(result.local_correct, samples),
         )
         try:
             outs = run.client.set_input(vector.astype(np.float64), weight=weight, metrics=metrics)

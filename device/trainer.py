@@ -10,6 +10,9 @@ Rules it keeps:
   with `from_release`, which verifies the signature before any byte reaches the interpreter.
 - The `train` signature has a fixed batch. A partial last batch is padded with zeros and given
   sample weight 0; the model's loss is the weighted mean, so padding changes nothing.
+- Models built since the learning rate became a round setting take it (and FedProx's mu) as
+  train inputs; `train` anchors the proximal term at the weights it starts from. Older models
+  have their rate built in: they train with it, and refuse a proximal term.
 - No TensorFlow, no global RNG (shuffling takes a `numpy.random.Generator`), no clock.
   Training is CPU-bound: asyncio callers run it in a worker thread.
 """
@@ -24,13 +27,19 @@ from typing import Any
 import nacl.signing
 import numpy as np
 
-from fleetlearn.device.runtime import new_interpreter
-from fleetlearn.shared import tflite
+from fleetlearn.device.participant import LocalResult
+from fleetlearn.shared import dataset, tflite
 from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.evaluation import Evaluation, logits_of, score
 from fleetlearn.shared.release import ModelRelease, verify_release
+from fleetlearn.shared.rounds import TrainingPlan
+from fleetlearn.shared.tflite.runtime import new_interpreter
 
 REQUIRED_SIGNATURES = ("train", "infer", "get_weights", "set_weights")
-_EVAL_CHUNK = 1024  # rows per `infer` call; bounds the interpreter's tensor arena
+_TRAIN_INPUTS = {"x", "y", "sample_weight", "learning_rate", "prox_mu"}
+_LEGACY_TRAIN_INPUTS = {"x", "y", "sample_weight"}
+MAX_LEARNING_RATE = 10.0
+MAX_PROX_MU = 100.0
 
 
 class TrainerError(FleetlearnError, ValueError):
@@ -47,13 +56,6 @@ class TrainResult:
     loss: float
 
 
-@dataclass(frozen=True, slots=True)
-class Evaluation:
-    loss: float  # mean cross-entropy
-    accuracy: float
-    samples: int
-
-
 class LiteRTTrainer:
     """Trains one model release on local data. `model` and `manifest` come from verify_release."""
 
@@ -66,8 +68,13 @@ class LiteRTTrainer:
         if missing:
             raise TrainerError(f"model lacks the signature(s) {missing}; rebuild it")
         train = {t.name: t for t in info.signature("train").inputs}
-        if set(train) != {"x", "y", "sample_weight"} or len(train["x"].shape) != 2:
-            raise TrainerError("model's train signature is not train(x, y, sample_weight)")
+        if set(train) not in (_TRAIN_INPUTS, _LEGACY_TRAIN_INPUTS) or len(train["x"].shape) != 2:
+            raise TrainerError(
+                "model's train signature is not train(x, y, sample_weight, learning_rate, "
+                "prox_mu); rebuild it"
+            )
+        # False: a model from before the rate was an input; it trains at its built-in rate.
+        self.takes_learning_rate = set(train) == _TRAIN_INPUTS
         self.batch_size, self.input_width = train["x"].shape
         logits = {t.name: t for t in info.signature("infer").outputs}.get("logits")
         if logits is None or len(logits.shape) != 2 or self.batch_size < 1:
@@ -94,6 +101,7 @@ class LiteRTTrainer:
         self._x = np.zeros((self.batch_size, self.input_width), dtype=np.float32)
         self._y = np.zeros(self.batch_size, dtype=np.int32)
         self._w = np.zeros(self.batch_size, dtype=np.float32)
+        self._rates: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_release(
@@ -114,12 +122,41 @@ class LiteRTTrainer:
 
     # ---------------------------------------------------------------------------- training
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One optimizer step on up to `batch_size` samples; returns the loss before the step."""
+    def train_step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        learning_rate: float | None = None,
+        prox_mu: float = 0.0,
+    ) -> float:
+        """One optimizer step on up to `batch_size` samples; returns the loss before the step.
+        The proximal term (prox_mu > 0) pulls towards the weights `set_weights` last set."""
         x, y = self._check(x, y)
         if not 0 < x.shape[0] <= self.batch_size:
             raise TrainerError(f"a step takes 1..{self.batch_size} samples, got {x.shape[0]}")
+        self._rates = self._check_rates(learning_rate, prox_mu)
         return self._step(x, y)
+
+    def _check_rates(self, learning_rate: float | None, prox_mu: float) -> dict[str, np.ndarray]:
+        if not (math.isfinite(prox_mu) and 0.0 <= prox_mu <= MAX_PROX_MU):
+            raise TrainerError(f"prox_mu must be in [0, {MAX_PROX_MU}], got {prox_mu}")
+        if learning_rate is not None and not (
+            math.isfinite(learning_rate) and 0.0 < learning_rate <= MAX_LEARNING_RATE
+        ):
+            raise TrainerError(
+                f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {learning_rate}"
+            )
+        if not self.takes_learning_rate:
+            if prox_mu > 0.0:
+                raise TrainerError("this model predates FedProx (no prox_mu input); rebuild it")
+            return {}  # its rate is built in
+        if learning_rate is None:
+            raise TrainerError("this model takes its learning rate from the round; none given")
+        return {
+            "learning_rate": np.array(learning_rate, dtype=np.float32),
+            "prox_mu": np.array(prox_mu, dtype=np.float32),
+        }
 
     def _step(self, x: np.ndarray, y: np.ndarray) -> float:
         n = x.shape[0]
@@ -129,7 +166,7 @@ class LiteRTTrainer:
         self._y[n:] = 0
         self._w[:n] = 1.0
         self._w[n:] = 0.0
-        result = self._train(x=self._x, y=self._y, sample_weight=self._w)
+        result = self._train(x=self._x, y=self._y, sample_weight=self._w, **self._rates)
         return float(result["loss"])
 
     def train(
@@ -138,36 +175,49 @@ class LiteRTTrainer:
         y: np.ndarray,
         *,
         epochs: int = 1,
+        steps: int = 0,
+        learning_rate: float | None = None,
+        prox_mu: float = 0.0,
         rng: np.random.Generator | None = None,
     ) -> TrainResult:
-        """`epochs` passes over (x, y) in fixed-size batches, shuffled by `rng` when given."""
+        """Optimizer steps over (x, y) in fixed-size batches, shuffled by `rng` when given.
+
+        `epochs` passes over the data, or, when `steps` > 0, exactly that many steps (as many
+        passes as they take, the last one cut short): a device with few examples then still
+        takes the fleet's number of steps. With `prox_mu` > 0 every step is pulled towards the
+        weights this call started from (FedProx).
+        """
         x, y = self._check(x, y)
         n = x.shape[0]
         if n == 0:
             raise TrainerError("no training samples")
         if not 1 <= epochs <= 10_000:
             raise TrainerError(f"epochs must be 1..10000, got {epochs}")
-        steps = 0
+        if not 0 <= steps <= 1_000_000:
+            raise TrainerError(f"steps must be 0..1000000, got {steps}")
+        self._rates = self._check_rates(learning_rate, prox_mu)
+        if self.takes_learning_rate:
+            self._set(**self.get_weights())  # anchors := the weights training starts from
+        per_pass = -(-n // self.batch_size)
+        total = steps if steps > 0 else epochs * per_pass
+        done = 0
+        seen = 0
         loss_sum = 0.0
-        for _ in range(epochs):
+        while done < total:
             order = rng.permutation(n) if rng is not None else np.arange(n)
             for start in range(0, n, self.batch_size):
+                if done == total:
+                    break
                 index = order[start : start + self.batch_size]
                 loss_sum += self._step(x[index], y[index]) * len(index)
-                steps += 1
-        return TrainResult(steps=steps, samples=n * epochs, loss=loss_sum / (n * epochs))
+                seen += len(index)
+                done += 1
+        return TrainResult(steps=done, samples=seen, loss=loss_sum / seen)
 
     # -------------------------------------------------------------------------- inference
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        x = self._check_x(x)
-        parts = [
-            np.asarray(self._infer(x=x[start : start + _EVAL_CHUNK])["logits"], dtype=np.float32)
-            for start in range(0, x.shape[0], _EVAL_CHUNK)
-        ]
-        if not parts:
-            return np.zeros((0, self.classes), dtype=np.float32)
-        return np.concatenate(parts)
+        return logits_of(self._infer, self._check_x(x), self.classes)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, one row per sample."""
@@ -179,14 +229,7 @@ class LiteRTTrainer:
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> Evaluation:
         """Mean cross-entropy and accuracy of the current weights on (x, y)."""
         x, y = self._check(x, y)
-        if x.shape[0] == 0:
-            return Evaluation(loss=math.nan, accuracy=math.nan, samples=0)
-        logits = self.logits(x).astype(np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss = float(-log_probs[np.arange(len(y)), y].mean())
-        accuracy = float((logits.argmax(axis=1) == y).mean())
-        return Evaluation(loss=loss, accuracy=accuracy, samples=int(x.shape[0]))
+        return score(self.logits(x), y)
 
     # ----------------------------------------------------------------------------- weights
 
@@ -239,3 +282,64 @@ class LiteRTTrainer:
         if y.size and (y.min() < 0 or y.max() >= self.classes):
             raise TrainerError(f"labels must lie in 0..{self.classes - 1}")
         return x, y.astype(np.int32)
+
+
+# ------------------------------------------------------------------------- one round's work
+
+
+def local_round(
+    trainer: LiteRTTrainer,
+    x: np.ndarray,
+    y: np.ndarray,
+    plan: TrainingPlan,
+    *,
+    rng: np.random.Generator,
+    personal: dict[str, np.ndarray],
+) -> LocalResult:
+    """What a device does in a round, the same on a gateway and in the simulators.
+
+    1. Split its examples into a training and a held-out part (`dataset.holdout_rows`, the
+       same rows every round); each is cut to the plan's `max_samples` most recent rows.
+    2. Evaluate the release as it is on the held-out rows (the global model's accuracy).
+    3. Start from the release with this device's own `personal` weights put back (the plan's
+       personal layers; the first time, the release's own values), train with the plan's
+       rate, steps or epochs and FedProx mu, and evaluate that model on the held-out rows (the
+       per-device accuracy a personalized fleet reports).
+    4. Leave the trainer on the device's model (release plus personal layers) for inference,
+       store the trained personal weights in `personal`, and return the update: trained minus
+       release, zero on personal weights, which never leave the device.
+    """
+    held = dataset.holdout_rows(int(x.shape[0]), plan.eval_fraction)
+    xt, yt = x[~held][-plan.max_samples :], y[~held][-plan.max_samples :]
+    xe, ye = x[held][-plan.max_samples :], y[held][-plan.max_samples :]
+    names = [spec.name for spec in trainer.layout if spec.name in plan.personal]
+    start = tflite.unflatten(trainer.initial, trainer.layout)
+    kept = {n: personal[n] for n in names if n in personal and personal[n].shape == start[n].shape}
+    trainer.set_flat_weights(trainer.initial)  # the release as it is: a round may repeat
+    before = trainer.evaluate(xe, ye)
+    if kept:
+        trainer.set_weights({**start, **kept})
+    trainer.train(
+        xt,
+        yt,
+        epochs=plan.epochs,
+        steps=plan.steps,
+        learning_rate=plan.learning_rate,
+        prox_mu=plan.prox_mu,
+        rng=rng,
+    )
+    after = trainer.evaluate(xe, ye)
+    trained = trainer.get_weights()
+    update = tflite.flatten(trained, trainer.layout).astype(np.float64) - trainer.initial
+    for name in names:
+        personal[name] = trained[name]
+    update[tflite.mask_of(trainer.layout, names)] = 0.0
+    trainer.set_weights({**start, **{n: personal[n] for n in names}})
+    return LocalResult(
+        update=update.astype(np.float32),
+        weight=float(xt.shape[0]),
+        loss=before.loss if math.isfinite(before.loss) else 0.0,
+        correct=before.correct,
+        samples=before.samples,
+        local_correct=after.correct,
+    )

@@ -9,7 +9,7 @@ Dropouts come from a `Scenario` exactly as in the MQTT simulator.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,18 +21,17 @@ from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
 from fleetlearn.aggregator.service import default_model
 from fleetlearn.device.participant import (
     LoadModel,
-    LocalResult,
     Participant,
     PublishStatus,
     Send,
     Train,
 )
-from fleetlearn.device.trainer import LiteRTTrainer
+from fleetlearn.device.trainer import LiteRTTrainer, local_round
 from fleetlearn.firmware_sim.data import device_machine
 from fleetlearn.firmware_sim.scenario import STAGE_KINDS, STAGE_ORDER, Scenario
 from fleetlearn.shared import tflite, topics, wire
 from fleetlearn.shared.release import ModelRelease, make_release, release_weights, verify_release
-from fleetlearn.shared.rounds import RoundState
+from fleetlearn.shared.rounds import DEFAULT_LEARNING_RATE, RoundState
 
 FLEET = "memory"
 
@@ -45,6 +44,7 @@ class _Device:
     y: np.ndarray
     trainer: LiteRTTrainer | None = None
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    personal: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class InMemoryFleet:
@@ -57,10 +57,14 @@ class InMemoryFleet:
         optimizer: rules.OptimizerConfig | None = None,
         model: bytes | None = None,
         seed: int | None = None,
+        data: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         """`seed` makes a run reproducible: selection, round seeds, secret keys and stochastic
         rounding then come from one seeded generator instead of os.urandom. Simulation only:
-        keys derived that way are not secret."""
+        keys derived that way are not secret. `data`: each device's (x, y), one per device,
+        instead of the scenario's synthetic machines (then `devices` must be len(data))."""
+        if data is not None and len(data) != devices:
+            raise ValueError(f"{len(data)} data sets for {devices} devices")
         random: Callable[[int], bytes] = os.urandom
         if seed is not None:
             stream = np.random.default_rng(seed)
@@ -76,8 +80,13 @@ class InMemoryFleet:
         self.devices: dict[str, _Device] = {}
         s = self.scenario
         for i, dev in enumerate(ids):
-            site, _ = s.site_of(i)
-            x, y = device_machine(s.seed, i, site, s.machine_of(i), s.non_iid).windows(s.samples)
+            if data is not None:
+                x, y = data[i]
+            else:
+                site, _ = s.site_of(i)
+                x, y = device_machine(s.seed, i, site, s.machine_of(i), s.non_iid).windows(
+                    s.samples
+                )
             participant = Participant(
                 fleet=FLEET,
                 device_id=dev,
@@ -156,18 +165,8 @@ class InMemoryFleet:
             d = self.devices[dev]
             if dev in self._silent or d.trainer is None:
                 continue
-            plan = action.announce.training
-            x, y = d.x[-plan.max_samples :], d.y[-plan.max_samples :]
-            before = d.trainer.evaluate(x, y)
-            d.trainer.train(x, y, epochs=plan.epochs, rng=d.rng)
-            update = d.trainer.update()
-            d.trainer.set_flat_weights(d.trainer.initial)
-            result = LocalResult(
-                update,
-                float(len(x)),
-                before.loss,
-                round(before.accuracy * before.samples),
-                before.samples,
+            result = local_round(
+                d.trainer, d.x, d.y, action.announce.training, rng=d.rng, personal=d.personal
             )
             self._act(dev, d.participant.trained(action.round_id, result, self.now))
 
@@ -176,6 +175,7 @@ class InMemoryFleet:
     def run_round(self, max_seconds: float = 600.0) -> dict[str, Any]:
         self._round += 1
         self._silent = {}
+        started = self.now
         self._deliver(
             self.engine.start_round(
                 round_id=self._round,
@@ -187,7 +187,7 @@ class InMemoryFleet:
         while self.engine.outcome is None or self.engine.outcome.round_id != self._round:
             self._train_pending()
             deadline = self.engine.next_deadline
-            if deadline is None or self.now > max_seconds:
+            if deadline is None or self.now - started > max_seconds:
                 break
             self.now = max(self.now + 0.01, deadline)
             self._deliver(self.engine.tick(self.now))
@@ -236,7 +236,11 @@ def central_accuracy(
     assert manifest is not None
     trainer = LiteRTTrainer(model, manifest)
     trainer.train(
-        np.concatenate(xs), np.concatenate(ys), epochs=epochs, rng=np.random.default_rng(0)
+        np.concatenate(xs),
+        np.concatenate(ys),
+        epochs=epochs,
+        learning_rate=DEFAULT_LEARNING_RATE,
+        rng=np.random.default_rng(0),
     )
     return trainer.evaluate(*test).accuracy
 

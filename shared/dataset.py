@@ -87,6 +87,26 @@ def load(
     return data
 
 
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def holdout_rows(count: int, fraction: float) -> np.ndarray:
+    """Which of `count` rows a device holds out for evaluation: a boolean mask.
+
+    Row i is held out when frac((i + 1) * golden ratio) < fraction: about `fraction` of the
+    rows, spread evenly over the file (so over time, for data kept in time order), the same
+    rows every round (a held-out row is never trained on), no randomness needed. When that
+    would leave nothing to train on, nothing is held out.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    index = np.arange(1, count + 1, dtype=np.float64)
+    mask = np.mod(index * _GOLDEN, 1.0) < fraction
+    if mask.all():
+        mask[:] = False
+    return mask
+
+
 def save_npz(path: Path, data: Dataset) -> None:
     """Write `data` as an .npz this module reads back (no pickles; groups as strings)."""
     arrays: dict[str, np.ndarray] = {"x": data.x}

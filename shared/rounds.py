@@ -34,6 +34,7 @@ from fleetlearn.shared.secagg.config import STAGES, SecAggConfig, Stage
 from fleetlearn.shared.secagg.keys import TICKET_BYTES
 
 SEED_BYTES = 32
+DEFAULT_LEARNING_RATE = 0.05
 MAX_COHORT = 100_000
 MAX_STAGE_SECONDS = 86_400
 
@@ -101,18 +102,62 @@ class StageTimes(wire.Record):
 
 @wire.record
 class TrainingPlan(wire.Record):
-    """What each device does locally before it sends an update."""
+    """What each device does locally before it sends an update, set per round.
+
+    learning_rate  the local optimizer's rate this round (the aggregator's schedule picks it;
+                   models built before it was a train input keep their built-in rate)
+    epochs, steps  passes over the local training split, or, when `steps` > 0, exactly that
+                   many optimizer steps (so a device with 20 examples learns as much per round
+                   as one with 2000)
+    max_samples    a device trains (and evaluates) on at most this many recent examples
+    prox_mu        FedProx: weight of the proximal term mu/2 ||w - w_global||^2 (0 = FedAvg)
+    eval_fraction  share of each device's examples held out, never trained on, on which it
+                   evaluates the round's model (federated evaluation); 0 = no evaluation
+    personal       weight names that stay on the device: trained locally, never sent, never
+                   aggregated (personalization layers); the update covers the others only
+    error_feedback carry what compression did not send into the next round. Off, rand-k is
+                   unbiased only with a server learning rate of 1/density (docs/compression.md)
+    """
 
     epochs: int = 1
-    max_samples: int = 2048  # a device trains on at most this many recent examples
-    # Carry what compression did not send into the next round. Off, rand-k is unbiased only
-    # with a server learning rate of 1/density (see docs/compression.md, partial participation).
+    max_samples: int = 2048
     error_feedback: bool = True
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    steps: int = 0
+    prox_mu: float = 0.0
+    eval_fraction: float = 0.0
+    personal: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         wire.require(1 <= self.epochs <= 100, "TrainingPlan.epochs", "must be in 1..100")
         wire.require(
             1 <= self.max_samples <= 1_000_000, "TrainingPlan.max_samples", "must be in 1..1e6"
+        )
+        wire.require(0 <= self.steps <= 100_000, "TrainingPlan.steps", "must be in 0..100000")
+        for name, low, high in (("learning_rate", 0.0, 10.0), ("prox_mu", 0.0, 100.0)):
+            value = getattr(self, name)
+            wire.require(
+                isinstance(value, float | int)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and low <= value <= high
+                and (name != "learning_rate" or value > 0),
+                f"TrainingPlan.{name}",
+                f"{value!r} must be in {'(' if name == 'learning_rate' else '['}{low}, {high}]",
+            )
+        wire.require(
+            isinstance(self.eval_fraction, float | int)
+            and not isinstance(self.eval_fraction, bool)
+            and 0.0 <= self.eval_fraction <= 0.5,
+            "TrainingPlan.eval_fraction",
+            f"{self.eval_fraction!r} must be in [0, 0.5]",
+        )
+        wire.require(len(self.personal) <= 256, "TrainingPlan.personal", "too many names")
+        wire.require(
+            all(isinstance(n, str) and 0 < len(n) <= 128 for n in self.personal)
+            and len(set(self.personal)) == len(self.personal),
+            "TrainingPlan.personal",
+            "must be distinct weight names of 1..128 characters",
         )
 
 
@@ -204,9 +249,11 @@ class PlainUpdate(wire.Message):
     sender: str
     update: SparseUpdate | SharedUpdate | DenseUpdate
     weight: float  # FedAvg weight: the number of local examples trained on
-    loss: float  # mean training loss
-    correct: int  # correctly classified local examples (evaluated after training)
-    samples: int  # examples evaluated
+    # Federated evaluation on the device's held-out examples (`samples`; 0 = none held out):
+    loss: float  # mean loss of the round's (global) model
+    correct: int  # held-out examples the global model classified right
+    samples: int  # held-out examples evaluated
+    local_correct: int = 0  # held-out examples the device's trained model classified right
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "PlainUpdate.round_id", "out of range")
@@ -221,3 +268,6 @@ class PlainUpdate(wire.Message):
         )
         wire.require(0 <= self.samples <= 10**9, "PlainUpdate.samples", "out of range")
         wire.require(0 <= self.correct <= self.samples, "PlainUpdate.correct", "> samples")
+        wire.require(
+            0 <= self.local_correct <= self.samples, "PlainUpdate.local_correct", "> samples"
+        )

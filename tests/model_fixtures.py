@@ -85,9 +85,16 @@ def blobs(
 
 
 def reference_sgd_step(
-    weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, lr: float
+    weights: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    lr: float,
+    *,
+    prox_mu: float = 0.0,
+    anchor: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """One SGD step of the MLP on exactly these samples, in float64 numpy (no TF, no padding)."""
+    """One SGD step of the MLP on exactly these samples, in float64 numpy (no TF, no padding).
+    With `prox_mu`, FedProx's proximal gradient mu * (w - anchor) is added to each weight's."""
     n_layers = len(weights) // 2
     kernels = [weights[f"dense_{i}_kernel"].astype(np.float64) for i in range(n_layers)]
     biases = [weights[f"dense_{i}_bias"].astype(np.float64) for i in range(n_layers)]
@@ -106,9 +113,17 @@ def reference_sgd_step(
     dz[np.arange(n), y] -= 1.0
     dz /= n
     new: dict[str, np.ndarray] = {}
+
+    def prox(name: str, value: np.ndarray) -> np.ndarray:
+        if not prox_mu:
+            return np.zeros_like(value)
+        assert anchor is not None
+        return prox_mu * (value - anchor[name].astype(np.float64))
+
     for i in reversed(range(n_layers)):
-        new[f"dense_{i}_kernel"] = kernels[i] - lr * (inputs[i].T @ dz)
-        new[f"dense_{i}_bias"] = biases[i] - lr * dz.sum(axis=0)
+        k, b = f"dense_{i}_kernel", f"dense_{i}_bias"
+        new[k] = kernels[i] - lr * (inputs[i].T @ dz + prox(k, kernels[i]))
+        new[b] = biases[i] - lr * (dz.sum(axis=0) + prox(b, biases[i]))
         if i:
             dz = (dz @ kernels[i].T) * (pre[i - 1] > 0)
     return new, loss

@@ -406,7 +406,8 @@ async def test_metrics_topic_read_with_mosquitto_sub(tmp_path: Path) -> None:
         )  # fmt: skip
         data = json.loads(out.stdout)
         documented = _documented_metrics_fields()
-        assert set(data) == set(documented), set(data) ^ set(documented)
+        expected = {name for name, present in documented.items() if present != "eval.data"}
+        assert set(data) == expected, set(data) ^ expected
         types = {"integer": int, "number": (int, float), "string": str, "object": dict}
         section = (ROOT / "docs" / "topics.md").read_text()
         for name, value in data.items():

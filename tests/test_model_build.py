@@ -133,7 +133,10 @@ def test_inspect_prints_signatures_ops_variables_and_manifest(
 ) -> None:
     assert fleetlearn.main(["model", "inspect", str(mb.DEFAULT_MODEL_PATH)]) == 0
     out = capsys.readouterr().out
-    assert "train(sample_weight: float32[32], x: float32[32,16], y: int32[32]) -> loss" in out
+    assert (
+        "train(learning_rate: float32[], prox_mu: float32[], sample_weight: float32[32], "
+        "x: float32[32,16], y: int32[32]) -> loss" in out
+    )
     assert "infer(x: float32[?,16]) -> logits: float32[?,4]" in out
     assert "all builtin" in out
     assert "FULLY_CONNECTED" in out
@@ -191,8 +194,9 @@ def test_litert_training_matches_tensorflow(name: str) -> None:
         pad_y = np.zeros(batch, np.int32)
         weight = np.zeros(batch, np.float32)
         pad_x[:n], pad_y[:n], weight[:n] = xb, yb, 1.0
-        tf_losses.append(float(module.train(pad_x, pad_y, weight)["loss"]))
-        lite_losses.append(trainer.train_step(xb, yb))
+        lr = np.float32(b.spec.learning_rate)
+        tf_losses.append(float(module.train(pad_x, pad_y, weight, lr, np.float32(0.0))["loss"]))
+        lite_losses.append(trainer.train_step(xb, yb, learning_rate=b.spec.learning_rate))
     assert n == 20  # the last step really was partial
     tf_weights = {k: v.numpy() for k, v in module.get_weights().items()}
     lite_weights = trainer.get_weights()
@@ -249,7 +253,7 @@ def test_adam_slots_share_buffers_and_are_never_patched() -> None:
     trainer = LiteRTTrainer(model, manifest)
     np.testing.assert_array_equal(trainer.flat_weights(), vector.astype(np.float32))
     x, y = blobs(64, seed=9)
-    trainer.train(x, y)
+    trainer.train(x, y, learning_rate=b.spec.learning_rate)
     assert np.abs(trainer.update()).max() > 0
 
 

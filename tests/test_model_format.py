@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetlearn.aggregator import model_build as mb
-from fleetlearn.device.runtime import new_interpreter
 from fleetlearn.shared import tflite
+from fleetlearn.shared.tflite.runtime import new_interpreter
 from tests.model_fixtures import shipped_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,15 +46,21 @@ def test_shipped_model_describes_itself() -> None:
     assert train["sample_weight"].shape == (32,)
     assert info.signature("infer").inputs[0].shape == (-1, 16)  # resized at run time
     assert info.custom_ops == ()
-    assert sorted(v.name for v in info.variables) == sorted(LAYOUT_NAMES)
-    assert all(not v.shared_with and v.offset is not None for v in info.variables)
+    # The weights, and FedProx's anchor for each (set with them by set_weights).
+    names = sorted(v.name for v in info.variables)
+    assert names == sorted([*LAYOUT_NAMES, *(f"anchor_{n}" for n in LAYOUT_NAMES)])
+    assert train["learning_rate"].shape == ()
+    assert train["prox_mu"].shape == ()
+    # Each weight has its own buffer (patchable); the anchors start at zeros, may share.
+    weights = [info.variable(n) for n in LAYOUT_NAMES]
+    assert all(not v.shared_with and v.offset is not None for v in weights)
     assert info.initializer is not None
     assert "fleetlearn.manifest" in info.metadata
 
 
 def test_initial_weights_are_those_the_spec_seeds() -> None:
     expected = mb.initial_weights(mb.load_spec())
-    got = tflite.read_weights(shipped_model())
+    got = tflite.read_weights(shipped_model(), LAYOUT_NAMES)
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert np.array_equal(got[name], value), name
@@ -239,8 +245,8 @@ def test_embed_grows_the_file_when_the_manifest_outgrows_its_space() -> None:
     assert tflite.read_manifest(model) == manifest
     assert manifest.labels == labels
     assert tflite.content_hash(model) == manifest.content_hash
-    before = tflite.read_weights(data)
-    after = tflite.read_weights(model)
+    before = tflite.read_weights(data, LAYOUT_NAMES)
+    after = tflite.read_weights(model, LAYOUT_NAMES)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     # The interpreter accepts the rewritten file (its flatbuffer verifier checks alignment).
     got = new_interpreter(model).get_signature_runner("get_weights")()

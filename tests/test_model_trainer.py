@@ -5,10 +5,12 @@ No TensorFlow: the reference for one training step is plain numpy (tests/model_f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-import fleetlearn.device.runtime as runtime
+import fleetlearn.shared.tflite.runtime as runtime
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError
 from fleetlearn.shared import tflite
 from fleetlearn.shared.release import SignatureError, make_release, release_weights
@@ -53,7 +55,7 @@ def test_one_step_matches_plain_sgd_on_the_real_samples_of_a_partial_batch() -> 
     trainer = _trainer()
     x, y = blobs(20, seed=1)
     before = trainer.get_weights()
-    loss = trainer.train_step(x, y)
+    loss = trainer.train_step(x, y, learning_rate=LR)
     expected, expected_loss = reference_sgd_step(before, x, y, LR)
     after = trainer.get_weights()
     assert loss == pytest.approx(expected_loss, abs=1e-5)
@@ -67,7 +69,7 @@ def test_training_learns_and_reports_the_update() -> None:
     x, y = blobs(600, seed=2)
     x_test, y_test = blobs(400, seed=3)
     before = trainer.evaluate(x_test, y_test)
-    result = trainer.train(x, y, epochs=3, rng=np.random.default_rng(0))
+    result = trainer.train(x, y, epochs=3, learning_rate=LR, rng=np.random.default_rng(0))
     after = trainer.evaluate(x_test, y_test)
     assert result.steps == 3 * 19  # 600 = 18 full batches + a partial one, per epoch
     assert result.samples == 1800
@@ -83,8 +85,8 @@ def test_training_learns_and_reports_the_update() -> None:
 def test_training_is_deterministic_for_a_seeded_shuffle() -> None:
     x, y = blobs(100, seed=4)
     a, b = _trainer(), _trainer()
-    a.train(x, y, epochs=2, rng=np.random.default_rng(11))
-    b.train(x, y, epochs=2, rng=np.random.default_rng(11))
+    a.train(x, y, epochs=2, learning_rate=LR, rng=np.random.default_rng(11))
+    b.train(x, y, epochs=2, learning_rate=LR, rng=np.random.default_rng(11))
     np.testing.assert_array_equal(a.update(), b.update())
 
 
@@ -128,7 +130,72 @@ def test_each_release_gets_its_own_interpreter() -> None:
 )
 def test_bad_data_is_refused(x: np.ndarray, y: np.ndarray, message: str) -> None:
     with pytest.raises(TrainerError, match=message):
+        _trainer().train(x, y, learning_rate=LR)
+
+
+def test_the_round_sets_the_learning_rate() -> None:
+    """The same model at two rates: each step is plain SGD at the rate given (no rebuild)."""
+    x, y = blobs(20, seed=1)
+    for rate in (0.01, 0.3):
+        trainer = _trainer()
+        before = trainer.get_weights()
+        trainer.train_step(x, y, learning_rate=rate)
+        expected, _ = reference_sgd_step(before, x, y, rate)
+        for name, value in expected.items():
+            np.testing.assert_allclose(trainer.get_weights()[name], value, atol=1e-5, rtol=0)
+    with pytest.raises(TrainerError, match="takes its learning rate from the round"):
         _trainer().train(x, y)
+    with pytest.raises(TrainerError, match="learning_rate must be"):
+        _trainer().train(x, y, learning_rate=0.0)
+
+
+def test_fedprox_pulls_towards_the_weights_training_started_from() -> None:
+    """Two steps with mu = 2: the second has a proximal gradient mu * (w - w_start), exactly
+    as the numpy reference computes it; and a larger mu keeps the update smaller."""
+    x, y = blobs(40, seed=8)
+    mu = 2.0
+    trainer = _trainer(version=2, seed=3)
+    start = trainer.get_weights()
+    trainer.set_weights(start)  # the anchor is what set_weights last set
+    expected = start
+    for batch in (slice(0, 20), slice(20, 40)):
+        trainer.train_step(x[batch], y[batch], learning_rate=LR, prox_mu=mu)
+        expected, _ = reference_sgd_step(expected, x[batch], y[batch], LR, prox_mu=mu, anchor=start)
+    for name, value in expected.items():
+        np.testing.assert_allclose(trainer.get_weights()[name], value, atol=1e-5, rtol=0)
+    norms = []
+    for prox_mu in (0.0, 1.0, 10.0):
+        t = _trainer(version=2, seed=3)
+        t.train(x, y, steps=30, learning_rate=LR, prox_mu=prox_mu, rng=np.random.default_rng(0))
+        norms.append(float(np.linalg.norm(t.update())))
+    assert norms[0] > norms[1] > norms[2] > 0
+
+
+def test_steps_count_optimizer_steps_whatever_the_data_size() -> None:
+    x, y = blobs(20, seed=9)  # less than one batch
+    trainer = _trainer()
+    result = trainer.train(x, y, steps=7, learning_rate=LR, rng=np.random.default_rng(0))
+    assert (result.steps, result.samples) == (7, 140)
+    big_x, big_y = blobs(200, seed=9)  # 7 batches a pass: 10 steps = one pass and 3 batches
+    result = _trainer().train(big_x, big_y, steps=10, learning_rate=LR)
+    assert (result.steps, result.samples) == (10, 200 + 3 * 32)
+
+
+def test_a_model_from_before_the_rate_was_an_input_still_trains() -> None:
+    """Releases in the field keep working: their rate is built in, FedProx is refused."""
+    data = (Path(__file__).parent / "data" / "pdm_before_rate_input.tflite").read_bytes()
+    manifest = tflite.read_manifest(data)
+    assert manifest is not None
+    trainer = LiteRTTrainer(data, manifest)
+    assert not trainer.takes_learning_rate
+    x, y = blobs(20, seed=1)
+    before = trainer.get_weights()
+    trainer.train_step(x, y, learning_rate=0.9)  # ignored: the model's own 0.05 applies
+    expected, _ = reference_sgd_step(before, x, y, LR)
+    for name, value in expected.items():
+        np.testing.assert_allclose(trainer.get_weights()[name], value, atol=1e-5, rtol=0)
+    with pytest.raises(TrainerError, match="predates FedProx"):
+        trainer.train(x, y, prox_mu=0.1)
 
 
 def test_a_step_takes_at_most_one_batch() -> None:

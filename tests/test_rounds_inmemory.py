@@ -71,6 +71,8 @@ class Fleet:
     # What a device's message becomes on the way (a faulty or malicious device).
     uplink: Callable[[str, topics.Topic, bytes], bytes] | None = None
     quiet_status: set[str] = field(default_factory=set)  # statuses that never reach the engine
+    # What each device's local training reports (default: the same figures for everyone).
+    evaluation: Callable[[str], tuple[float, int, int, int]] | None = None
 
     def publish(self, pubs: list[Publish]) -> None:
         for p in pubs:
@@ -105,7 +107,11 @@ class Fleet:
                 dim = part.feedback.dim if part.feedback else self.dim
                 update = self.rng.normal(0, 0.05, dim).astype(np.float32)
                 weight = float(self.rng.integers(50, 300))
-                self.pending.append((dev, a.round_id, LocalResult(update, weight, 0.7, 30, 40)))
+                loss, correct, samples, local = (
+                    self.evaluation(dev) if self.evaluation else (0.7, 30, 40, 0)
+                )
+                result = LocalResult(update, weight, loss, correct, samples, local)
+                self.pending.append((dev, a.round_id, result))
             elif isinstance(a, PublishStatus):
                 self.status(dev)
             elif isinstance(a, Note):

@@ -19,6 +19,7 @@ from fleetlearn.shared.secagg import contribution, keys, packing, shamir
 from fleetlearn.shared.secagg.client import TRANSITIONS as CLIENT_TRANSITIONS
 from fleetlearn.shared.secagg.client import ClientEvent, ClientState, SecAggClient
 from fleetlearn.shared.secagg.config import (
+    EXTRA_COORDINATES,
     PrivacyFloor,
     SecAggConfig,
     StageDeadlines,
@@ -85,7 +86,7 @@ def test_config_defaults() -> None:
     assert (config.neighbours, config.threshold) == (20, 11)
     assert config.field_bits == 16 + 10
     assert config.min_survivors == config.threshold
-    assert config.packed_bytes == math.ceil((10 + 4) * 26 / 8)
+    assert config.packed_bytes == math.ceil((10 + len(EXTRA_COORDINATES)) * 26 / 8)
     for n in range(3, 200):
         k = default_neighbours(n)
         assert 2 <= k <= n - 1
@@ -576,15 +577,15 @@ def test_messages_validate_when_built(build: object, field: str) -> None:
 def test_contribution_layout_and_refusals() -> None:
     config = SecAggConfig.create(cohort_size=10, dimension=4, max_weight=10.0, max_samples=100)
     rng = np.random.default_rng(0)
-    metrics = TrainingMetrics(loss=0.5, correct=7, samples=9)
+    metrics = TrainingMetrics(loss=0.5, correct=7, samples=9, local_correct=8)
     vector = np.array([-1.0, 0.0, 0.5, 1.0], dtype=np.float32)
     encoded = contribution.encode(config, vector, weight=10.0, metrics=metrics, rng=rng)
     assert encoded.dtype == np.dtype("<u4")
-    assert encoded.shape == (8,)
+    assert encoded.shape == (9,)
     levels = (1 << config.quant_bits) - 1
     assert encoded[0] == 0
     assert encoded[3] == levels
-    assert encoded[6:].tolist() == [7, 9]  # counts travel exactly
+    assert encoded[6:].tolist() == [7, 9, 8]  # counts travel exactly
     assert encoded[4] == (1 << config.float_extra_bits) - 1  # weight == max_weight
     for bad in (
         {"vector": vector[:3]},
@@ -598,18 +599,23 @@ def test_contribution_layout_and_refusals() -> None:
             contribution.encode(config, rng=rng, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         TrainingMetrics(correct=3, samples=2)
+    with pytest.raises(LocalProtocolError):
+        TrainingMetrics(local_correct=3, samples=2)
 
 
 def test_decode_detects_an_impossible_sum() -> None:
     config = SecAggConfig.create(cohort_size=10, dimension=2, quant_bits=8)
     survivors = ("a", "b")
-    fine = np.array([10, 510, 0, 0, 1, 2], dtype=np.uint32)
+    fine = np.array([10, 510, 0, 0, 1, 2, 2], dtype=np.uint32)
     assert contribution.decode(config, fine, survivors).correct == 1
-    too_big = np.array([511, 0, 0, 0, 1, 2], dtype=np.uint32)  # > 2 * 255
+    assert contribution.decode(config, fine, survivors).local_accuracy == 1.0
+    too_big = np.array([511, 0, 0, 0, 1, 2, 0], dtype=np.uint32)  # > 2 * 255
     with pytest.raises(CompressionError):
         contribution.decode(config, too_big, survivors)
-    with pytest.raises(CompressionError):
-        contribution.decode(config, np.array([0, 0, 0, 0, 3, 2], dtype=np.uint32), survivors)
+    for counts in ([3, 2, 0], [0, 2, 3]):  # more hits than rows
+        total = np.array([0, 0, 0, 0, *counts], dtype=np.uint32)
+        with pytest.raises(CompressionError):
+            contribution.decode(config, total, survivors)
 
 
 # ---------------------------------------------------------------------------- state machines

@@ -17,6 +17,7 @@ from fleetlearn.broker import provision as prov
 from fleetlearn.broker.runner import BrokerProcess, BrokerSettings
 from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
 from fleetlearn.firmware_sim.scenario import Scenario
+from fleetlearn.shared import dataset
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import Harness, machine_csv
 
@@ -179,7 +180,12 @@ async def test_low_battery_devices_are_not_selected(tmp_path: Path) -> None:
 async def test_samples_per_device_show_in_metrics(tmp_path: Path) -> None:
     summaries, _, _ = await run(tmp_path, 6, "[fleet]\nsamples = 40\n")
     m = summaries[0].metrics
-    assert m["samples"] == 40 * m["survivors"]
+    # Each device holds out the same rows of its 40 (training.eval_fraction, default 0.2)
+    # for evaluation and trains on the rest: `samples` counts the first, the weight the rest.
+    held = int(dataset.holdout_rows(40, 0.2).sum())
+    assert 0 < held < 40
+    assert m["samples"] == held * m["survivors"]
+    assert m["weight_sum"] == pytest.approx((40 - held) * m["survivors"], rel=1e-3)
 
 
 def test_scenario_errors_name_the_key(tmp_path: Path) -> None:
@@ -227,7 +233,7 @@ def test_sites_and_non_iid_shape_the_data() -> None:
 
 async def test_partitioned_user_data_drives_the_simulator(tmp_path: Path) -> None:
     """A user's CSV, split by `fleetlearn partition`, is what the simulated devices train on:
-    the round's sample count is the rows of their files."""
+    the round's held-out and training rows add up to the rows of their files."""
     from fleetlearn.cli import main
 
     source = tmp_path / "plant.csv"
@@ -255,4 +261,8 @@ async def test_partitioned_user_data_drives_the_simulator(tmp_path: Path) -> Non
     m = summaries[0].metrics
     assert m["state"] == "closed", m.get("reason")
     assert m["survivors"] == 6
-    assert m["samples"] == total
+    rows = [len(dataset.load(f)) for f in sorted(parts.glob("*.npz"))]
+    assert sum(rows) == total
+    held = sum(int(dataset.holdout_rows(r, 0.2).sum()) for r in rows)
+    assert m["samples"] == held
+    assert m["weight_sum"] == pytest.approx(total - held, rel=1e-3)

@@ -27,7 +27,7 @@ from fleetlearn.shared import wire
 from fleetlearn.shared.secagg.errors import SecAggConfigError
 
 # Order of the values appended after the update coordinates (see shared.secagg.contribution).
-EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples")
+EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples", "local_correct")
 
 MIN_COHORT = 3  # with two devices the sum reveals the other device's update
 MAX_COHORT = 65_536

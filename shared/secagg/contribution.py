@@ -2,16 +2,18 @@
 
 What it owns: the layout of the vector that is masked, and the bounds of its decoding.
 
-    [ q(w/W * x_1) ... q(w/W * x_d) | weight | loss_sum | correct | samples ]
-      d update coordinates, q bits     the four EXTRA_COORDINATES, b - ceil(log2 n) bits each
+    [ q(w/W * x_1) ... q(w/W * x_d) | weight | loss_sum | correct | samples | local_correct ]
+      d update coordinates, q bits     the five EXTRA_COORDINATES, b - ceil(log2 n) bits each
 
 - The update is pre-scaled by w/W (FedAvg weight over `max_weight`), clipped to [-clip, clip]
   and stochastically rounded to q bits by `shared.compression.quantization.quantize` (the one
   implementation of stochastic rounding in the code base; its dither generator is device-local
   noise, never mask material). The weighted mean is then sum(w/W * x) / sum(w/W).
 - The weight and the loss sum (mean loss * samples) are stochastically rounded the same way on
-  the grid [0, max] with the extra-coordinate budget; `correct` and `samples` are integers and
-  travel exactly. So the aggregator learns only the four sums, never one device's values.
+  the grid [0, max] with the extra-coordinate budget; `correct`, `samples` and `local_correct`
+  are integers and travel exactly. So the aggregator learns only the sums, never one device's
+  values. The metrics are federated evaluation on each device's held-out rows: the global
+  model's loss and hits, and the hits of the device's own trained model.
 - No sum can wrap: every coordinate of one device is below 2^(b - ceil(log2 n)) and at most n
   devices add up (checked in SecAggConfig).
 """
@@ -31,23 +33,26 @@ from fleetlearn.shared.secagg.errors import LocalProtocolError, SecAggError
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingMetrics:
-    """A device's local training figures for the round; summed securely with the update."""
+    """A device's evaluation figures for the round; summed securely with the update."""
 
     loss: float = 0.0  # mean loss over `samples`; clipped to [0, max_loss] before summing
     correct: int = 0
     samples: int = 0
+    local_correct: int = 0  # hits of the device's own trained model on the same rows
 
     def __post_init__(self) -> None:
         if not isinstance(self.loss, float | int) or not math.isfinite(self.loss):
             raise LocalProtocolError(f"metrics.loss must be a finite number, got {self.loss!r}")
-        for name in ("correct", "samples"):
+        for name in ("correct", "samples", "local_correct"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise LocalProtocolError(f"metrics.{name} must be an int >= 0, got {value!r}")
-        if self.correct > self.samples:
-            raise LocalProtocolError(
-                f"metrics.correct ({self.correct}) cannot exceed metrics.samples ({self.samples})"
-            )
+        for name in ("correct", "local_correct"):
+            if getattr(self, name) > self.samples:
+                raise LocalProtocolError(
+                    f"metrics.{name} ({getattr(self, name)}) cannot exceed metrics.samples "
+                    f"({self.samples})"
+                )
 
 
 def _loss_range(config: SecAggConfig) -> float:
@@ -98,6 +103,7 @@ def encode(
         _quantize_scalar(loss_sum, _loss_range(config), bits, rng),
         metrics.correct,
         metrics.samples,
+        metrics.local_correct,
     )
     out[config.dimension :] = np.array(extras, dtype=dtype)
     return out
@@ -126,6 +132,7 @@ class SecAggResult:
     loss_sum: float
     correct: int
     samples: int
+    local_correct: int = 0
 
     @property
     def count(self) -> int:
@@ -138,6 +145,11 @@ class SecAggResult:
     @property
     def accuracy(self) -> float:
         return self.correct / self.samples if self.samples else math.nan
+
+    @property
+    def local_accuracy(self) -> float:
+        """Held-out accuracy of each device's own trained model, over all held-out rows."""
+        return self.local_correct / self.samples if self.samples else math.nan
 
     def update_sum(self) -> np.ndarray:
         """sum over survivors of clip(w/W * x), as float64 (within count * step per coordinate)."""
@@ -180,13 +192,13 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
     """
     d = config.dimension
     count = len(survivors)
-    weight_total, loss_total, correct, samples = (int(v) for v in total[d:])
+    weight_total, loss_total, correct, samples, local_correct = (int(v) for v in total[d:])
     bits = config.float_extra_bits
     integer_limit = count * ((1 << config.extra_bits) - 1)
-    if correct > integer_limit or samples > integer_limit or correct > samples:
+    if samples > integer_limit or max(correct, local_correct) > samples:
         raise CompressionError(
-            f"unmasked counts (correct={correct}, samples={samples}) are impossible for "
-            f"{count} devices"
+            f"unmasked counts (correct={correct}, local_correct={local_correct}, "
+            f"samples={samples}) are impossible for {count} devices"
         )
     vector = total[:d].copy()
     # Decoding the update sum here runs dequantize's range check once, before anyone uses it.
@@ -200,4 +212,5 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
         loss_sum=_dequantize_scalar_sum(loss_total, _loss_range(config), bits, count),
         correct=correct,
         samples=samples,
+        local_correct=local_correct,
     )

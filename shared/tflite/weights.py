@@ -51,6 +51,17 @@ def layout_size(layout: Sequence[WeightSpec]) -> int:
     return sum(spec.size for spec in layout)
 
 
+def mask_of(layout: Sequence[WeightSpec], names: Sequence[str]) -> np.ndarray:
+    """Boolean mask over the flat vector: True on the coordinates of the weights `names`."""
+    mask = np.zeros(layout_size(layout), dtype=bool)
+    start = 0
+    for spec in layout:
+        if spec.name in names:
+            mask[start : start + spec.size] = True
+        start += spec.size
+    return mask
+
+
 def flatten(weights: Mapping[str, np.ndarray], layout: Sequence[WeightSpec]) -> np.ndarray:
     """Concatenate `weights` into one float32 vector in `layout` order."""
     out = np.empty(layout_size(layout), dtype=np.float32)

@@ -1,0 +1,276 @@
+"""Federated evaluation: devices judge the round's model on rows they never train on, and in
+secure mode the aggregator learns the fleet's sums only.
+
+The engine-level test drives real participants and the real engine (tests/test_rounds_inmemory
+wiring); the LiteRT-level tests use the shipped model through `device.trainer.local_round`, the
+function every device and simulator runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fleetlearn.device.trainer import LiteRTTrainer, local_round
+from fleetlearn.shared import dataset, evaluation, rounds, tflite, topics, wire
+from fleetlearn.shared.errors import ConfigError
+from fleetlearn.shared.secagg import messages as sm
+from fleetlearn.shared.secagg import packing
+from tests.fleet_harness import machine_csv, memory_fleet
+from tests.model_fixtures import blobs, shipped_model
+from tests.test_rounds_inmemory import FLEET, make_fleet, run_round
+
+EVAL_KEYS = {"loss", "mean_loss", "accuracy", "correct", "samples", "local_correct"}
+
+
+def _figures(index: int) -> tuple[float, int, int, int]:
+    """Device i's (loss, correct, samples, local_correct): different for every device."""
+    samples = 20 + 3 * index
+    return 0.2 + 0.1 * index, 2 + index, samples, min(samples, 9 + 2 * index)
+
+
+def _mentions_a_device(value: Any, devices: set[str]) -> bool:
+    text = json.dumps(value, default=str)
+    return any(d in text for d in devices)
+
+
+def _per_device_eval(value: Any, devices: set[str]) -> list[Any]:
+    """Every dict (at any depth) that names a device and carries an evaluation figure."""
+    found = []
+    if isinstance(value, dict):
+        if EVAL_KEYS & set(value) and _mentions_a_device(value, devices):
+            found.append(value)
+        for v in value.values():
+            found += _per_device_eval(v, devices)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            found += _per_device_eval(v, devices)
+    return found
+
+
+def test_secure_round_reveals_evaluation_only_as_sums() -> None:
+    """Acceptance 2: each device's held-out loss and hit counts travel only inside its masked
+    vector; the aggregator's metrics are the exact fleet sums; nothing it publishes, and
+    nothing it keeps in its outcome and events, holds one device's figures."""
+    fleet = make_fleet(8)
+    figures = {d: _figures(i) for i, d in enumerate(sorted(fleet.devices))}
+    fleet.evaluation = figures.__getitem__
+    published: list[tuple[str, bytes]] = []
+    deliver = fleet.publish
+
+    def recording(pubs: list[Any]) -> None:
+        published.extend((p.topic, p.payload) for p in pubs)
+        deliver(pubs)
+
+    fleet.publish = recording  # type: ignore[method-assign]
+    run_round(fleet)
+    outcome = fleet.engine.take_outcome()
+    assert outcome is not None
+    assert outcome.state is rounds.RoundState.CLOSED, outcome.reason
+    assert len(outcome.survivors) == 8
+
+    # The sums, exactly (integers travel exactly; the loss sum on a fine grid).
+    samples = sum(f[2] for f in figures.values())
+    assert outcome.metrics["samples"] == samples
+    assert outcome.metrics["accuracy"] == pytest.approx(
+        sum(f[1] for f in figures.values()) / samples, abs=1e-12
+    )
+    assert outcome.metrics["device_accuracy"] == pytest.approx(
+        sum(f[3] for f in figures.values()) / samples, abs=1e-12
+    )
+    # The loss sum rides on a grid of max_loss * max_samples / (2^bits - 1) per device.
+    cfg = wire.decode(fleet.retained[topics.round_announce(FLEET)], rounds.RoundAnnounce).secagg
+    assert cfg is not None
+    step = cfg.max_loss * cfg.max_samples / ((1 << cfg.float_extra_bits) - 1)
+    loss = sum(f[0] * f[2] for f in figures.values()) / samples
+    assert outcome.metrics["mean_loss"] == pytest.approx(loss, abs=8 * step / samples)
+
+    # Uplink: only the secure stages' messages; the figures are in no field, and the masked
+    # vector's evaluation words are not the device's own figures (they are masked).
+    devices = set(fleet.devices)
+    secure_kinds = {sm.Advertise, sm.Shares, sm.MaskedInput, sm.Unmask}
+    masked = 0
+    for dev, _kind, payload in fleet.sent:
+        message = wire.decode(payload)
+        assert type(message) in secure_kinds, type(message)
+        names = set(getattr(message, "__dataclass_fields__", {}))
+        assert not names & EVAL_KEYS, names
+        if isinstance(message, sm.MaskedInput):
+            masked += 1
+            words = packing.unpack(message.masked, cfg.field_bits, cfg.coordinates)
+            _, correct, count, local = figures[dev]
+            tail = [int(w) for w in words[cfg.dimension + 2 :]]
+            assert tail != [correct, count, local]  # equal by chance: 2^-57
+    assert masked == 8
+
+    # Downlink and the aggregator's own record: no dict names a device next to a figure.
+    for topic, payload in published:
+        try:
+            value = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            message = wire.decode(payload)
+            names = set(getattr(message, "__dataclass_fields__", {}))
+            assert not names & EVAL_KEYS, (topic, names)
+            continue
+        assert not _per_device_eval(value, devices), topic
+    assert not _per_device_eval(outcome.metrics, devices)
+    assert not _per_device_eval(list(fleet.engine.events), devices)
+
+
+def test_plain_round_reports_the_same_figures_per_device() -> None:
+    """Plain mode (no secrecy claimed) sums the same figures from each PlainUpdate."""
+    fleet = make_fleet(5, mode="plain")
+    figures = {d: _figures(i) for i, d in enumerate(sorted(fleet.devices))}
+    fleet.evaluation = figures.__getitem__
+    run_round(fleet)
+    out = fleet.engine.take_outcome()
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    samples = sum(f[2] for f in figures.values())
+    assert out.metrics["samples"] == samples
+    assert out.metrics["accuracy"] == pytest.approx(sum(f[1] for f in figures.values()) / samples)
+    assert out.metrics["device_accuracy"] == pytest.approx(
+        sum(f[3] for f in figures.values()) / samples
+    )
+
+
+def _release_trainer() -> LiteRTTrainer:
+    data = shipped_model()
+    manifest = tflite.read_manifest(data)
+    assert manifest is not None
+    return LiteRTTrainer(data, manifest)
+
+
+def test_a_device_never_trains_on_its_held_out_rows() -> None:
+    """The held-out rows are the same every round, about eval_fraction of them, and nothing
+    about them reaches the update: wrong labels on exactly those rows leave the update (same
+    shuffle) bit for bit the same, while the held-out figures see them."""
+    mask = dataset.holdout_rows(1000, 0.2)
+    assert np.array_equal(mask, dataset.holdout_rows(1000, 0.2))
+    assert 180 <= mask.sum() <= 220
+    assert not dataset.holdout_rows(3, 0.2).all()
+    assert not dataset.holdout_rows(1, 0.4).any()  # nothing left to train on: nothing held out
+
+    x, y = blobs(400, seed=12)
+    held = dataset.holdout_rows(400, 0.25)
+    poisoned = y.copy()
+    poisoned[held] = (y[held] + 1) % 4  # wrong labels on held-out rows only
+    plan = rounds.TrainingPlan(epochs=5, eval_fraction=0.25, learning_rate=0.05)
+    clean = local_round(_release_trainer(), x, y, plan, rng=np.random.default_rng(0), personal={})
+    dirty = local_round(
+        _release_trainer(), x, poisoned, plan, rng=np.random.default_rng(0), personal={}
+    )
+    np.testing.assert_array_equal(clean.update, dirty.update)
+    assert clean.samples == dirty.samples == int(held.sum())
+    assert clean.weight == 400 - held.sum()
+    # The trained model knows the true labels: right on the clean rows, wrong on the others.
+    assert clean.local_correct >= 0.9 * clean.samples
+    assert dirty.local_correct <= 0.1 * dirty.samples
+    assert clean.local_correct > clean.correct  # training helped on rows it never saw
+
+
+def test_personal_layers_never_leave_the_device_and_are_kept_across_rounds() -> None:
+    plan = rounds.TrainingPlan(
+        epochs=2,
+        eval_fraction=0.2,
+        learning_rate=0.05,
+        personal=("dense_2_kernel", "dense_2_bias"),
+    )
+    x, y = blobs(300, seed=13)
+    personal: dict[str, np.ndarray] = {}
+    trainer = _release_trainer()
+    mask = tflite.mask_of(trainer.layout, plan.personal)
+    first = local_round(trainer, x, y, plan, rng=np.random.default_rng(1), personal=personal)
+    assert set(personal) == set(plan.personal)
+    assert not first.update[mask].any()  # zero where the personal layers are
+    assert first.update[~mask].any()
+    # The trainer stays on the device's own model: release plus its personal layers.
+    weights = trainer.get_weights()
+    assert all(np.array_equal(weights[n], personal[n]) for n in plan.personal)
+    # A new release (here: the same one again) gets the device's personal layers back.
+    kept = {n: v.copy() for n, v in personal.items()}
+    second_trainer = _release_trainer()
+    local_round(second_trainer, x, y, plan, rng=np.random.default_rng(2), personal=personal)
+    assert not all(np.array_equal(kept[n], personal[n]) for n in plan.personal)  # trained on
+    start = second_trainer.get_weights()
+    assert all(np.array_equal(start[n], personal[n]) for n in plan.personal)
+
+
+# ------------------------------------------------------------ through the aggregator service
+
+
+async def test_aggregator_judges_each_release_on_its_own_test_set_and_keeps_personal_layers(
+    tmp_path: Path,
+) -> None:
+    """`eval.data`: every applied round's summary carries the new release's figures on the
+    aggregator's test set, equal to evaluating that release directly; `training.personal`:
+    the personal layers of every release stay as first released, while devices train them;
+    `training.lr_decay`: each round's announcement carries the scheduled local rate."""
+    test_csv = tmp_path / "test.csv"
+    rows = machine_csv(test_csv, seed=5, per_machine=40)
+    held = dataset.load(test_csv)
+    assert held.y is not None
+    personal = "dense_2_kernel,dense_2_bias"
+    async with memory_fleet(tmp_path, 4) as h:
+        h.start_devices()
+        service, summaries = await h.run_aggregator(
+            timeout=120,
+            **{
+                "rounds.count": "2",
+                "eval.data": str(test_csv),
+                "training.personal": personal,
+                "training.eval_fraction": "0.25",
+                "training.learning_rate": "0.1",
+                "training.lr_decay": "0.5",
+            },
+        )
+        agents = dict(h.agents)
+    assert [s.state for s in summaries] == ["closed", "closed"]
+    first = service.store.model_bytes(1)
+    for summary in summaries:
+        figures = summary.metrics["server_eval"]
+        assert figures["model_version"] == summary.new_version
+        model = service.store.model_bytes(figures["model_version"])
+        direct = evaluation.evaluate_model(model, held.x, held.y)
+        assert figures["samples"] == rows
+        assert figures["accuracy"] == pytest.approx(direct.accuracy, abs=1e-6)
+        assert figures["loss"] == pytest.approx(direct.loss, abs=1e-5)
+        # Federated evaluation ran too, on the devices' held-out quarter.
+        assert summary.metrics["samples"] > 0
+        assert summary.metrics["device_accuracy"] is not None
+        names = personal.split(",")
+        before, after = tflite.read_weights(first, names), tflite.read_weights(model, names)
+        assert all(np.array_equal(before[n], after[n]) for n in names)
+    # Devices trained their own personal layers, and they differ from the released ones.
+    for agent in agents.values():
+        assert set(agent._personal) == set(personal.split(","))
+        assert not np.array_equal(agent._personal["dense_2_bias"], before["dense_2_bias"])
+    rates = [s.metrics["learning_rate"] for s in summaries]
+    assert rates == pytest.approx([0.1, 0.05])
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        ({"eval.data": "missing.csv"}, "eval.data"),
+        ({"training.personal": "dense_9_kernel"}, "training.personal"),
+        ({"training.lr_decay": "2"}, "training.lr_decay"),
+        ({"training.eval_fraction": "0.9"}, "training.eval_fraction"),
+        ({"training.prox_mu": "-1"}, "training.prox_mu"),
+    ],
+)
+async def test_bad_evaluation_and_training_settings_name_their_key(
+    tmp_path: Path, sets: dict[str, str], key: str
+) -> None:
+    async def start() -> None:
+        await asyncio.wait_for(h.aggregator(**sets).run(), 30)
+
+    async with memory_fleet(tmp_path, 3) as h:
+        with pytest.raises(ConfigError) as caught:
+            await start()
+    assert caught.value.key == key
