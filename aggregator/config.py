@@ -122,17 +122,20 @@ class StagesSection:
 
 @dataclass(frozen=True, slots=True)
 class TrainingSection:
-    """What devices do locally each round (shared.rounds.TrainingPlan says what each means)."""
+    """What devices do locally each round (shared.rounds.TrainingPlan says what each means).
+    The defaults come from the sweep in docs/learning.md (bench/defaults_sweep.py)."""
 
-    learning_rate: float = rounds.DEFAULT_LEARNING_RATE  # the local rate of the first round
+    learning_rate: float = 0.15  # the local rate of the first round
     lr_decay: float = 1.0  # round r trains at learning_rate * lr_decay^(r-1) (releases applied)
     epochs: int = 1
-    steps: int = 0  # > 0: exactly this many local optimizer steps instead of epochs
+    steps: int = 20  # > 0: exactly this many local optimizer steps; 0: `epochs` passes
     max_samples: int = 512
     prox_mu: float = 0.0  # FedProx proximal weight; 0 = FedAvg
     eval_fraction: float = 0.2  # of each device's rows held out for federated evaluation
     personal: str = ""  # comma-separated weight names kept on devices (personalization)
-    error_feedback: bool = True  # off: set server.lr = 1 / compression.density for rand-k
+    # Off: rand-k is made unbiased (the aggregator scales its mean by d/k). Turn it on for
+    # top-k, which needs it; with partial participation it slows rand-k down (the sweep).
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.lr_decay <= 1.0:
@@ -154,7 +157,9 @@ class EvalSection:
 
 @dataclass(frozen=True, slots=True)
 class CompressionSection:
-    sparsity: Literal["dense", "rand_k", "top_k"] = "rand_k"
+    # Dense: every coordinate in SecAgg (the sweep in docs/learning.md). For large models,
+    # rand_k with `density` cuts the upload (docs/compression.md).
+    sparsity: Literal["dense", "rand_k", "top_k"] = "dense"
     density: float = 0.1
     quant_bits: int = 16
     clip: float = 0.5
@@ -197,9 +202,10 @@ class AggregationSection:
 
 @dataclass(frozen=True, slots=True)
 class ServerSection:
-    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    # FedAvg with server momentum 0.5 (FedAvgM): the best of the sweep in docs/learning.md.
+    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavgm"
     lr: float = 1.0
-    momentum: float = 0.9
+    momentum: float = 0.5
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3

@@ -50,6 +50,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -150,6 +151,20 @@ class _Run:
     opened_mark: int  # the devices' sign-of-life count when the open stage opened
     closing: ClosedBy = "complete"  # why the stage being closed closes
     spare: Stage | None = None  # a stage that closed with answers it did not need
+
+
+def _unbiased_scale(announce: RoundAnnounce, dim: int) -> float:
+    """d/k for rand-k rounds without error feedback, else 1.
+
+    Rand-k sends k of d coordinates; the mean of the sent values is the mean update on those
+    coordinates and nothing elsewhere, so in expectation it is k/d of the full mean. Error
+    feedback makes up the rest in later rounds; without it, scaling by d/k makes the applied
+    update unbiased (docs/compression.md), so `server.lr` keeps its meaning at any density.
+    """
+    plan = announce.compression
+    if plan.mode is not compression.SparseMode.RAND_K or announce.training.error_feedback:
+        return 1.0
+    return dim / plan.k(dim)
 
 
 class RoundEngine:
@@ -600,6 +615,11 @@ class RoundEngine:
         ann = run.announce
         state = RoundState.CLOSED if event is Event.RESULT else RoundState.ABORTED
         kept = aggregate if state is RoundState.CLOSED else None
+        scale = _unbiased_scale(ann, run.dim)
+        if kept is not None and scale != 1.0:
+            kept = dataclasses.replace(
+                kept, mean_update=kept.mean_update * scale, error_bound=kept.error_bound * scale
+            )
         metrics = report.summary(
             announce=ann,
             state=state,

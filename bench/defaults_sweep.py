@@ -34,12 +34,16 @@ OLD = {  # the defaults before this sweep
     "training.epochs": "1",
     "training.steps": "0",
     "training.learning_rate": "0.05",
+    "training.prox_mu": "0.0",
+    "training.lr_decay": "1.0",
+    "training.eval_fraction": "0.2",
+    "server.momentum": "0.9",
 }
 CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "A": ("old defaults: rand-10% + EF, 1 epoch, lr 0.05", {}),
     "B": (
-        "rand-10%, EF off, server lr 10",
-        {"training.error_feedback": "false", "server.lr": "10"},
+        "rand-10%, EF off (unbiased: mean x d/k)",
+        {"training.error_feedback": "false"},
     ),
     "C": ("dense, 1 epoch, lr 0.05", {"compression.sparsity": "dense"}),
     "D": ("dense, 5 epochs, lr 0.05", {"compression.sparsity": "dense", "training.epochs": "5"}),
@@ -98,13 +102,75 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
         {"training.steps": "20", "training.learning_rate": "0.1"},
     ),
     "N": (
-        "rand-25%, EF off, server lr 4, 20 steps, lr 0.1",
+        "rand-25%, EF off, 20 steps, lr 0.1",
         {
             "compression.density": "0.25",
             "training.error_feedback": "false",
-            "server.lr": "4",
             "training.steps": "20",
             "training.learning_rate": "0.1",
+        },
+    ),
+    # Second round, around the best of the first (H).
+    "O": (
+        "dense, 40 steps, lr 0.2",
+        {"compression.sparsity": "dense", "training.steps": "40", "training.learning_rate": "0.2"},
+    ),
+    "P": (
+        "dense, 20 steps, lr 0.3",
+        {"compression.sparsity": "dense", "training.steps": "20", "training.learning_rate": "0.3"},
+    ),
+    "Q": (
+        "H + server momentum 0.5",
+        {
+            "compression.sparsity": "dense",
+            "training.steps": "20",
+            "training.learning_rate": "0.2",
+            "server.optimizer": "fedavgm",
+            "server.momentum": "0.5",
+        },
+    ),
+    "R": (
+        "H + FedProx mu 0.1",
+        {
+            "compression.sparsity": "dense",
+            "training.steps": "20",
+            "training.learning_rate": "0.2",
+            "training.prox_mu": "0.1",
+        },
+    ),
+    "S": (
+        "rand-25% + EF, 20 steps, lr 0.2",
+        {"compression.density": "0.25", "training.steps": "20", "training.learning_rate": "0.2"},
+    ),
+    "T": (
+        "rand-25%, EF off, 20 steps, lr 0.2",
+        {
+            "compression.density": "0.25",
+            "training.error_feedback": "false",
+            "training.steps": "20",
+            "training.learning_rate": "0.2",
+        },
+    ),
+    # Third round: Q (the best so far) at a quarter of the upload, and with more margin.
+    "U": (
+        "Q at rand-25%, EF off",
+        {
+            "compression.density": "0.25",
+            "training.error_feedback": "false",
+            "training.steps": "20",
+            "training.learning_rate": "0.2",
+            "server.optimizer": "fedavgm",
+            "server.momentum": "0.5",
+        },
+    ),
+    "V": (
+        "Q at local lr 0.15",
+        {
+            "compression.sparsity": "dense",
+            "training.steps": "20",
+            "training.learning_rate": "0.15",
+            "server.optimizer": "fedavgm",
+            "server.momentum": "0.5",
         },
     ),
 }

@@ -90,6 +90,9 @@ SDK_VERSION = "fleetlearn-0.1"
 class LocalData(Protocol):
     """Where a device's examples come from. Labels may be missing for inference-only data."""
 
+    @property
+    def labelled(self) -> bool: ...
+
     def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def recent(self, count: int) -> tuple[np.ndarray, np.ndarray | None]: ...
@@ -98,28 +101,42 @@ class LocalData(Protocol):
 
 
 class ArrayData:
-    """Examples held in memory: the newest rows are the most recent."""
+    """Examples held in memory: the newest rows are the most recent. `y` None: unlabelled
+    (an inference-only device)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray | None) -> None:
         self.x, self.y = x, y
 
     @classmethod
-    def load(cls, path: Path | str, *, label: str = dataset.DEFAULT_LABEL_COLUMN) -> ArrayData:
+    def load(
+        cls,
+        path: Path | str,
+        *,
+        label: str = dataset.DEFAULT_LABEL_COLUMN,
+        require_labels: bool = True,
+    ) -> ArrayData:
         """A data file in the documented format (`shared.dataset`: .npz or .csv, docs/data.md).
-        A device that trains needs labels; a file without them is refused here."""
+        A device that trains needs labels: without `require_labels=False` a file without
+        them is refused here."""
         data = dataset.load(path, label=label)
-        if data.y is None:
+        if data.y is None and require_labels:
             raise DataError(
                 f"{path}: has no labels ('y' in an .npz, a {label!r} column in a .csv); "
                 "a device that trains needs them"
             )
         return cls(data.x, data.y)
 
+    @property
+    def labelled(self) -> bool:
+        return self.y is not None
+
     def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.y is None:
+            raise TrainerError("this device's data has no labels: it runs inference only")
         return self.x[-max_samples:], self.y[-max_samples:]
 
     def recent(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.x[-count:], self.y[-count:]
+        return self.x[-count:], None if self.y is None else self.y[-count:]
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -384,7 +401,8 @@ class DeviceAgent:
         status = wire.DeviceStatus(
             device_id=self.device_id,
             online=True,
-            eligibility=c.eligibility,
+            # Without labels it cannot train: never selected, still runs every release.
+            eligibility=c.eligibility if self.data.labelled else wire.Eligibility.INFERENCE_ONLY,
             charging=c.charging,
             battery=min(1.0, max(0.0, c.battery)),
             model_version=self.participant.model_version,

@@ -32,7 +32,13 @@ def register(sub: Any) -> None:
         help="this device's provisioned directory (fleet/devices/<id>)",
     )
     d.add_argument("--id", help="device id; must match the one in --keys (a safety check)")
-    d.add_argument("--data", type=Path, required=True, help=".npz with x [n, features] and y [n]")
+    d.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="local examples, .npz or .csv (docs/data.md); without labels the device runs "
+        "inference only and never trains",
+    )
     d.add_argument(
         "--registry",
         type=Path,
@@ -105,7 +111,7 @@ def run_device(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--registry", f"is for fleet {registry.fleet!r}, device is in {creds.fleet!r}"
         )
-    data = ArrayData.load(args.data)
+    data = ArrayData.load(args.data, require_labels=False)  # unlabelled: inference only
     participant = Participant(
         fleet=creds.fleet,
         device_id=creds.device_id,
@@ -132,8 +138,9 @@ def run_device(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         task = asyncio.create_task(agent.run())
+        role = "" if data.labelled else " (no labels in --data: inference only, never trains)"
         print(
-            f"device {creds.device_id} of fleet {creds.fleet} -> {address}; Ctrl-C to stop",
+            f"device {creds.device_id} of fleet {creds.fleet} -> {address}{role}; Ctrl-C to stop",
             flush=True,
         )
         done, _ = await asyncio.wait(

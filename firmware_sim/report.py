@@ -18,15 +18,32 @@ COLUMNS = (
     ("dropouts_recovered", "recovered"),
     ("uplink_bytes_per_device", "uplink B/dev"),
     ("accuracy", "accuracy"),
+    ("device_accuracy", "on device"),
+    ("server_eval", "test set"),
     ("duration_s", "seconds"),
 )
 
 
+_OPTIONAL = ("device_accuracy", "server_eval")
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    values = []
+    for m in rows:
+        value = m.get(key)
+        if isinstance(value, dict):
+            value = value.get("accuracy")
+        values.append(float(value) if isinstance(value, int | float) else float("nan"))
+    return values
+
+
 def cell(metrics: dict[str, Any], key: str) -> str:
     value = metrics.get(key)
+    if key == "server_eval" and isinstance(value, dict):
+        value = value.get("accuracy")
     if value is None:
         return "-"
-    if key == "accuracy":
+    if key in ("accuracy", "device_accuracy", "server_eval"):
         return f"{value:.3f}"
     if key == "duration_s":
         return f"{value:.1f}"
@@ -36,11 +53,17 @@ def cell(metrics: dict[str, Any], key: str) -> str:
 
 
 def round_table(rows: Sequence[dict[str, Any]], title: str | None = "rounds") -> Table:
+    """One row per round; the evaluation columns only when some round has the figure."""
     table = Table(title=title)
-    for _, header in COLUMNS:
+    columns = [
+        (key, header)
+        for key, header in COLUMNS
+        if key not in _OPTIONAL or any(m.get(key) is not None for m in rows)
+    ]
+    for _, header in columns:
         table.add_column(header, justify="right")
     for metrics in rows:
-        table.add_row(*(cell(metrics, key) for key, _ in COLUMNS))
+        table.add_row(*(cell(metrics, key) for key, _ in columns))
     return table
 
 
@@ -52,21 +75,29 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> None:
-    """Accuracy and uplink bytes per device, per round."""
+    """Accuracy (federated evaluation; per device and on the aggregator's test set when
+    present) and uplink bytes per device, per round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [m["round"] for m in rows]
-    accuracy = [
-        float(m["accuracy"]) if m.get("accuracy") is not None else float("nan") for m in rows
-    ]
     uplink = [m.get("uplink_bytes_per_device") or 0 for m in rows]
     fig, ax1 = plt.subplots(figsize=(8, 4.5), dpi=110)
     ax1.plot(
-        rounds, accuracy, marker="o", color="tab:blue", label="accuracy (global model, local data)"
+        rounds,
+        _series(rows, "accuracy"),
+        marker="o",
+        color="tab:blue",
+        label="global model, devices' held-out rows",
     )
+    for key, color, label in (
+        ("device_accuracy", "tab:green", "each device's own model, same rows"),
+        ("server_eval", "tab:purple", "new release, aggregator's test set"),
+    ):
+        if any(m.get(key) is not None for m in rows):
+            ax1.plot(rounds, _series(rows, key), marker=".", color=color, label=label)
     ax1.set_xlabel("round")
     ax1.set_ylabel("accuracy", color="tab:blue")
     ax1.set_ylim(0, 1)

@@ -45,7 +45,7 @@ def test_secure_fedavg_with_dropouts_and_rand10_reaches_90pct_of_central(
         clip=1.0,
         expected_dropout=0.1,  # the scenario's; k is sized so no round aborts by bad luck
     )
-    fleet = InMemoryFleet(200, config, scenario, optimizer=rules.OptimizerConfig(lr=10.0), seed=1)
+    fleet = InMemoryFleet(200, config, scenario, optimizer=rules.OptimizerConfig(lr=1.0), seed=1)
     test = held_out_set(scenario)
     accuracy = []
     for _ in range(10):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fleetlearn.device.agent import ArrayData
 from fleetlearn.device.trainer import LiteRTTrainer, local_round
 from fleetlearn.shared import dataset, evaluation, rounds, tflite, topics, wire
 from fleetlearn.shared.errors import ConfigError
@@ -274,3 +275,31 @@ async def test_bad_evaluation_and_training_settings_name_their_key(
         with pytest.raises(ConfigError) as caught:
             await start()
     assert caught.value.key == key
+
+
+async def test_an_unlabelled_device_runs_inference_only_and_is_never_selected(
+    tmp_path: Path,
+) -> None:
+    """A device whose data has no labels says `inference_only` in its status, is left out of
+    every cohort, and still loads each release and publishes its predictions."""
+    async with memory_fleet(tmp_path, 5) as h:
+        *trainers, reader = h.devices
+        for i, dev in enumerate(trainers):
+            h.start_device(dev, i)
+        agent = h.make_agent(reader, 4)
+        assert isinstance(agent.data, ArrayData)
+        agent.data = ArrayData(agent.data.x, None)  # the same rows, without labels
+        h.agents[reader] = agent
+        h.tasks[reader] = asyncio.create_task(agent.run())
+        service, summaries = await h.run_aggregator(
+            timeout=120, **{"rounds.count": "2", "rounds.cohort": "4"}
+        )
+        assert [s.state for s in summaries] == ["closed", "closed"]
+        assert all(reader not in s.survivors for s in summaries)
+        assert all(s.metrics["cohort"] == 4 for s in summaries)
+        status = service.engine._devices.status(reader)
+        assert status is not None
+        assert status.eligibility is wire.Eligibility.INFERENCE_ONLY
+        # It loaded the releases (v1 and at least v2) and never trained.
+        assert agent.stats.releases_loaded >= 2
+        assert agent.stats.rounds_trained == 0

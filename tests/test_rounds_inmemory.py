@@ -238,6 +238,25 @@ def test_secure_round_matches_plain_weighted_mean(defer_close: bool) -> None:
     assert out.metrics["duration_s"] < fleet.engine.config.times.advertise
 
 
+def test_rand_k_without_error_feedback_is_scaled_to_be_unbiased() -> None:
+    """EF off: the applied mean is d/k times the survivors' weighted mean on the k shared
+    coordinates (its expectation is the full mean), so server.lr keeps its meaning."""
+    fleet = make_fleet(6, training=rounds.TrainingPlan(error_feedback=False), density=0.1)
+    run_round(fleet)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    inputs = {d: p.inputs[1] for d, p in fleet.devices.items()}
+    idx = inputs["d00"][0]
+    total_w = sum(i[2] for i in inputs.values())
+    mean = sum(i[2] * i[1] for i in inputs.values()) / total_w
+    scale = fleet.dim / len(idx)
+    assert scale > 9
+    assert out.mean_update is not None
+    np.testing.assert_allclose(out.mean_update[idx], scale * mean, atol=out.error_bound, rtol=0)
+    assert out.error_bound < 10 * 1e-2
+
+
 @pytest.mark.parametrize("defer_close", [False, True], ids=["close-on-receive", "deferred"])
 def test_secure_round_survives_dropouts_after_masking_and_before_advertise(
     defer_close: bool,

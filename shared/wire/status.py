@@ -16,6 +16,7 @@ class Eligibility(enum.Enum):
     BUSY = "busy"  # the machine it serves needs the CPU now
     LOW_BATTERY = "low_battery"
     OFFLINE = "offline"
+    INFERENCE_ONLY = "inference_only"  # no labelled data: runs each release, never trains
 
 
 @message("status")
