@@ -29,7 +29,7 @@ Datasets (all shipped inside PyPI packages, nothing downloaded):
   September; train and test files pooled, then re-split;
 - digits: `sklearn.datasets.load_digits`: 1,797 8x8 handwritten digits (64 features, 10 classes);
 - vowels: JapaneseVowels (equal-length version) from `aeon`: 640 utterances of /ae/, 12 LPC
-  cepstrum channels x 29 frames, class = one of 9 speakers.
+  cepstrum channels x 25 frames, class = one of 9 speakers.
 
 Needs the `bench` and `build` extras (scikit-learn, aeon, TensorFlow).
 """
@@ -317,8 +317,18 @@ def _report(
         ratios = {r: (curve[r - 1] / central_best if central_best else None) for r in marks}
         runs = extra[key]
         closed = min(r["rounds_closed"] for r in runs)
-        fed = [v for v in runs[0]["federated_eval"] if v is not None]
-        dev = [v for v in runs[0]["device_accuracy"] if v is not None]
+        # Last round's federated evaluation (global model on the devices' held-out rows) and
+        # per-device accuracy (each device's own model), median over seeds.
+        fed = (
+            [statistics.median(r["federated_eval"][-1] for r in runs)]
+            if all(r["federated_eval"][-1] is not None for r in runs)
+            else []
+        )
+        dev = (
+            [statistics.median(r["device_accuracy"][-1] for r in runs)]
+            if all(r["device_accuracy"][-1] is not None for r in runs)
+            else []
+        )
         text = " ".join(f"{a:.2f}" for a in curve)
         print(f"{key:18s} test accuracy by round: {text}")
         print(
@@ -337,8 +347,10 @@ def _report(
             "curve": curve,
             "ratios": {str(r): v for r, v in ratios.items()},
             "rounds_closed": closed,
-            "federated_eval": runs[0]["federated_eval"],
-            "device_accuracy": runs[0]["device_accuracy"],
+            "federated_eval": [r["federated_eval"] for r in runs],
+            "device_accuracy": [r["device_accuracy"] for r in runs],
+            "last_federated_eval": fed[-1] if fed else None,
+            "last_device_accuracy": dev[-1] if dev else None,
         }
     return out
 
