@@ -46,7 +46,6 @@ from fleetlearn.shared.rounds import PlainUpdate, RoundMode
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
 from fleetlearn.shared.secagg.errors import RemoteProtocolError, SecAggError
-from fleetlearn.shared.secagg.packing import packed_size
 from fleetlearn.shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
 from fleetlearn.shared.secagg.shamir import SHARE_BYTES
 from fleetlearn.shared.topics import Kind
@@ -237,7 +236,7 @@ class SecureRound(ModeRound):
             {
                 Kind.ADVERTISE: SLACK,
                 Kind.SHARES: k * (sm.SEALED_SHARE_BYTES + 128) + SLACK,
-                Kind.MASKED: packed_size(self.secagg.dimension + 4, self.secagg.field_bits) + SLACK,
+                Kind.MASKED: self.secagg.packed_bytes + SLACK,
                 Kind.UNMASK: k * (SHARE_BYTES + 128) + SLACK,
             }
         )
