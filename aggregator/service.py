@@ -223,6 +223,15 @@ class AggregatorService:
                 f"{unknown} are not weights of model {manifest.model_id!r} "
                 f"(its weights: {', '.join(sorted(names))})",
             )
+        if self._eval_set is not None:
+            width = tflite.describe_model(self.store.model_bytes(latest.version))
+            inputs = {t.name: t for t in width.signature("infer").inputs}
+            wanted = inputs["x"].shape[-1] if "x" in inputs else None
+            got = self._eval_set[0].shape[1]
+            if wanted is not None and wanted != got:
+                raise ConfigError(
+                    "eval.data", f"has {got} features; model {manifest.model_id!r} takes {wanted}"
+                )
         self._interrupted = self.store.interrupted_rounds()
         for round_id in self._interrupted:
             self.store.finish_round(
@@ -658,6 +667,11 @@ class AggregatorService:
             outcome.mean_update, manifest.layout, self.settings.training.personal_names
         )
         new = self.optimizer.step(weights, mean)
+        personal = self.settings.training.personal_names
+        if personal:
+            # Server momentum or Adam state from earlier rounds must not move them either.
+            keep = tflite.mask_of(manifest.layout, personal)
+            new[keep] = weights[keep]
         try:
             if not np.all(np.isfinite(new)):
                 raise ValueError("new weights hold NaN or infinity")
@@ -693,7 +707,8 @@ class AggregatorService:
 def _evaluate_on(model: bytes, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     try:
         return evaluation.evaluate_model(model, x, y).as_dict()
-    except (ValueError, FleetlearnError) as exc:
+    except (ValueError, RuntimeError, FleetlearnError) as exc:
+        # RuntimeError: the interpreter refuses data of another width.
         # A test set that does not fit the model costs the figure, never the round.
         return {"error": str(exc)[:300]}
 

@@ -7,8 +7,8 @@ after sharing keys, medians over seeds. For each configuration it prints, after 
 
 - global: the global model on the devices' held-out rows (federated evaluation, `accuracy`):
   what a device runs without personalization;
-- own: each device's own model after its local training, on the same rows
-  (`device_accuracy`): what a device runs with personal layers.
+- own: what each device runs after the round, on the same rows (`device_accuracy`: the
+  release with its personal layers).
 
 Part 1 is the fleet's own predictive-maintenance sites: every device a machine of its own
 (type, speed, resonance), sites with skewed fault mixes (`non_iid` 0.2: strongly skewed; 1.0:

@@ -303,11 +303,13 @@ def local_round(
     2. Evaluate the release as it is on the held-out rows (the global model's accuracy).
     3. Start from the release with this device's own `personal` weights put back (the plan's
        personal layers; the first time, the release's own values), train with the plan's
-       rate, steps or epochs and FedProx mu, and evaluate that model on the held-out rows (the
-       per-device accuracy a personalized fleet reports).
-    4. Leave the trainer on the device's model (release plus personal layers) for inference,
-       store the trained personal weights in `personal`, and return the update: trained minus
-       release, zero on personal weights, which never leave the device.
+       rate, steps or epochs and FedProx mu.
+    4. Store the trained personal weights in `personal` (only when finite: a diverged round
+       keeps the previous ones), leave the trainer on the device's model (release plus
+       personal layers), evaluate that model on the held-out rows (what the device runs: the
+       per-device accuracy a personalized fleet reports; without personal layers it is the
+       release), and return the update: trained minus release, zero on personal weights,
+       which never leave the device.
     """
     held = dataset.holdout_rows(int(x.shape[0]), plan.eval_fraction)
     xt, yt = x[~held][-plan.max_samples :], y[~held][-plan.max_samples :]
@@ -328,13 +330,15 @@ def local_round(
         prox_mu=plan.prox_mu,
         rng=rng,
     )
-    after = trainer.evaluate(xe, ye)
     trained = trainer.get_weights()
     update = tflite.flatten(trained, trainer.layout).astype(np.float64) - trainer.initial
-    for name in names:
-        personal[name] = trained[name]
+    if all(np.all(np.isfinite(trained[n])) for n in names):
+        for name in names:
+            personal[name] = trained[name]
     update[tflite.mask_of(trainer.layout, names)] = 0.0
-    trainer.set_weights({**start, **{n: personal[n] for n in names}})
+    own = {n: personal[n] for n in names if n in personal and personal[n].shape == start[n].shape}
+    trainer.set_weights({**start, **own})
+    after = trainer.evaluate(xe, ye)
     return LocalResult(
         update=update.astype(np.float32),
         weight=float(xt.shape[0]),

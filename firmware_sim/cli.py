@@ -439,7 +439,7 @@ def _demo_data(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     parts = part.partition(
         data, args.devices, scheme=args.partition, alpha=args.alpha, seed=0, min_rows=1
     )
-    if data.x.shape[1] != PACKAGED_FEATURES or data.classes > PACKAGED_CLASSES:
+    if data.x.shape[1] != PACKAGED_FEATURES or loaded.classes > PACKAGED_CLASSES:
         require_modules(
             f"fleetlearn demo --data with {data.x.shape[1]} features and {data.classes} "
             "classes (a model of that shape is built)",
@@ -500,7 +500,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     model_path = ""
     fits_packaged = user_data is None or (
-        user_data[0].x.shape[1] == PACKAGED_FEATURES and user_data[0].classes <= PACKAGED_CLASSES
+        user_data[0].x.shape[1] == PACKAGED_FEATURES
+        and max(user_data[0].classes, user_data[2].classes) <= PACKAGED_CLASSES
     )
     if args.build or not fits_packaged:
         from dataclasses import replace
@@ -510,11 +511,12 @@ def run_demo(args: argparse.Namespace) -> int:
         model_spec = model_build.load_spec(None)
         if not fits_packaged and user_data is not None:
             data = user_data[0]
+            classes = max(data.classes, user_data[2].classes)  # the test split may hold the top
             model_spec = replace(
                 model_spec,
                 model_id="demo-data",
                 input_width=int(data.x.shape[1]),
-                labels=tuple(f"class-{i}" for i in range(max(2, data.classes))),
+                labels=tuple(f"class-{i}" for i in range(max(2, classes))),
             )
         model_path = str(work / "model.tflite")
         model_build.build_to_file(model_spec, Path(model_path))

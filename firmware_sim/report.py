@@ -93,7 +93,7 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> None:
         label="global model, devices' held-out rows",
     )
     for key, color, label in (
-        ("device_accuracy", "tab:green", "each device's own model, same rows"),
+        ("device_accuracy", "tab:green", "what each device runs (personal layers), same rows"),
         ("server_eval", "tab:purple", "new release, aggregator's test set"),
     ):
         if any(m.get(key) is not None for m in rows):

@@ -115,8 +115,9 @@ class TrainingPlan(wire.Record):
                    evaluates the round's model (federated evaluation); 0 = no evaluation
     personal       weight names that stay on the device: trained locally, never sent, never
                    aggregated (personalization layers); the update covers the others only
-    error_feedback carry what compression did not send into the next round. Off, rand-k is
-                   unbiased only with a server learning rate of 1/density (docs/compression.md)
+    error_feedback carry what compression did not send into the next round. Off, the
+                   aggregator scales rand-k's mean by d/k to keep it unbiased
+                   (docs/compression.md)
     """
 
     epochs: int = 1
