@@ -90,6 +90,12 @@ class EngineConfig:
                 "compression.sparsity top_k cannot be masked (each device picks its own "
                 "coordinates); use rand_k or dense in secure mode"
             )
+        if self.sparsity == "top_k" and not self.training.error_feedback:
+            raise EngineError(
+                "training.error_feedback must be true with compression.sparsity top_k: top-k "
+                "drops the same small coordinates round after round, and only error feedback "
+                "sends them later (unlike rand_k, it cannot be rescaled to be unbiased)"
+            )
         if self.mode == "secure" and self.rule != "mean":
             raise EngineError(
                 f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "

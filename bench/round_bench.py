@@ -126,6 +126,8 @@ def run_one(work: Path, n: int, model: Path, mode: str, rounds: int = 4) -> dict
             "training.max_samples": "256",
             "compression.sparsity": "rand_k" if mode == "secure" else "top_k",
             "compression.density": "0.1",
+            # top-k needs error feedback (the aggregator refuses it without).
+            "training.error_feedback": "false" if mode == "secure" else "true",
         }
         loaded = settings.load(AggregatorSettings, sets=sets)
 

@@ -511,7 +511,8 @@ class DeviceAgent:
 
     @staticmethod
     def _data_limit(plan: TrainingPlan) -> int:
-        """Rows to read: enough that `max_samples` remain for training after the hold-out."""
+        """Rows to read: enough that about `max_samples` remain for training after the
+        hold-out (which rows are held out does not depend on this window)."""
         return math.ceil(plan.max_samples / (1.0 - plan.eval_fraction)) + 1
 
     # ------------------------------------------------------------------- release floor
@@ -597,7 +598,10 @@ class DeviceAgent:
 
     def _save_personal(self) -> None:
         path = self._personal_path()
-        if path is None or not self._personal:
+        if path is None:
+            return
+        if not self._personal:  # the plan has no personal layers (any more)
+            path.unlink(missing_ok=True)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()

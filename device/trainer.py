@@ -298,11 +298,13 @@ def local_round(
 ) -> LocalResult:
     """What a device does in a round, the same on a gateway and in the simulators.
 
-    1. Split its examples into a training and a held-out part (`dataset.holdout_rows`, the
-       same rows every round); each is cut to the plan's `max_samples` most recent rows.
+    1. Split its examples into a training and a held-out part (`dataset.evaluation_rows`:
+       a row's side depends on its features only, so it is the same in every round and for
+       any window of the data); each is cut to the plan's `max_samples` most recent rows.
     2. Evaluate the release as it is on the held-out rows (the global model's accuracy).
-    3. Start from the release with this device's own `personal` weights put back (the plan's
-       personal layers; the first time, the release's own values), train with the plan's
+    3. Drop from `personal` the weights this plan no longer names personal. Start from the
+       release with this device's own `personal` weights put back (the plan's personal
+       layers; the first time, the release's own values), train with the plan's
        rate, steps or epochs and FedProx mu.
     4. Store the trained personal weights in `personal` (only when finite: a diverged round
        keeps the previous ones), leave the trainer on the device's model (release plus
@@ -311,10 +313,12 @@ def local_round(
        release), and return the update: trained minus release, zero on personal weights,
        which never leave the device.
     """
-    held = dataset.holdout_rows(int(x.shape[0]), plan.eval_fraction)
+    held = dataset.evaluation_rows(x, plan.eval_fraction)
     xt, yt = x[~held][-plan.max_samples :], y[~held][-plan.max_samples :]
     xe, ye = x[held][-plan.max_samples :], y[held][-plan.max_samples :]
     names = [spec.name for spec in trainer.layout if spec.name in plan.personal]
+    for stale in [n for n in personal if n not in names]:
+        del personal[stale]  # no longer personal in this plan: the release's values rule
     start = tflite.unflatten(trainer.initial, trainer.layout)
     kept = {n: personal[n] for n in names if n in personal and personal[n].shape == start[n].shape}
     trainer.set_flat_weights(trainer.initial)  # the release as it is: a round may repeat

@@ -91,17 +91,65 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def holdout_rows(count: int, fraction: float) -> np.ndarray:
-    """Which of `count` rows a device holds out for evaluation: a boolean mask.
+    """An even split of a file's `count` rows by position: a boolean mask, True = held out.
 
     Row i is held out when frac((i + 1) * golden ratio) < fraction: about `fraction` of the
-    rows, spread evenly over the file (so over time, for data kept in time order), the same
-    rows every round (a held-out row is never trained on), no randomness needed. When that
-    would leave nothing to train on, nothing is held out.
+    rows, spread evenly over the file (so over time, for data kept in time order), no
+    randomness needed. For a one-off split of one file (the demo's test set); a device's
+    evaluation rows come from `evaluation_rows`, which does not depend on positions. When
+    this would leave nothing, nothing is held out.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     index = np.arange(1, count + 1, dtype=np.float64)
     mask = np.mod(index * _GOLDEN, 1.0) < fraction
+    if mask.all():
+        mask[:] = False
+    return mask
+
+
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def row_keys(x: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) per row of `x`, from the row's values alone (as float32; -0.0 as
+    0.0). Not a cryptographic hash: it spreads rows evenly, it does not hide them."""
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.float64)
+    rows = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1) + 0.0)
+    raw = rows.view(np.uint8).reshape(len(rows), -1)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((len(raw), pad), np.uint8)], axis=1)
+    words = raw.view(np.uint64) if raw.shape[1] else np.zeros((len(raw), 0), np.uint64)
+    h = np.full(len(rows), 0x6A09E667F3BCC908, dtype=np.uint64)
+    for column in words.T:
+        h = _mix(h ^ column)
+    h = _mix(h ^ np.uint64(words.shape[1]))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def evaluation_rows(x: np.ndarray, fraction: float) -> np.ndarray:
+    """Which of a device's rows it holds out for evaluation: a boolean mask, True = held out.
+
+    Whether a row is held out depends only on its features (`row_keys(row) < fraction`), not
+    on where it sits or what else the device has. So the held-out set stays held out when
+    the device reads a different window of its data (another `max_samples`), when rows are
+    appended or old ones dropped, and when a row appears twice; raising `fraction` only adds
+    rows to it. About `fraction` of the rows, at random over rows; a device with very few
+    rows may hold out none. When it would hold out every row, nothing is held out.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    mask = row_keys(x) < fraction if fraction > 0.0 else np.zeros(len(x), dtype=bool)
     if mask.all():
         mask[:] = False
     return mask

@@ -107,6 +107,8 @@ def test_settings_layers_and_errors(tmp_path: Path) -> None:
 def test_cross_field_rules_name_the_key() -> None:
     for sets, key in [
         ({"compression.sparsity": "top_k"}, "compression.sparsity"),
+        # top-k is biased: without error feedback small coordinates would never be sent.
+        ({"rounds.mode": "plain", "compression.sparsity": "top_k"}, "training.error_feedback"),
         ({"rounds.mode": "secure", "aggregation.rule": "median"}, "aggregation.rule"),
         # [stages] values are durations: a hard limit below its own soft limit is the error.
         ({"stages.share": "40", "stages.share_hard": "30"}, "stages.share_hard"),

@@ -151,14 +151,11 @@ def test_a_device_never_trains_on_its_held_out_rows() -> None:
     """The held-out rows are the same every round, about eval_fraction of them, and nothing
     about them reaches the update: wrong labels on exactly those rows leave the update (same
     shuffle) bit for bit the same."""
-    mask = dataset.holdout_rows(1000, 0.2)
-    assert np.array_equal(mask, dataset.holdout_rows(1000, 0.2))
-    assert 180 <= mask.sum() <= 220
-    assert not dataset.holdout_rows(3, 0.2).all()
-    assert not dataset.holdout_rows(1, 0.4).any()  # nothing left to train on: nothing held out
-
     x, y = blobs(400, seed=12)
-    held = dataset.holdout_rows(400, 0.25)
+    held = dataset.evaluation_rows(x, 0.25)
+    assert np.array_equal(held, dataset.evaluation_rows(x.copy(), 0.25))
+    assert 70 <= held.sum() <= 130
+    assert not dataset.evaluation_rows(x[:1], 0.4).any()  # nothing left to train on
     poisoned = y.copy()
     poisoned[held] = (y[held] + 1) % 4  # wrong labels on held-out rows only
     plan = rounds.TrainingPlan(epochs=5, eval_fraction=0.25, learning_rate=0.05)
@@ -199,6 +196,60 @@ def test_personal_layers_never_leave_the_device_and_are_kept_across_rounds() -> 
     assert not all(np.array_equal(kept[n], personal[n]) for n in plan.personal)  # trained on
     start = second_trainer.get_weights()
     assert all(np.array_equal(start[n], personal[n]) for n in plan.personal)
+
+
+def test_training_starts_from_the_devices_own_layers_and_forgets_those_no_longer_personal() -> None:
+    """With a rate too small to move anything, the trained personal layers are the ones the
+    device kept (far from the release's), so training started from them; a layer the plan no
+    longer names personal is dropped and training starts from the release's value of it."""
+    trainer = _release_trainer()
+    release = tflite.unflatten(trainer.initial, trainer.layout)
+    own = {n: release[n] + 0.5 for n in ("dense_2_kernel", "dense_2_bias", "dense_1_bias")}
+    personal = {n: v.copy() for n, v in own.items()}
+    plan = rounds.TrainingPlan(
+        steps=1, eval_fraction=0.2, learning_rate=1e-9, personal=("dense_2_kernel", "dense_2_bias")
+    )
+    x, y = blobs(100, seed=14)
+    result = local_round(trainer, x, y, plan, rng=np.random.default_rng(5), personal=personal)
+    assert set(personal) == {"dense_2_kernel", "dense_2_bias"}  # dense_1_bias: stale, dropped
+    for name in plan.personal:
+        np.testing.assert_allclose(personal[name], own[name], atol=1e-5)
+    stale = tflite.mask_of(trainer.layout, ("dense_1_bias",))
+    assert np.abs(result.update[stale]).max() < 1e-5  # trained from the release's value
+    assert trainer.get_weights()["dense_1_bias"] == pytest.approx(release["dense_1_bias"])
+
+
+async def test_an_agent_puts_its_stored_personal_layers_into_every_release_it_loads(
+    tmp_path: Path,
+) -> None:
+    """`personal.npz` in the state directory goes into each new interpreter; when a plan has
+    no personal layers any more, the file is removed so a restart cannot bring them back."""
+    from fleetlearn.device.agent import DeviceAgent
+    from fleetlearn.transport.memory import MemoryBroker
+
+    model = shipped_model()
+    manifest = tflite.read_manifest(model)
+    assert manifest is not None
+    release = tflite.unflatten(_release_trainer().initial, manifest.layout)
+    own = {"dense_2_bias": release["dense_2_bias"] + 0.25}
+    np.savez(tmp_path / "personal.npz", **own)
+    x, y = blobs(60, seed=15)
+    agent = DeviceAgent(
+        participant=make_fleet(3).devices["d00"],
+        connector=MemoryBroker().connector,
+        password="unused",
+        data=ArrayData(x, y),
+        state_dir=tmp_path,
+    )
+    loaded = agent._new_trainer(model, manifest).get_weights()
+    np.testing.assert_array_equal(loaded["dense_2_bias"], own["dense_2_bias"])
+    np.testing.assert_array_equal(loaded["dense_2_kernel"], release["dense_2_kernel"])
+    trainer = agent._new_trainer(model, manifest)
+    agent._train_sync(trainer, rounds.TrainingPlan(steps=2, eval_fraction=0.2))
+    agent._save_personal()
+    assert not (tmp_path / "personal.npz").exists()
+    fresh = agent._new_trainer(model, manifest).get_weights()
+    np.testing.assert_array_equal(fresh["dense_2_bias"], release["dense_2_bias"])
 
 
 # ------------------------------------------------------------ through the aggregator service
@@ -304,6 +355,45 @@ async def test_an_unlabelled_device_runs_inference_only_and_is_never_selected(
         assert agent.stats.rounds_trained == 0
 
 
+def test_held_out_rows_stay_held_out_whatever_window_of_the_data_a_device_reads() -> None:
+    """A row's side depends on its features only: another max_samples, another eval_fraction
+    upwards, appended rows or dropped old rows never move a held-out row into training. With
+    wrong labels on the rows held out of the whole data, every window trains bit for bit as
+    with the right labels."""
+    x, y = blobs(600, seed=31)
+    held = dataset.evaluation_rows(x, 0.2)
+    for start, stop in ((0, 600), (250, 600), (0, 333), (101, 480)):
+        assert np.array_equal(dataset.evaluation_rows(x[start:stop], 0.2), held[start:stop])
+    assert not (held & ~dataset.evaluation_rows(x, 0.3)).any()  # a larger share only adds
+    repeated = np.concatenate([x, x[:50]])
+    assert np.array_equal(dataset.evaluation_rows(repeated, 0.2)[600:], held[:50])
+    poisoned = y.copy()
+    poisoned[held] = (y[held] + 1) % 4
+    for max_samples in (120, 300, 600):
+        plan = rounds.TrainingPlan(
+            steps=8, eval_fraction=0.2, learning_rate=0.05, max_samples=max_samples
+        )
+        window = slice(-(max_samples + 40), None)
+        clean = local_round(
+            _release_trainer(),
+            x[window],
+            y[window],
+            plan,
+            rng=np.random.default_rng(1),
+            personal={},
+        )
+        dirty = local_round(
+            _release_trainer(),
+            x[window],
+            poisoned[window],
+            plan,
+            rng=np.random.default_rng(1),
+            personal={},
+        )
+        np.testing.assert_array_equal(clean.update, dirty.update)
+        assert clean.samples == min(int(held[window].sum()), max_samples)
+
+
 def test_own_model_figures_are_of_the_model_the_device_runs_and_divergence_keeps_old_layers() -> (
     None
 ):
@@ -316,7 +406,7 @@ def test_own_model_figures_are_of_the_model_the_device_runs_and_divergence_keeps
     personal: dict[str, np.ndarray] = {}
     trainer = _release_trainer()
     result = local_round(trainer, x, y, plan, rng=np.random.default_rng(3), personal=personal)
-    held = dataset.holdout_rows(200, 0.25)
+    held = dataset.evaluation_rows(x, 0.25)
     assert result.local_correct == trainer.evaluate(x[held], y[held]).correct
     kept = personal["dense_2_bias"].copy()
     huge = np.full_like(x, 1e30)

@@ -180,12 +180,11 @@ async def test_low_battery_devices_are_not_selected(tmp_path: Path) -> None:
 async def test_samples_per_device_show_in_metrics(tmp_path: Path) -> None:
     summaries, _, _ = await run(tmp_path, 6, "[fleet]\nsamples = 40\n")
     m = summaries[0].metrics
-    # Each device holds out the same rows of its 40 (training.eval_fraction, default 0.2)
-    # for evaluation and trains on the rest: `samples` counts the first, the weight the rest.
-    held = int(dataset.holdout_rows(40, 0.2).sum())
-    assert 0 < held < 40
-    assert m["samples"] == held * m["survivors"]
-    assert m["weight_sum"] == pytest.approx((40 - held) * m["survivors"], rel=1e-3)
+    # Each device holds out about a fifth of its 40 rows (training.eval_fraction, default
+    # 0.2) for evaluation and trains on the rest: `samples` counts the first, the weight the
+    # rest, so together they are every row of every survivor.
+    assert 0 < m["samples"] < 40 * m["survivors"] / 2
+    assert m["samples"] + m["weight_sum"] == pytest.approx(40 * m["survivors"], rel=1e-3)
 
 
 def test_scenario_errors_name_the_key(tmp_path: Path) -> None:
@@ -261,8 +260,8 @@ async def test_partitioned_user_data_drives_the_simulator(tmp_path: Path) -> Non
     m = summaries[0].metrics
     assert m["state"] == "closed", m.get("reason")
     assert m["survivors"] == 6
-    rows = [len(dataset.load(f)) for f in sorted(parts.glob("*.npz"))]
-    assert sum(rows) == total
-    held = sum(int(dataset.holdout_rows(r, 0.2).sum()) for r in rows)
+    loaded = [dataset.load(f) for f in sorted(parts.glob("*.npz"))]
+    assert sum(len(d) for d in loaded) == total
+    held = sum(int(dataset.evaluation_rows(d.x, 0.2).sum()) for d in loaded)
     assert m["samples"] == held
     assert m["weight_sum"] == pytest.approx(total - held, rel=1e-3)
