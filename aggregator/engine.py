@@ -145,6 +145,7 @@ class _Run:
     window: StageWindow  # the open stage's limits on this clock
     dim: int
     coordinates: int  # how many coordinates each device sends (rand-k), else dim
+    labels: tuple[str, ...]  # the model's class names: per-class evaluation counts
     members: frozenset[str]  # the cohort, for membership tests per message
     tally: RoundTally
     clock: float  # the latest `now` seen: whether the soft limit has passed
@@ -277,9 +278,11 @@ class RoundEngine:
         dim: int,
         now: float,
         cohort: tuple[str, ...] | None = None,
+        labels: tuple[str, ...] = (),
     ) -> list[Publish]:
         """Select (or take) a cohort and announce the round. Raises NotEnoughDevicesError or
-        EngineError (nothing changed then), e.g. while a round still runs."""
+        EngineError (nothing changed then), e.g. while a round still runs. `labels`: the
+        model's class names (its manifest's), for per-class federated evaluation."""
         if self._phase not in _OVER:
             raise EngineError(f"round {self.round_id} is still running")
         c, mode = self.config, self._mode
@@ -305,6 +308,7 @@ class RoundEngine:
             coordinates=coordinates,
             verify_keys={d: self._verify_keys[d] for d in cohort},
             tickets=tickets,
+            labels=tuple(labels),
         )
         machine = mode.open(setup)
         times = self.history.adapted(c.times) if c.adapt else c.times
@@ -334,6 +338,7 @@ class RoundEngine:
             window=StageWindow.open(times, first, now),
             dim=dim,
             coordinates=int(coordinates.size) if coordinates is not None else dim,
+            labels=tuple(labels),
             members=frozenset(cohort),
             tally=tally,
             clock=now,
@@ -631,6 +636,7 @@ class RoundEngine:
             dim=run.dim,
             coordinates=run.coordinates,
             aggregate=kept,
+            labels=run.labels,
         )
         outcome = RoundOutcome(
             round_id=ann.round_id,

@@ -85,6 +85,9 @@ class RoundSetup:
     coordinates: np.ndarray | None  # the rand-k coordinates every device sends
     verify_keys: Mapping[str, bytes]  # the cohort's Ed25519 keys
     tickets: Mapping[str, bytes]  # the cohort's graph tickets, from their statuses
+    # The model's class names (its manifest's labels): federated evaluation is also counted
+    # per class. Empty: no per-class counts.
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,7 @@ class SecureRound(ModeRound):
             # FedAvg weight = local examples trained on, at most the plan's max_samples.
             max_weight=float(c.training.max_samples),
             max_samples=c.training.max_samples,
+            classes=len(setup.labels),
         )
         missing = [d for d in setup.cohort if not setup.tickets.get(d)]
         if missing:
@@ -309,6 +313,8 @@ class SecureRound(ModeRound):
             accuracy=finite(result.accuracy),
             samples=result.samples,
             local_accuracy=finite(result.local_accuracy),
+            class_samples=result.class_samples,
+            class_correct=result.class_correct,
             weight_sum=result.weight_sum,
             # Sharers that sent no masked input (their pairwise masks were removed with their
             # neighbours' key shares) and survivors that did not help unmask (their self-masks
@@ -360,6 +366,12 @@ class PlainRound(ModeRound):
             )
         except wire.WireError as exc:
             raise RefusedError("bad_payload", str(exc)) from None
+        classes = len(message.class_samples)
+        if classes and self._setup.labels and classes != len(self._setup.labels):
+            raise RefusedError(
+                "bad_payload",
+                f"per-class counts for {classes} classes; the model has {len(self._setup.labels)}",
+            )
         self._updates[device] = message
 
     def complete(self) -> bool:
@@ -393,6 +405,15 @@ class PlainRound(ModeRound):
         loss = sum(m.loss * m.samples for m in sent)
         correct = sum(m.correct for m in sent)
         local_correct = sum(m.local_correct for m in sent)
+        # Per class: over the devices that reported per-class counts (all of them, with a
+        # model that has labels); a device that sent none adds nothing to any class.
+        classes = len(setup.labels)
+        rows = tuple(
+            sum(m.class_samples[i] for m in sent if m.class_samples) for i in range(classes)
+        )
+        hits = tuple(
+            sum(m.class_correct[i] for m in sent if m.class_correct) for i in range(classes)
+        )
         return Aggregate(
             mean_update=mean,
             error_bound=0.0,
@@ -401,6 +422,8 @@ class PlainRound(ModeRound):
             accuracy=correct / samples if samples else None,
             samples=samples,
             local_accuracy=local_correct / samples if samples else None,
+            class_samples=rows,
+            class_correct=hits,
             weight_sum=float(sum(weights)),
             dropouts_recovered=0,
         )

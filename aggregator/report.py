@@ -79,6 +79,10 @@ class Aggregate:
     # Devices that dropped after their data was committed and whose loss the protocol
     # recovered from (secure: sharers without a masked input, survivors that did not unmask).
     dropouts_recovered: int
+    # Per class of the model (its labels), over the same held-out rows: rows with that
+    # label and the global model's hits among them. Empty without labels.
+    class_samples: tuple[int, ...] = ()
+    class_correct: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -105,6 +109,7 @@ def summary(
     dim: int,
     coordinates: int,
     aggregate: Aggregate | None,
+    labels: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The round's summary for `metrics` and the store. `stages`: those the mode ran."""
     survivors = aggregate.survivors if aggregate is not None else ()
@@ -147,7 +152,26 @@ def summary(
             weight_sum=aggregate.weight_sum,
             dropouts_recovered=aggregate.dropouts_recovered,
         )
+        if labels and len(aggregate.class_samples) == len(labels):
+            metrics["per_class"] = per_class(
+                labels, aggregate.class_samples, aggregate.class_correct
+            )
     return metrics
+
+
+def per_class(
+    labels: tuple[str, ...], rows: tuple[int, ...], hits: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Per class: its label, held-out rows with it, hits, and recall (None without rows)."""
+    return [
+        {
+            "label": label,
+            "samples": n,
+            "correct": c,
+            "recall": round(c / n, 6) if n else None,
+        }
+        for label, n, c in zip(labels, rows, hits, strict=True)
+    ]
 
 
 def finite(value: float | None) -> float | None:

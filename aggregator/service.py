@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fleetlearn.aggregator import rules
+from fleetlearn.aggregator import report, rules
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
 from fleetlearn.aggregator.store import Store
@@ -514,6 +514,7 @@ class AggregatorService:
                         model_version=latest.version,
                         dim=manifest.parameter_count,
                         now=now,
+                        labels=manifest.labels,
                     )
             except NotEnoughDevicesError as exc:
                 log.warning("cannot start round %d: %s", round_id, exc)
@@ -706,7 +707,13 @@ class AggregatorService:
 
 def _evaluate_on(model: bytes, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     try:
-        return evaluation.evaluate_model(model, x, y).as_dict()
+        result = evaluation.evaluate_model(model, x, y)
+        manifest = tflite.read_manifest(model)
+        labels = manifest.labels if manifest is not None else ()
+        out: dict[str, Any] = dict(result.as_dict())
+        if labels and len(labels) == len(result.class_samples):
+            out["per_class"] = report.per_class(labels, result.class_samples, result.class_correct)
+        return out
     except (ValueError, RuntimeError, FleetlearnError) as exc:
         # RuntimeError: the interpreter refuses data of another width.
         # A test set that does not fit the model costs the figure, never the round.

@@ -47,7 +47,13 @@ from nacl.signing import SigningKey, VerifyKey
 
 from fleetlearn.shared import compression, protocol, tflite, topics, wire
 from fleetlearn.shared.release import ModelRelease, verify_release
-from fleetlearn.shared.rounds import PlainUpdate, RoundAnnounce, RoundMode, RoundState
+from fleetlearn.shared.rounds import (
+    MAX_EVAL_CLASSES,
+    PlainUpdate,
+    RoundAnnounce,
+    RoundMode,
+    RoundState,
+)
 from fleetlearn.shared.secagg import keys as sk
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg.client import ClientState, SecAggClient
@@ -112,6 +118,9 @@ class LocalResult:
     correct: int  # rows the global model classified right
     samples: int
     local_correct: int = 0  # rows the device's own trained model classified right
+    # The global model per class of its outputs, on the same rows: rows with each label, hits.
+    class_samples: tuple[int, ...] = ()
+    class_correct: tuple[int, ...] = ()
 
 
 # A secure round's client, waiting: in which stage, and whether it already sent its message
@@ -364,6 +373,7 @@ class Participant:
                 correct=min(result.correct, samples),
                 samples=samples,
                 local_correct=min(result.local_correct, samples),
+                **_class_counts(result, samples),
             )
             run.counted = True  # plain rounds have no survivor list; aborts reclaim it
             return self._sends([message])
@@ -396,6 +406,7 @@ class Participant:
             correct=min(result.correct, samples),
             samples=samples,
             local_correct=min(result.local_correct, samples),
+            **_class_counts(result, samples),
         )
         try:
             outs = run.client.set_input(vector.astype(np.float64), weight=weight, metrics=metrics)
@@ -458,3 +469,18 @@ class Participant:
             topic = topics.per_device(self.fleet, msg.round_id, route.kind, self.device_id)
             out.append(Send(topic, wire.encode(msg), expiry=route.expiry))
         return out
+
+
+def _class_counts(result: LocalResult, samples: int) -> dict[str, tuple[int, ...]]:
+    """The per-class counts to report, or none when they do not fit the totals sent (rows
+    beyond `samples`, or more hits than `correct`): a count never outgrows its total."""
+    rows, hits = result.class_samples, result.class_correct
+    fits = (
+        len(rows) == len(hits) <= MAX_EVAL_CLASSES
+        and sum(rows) <= samples
+        and sum(hits) <= min(result.correct, samples)
+        and all(0 <= h <= r for h, r in zip(hits, rows, strict=True))
+    )
+    if not fits:
+        return {"class_samples": (), "class_correct": ()}
+    return {"class_samples": tuple(rows), "class_correct": tuple(hits)}

@@ -350,4 +350,6 @@ def local_round(
         correct=before.correct,
         samples=before.samples,
         local_correct=after.correct,
+        class_samples=before.class_samples,
+        class_correct=before.class_correct,
     )

@@ -296,7 +296,7 @@ def run_sim(args: argparse.Namespace) -> int:
 
     from fleetlearn.broker import provision as prov
     from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
-    from fleetlearn.firmware_sim.report import round_table
+    from fleetlearn.firmware_sim.report import class_recall_line, round_table
     from fleetlearn.shared.settings import writable_dir
     from fleetlearn.transport import BrokerAddress
 
@@ -382,6 +382,9 @@ def run_sim(args: argparse.Namespace) -> int:
     )
     if rows:
         console.print(round_table(rows, title=f"{len(rows)} rounds seen"))
+        recall = class_recall_line(rows)
+        if recall is not None:
+            console.print(recall)
     return code
 
 
@@ -458,7 +461,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from fleetlearn.broker import provision as prov
     from fleetlearn.broker.runner import BrokerSettings, choose_mode, free_port, start_broker
     from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
-    from fleetlearn.firmware_sim.report import round_table, write_plot, write_report
+    from fleetlearn.firmware_sim.report import (
+        class_recall_line,
+        round_table,
+        write_plot,
+        write_report,
+    )
     from fleetlearn.shared import settings
 
     console = Console(width=None if sys.stdout.isatty() else 110)
@@ -631,6 +639,9 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(
         round_table(rows, title=f"{args.mode} rounds, {args.devices} devices, {broker.kind} broker")
     )
+    recall = class_recall_line(rows)
+    if recall is not None:
+        console.print(recall)
     report = {
         "fleet": "demo",
         "devices": args.devices,

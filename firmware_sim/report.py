@@ -67,6 +67,25 @@ def round_table(rows: Sequence[dict[str, Any]], title: str | None = "rounds") ->
     return table
 
 
+def class_recall_line(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Recall per class in the last round that has it (federated evaluation on the devices'
+    held-out rows), with each class's row count: where overall accuracy hides a rare fault."""
+    for metrics in reversed(rows):
+        classes = metrics.get("per_class")
+        if isinstance(classes, list) and classes:
+            parts = [
+                f"{c.get('label')} "
+                + ("-" if c.get("recall") is None else f"{c['recall']:.3f}")
+                + f" ({c.get('samples')})"
+                for c in classes
+                if isinstance(c, dict)
+            ]
+            return f"recall per class, round {metrics.get('round')} (held-out rows): " + ", ".join(
+                parts
+            )
+    return None
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

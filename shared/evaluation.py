@@ -1,6 +1,8 @@
 """Judging a classifier on labelled examples: the one definition of loss and accuracy.
 
-What it owns: `Evaluation` (mean cross-entropy, accuracy, count), `score` (from logits), and
+What it owns: `Evaluation` (mean cross-entropy, accuracy, count, and per class the rows and
+hits: a classifier can be 95% right and miss every row of a rare fault), `score` (from
+logits), and
 `evaluate_model`, which runs a model's `infer` signature in a fresh LiteRT interpreter. Devices
 use `score` on their held-out rows (federated evaluation); the aggregator uses
 `evaluate_model` on a test set it holds (`eval.data`). Inference only: nothing here trains.
@@ -23,6 +25,10 @@ class Evaluation:
     loss: float  # mean cross-entropy (NaN without samples)
     accuracy: float  # NaN without samples
     samples: int
+    # Per class (one entry per model output): rows with that label, and of those classified
+    # right (recall = hits / rows). Empty when not computed.
+    class_samples: tuple[int, ...] = ()
+    class_correct: tuple[int, ...] = ()
 
     @property
     def correct(self) -> int:
@@ -40,14 +46,26 @@ class Evaluation:
 
 def score(logits: np.ndarray, y: np.ndarray) -> Evaluation:
     """Mean cross-entropy and accuracy of `logits` [n, classes] against integer labels `y`."""
+    classes = int(logits.shape[1]) if logits.ndim == 2 else 0
     if logits.shape[0] == 0:
-        return Evaluation(loss=math.nan, accuracy=math.nan, samples=0)
+        empty = (0,) * classes
+        return Evaluation(
+            loss=math.nan, accuracy=math.nan, samples=0, class_samples=empty, class_correct=empty
+        )
     values = np.asarray(logits, dtype=np.float64)
     shifted = values - values.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     loss = float(-log_probs[np.arange(len(y)), y].mean())
-    accuracy = float((values.argmax(axis=1) == y).mean())
-    return Evaluation(loss=loss, accuracy=accuracy, samples=int(values.shape[0]))
+    hit = values.argmax(axis=1) == y
+    accuracy = float(hit.mean())
+    labels = np.asarray(y, dtype=np.int64)
+    return Evaluation(
+        loss=loss,
+        accuracy=accuracy,
+        samples=int(values.shape[0]),
+        class_samples=tuple(int(v) for v in np.bincount(labels, minlength=classes)[:classes]),
+        class_correct=tuple(int(v) for v in np.bincount(labels[hit], minlength=classes)[:classes]),
+    )
 
 
 def logits_of(infer: Callable[..., Mapping[str, Any]], x: np.ndarray, classes: int) -> np.ndarray:

@@ -242,6 +242,10 @@ class RoundAnnounce(wire.Message):
         return {d: self.tickets[i * size : (i + 1) * size] for i, d in enumerate(self.cohort)}
 
 
+# Per-class evaluation counts in an update: at most this many classes.
+MAX_EVAL_CLASSES = 1024
+
+
 @wire.message("round.plain_update")
 class PlainUpdate(wire.Message):
     """A device's update in a plain round, with what FedAvg and the metrics need."""
@@ -255,6 +259,10 @@ class PlainUpdate(wire.Message):
     correct: int  # held-out examples the global model classified right
     samples: int  # held-out examples evaluated
     local_correct: int = 0  # held-out examples the device's trained model classified right
+    # Per class of the model's outputs: held-out rows with that label, and the global model's
+    # hits among them (empty: not reported).
+    class_samples: tuple[int, ...] = ()
+    class_correct: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "PlainUpdate.round_id", "out of range")
@@ -271,4 +279,18 @@ class PlainUpdate(wire.Message):
         wire.require(0 <= self.correct <= self.samples, "PlainUpdate.correct", "> samples")
         wire.require(
             0 <= self.local_correct <= self.samples, "PlainUpdate.local_correct", "> samples"
+        )
+        rows, hits = self.class_samples, self.class_correct
+        wire.require(
+            len(rows) == len(hits) <= MAX_EVAL_CLASSES,
+            "PlainUpdate.class_samples",
+            f"and class_correct must have the same length, at most {MAX_EVAL_CLASSES}",
+        )
+        wire.require(
+            all(type(v) is int and v >= 0 for v in (*rows, *hits))
+            and all(h <= r for h, r in zip(hits, rows, strict=True))
+            and sum(rows) <= self.samples
+            and sum(hits) <= self.correct,
+            "PlainUpdate.class_correct",
+            "per-class counts must be ints >= 0, hits within rows, sums within the totals",
         )

@@ -135,6 +135,11 @@ def test_demo_on_the_users_own_data(tmp_path: Path) -> None:
     assert all(0 < r["samples"] <= total for r in rounds)
     test_rows = int(dataset.holdout_rows(total, 0.2).sum())
     assert f"{test_rows} kept as the aggregator's test set" in proc.stdout
+    # Federated evaluation per class: rows add up to the round's held-out rows.
+    assert "recall per class, round 2 (held-out rows):" in proc.stdout
+    for r in rounds:
+        assert sum(c["samples"] for c in r["per_class"]) == r["samples"]
+        assert sum(c["samples"] for c in r["server_eval"]["per_class"]) == test_rows
     for r in rounds:
         assert r["server_eval"]["model_version"] == r["new_version"]
         assert r["server_eval"]["samples"] == test_rows

@@ -9,6 +9,7 @@ function every device and simulator runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from fleetlearn.device.agent import ArrayData
 from fleetlearn.device.trainer import LiteRTTrainer, local_round
-from fleetlearn.shared import dataset, evaluation, rounds, tflite, topics, wire
+from fleetlearn.shared import compression, dataset, evaluation, rounds, tflite, topics, wire
 from fleetlearn.shared.errors import ConfigError
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg import packing
@@ -26,13 +27,43 @@ from tests.fleet_harness import machine_csv, memory_fleet
 from tests.model_fixtures import blobs, shipped_model
 from tests.test_rounds_inmemory import FLEET, make_fleet, run_round
 
-EVAL_KEYS = {"loss", "mean_loss", "accuracy", "correct", "samples", "local_correct"}
+EVAL_KEYS = {
+    "loss",
+    "mean_loss",
+    "accuracy",
+    "correct",
+    "samples",
+    "local_correct",
+    "class_samples",
+    "class_correct",
+    "per_class",
+    "recall",
+}
+LABELS = ("healthy", "bearing_wear", "imbalance")
 
 
 def _figures(index: int) -> tuple[float, int, int, int]:
     """Device i's (loss, correct, samples, local_correct): different for every device."""
     samples = 20 + 3 * index
     return 0.2 + 0.1 * index, 2 + index, samples, min(samples, 9 + 2 * index)
+
+
+def _class_counts(index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Device i's per-class rows and hits, consistent with `_figures(i)`: rows sum to its
+    samples, hits to its correct count."""
+    _, correct, samples, _ = _figures(index)
+    rows = (samples - 7 - index, 7, index)
+    hits = (correct - min(correct, 3), min(correct, 3), 0)
+    return rows, hits
+
+
+def _expected_per_class(n: int) -> list[dict[str, Any]]:
+    rows = [sum(_class_counts(i)[0][c] for i in range(n)) for c in range(len(LABELS))]
+    hits = [sum(_class_counts(i)[1][c] for i in range(n)) for c in range(len(LABELS))]
+    return [
+        {"label": lab, "samples": r, "correct": h, "recall": round(h / r, 6) if r else None}
+        for lab, r, h in zip(LABELS, rows, hits, strict=True)
+    ]
 
 
 def _mentions_a_device(value: Any, devices: set[str]) -> bool:
@@ -61,6 +92,9 @@ def test_secure_round_reveals_evaluation_only_as_sums() -> None:
     fleet = make_fleet(8)
     figures = {d: _figures(i) for i, d in enumerate(sorted(fleet.devices))}
     fleet.evaluation = figures.__getitem__
+    per_class = {d: _class_counts(i) for i, d in enumerate(sorted(fleet.devices))}
+    fleet.class_counts = per_class.__getitem__
+    fleet.labels = LABELS
     published: list[tuple[str, bytes]] = []
     deliver = fleet.publish
 
@@ -90,6 +124,9 @@ def test_secure_round_reveals_evaluation_only_as_sums() -> None:
     step = cfg.max_loss * cfg.max_samples / ((1 << cfg.float_extra_bits) - 1)
     loss = sum(f[0] * f[2] for f in figures.values()) / samples
     assert outcome.metrics["mean_loss"] == pytest.approx(loss, abs=8 * step / samples)
+    # Per class: the exact sums of the rows and hits, with the model's labels.
+    assert cfg.classes == len(LABELS)
+    assert outcome.metrics["per_class"] == _expected_per_class(8)
 
     # Uplink: only the secure stages' messages; the figures are in no field, and the masked
     # vector's evaluation words are not the device's own figures (they are masked).
@@ -105,8 +142,11 @@ def test_secure_round_reveals_evaluation_only_as_sums() -> None:
             masked += 1
             words = packing.unpack(message.masked, cfg.field_bits, cfg.coordinates)
             _, correct, count, local = figures[dev]
+            rows, hits = per_class[dev]
             tail = [int(w) for w in words[cfg.dimension + 2 :]]
-            assert tail != [correct, count, local]  # equal by chance: 2^-57
+            assert len(tail) == 3 + 2 * len(LABELS)
+            assert tail[:3] != [correct, count, local]  # equal by chance: 2^-57
+            assert tail[3:] != [*rows, *hits]
     assert masked == 8
 
     # Downlink and the aggregator's own record: no dict names a device next to a figure.
@@ -128,6 +168,9 @@ def test_plain_round_reports_the_same_figures_per_device() -> None:
     fleet = make_fleet(5, mode="plain")
     figures = {d: _figures(i) for i, d in enumerate(sorted(fleet.devices))}
     fleet.evaluation = figures.__getitem__
+    per_class = {d: _class_counts(i) for i, d in enumerate(sorted(fleet.devices))}
+    fleet.class_counts = per_class.__getitem__
+    fleet.labels = LABELS
     run_round(fleet)
     out = fleet.engine.take_outcome()
     assert out is not None
@@ -138,6 +181,7 @@ def test_plain_round_reports_the_same_figures_per_device() -> None:
     assert out.metrics["device_accuracy"] == pytest.approx(
         sum(f[3] for f in figures.values()) / samples
     )
+    assert out.metrics["per_class"] == _expected_per_class(5)
 
 
 def _release_trainer() -> LiteRTTrainer:
@@ -145,6 +189,59 @@ def _release_trainer() -> LiteRTTrainer:
     manifest = tflite.read_manifest(data)
     assert manifest is not None
     return LiteRTTrainer(data, manifest)
+
+
+def test_evaluation_counts_rows_and_hits_per_class() -> None:
+    logits = np.array([[3, 0, 0], [0, 3, 0], [3, 0, 0], [0, 0, 3], [0, 3, 0]], np.float32)
+    y = np.array([0, 1, 1, 1, 0])
+    result = evaluation.score(logits, y)
+    assert result.class_samples == (2, 3, 0)
+    assert result.class_correct == (1, 1, 0)
+    assert result.correct == sum(result.class_correct)
+    assert evaluation.score(np.zeros((0, 3), np.float32), y[:0]).class_samples == (0, 0, 0)
+
+
+def test_per_class_counts_that_do_not_fit_are_refused_and_counted() -> None:
+    """Plain mode: an update whose per-class counts are for another number of classes is
+    refused (counted as bad_payload) and the round closes without it; counts that contradict
+    their totals do not even decode."""
+    fleet = make_fleet(5, mode="plain")
+    names = sorted(fleet.devices)
+    figures = {d: _figures(i) for i, d in enumerate(names)}
+    fleet.evaluation = figures.__getitem__
+    per_class = {d: _class_counts(i) for i, d in enumerate(names)}
+    odd = names[0]
+    rows, hits = per_class[odd]
+    per_class[odd] = ((rows[0] + rows[1], rows[2]), (hits[0] + hits[1], hits[2]))  # 2 classes
+    fleet.class_counts = per_class.__getitem__
+    fleet.labels = LABELS
+    run_round(fleet)
+    out = fleet.engine.take_outcome()
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert odd not in out.survivors
+    assert len(out.survivors) == 4
+    assert out.metrics["rejected_by_reason"] == {"bad_payload": 1}
+    expected = [sum(per_class[d][0][c] for d in names[1:]) for c in range(len(LABELS))]
+    assert [c["samples"] for c in out.metrics["per_class"]] == expected
+
+    update = rounds.PlainUpdate(
+        round_id=1,
+        sender="d00",
+        update=compression.DenseUpdate(values=np.zeros(3, np.float32)),
+        weight=10.0,
+        loss=0.5,
+        correct=5,
+        samples=10,
+    )
+    for bad in (
+        {"class_samples": (6, 4), "class_correct": (7, 0)},  # more hits than rows
+        {"class_samples": (6, 6), "class_correct": (1, 1)},  # more rows than samples
+        {"class_samples": (6, 4), "class_correct": (1,)},  # lengths differ
+        {"class_samples": (6, 4), "class_correct": (4, 4)},  # more hits than correct
+    ):
+        with pytest.raises(wire.WireError):
+            dataclasses.replace(update, **bad)
 
 
 def test_a_device_never_trains_on_its_held_out_rows() -> None:
@@ -291,9 +388,18 @@ async def test_aggregator_judges_each_release_on_its_own_test_set_and_keeps_pers
         assert figures["samples"] == rows
         assert figures["accuracy"] == pytest.approx(direct.accuracy, abs=1e-6)
         assert figures["loss"] == pytest.approx(direct.loss, abs=1e-5)
-        # Federated evaluation ran too, on the devices' held-out quarter.
+        labels = tflite.read_manifest(model).labels  # type: ignore[union-attr]
+        assert [c["samples"] for c in figures["per_class"]] == list(direct.class_samples)
+        assert [c["correct"] for c in figures["per_class"]] == list(direct.class_correct)
+        assert [c["label"] for c in figures["per_class"]] == list(labels)
+        # Federated evaluation ran too, on the devices' held-out quarter, also per class.
         assert summary.metrics["samples"] > 0
         assert summary.metrics["device_accuracy"] is not None
+        fed = summary.metrics["per_class"]
+        assert [c["label"] for c in fed] == list(labels)
+        assert sum(c["samples"] for c in fed) == summary.metrics["samples"]
+        hits = sum(c["correct"] for c in fed)
+        assert hits == round(summary.metrics["accuracy"] * summary.metrics["samples"])
         names = personal.split(",")
         before, after = tflite.read_weights(first, names), tflite.read_weights(model, names)
         assert all(np.array_equal(before[n], after[n]) for n in names)

@@ -408,7 +408,13 @@ async def test_metrics_topic_read_with_mosquitto_sub(tmp_path: Path) -> None:
         documented = _documented_metrics_fields()
         expected = {name for name, present in documented.items() if present != "eval.data"}
         assert set(data) == expected, set(data) ^ expected
-        types = {"integer": int, "number": (int, float), "string": str, "object": dict}
+        types = {
+            "integer": int,
+            "number": (int, float),
+            "string": str,
+            "object": dict,
+            "array": list,
+        }
         section = (ROOT / "docs" / "topics.md").read_text()
         for name, value in data.items():
             row = re.search(rf"\| `{name}` \| ([^|]+) \|", section)

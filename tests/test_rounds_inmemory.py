@@ -73,6 +73,10 @@ class Fleet:
     quiet_status: set[str] = field(default_factory=set)  # statuses that never reach the engine
     # What each device's local training reports (default: the same figures for everyone).
     evaluation: Callable[[str], tuple[float, int, int, int]] | None = None
+    # Per class (rows with each label, global hits among them), with `labels` as the
+    # model's class names passed to start_round by `run_round`.
+    class_counts: Callable[[str], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+    labels: tuple[str, ...] = ()
 
     def publish(self, pubs: list[Publish]) -> None:
         for p in pubs:
@@ -110,7 +114,8 @@ class Fleet:
                 loss, correct, samples, local = (
                     self.evaluation(dev) if self.evaluation else (0.7, 30, 40, 0)
                 )
-                result = LocalResult(update, weight, loss, correct, samples, local)
+                rows, hits = self.class_counts(dev) if self.class_counts else ((), ())
+                result = LocalResult(update, weight, loss, correct, samples, local, rows, hits)
                 self.pending.append((dev, a.round_id, result))
             elif isinstance(a, PublishStatus):
                 self.status(dev)
@@ -200,7 +205,11 @@ def run_round(fleet: Fleet, round_id: int = 1) -> None:
     assert manifest is not None
     fleet.publish(
         fleet.engine.start_round(
-            round_id=round_id, model_version=manifest.version, dim=fleet.dim, now=fleet.now
+            round_id=round_id,
+            model_version=manifest.version,
+            dim=fleet.dim,
+            now=fleet.now,
+            labels=fleet.labels,
         )
     )
     for _ in range(400):

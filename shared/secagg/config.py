@@ -10,8 +10,8 @@ tie them together:
   (Bell et al. 2020);
 - sums live in Z_2^b and must not wrap: b >= q + ceil(log2 n) for q-bit quantized updates;
 - the FedAvg weight and training metrics ride as `EXTRA_COORDINATES` after the d update
-  coordinates, each given the per-device budget b - ceil(log2 n) bits so their sum cannot wrap
-  either.
+  coordinates, then per class (`classes` of them) the held-out rows and hits, each given the
+  per-device budget b - ceil(log2 n) bits so their sum cannot wrap either.
 
 Rules: a config that exists is valid. Every refusal raises `SecAggConfigError` naming the field
 and the fix. Nothing here draws randomness or reads a clock.
@@ -29,6 +29,8 @@ from fleetlearn.shared.secagg.errors import SecAggConfigError
 # Order of the values appended after the update coordinates (see shared.secagg.contribution).
 EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples", "local_correct")
 
+# Per-class counts: at most this many classes ride in a masked vector (2 words each).
+MAX_CLASSES = 1024
 MIN_COHORT = 3  # with two devices the sum reveals the other device's update
 MAX_COHORT = 65_536
 MAX_FIELD_BITS = 64  # arithmetic is numpy uint32/uint64 wraparound
@@ -125,6 +127,7 @@ class SecAggConfig(wire.Record):
     max_samples   largest sample count a device may report; sent exactly, as an integer
     max_loss      mean training loss is clipped to [0, max_loss] before loss*samples is sent
     min_survivors fewest devices whose masked inputs may be summed (privacy floor)
+    classes       per-class evaluation counts carried (0: none): 2 * classes more coordinates
     """
 
     cohort_size: int
@@ -138,6 +141,7 @@ class SecAggConfig(wire.Record):
     max_samples: int
     max_loss: float
     min_survivors: int
+    classes: int = 0
 
     @classmethod
     def create(
@@ -154,6 +158,7 @@ class SecAggConfig(wire.Record):
         max_samples: int | None = None,
         max_loss: float = 100.0,
         min_survivors: int | None = None,
+        classes: int = 0,
     ) -> SecAggConfig:
         """Fill the derived defaults: k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n),
         min_survivors = t, max_samples = 65535 or what the extra-coordinate budget allows."""
@@ -182,6 +187,7 @@ class SecAggConfig(wire.Record):
             max_samples=samples,
             max_loss=float(max_loss) if _is_number(max_loss) else max_loss,
             min_survivors=(t if t is not None else 0) if min_survivors is None else min_survivors,
+            classes=classes,
         )
 
     def __post_init__(self) -> None:
@@ -237,6 +243,10 @@ class SecAggConfig(wire.Record):
             raise SecAggConfigError(
                 "min_survivors", f"must be an int in 2..{n}, got {self.min_survivors!r}"
             )
+        if not _is_int(self.classes) or not 0 <= self.classes <= MAX_CLASSES:
+            raise SecAggConfigError(
+                "classes", f"must be an int in 0..{MAX_CLASSES}, got {self.classes!r}"
+            )
         packed = self.packed_bytes
         budget = wire.DEFAULT_LIMITS.max_compressed - 4096  # masked bytes do not compress
         if packed > budget:
@@ -251,7 +261,7 @@ class SecAggConfig(wire.Record):
     @property
     def coordinates(self) -> int:
         """Length of the vector that is masked: d update coordinates plus the extras."""
-        return self.dimension + len(EXTRA_COORDINATES)
+        return self.dimension + len(EXTRA_COORDINATES) + 2 * self.classes
 
     @property
     def extra_bits(self) -> int:

@@ -2,8 +2,10 @@
 
 What it owns: the layout of the vector that is masked, and the bounds of its decoding.
 
-    [ q(w/W * x_1) ... q(w/W * x_d) | weight | loss_sum | correct | samples | local_correct ]
-      d update coordinates, q bits     the five EXTRA_COORDINATES, b - ceil(log2 n) bits each
+    [ q(w/W * x_1) ... q(w/W * x_d) | weight | loss_sum | correct | samples | local_correct |
+      rows_0 .. rows_{C-1} | hits_0 .. hits_{C-1} ]
+      d update coordinates, q bits; the five EXTRA_COORDINATES and 2C per-class counts (C =
+      config.classes, may be 0), b - ceil(log2 n) bits each
 
 - The update is pre-scaled by w/W (FedAvg weight over `max_weight`), clipped to [-clip, clip]
   and stochastically rounded to q bits by `shared.compression.quantization.quantize` (the one
@@ -11,9 +13,10 @@ What it owns: the layout of the vector that is masked, and the bounds of its dec
   noise, never mask material). The weighted mean is then sum(w/W * x) / sum(w/W).
 - The weight and the loss sum (mean loss * samples) are stochastically rounded the same way on
   the grid [0, max] with the extra-coordinate budget; `correct`, `samples` and `local_correct`
-  are integers and travel exactly. So the aggregator learns only the sums, never one device's
-  values. The metrics are federated evaluation on each device's held-out rows: the global
-  model's loss and hits, and the hits of the device's own trained model.
+  are integers and travel exactly, as do the per-class held-out rows and hits. So the
+  aggregator learns only the sums, never one device's values. The metrics are federated
+  evaluation on each device's held-out rows: the global model's loss and hits (in total and
+  per class), and the hits of the device's own trained model.
 - No sum can wrap: every coordinate of one device is below 2^(b - ceil(log2 n)) and at most n
   devices add up (checked in SecAggConfig).
 """
@@ -27,7 +30,7 @@ import numpy as np
 
 from fleetlearn.shared.compression import quantization
 from fleetlearn.shared.compression.errors import CompressionError
-from fleetlearn.shared.secagg.config import SecAggConfig
+from fleetlearn.shared.secagg.config import EXTRA_COORDINATES, SecAggConfig
 from fleetlearn.shared.secagg.errors import LocalProtocolError, SecAggError
 
 
@@ -39,6 +42,9 @@ class TrainingMetrics:
     correct: int = 0
     samples: int = 0
     local_correct: int = 0  # hits of the device's own trained model on the same rows
+    # The global model per class on the same rows: rows with each label, and hits among them.
+    class_samples: tuple[int, ...] = ()
+    class_correct: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.loss, float | int) or not math.isfinite(self.loss):
@@ -53,6 +59,17 @@ class TrainingMetrics:
                     f"metrics.{name} ({getattr(self, name)}) cannot exceed metrics.samples "
                     f"({self.samples})"
                 )
+        rows, hits = self.class_samples, self.class_correct
+        if len(rows) != len(hits):
+            raise LocalProtocolError("metrics.class_samples and class_correct differ in length")
+        if not all(type(v) is int and v >= 0 for v in (*rows, *hits)):
+            raise LocalProtocolError("metrics per-class counts must be ints >= 0")
+        if any(h > r for h, r in zip(hits, rows, strict=True)) or (
+            rows and (sum(rows) > self.samples or sum(hits) > self.correct)
+        ):
+            raise LocalProtocolError(
+                "metrics per-class counts exceed their rows or the totals (samples, correct)"
+            )
 
 
 def _loss_range(config: SecAggConfig) -> float:
@@ -90,6 +107,7 @@ def encode(
         raise LocalProtocolError(
             f"metrics.samples {metrics.samples} exceeds max_samples {config.max_samples}"
         )
+    per_class = _per_class(config, metrics)
     dtype = np.dtype(f"<u{config.word_bits // 8}")
     out = np.empty(config.coordinates, dtype=dtype)
     scaled = np.multiply(values, float(weight) / config.max_weight, dtype=np.float64)
@@ -104,9 +122,19 @@ def encode(
         metrics.correct,
         metrics.samples,
         metrics.local_correct,
+        *per_class,
     )
     out[config.dimension :] = np.array(extras, dtype=dtype)
     return out
+
+
+def _per_class(config: SecAggConfig, metrics: TrainingMetrics) -> tuple[int, ...]:
+    """The 2C per-class words: rows then hits, cut or zero-padded to `config.classes` (a
+    model with fewer outputs than the round's classes has no rows of the others)."""
+    c = config.classes
+    rows = (*metrics.class_samples[:c], *(0,) * (c - len(metrics.class_samples[:c])))
+    hits = (*metrics.class_correct[:c], *(0,) * (c - len(metrics.class_correct[:c])))
+    return (*rows, *hits)
 
 
 def _dequantize_scalar_sum(total: int, high: float, bits: int, count: int) -> float:
@@ -133,6 +161,8 @@ class SecAggResult:
     correct: int
     samples: int
     local_correct: int = 0
+    class_samples: tuple[int, ...] = ()  # per class: held-out rows with that label (summed)
+    class_correct: tuple[int, ...] = ()  # and the global model's hits among them
 
     @property
     def count(self) -> int:
@@ -192,13 +222,24 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
     """
     d = config.dimension
     count = len(survivors)
-    weight_total, loss_total, correct, samples, local_correct = (int(v) for v in total[d:])
+    extras = [int(v) for v in total[d:]]
+    weight_total, loss_total, correct, samples, local_correct = extras[: len(EXTRA_COORDINATES)]
+    c = config.classes
+    rows = tuple(extras[len(EXTRA_COORDINATES) : len(EXTRA_COORDINATES) + c])
+    hits = tuple(extras[len(EXTRA_COORDINATES) + c :])
     bits = config.float_extra_bits
     integer_limit = count * ((1 << config.extra_bits) - 1)
     if samples > integer_limit or max(correct, local_correct) > samples:
         raise CompressionError(
             f"unmasked counts (correct={correct}, local_correct={local_correct}, "
             f"samples={samples}) are impossible for {count} devices"
+        )
+    if any(h > r for h, r in zip(hits, rows, strict=True)) or (
+        sum(rows) > samples or sum(hits) > correct
+    ):
+        raise CompressionError(
+            f"unmasked per-class counts (rows {sum(rows)}, hits {sum(hits)}) are impossible "
+            f"with {samples} held-out rows"
         )
     vector = total[:d].copy()
     # Decoding the update sum here runs dequantize's range check once, before anyone uses it.
@@ -213,4 +254,6 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
         correct=correct,
         samples=samples,
         local_correct=local_correct,
+        class_samples=rows,
+        class_correct=hits,
     )
