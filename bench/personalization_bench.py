@@ -10,6 +10,10 @@ after sharing keys, medians over seeds. For each configuration it prints, after 
 - own: what each device runs after the round, on the same rows (`device_accuracy`: the
   release with its personal layers).
 
+Both as the aggregator reports them (every held-out row counts once, so large devices weigh
+more) and as the unweighted mean over devices of each device's accuracy (the simulator sees
+every device; the aggregator, in secure mode, only sums).
+
 Part 1 is the fleet's own predictive-maintenance sites: every device a machine of its own
 (type, speed, resonance), sites with skewed fault mixes (`non_iid` 0.2: strongly skewed; 1.0:
 milder), 100 windows per device. Part 2 is the four datasets of bench/quality_bench.py split
@@ -39,7 +43,9 @@ PERSONAL = {
 }
 
 
-def pdm_sites(non_iid: float, personal: str, seeds: list[int], rounds: int) -> tuple[float, float]:
+def pdm_sites(
+    non_iid: float, personal: str, seeds: list[int], rounds: int
+) -> tuple[float, float, float, float]:
     results = []
     for seed in seeds:
         sets = {"training.personal": personal} if personal else {}
@@ -61,14 +67,13 @@ def pdm_sites(non_iid: float, personal: str, seeds: list[int], rounds: int) -> t
         fleet = InMemoryFleet(50, config, scenario, optimizer=agg.optimizer_config(), seed=seed)
         for _ in range(rounds):
             metrics = fleet.run_round()
-        results.append((metrics["accuracy"], metrics["device_accuracy"]))
-    return (
-        statistics.median(r[0] for r in results),
-        statistics.median(r[1] for r in results),
-    )
+        per_device = fleet.per_device_accuracy()
+        assert per_device is not None
+        results.append((metrics["accuracy"], metrics["device_accuracy"], *per_device))
+    return tuple(statistics.median(r[i] for r in results) for i in range(4))  # type: ignore[return-value]
 
 
-def datasets(personal: str, seeds: str, rounds: int) -> dict[str, tuple[float, float]]:
+def datasets(personal: str, seeds: str, rounds: int) -> dict[str, tuple[float, ...]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import quality_bench  # a sibling script
 
@@ -83,12 +88,14 @@ def datasets(personal: str, seeds: str, rounds: int) -> dict[str, tuple[float, f
         with contextlib.redirect_stdout(io.StringIO()):
             quality_bench.main(argv)
         result = json.loads(out.read_text())
+    runs = {name: rep["runs"]["secure/dirichlet"] for name, rep in result["datasets"].items()}
     return {
         name: (
-            rep["runs"]["secure/dirichlet"]["last_federated_eval"],
-            rep["runs"]["secure/dirichlet"]["last_device_accuracy"],
+            run["last_federated_eval"],
+            run["last_device_accuracy"],
+            *run["last_per_device_mean"],
         )
-        for name, rep in result["datasets"].items()
+        for name, run in runs.items()
     }
 
 
@@ -103,27 +110,35 @@ def main() -> int:
         f"command: python bench/personalization_bench.py --seeds {args.seeds} "
         f"--rounds {args.rounds}" + (" --skip-datasets" if args.skip_datasets else "")
     )
-    print("\npart 1: the fleet's own sites (global / own accuracy on held-out rows)")
-    print("| sites | personal layers | global | own | what devices run |")
-    print("|---|---|---|---|---|")
+    print("\npart 1: the fleet's own sites (accuracy on held-out rows; per row / mean per device)")
+    print("| sites | personal layers | global | own | global, per device | own, per device |")
+    print("|---|---|---|---|---|---|")
     for non_iid in (0.2, 1.0):
         for label, personal in PERSONAL.items():
-            glob, own = pdm_sites(non_iid, personal, seeds, args.rounds)
-            runs = glob if not personal else own
+            glob, own, glob_dev, own_dev = pdm_sites(non_iid, personal, seeds, args.rounds)
             print(
-                f"| pdm, non_iid {non_iid} | {label} | {glob:.3f} | {own:.3f} | {runs:.3f} |",
+                f"| pdm, non_iid {non_iid} | {label} | {glob:.3f} | {own:.3f} | {glob_dev:.3f} "
+                f"| {own_dev:.3f} |",
                 flush=True,
             )
     if args.skip_datasets:
         return 0
-    print("\npart 2: Dirichlet(0.1) label skew (global / own accuracy on held-out rows)")
-    print("| dataset | none: global | head: own | change |")
-    print("|---|---|---|---|")
+    print("\npart 2: Dirichlet(0.1) label skew (accuracy on held-out rows)")
+    print(
+        "| dataset | none: global | head: own | change | none: global, per device "
+        "| head: own, per device | change |"
+    )
+    print("|---|---|---|---|---|---|---|")
     plain = datasets("", args.seeds, args.rounds)
     head = datasets(PERSONAL["head (dense_2)"], args.seeds, args.rounds)
     for name in plain:
         glob, own = plain[name][0], head[name][1]
-        print(f"| {name} | {glob:.3f} | {own:.3f} | {own - glob:+.3f} |", flush=True)
+        glob_dev, own_dev = plain[name][2], head[name][3]
+        print(
+            f"| {name} | {glob:.3f} | {own:.3f} | {own - glob:+.3f} | {glob_dev:.3f} "
+            f"| {own_dev:.3f} | {own_dev - glob_dev:+.3f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -205,10 +205,13 @@ def federated(
         curve.append(fleet.evaluate(split.x_test, split.y_test))
         fed_eval.append(metrics.get("accuracy"))
         device_acc.append(metrics.get("device_accuracy"))
+    # The last round, per device and unweighted (simulation only: the aggregator sees sums).
+    per_device = fleet.per_device_accuracy()
     return {
         "test_accuracy": curve,
         "federated_eval": fed_eval,
         "device_accuracy": device_acc,
+        "per_device_mean": per_device,
         "rounds_closed": states.count("closed"),
         "rows_per_device": [len(p) for p in parts],
     }
@@ -363,6 +366,12 @@ def _report(
             "device_accuracy": [r["device_accuracy"] for r in runs],
             "last_federated_eval": fed[-1] if fed else None,
             "last_device_accuracy": dev[-1] if dev else None,
+            # Unweighted mean over devices of (global, own) accuracy, median over seeds.
+            "last_per_device_mean": (
+                [statistics.median(r["per_device_mean"][i] for r in runs) for i in (0, 1)]
+                if all(r["per_device_mean"] is not None for r in runs)
+                else None
+            ),
         }
     return out
 

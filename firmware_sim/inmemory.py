@@ -21,6 +21,7 @@ from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
 from fleetlearn.aggregator.service import default_model
 from fleetlearn.device.participant import (
     LoadModel,
+    LocalResult,
     Participant,
     PublishStatus,
     Send,
@@ -106,6 +107,9 @@ class InMemoryFleet:
         self._silent: dict[str, int] = {}  # device -> stage index it vanished at, this round
         self._round = 0
         self._pending: list[tuple[str, Train]] = []
+        # What each device computed in the last round (a simulator sees every device; the
+        # aggregator never does): for per-device figures such as the unweighted mean accuracy.
+        self.round_results: dict[str, LocalResult] = {}
         self.history: list[dict[str, Any]] = []
         self._release(make_release(self.model, manifest, self.aggregator_key))
 
@@ -168,6 +172,7 @@ class InMemoryFleet:
             result = local_round(
                 d.trainer, d.x, d.y, action.announce.training, rng=d.rng, personal=d.personal
             )
+            self.round_results[dev] = result
             self._act(dev, d.participant.trained(action.round_id, result, self.now))
 
     # ---------------------------------------------------------------------------- rounds
@@ -175,6 +180,7 @@ class InMemoryFleet:
     def run_round(self, max_seconds: float = 600.0) -> dict[str, Any]:
         self._round += 1
         self._silent = {}
+        self.round_results = {}
         started = self.now
         self._deliver(
             self.engine.start_round(
@@ -182,6 +188,7 @@ class InMemoryFleet:
                 model_version=self.version,
                 dim=self.manifest.parameter_count,
                 now=self.now,
+                labels=self.manifest.labels,
             )
         )
         while self.engine.outcome is None or self.engine.outcome.round_id != self._round:
@@ -209,6 +216,18 @@ class InMemoryFleet:
         self.history.append(metrics)
         self.now += 1.0
         return metrics
+
+    def per_device_accuracy(self) -> tuple[float, float] | None:
+        """Unweighted means over the devices that trained in the last round (each with held-out
+        rows): of the release's accuracy and of their own model's (release plus personal
+        layers), on each device's held-out rows. None when no device held out a row."""
+        held = [r for r in self.round_results.values() if r.samples > 0]
+        if not held:
+            return None
+        return (
+            float(np.mean([r.correct / r.samples for r in held])),
+            float(np.mean([r.local_correct / r.samples for r in held])),
+        )
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> float:
         return LiteRTTrainer(self.model, self.manifest).evaluate(x, y).accuracy
