@@ -28,13 +28,25 @@ def register(sub: Any) -> None:
         "build",
         help="build a model from a spec file (needs: pip install 'fleetlearn[build]')",
         description=(
-            "Build the MLP classifier a spec describes as a builtin-ops-only .tflite with "
-            "signatures train, infer, get_weights and set_weights, and embed its version-1 "
-            "manifest. Without --spec, builds the predictive-maintenance default."
+            "Build the MLP classifier a spec describes, or a Keras classifier (--keras), as a "
+            "builtin-ops-only .tflite with signatures train, infer, get_weights and "
+            "set_weights, and embed its version-1 manifest. Without --spec or --keras, builds "
+            "the predictive-maintenance default. A Keras model is translated layer by layer "
+            "(docs/models.md lists the supported layers) and checked against Keras."
         ),
     )
-    b.add_argument("--spec", type=Path, help="model spec (TOML); default: the shipped pdm spec")
+    source = b.add_mutually_exclusive_group()
+    source.add_argument(
+        "--spec", type=Path, help="model spec (TOML); default: the shipped pdm spec"
+    )
+    source.add_argument("--keras", type=Path, help="a saved Keras classifier (.keras or .h5)")
     b.add_argument("--out", type=Path, required=True, help="where to write the .tflite")
+    b.add_argument("--id", help="--keras: the model id (default: from the Keras model's name)")
+    b.add_argument("--labels", help="--keras: comma-separated class names (default class_0..)")
+    b.add_argument("--batch", type=int, help="--keras: training batch (default 32)")
+    b.add_argument(
+        "--optimizer", choices=("sgd", "adam"), help="--keras: device optimizer (default sgd)"
+    )
     b.set_defaults(handler=run_build)
 
     i = commands.add_parser(
@@ -53,6 +65,11 @@ def run_build(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise ConfigError("--out", f"{args.out} is a directory; give the .tflite file's name")
     writable_dir(args.out.parent, "--out")  # before minutes of building, not after
+    if args.keras is not None:
+        return _build_keras(args)
+    for flag in ("id", "labels", "batch", "optimizer"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag}", "applies to --keras builds; a spec sets it in its file")
     spec = model_build.load_spec(args.spec)
     manifest = model_build.build_to_file(spec, args.out)
     size = args.out.stat().st_size
@@ -60,6 +77,38 @@ def run_build(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {spec.model_id} v{manifest.version}, "
         f"{manifest.parameter_count:,} parameters, {size:,} bytes, "
         f"content hash {manifest.content_hash.hex()[:16]}"
+    )
+    return 0
+
+
+def _build_keras(args: argparse.Namespace) -> int:
+    from fleetlearn.aggregator import model_keras
+
+    labels = None
+    if args.labels is not None:
+        labels = [name.strip() for name in args.labels.split(",")]
+        if not all(labels):
+            raise ConfigError("--labels", "an empty class name")
+    data, manifest, parity = model_keras.build_keras_model(
+        args.keras,
+        model_id=args.id,
+        labels=labels,
+        batch=32 if args.batch is None else args.batch,
+        optimizer=args.optimizer or "sgd",
+    )
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(args.out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("--out", f"cannot write {args.out}: {exc.strerror or exc}") from None
+    step = "not compared" if parity.step is None else f"{parity.step:.1e}"
+    print(
+        f"wrote {args.out}: {manifest.model_id} v{manifest.version}, "
+        f"{manifest.parameter_count:,} parameters, {len(data):,} bytes, "
+        f"content hash {manifest.content_hash.hex()[:16]}; against Keras: logits within "
+        f"{parity.infer:.1e}, weights after one step within {step}"
     )
     return 0
 

@@ -236,13 +236,8 @@ def initial_weights(spec: ModelSpec) -> dict[str, np.ndarray]:
     return weights
 
 
-def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = None) -> Any:
-    """The tf.Module with its four tf.functions; `weights` default to `initial_weights(spec)`."""
-    tf = import_tensorflow()
-    layout = spec.layout()
-    start = dict(initial_weights(spec) if weights is None else weights)
-    batch, width, classes = spec.train_batch, spec.input_width, spec.classes
-    n_layers = len(spec.layer_widths) - 1
+def relu_with_builtin_gradient(tf: Any) -> Any:
+    """ReLU whose gradient is builtin ops (tf.nn.relu's, ReluGrad, needs Flex)."""
 
     @tf.custom_gradient
     def relu(x: Any) -> Any:
@@ -251,14 +246,18 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
 
         return tf.maximum(x, 0.0), grad
 
-    module = tf.Module(name="fleetlearn_mlp")
-    variables = [
-        tf.Variable(np.asarray(start[w.name], dtype=np.float32), name=w.name, trainable=True)
-        for w in layout
-    ]
-    module.weights_list = variables
+    return relu
 
-    def logits_of(x: Any) -> Any:
+
+def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = None) -> Any:
+    """The tf.Module with its four tf.functions; `weights` default to `initial_weights(spec)`."""
+    tf = import_tensorflow()
+    layout = spec.layout()
+    start = dict(initial_weights(spec) if weights is None else weights)
+    n_layers = len(spec.layer_widths) - 1
+    relu = relu_with_builtin_gradient(tf)
+
+    def forward(x: Any, variables: list[Any], training: bool) -> Any:
         h = x
         for i in range(n_layers):
             h = tf.matmul(h, variables[2 * i]) + variables[2 * i + 1]
@@ -266,15 +265,54 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
                 h = relu(h)
         return h
 
+    module = assemble_module(
+        name="fleetlearn_mlp",
+        layout=layout,
+        start=start,
+        forward=forward,
+        input_width=spec.input_width,
+        classes=spec.classes,
+        batch=spec.train_batch,
+        optimizer=spec.optimizer,
+    )
+    module.spec = spec
+    return module
+
+
+def assemble_module(
+    *,
+    name: str,
+    layout: tuple[tflite.WeightSpec, ...],
+    start: Mapping[str, np.ndarray],
+    forward: Any,
+    input_width: int,
+    classes: int,
+    batch: int,
+    optimizer: str,
+) -> Any:
+    """A classifier's tf.Module with the four signatures, around `forward(x, variables,
+    training) -> logits` (x [n, input_width]; `variables` in `layout` order): the weighted
+    cross-entropy train step with FedProx and SGD or Adam, infer, get_weights, set_weights."""
+    tf = import_tensorflow()
+    module = tf.Module(name=name)
+    variables = [
+        tf.Variable(np.asarray(start[w.name], dtype=np.float32), name=w.name, trainable=True)
+        for w in layout
+    ]
+    module.weights_list = variables
+
+    def logits_of(x: Any, training: bool = False) -> Any:
+        return forward(x, variables, training)
+
     def weighted_loss(x: Any, y: Any, sample_weight: Any) -> Any:
-        logits = logits_of(x)
+        logits = logits_of(x, training=True)
         log_probs = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
         per_sample = -tf.reduce_sum(tf.one_hot(y, classes) * log_probs, axis=1)
         # Weighted mean over the real samples; the floor keeps an all-padding batch finite.
         total = tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
         return tf.reduce_sum(per_sample * sample_weight) / total
 
-    if spec.optimizer == "adam":
+    if optimizer == "adam":
         slots_m = [
             tf.Variable(tf.zeros_like(v), name=f"adam_m_{w.name}", trainable=False)
             for v, w in zip(variables, layout, strict=True)
@@ -293,7 +331,7 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
     module.anchors = anchors
 
     def apply(grads: list[Any], lr: Any) -> None:
-        if spec.optimizer == "sgd":
+        if optimizer == "sgd":
             for v, g in zip(variables, grads, strict=True):
                 v.assign_sub(lr * g)
             return
@@ -307,7 +345,7 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
 
     @tf.function(
         input_signature=[
-            tf.TensorSpec([batch, width], tf.float32, name="x"),
+            tf.TensorSpec([batch, input_width], tf.float32, name="x"),
             tf.TensorSpec([batch], tf.int32, name="y"),
             tf.TensorSpec([batch], tf.float32, name="sample_weight"),
             tf.TensorSpec([], tf.float32, name="learning_rate"),
@@ -323,7 +361,7 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
         apply(grads, learning_rate)
         return {"loss": loss}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32, name="x")])
+    @tf.function(input_signature=[tf.TensorSpec([None, input_width], tf.float32, name="x")])
     def infer(x: Any) -> Any:
         logits = logits_of(x)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
@@ -346,7 +384,6 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
         set_weights,
         input_signature=[tf.TensorSpec(w.shape, tf.float32, name=w.name) for w in layout],
     )
-    module.spec = spec
     return module
 
 
