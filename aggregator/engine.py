@@ -73,7 +73,7 @@ from fleetlearn.aggregator.report import ClosedBy, RoundOutcome, RoundTally, Sta
 from fleetlearn.aggregator.selection import Devices
 from fleetlearn.shared import compression, protocol, rounds, topics, wire
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
-from fleetlearn.shared.secagg.config import Stage
+from fleetlearn.shared.secagg.config import MAX_CLASSES, Stage
 from fleetlearn.shared.secagg.server import Outbound
 from fleetlearn.shared.stagetime import ArrivalHistory, StageWindow
 
@@ -290,6 +290,8 @@ class RoundEngine:
         unknown = [d for d in cohort if not self._devices.known(d)]
         if unknown:
             raise EngineError(f"cohort members {unknown[:3]} are not provisioned")
+        if len(labels) > MAX_CLASSES:
+            labels = ()  # too many classes to count each in every masked vector: totals only
         seed = self._random(rounds.SEED_BYTES)
         plan = mode.compression()
         coordinates = None

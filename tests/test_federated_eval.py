@@ -201,6 +201,20 @@ def test_evaluation_counts_rows_and_hits_per_class() -> None:
     assert evaluation.score(np.zeros((0, 3), np.float32), y[:0]).class_samples == (0, 0, 0)
 
 
+def test_a_model_with_more_classes_than_a_masked_vector_carries_reports_totals_only() -> None:
+    """Over MAX_CLASSES classes the round still runs; per-class counts are left out."""
+    from fleetlearn.shared.secagg.config import MAX_CLASSES
+
+    fleet = make_fleet(5)
+    fleet.labels = tuple(f"c{i}" for i in range(MAX_CLASSES + 1))
+    run_round(fleet)
+    out = fleet.engine.take_outcome()
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert "per_class" not in out.metrics
+    assert out.metrics["samples"] > 0
+
+
 def test_per_class_counts_that_do_not_fit_are_refused_and_counted() -> None:
     """Plain mode: an update whose per-class counts are for another number of classes is
     refused (counted as bad_payload) and the round closes without it; counts that contradict
