@@ -9,6 +9,7 @@ TensorFlow with its own gradients). All of these need TensorFlow (slow).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -188,15 +189,7 @@ def test_a_conv1d_model_on_raw_windows_trains_in_secure_rounds() -> None:
     data, _, _ = mk.build_keras_model(model, labels=["slow", "fast"], batch=16)
     agg = settings.load(AggregatorSettings, sets={"training.steps": "10"})
     base = agg.engine_config()
-    config = type(base)(
-        **{
-            **{f: getattr(base, f) for f in base.__dataclass_fields__},
-            "mode": "secure",
-            "cohort": 8,
-            "over_select": 1.0,
-            "min_cohort": 6,
-        }
-    )
+    config = dataclasses.replace(base, mode="secure", cohort=8, over_select=1.0, min_cohort=6)
     parts = [_waves(40, seed) for seed in range(8)]
     fleet = InMemoryFleet(8, config, Scenario(), optimizer=agg.optimizer_config(), model=data,
                           seed=3, data=parts)  # fmt: skip
