@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlearn.shared.errors import ConfigError
+from fleetlearn.shared.tflite.manifest import Task
 
 
 def register(sub: Any) -> None:
@@ -28,7 +29,8 @@ def register(sub: Any) -> None:
         "build",
         help="build a model from a spec file (needs: pip install 'fleetlearn[build]')",
         description=(
-            "Build the MLP classifier a spec describes, or a Keras classifier (--keras), as a "
+            "Build the MLP classifier a spec describes, or a Keras model (--keras: a "
+            "classifier, a regressor or an autoencoder, --task), as a "
             "builtin-ops-only .tflite with signatures train, infer, get_weights and "
             "set_weights, and embed its version-1 manifest. Without --spec or --keras, builds "
             "the predictive-maintenance default. A Keras model is translated layer by layer "
@@ -39,13 +41,24 @@ def register(sub: Any) -> None:
     source.add_argument(
         "--spec", type=Path, help="model spec (TOML); default: the shipped pdm spec"
     )
-    source.add_argument("--keras", type=Path, help="a saved Keras classifier (.keras or .h5)")
+    source.add_argument("--keras", type=Path, help="a saved Keras model (.keras or .h5)")
     b.add_argument("--out", type=Path, required=True, help="where to write the .tflite")
     b.add_argument("--id", help="--keras: the model id (default: from the Keras model's name)")
     b.add_argument("--labels", help="--keras: comma-separated class names (default class_0..)")
     b.add_argument("--batch", type=int, help="--keras: training batch (default 32)")
     b.add_argument(
         "--optimizer", choices=("sgd", "adam"), help="--keras: device optimizer (default sgd)"
+    )
+    b.add_argument(
+        "--task",
+        choices=[t.value for t in Task],
+        help="--keras: what the model's output is (default classification; anomaly: an "
+        "autoencoder)",
+    )
+    b.add_argument(
+        "--loss",
+        help="--keras: the training loss (classification: crossentropy; regression: mse or "
+        "huber; anomaly: mse)",
     )
     b.set_defaults(handler=run_build)
 
@@ -67,7 +80,7 @@ def run_build(args: argparse.Namespace) -> int:
     writable_dir(args.out.parent, "--out")  # before minutes of building, not after
     if args.keras is not None:
         return _build_keras(args)
-    for flag in ("id", "labels", "batch", "optimizer"):
+    for flag in ("id", "labels", "batch", "optimizer", "task", "loss"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--{flag}", "applies to --keras builds; a spec sets it in its file")
     spec = model_build.load_spec(args.spec)
@@ -95,6 +108,8 @@ def _build_keras(args: argparse.Namespace) -> int:
         labels=labels,
         batch=32 if args.batch is None else args.batch,
         optimizer=args.optimizer or "sgd",
+        task=Task(args.task or Task.CLASSIFICATION.value),
+        loss=args.loss,
     )
     tmp = args.out.with_name(args.out.name + ".tmp")
     try:
@@ -107,7 +122,8 @@ def _build_keras(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: {manifest.model_id} v{manifest.version}, "
         f"{manifest.parameter_count:,} parameters, {len(data):,} bytes, "
-        f"content hash {manifest.content_hash.hex()[:16]}; against Keras: logits within "
+        f"content hash {manifest.content_hash.hex()[:16]}; {manifest.task.value}; against "
+        f"Keras: output within "
         f"{parity.infer:.1e}, weights after one step within {step}"
     )
     return 0
@@ -166,7 +182,7 @@ def format_model(data: bytes, name: str) -> str:
     else:
         ok = tflite.content_hash(data) == manifest.content_hash
         lines.append(
-            f"manifest: {manifest.model_id} v{manifest.version}, "
+            f"manifest: {manifest.model_id} v{manifest.version}, {manifest.task.value}, "
             f"{manifest.parameter_count:,} parameters in {len(manifest.layout)} weights"
         )
         lines.append(

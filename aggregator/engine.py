@@ -76,6 +76,7 @@ from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from fleetlearn.shared.secagg.config import MAX_CLASSES, Stage
 from fleetlearn.shared.secagg.server import Outbound
 from fleetlearn.shared.stagetime import ArrivalHistory, StageWindow
+from fleetlearn.shared.tflite.manifest import Task
 
 __all__ = [
     "TRANSITIONS",
@@ -146,6 +147,7 @@ class _Run:
     dim: int
     coordinates: int  # how many coordinates each device sends (rand-k), else dim
     labels: tuple[str, ...]  # the model's class names: per-class evaluation counts
+    task: Task  # what the model's output is: how its evaluation figures read
     members: frozenset[str]  # the cohort, for membership tests per message
     tally: RoundTally
     clock: float  # the latest `now` seen: whether the soft limit has passed
@@ -279,10 +281,12 @@ class RoundEngine:
         now: float,
         cohort: tuple[str, ...] | None = None,
         labels: tuple[str, ...] = (),
+        task: Task = Task.CLASSIFICATION,
     ) -> list[Publish]:
         """Select (or take) a cohort and announce the round. Raises NotEnoughDevicesError or
         EngineError (nothing changed then), e.g. while a round still runs. `labels`: the
-        model's class names (its manifest's), for per-class federated evaluation."""
+        model's class names (its manifest's), for per-class federated evaluation; `task`:
+        its manifest's task, which names the evaluation figures on `metrics`."""
         if self._phase not in _OVER:
             raise EngineError(f"round {self.round_id} is still running")
         c, mode = self.config, self._mode
@@ -341,6 +345,7 @@ class RoundEngine:
             dim=dim,
             coordinates=int(coordinates.size) if coordinates is not None else dim,
             labels=tuple(labels),
+            task=task,
             members=frozenset(cohort),
             tally=tally,
             clock=now,
@@ -639,6 +644,7 @@ class RoundEngine:
             coordinates=run.coordinates,
             aggregate=kept,
             labels=run.labels,
+            task=run.task,
         )
         outcome = RoundOutcome(
             round_id=ann.round_id,

@@ -279,6 +279,26 @@ def build_module(spec: ModelSpec, weights: Mapping[str, np.ndarray] | None = Non
     return module
 
 
+# Each task's losses (the first is the default); docs/models.md says what each one is.
+LOSSES: dict[tflite.Task, tuple[str, ...]] = {
+    tflite.Task.CLASSIFICATION: ("crossentropy",),
+    tflite.Task.REGRESSION: ("mse", "huber"),
+    tflite.Task.ANOMALY: ("mse",),
+}
+_HUBER_DELTA = 1.0
+
+
+def check_loss(task: tflite.Task, loss: str | None) -> str:
+    """`loss`, or the task's default, checked against what the task trains with."""
+    if loss is None:
+        return LOSSES[task][0]
+    if loss not in LOSSES[task]:
+        raise ConfigError(
+            "--loss", f"{loss!r} does not train a {task.value} model; use one of {LOSSES[task]}"
+        )
+    return loss
+
+
 def assemble_module(
     *,
     name: str,
@@ -289,11 +309,21 @@ def assemble_module(
     classes: int,
     batch: int,
     optimizer: str,
+    task: tflite.Task = tflite.Task.CLASSIFICATION,
+    loss: str | None = None,
 ) -> Any:
-    """A classifier's tf.Module with the four signatures, around `forward(x, variables,
-    training) -> logits` (x [n, input_width]; `variables` in `layout` order): the weighted
-    cross-entropy train step with FedProx and SGD or Adam, infer, get_weights, set_weights."""
+    """A model's tf.Module with the four signatures, around `forward(x, variables, training)
+    -> output` (x [n, input_width]; `variables` in `layout` order): the weighted train step of
+    the task's loss with FedProx and SGD or Adam, infer, get_weights, set_weights.
+
+    What `forward` returns and what the signatures take, by task:
+    classification  logits [n, classes]; train(x, y int32, ...); infer -> logits, probabilities
+    regression      [n, 1]; train(x, y float32, ...); infer -> prediction [n]
+    anomaly         input_width values per row (any shape); train(x, ...) without y;
+                    infer -> reconstruction [n, input_width], score [n] (mean squared error)
+    """
     tf = import_tensorflow()
+    loss_name = check_loss(task, loss)
     module = tf.Module(name=name)
     variables = [
         tf.Variable(np.asarray(start[w.name], dtype=np.float32), name=w.name, trainable=True)
@@ -304,10 +334,31 @@ def assemble_module(
     def logits_of(x: Any, training: bool = False) -> Any:
         return forward(x, variables, training)
 
+    def prediction_of(x: Any, training: bool = False) -> Any:
+        return tf.reshape(forward(x, variables, training), [-1])
+
+    def reconstruction_of(x: Any, training: bool = False) -> Any:
+        return tf.reshape(forward(x, variables, training), [-1, input_width])
+
+    def anomaly_score(x: Any, reconstruction: Any) -> Any:
+        return tf.reduce_mean(tf.square(reconstruction - x), axis=1)
+
+    def per_sample_loss(x: Any, y: Any) -> Any:
+        if task is tflite.Task.CLASSIFICATION:
+            logits = logits_of(x, training=True)
+            log_probs = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+            return -tf.reduce_sum(tf.one_hot(y, classes) * log_probs, axis=1)
+        if task is tflite.Task.ANOMALY:
+            return anomaly_score(x, reconstruction_of(x, training=True))
+        error = prediction_of(x, training=True) - y
+        if loss_name == "mse":
+            return tf.square(error)
+        # Huber written with min and abs (builtin gradients): quadratic within delta, linear out.
+        small = tf.minimum(tf.abs(error), _HUBER_DELTA)
+        return 0.5 * tf.square(small) + _HUBER_DELTA * (tf.abs(error) - small)
+
     def weighted_loss(x: Any, y: Any, sample_weight: Any) -> Any:
-        logits = logits_of(x, training=True)
-        log_probs = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
-        per_sample = -tf.reduce_sum(tf.one_hot(y, classes) * log_probs, axis=1)
+        per_sample = per_sample_loss(x, y)
         # Weighted mean over the real samples; the floor keeps an all-padding batch finite.
         total = tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
         return tf.reduce_sum(per_sample * sample_weight) / total
@@ -343,16 +394,7 @@ def assemble_module(
             s.assign(_ADAM_BETA2 * s + (1.0 - _ADAM_BETA2) * g * g)
             v.assign_sub(lr_t * m / (tf.sqrt(s) + _ADAM_EPSILON))
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([batch, input_width], tf.float32, name="x"),
-            tf.TensorSpec([batch], tf.int32, name="y"),
-            tf.TensorSpec([batch], tf.float32, name="sample_weight"),
-            tf.TensorSpec([], tf.float32, name="learning_rate"),
-            tf.TensorSpec([], tf.float32, name="prox_mu"),
-        ]
-    )
-    def train(x: Any, y: Any, sample_weight: Any, learning_rate: Any, prox_mu: Any) -> Any:
+    def one_step(x: Any, y: Any, sample_weight: Any, learning_rate: Any, prox_mu: Any) -> Any:
         with tf.GradientTape() as tape:
             loss = weighted_loss(x, y, sample_weight)
         grads = tape.gradient(loss, variables)
@@ -361,8 +403,32 @@ def assemble_module(
         apply(grads, learning_rate)
         return {"loss": loss}
 
+    x_spec = tf.TensorSpec([batch, input_width], tf.float32, name="x")
+    rest = [
+        tf.TensorSpec([batch], tf.float32, name="sample_weight"),
+        tf.TensorSpec([], tf.float32, name="learning_rate"),
+        tf.TensorSpec([], tf.float32, name="prox_mu"),
+    ]
+    if task is tflite.Task.ANOMALY:
+
+        @tf.function(input_signature=[x_spec, *rest])
+        def train(x: Any, sample_weight: Any, learning_rate: Any, prox_mu: Any) -> Any:
+            return one_step(x, None, sample_weight, learning_rate, prox_mu)
+
+    else:
+        y_type = tf.int32 if task is tflite.Task.CLASSIFICATION else tf.float32
+
+        @tf.function(input_signature=[x_spec, tf.TensorSpec([batch], y_type, name="y"), *rest])
+        def train(x: Any, y: Any, sample_weight: Any, learning_rate: Any, prox_mu: Any) -> Any:
+            return one_step(x, y, sample_weight, learning_rate, prox_mu)
+
     @tf.function(input_signature=[tf.TensorSpec([None, input_width], tf.float32, name="x")])
     def infer(x: Any) -> Any:
+        if task is tflite.Task.REGRESSION:
+            return {"prediction": prediction_of(x)}
+        if task is tflite.Task.ANOMALY:
+            reconstruction = reconstruction_of(x)
+            return {"reconstruction": reconstruction, "score": anomaly_score(x, reconstruction)}
         logits = logits_of(x)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 

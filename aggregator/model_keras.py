@@ -15,9 +15,11 @@ configuration and weights, so the result computes what the Keras model computes 
 tested per layer in tests/test_model_keras.py).
 
 Rules:
-- A single-path model (each layer feeds the next), one input, one output; the output is the
-  class logits (a final softmax is dropped: the loss takes logits). Devices feed flat rows, so
-  the on-device model's input is the Keras input flattened, reshaped back inside.
+- A single-path model (each layer feeds the next), one input, one output. What the output is
+  depends on the task (`tflite.Task`): a classifier's class logits (a final softmax is
+  dropped: the loss takes logits), a regressor's one value per row, an autoencoder's
+  reconstruction of its input (as many values as the input). Devices feed flat rows, so the
+  on-device model's input is the Keras input flattened, reshaped back inside.
 - Anything else is refused at build time by `KerasModelError`, naming the layer and what about
   it is not supported. No layer is silently skipped or approximated.
 - BatchNormalization trains its scale and offset; its moving mean and variance are frozen at
@@ -95,11 +97,12 @@ class KerasTranslation:
 
     model_id: str
     input_shape: tuple[int, ...]  # without the batch axis
-    classes: int
+    classes: int  # a classifier's outputs; 0 for the other tasks
     layers: tuple[_Layer, ...]
     layout: tuple[tflite.WeightSpec, ...]
     start: Mapping[str, np.ndarray]
     constants: Mapping[str, np.ndarray]  # frozen values (BatchNormalization statistics)
+    task: tflite.Task = tflite.Task.CLASSIFICATION
 
     @property
     def input_width(self) -> int:
@@ -123,8 +126,15 @@ def load_keras(path: Path) -> Any:
         raise ConfigError("--keras", f"{path} is not a loadable Keras model: {first}") from None
 
 
-def translate(model: Any, *, model_id: str | None = None, seed: int = 0) -> KerasTranslation:
-    """Check and translate `model`; every refusal is a KerasModelError naming the layer."""
+def translate(
+    model: Any,
+    *,
+    model_id: str | None = None,
+    seed: int = 0,
+    task: tflite.Task = tflite.Task.CLASSIFICATION,
+) -> KerasTranslation:
+    """Check and translate `model` for `task`; every refusal is a KerasModelError naming the
+    layer (or the output, when it does not fit the task)."""
     layers = _chain(model)
     input_shape = _input_shape(model)
     name = model_id or _identifier(getattr(model, "name", "") or "keras_model").replace("_", "-")
@@ -141,7 +151,8 @@ def translate(model: Any, *, model_id: str | None = None, seed: int = 0) -> Kera
                 f"layer {layer.name!r} ({kind}) is not supported on devices; supported: "
                 + ", ".join(sorted(SUPPORTED_LAYERS))
             )
-        last = index == len(layers) - 1
+        # Only a classifier's last layer may end in softmax (dropped: the loss takes logits).
+        last = index == len(layers) - 1 and task is tflite.Task.CLASSIFICATION
         translated = _TRANSLATE[kind](layer, last)
         translated.keras_shapes = [tuple(np.shape(v)) for v in layer.get_weights()]
         for weight_name, _ in translated.weights:
@@ -149,12 +160,8 @@ def translate(model: Any, *, model_id: str | None = None, seed: int = 0) -> Kera
                 raise KerasModelError(f"layer {layer.name!r}: weight name {weight_name} repeats")
             names.add(weight_name)
         out.append(translated)
-    output = model.outputs[0].shape
-    if len(output) != 2 or output[-1] is None or output[-1] < 2:
-        raise KerasModelError(
-            f"the model's output has shape {tuple(output)}; a classifier ends in (None, classes) "
-            "with at least 2 classes"
-        )
+    output = tuple(model.outputs[0].shape)
+    _check_output(output, input_shape, task)
     layout: list[tflite.WeightSpec] = []
     start: dict[str, np.ndarray] = {}
     constants: dict[str, np.ndarray] = {}
@@ -174,12 +181,38 @@ def translate(model: Any, *, model_id: str | None = None, seed: int = 0) -> Kera
     return KerasTranslation(
         model_id=name,
         input_shape=input_shape,
-        classes=int(output[-1]),
+        classes=int(output[-1] or 0) if task is tflite.Task.CLASSIFICATION else 0,
         layers=tuple(out),
         layout=tuple(layout),
         start=start,
         constants=constants,
+        task=task,
     )
+
+
+def _check_output(
+    output: tuple[int | None, ...], input_shape: tuple[int, ...], task: tflite.Task
+) -> None:
+    shown = tuple(output)
+    if task is tflite.Task.CLASSIFICATION:
+        if len(output) != 2 or output[-1] is None or output[-1] < 2:
+            raise KerasModelError(
+                f"the model's output has shape {shown}; a classifier ends in (None, classes) "
+                "with at least 2 classes"
+            )
+    elif task is tflite.Task.REGRESSION:
+        if len(output) != 2 or output[-1] != 1:
+            raise KerasModelError(
+                f"the model's output has shape {shown}; a regressor ends in (None, 1): one "
+                "target per row"
+            )
+    else:
+        size = math.prod(d or 0 for d in output[1:])
+        if size != math.prod(input_shape):
+            raise KerasModelError(
+                f"the model's output has shape {shown}; an autoencoder reconstructs its input, "
+                f"{math.prod(input_shape)} values per row (input shape {input_shape})"
+            )
 
 
 def _chain(model: Any) -> list[Any]:
@@ -550,7 +583,8 @@ def keras_with(model: Any, translation: KerasTranslation, weights: Mapping[str, 
 
 
 def _logits(model: Any, x: np.ndarray, shape: tuple[int, ...], training: bool = False) -> Any:
-    """The Keras model's logits: its output before a final softmax."""
+    """The Keras model's output before a final softmax (a classifier's logits; the other
+    tasks refuse softmax on the last layer, so theirs is the output)."""
     import keras
 
     last = model.layers[-1]
@@ -583,56 +617,86 @@ def measure_parity(
     learning_rate: float = 0.05,
     step: bool = True,
     seed: int = 0,
+    loss: str | None = None,
 ) -> Parity:
     """Run the built model (LiteRT) and Keras (TensorFlow, eager) from the same weights on the
-    same random rows: logits, and one SGD step on cross-entropy (Keras with training=False:
-    frozen BatchNormalization statistics, no dropout; so no step for a model with dropout)."""
+    same random rows: the output (logits, prediction or reconstruction), and one SGD step on
+    the task's loss, Keras's own loss class for regression and reconstruction (Keras with
+    training=False: frozen BatchNormalization statistics, no dropout; so no step for a model
+    with dropout)."""
     tf = mb.import_tensorflow()
+    import keras
+
     from fleetlearn.shared.tflite.runtime import new_interpreter
 
+    task = translation.task
+    loss_name = mb.check_loss(task, loss)
     interpreter = new_interpreter(data)
     get_weights = interpreter.get_signature_runner("get_weights")
     start = {name: np.array(value) for name, value in get_weights().items()}
     reference = keras_with(model, translation, start)
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, translation.input_width)).astype(np.float32)
-    y = rng.integers(0, translation.classes, size=rows).astype(np.int32)
+    width = translation.input_width
+    x = rng.normal(size=(rows, width)).astype(np.float32)
+    y: np.ndarray = (
+        rng.integers(0, translation.classes, size=rows).astype(np.int32)
+        if task is tflite.Task.CLASSIFICATION
+        else (rng.normal(size=rows) * 2.0).astype(np.float32)  # both sides of Huber's delta
+    )
+
+    def keras_output(inputs: np.ndarray) -> Any:
+        out = _logits(reference, inputs, translation.input_shape)
+        return tf.reshape(out, [inputs.shape[0], -1])
+
+    output_name = {
+        tflite.Task.CLASSIFICATION: "logits",
+        tflite.Task.REGRESSION: "prediction",
+        tflite.Task.ANOMALY: "reconstruction",
+    }[task]
     infer = interpreter.get_signature_runner("infer")
-    ours = np.asarray(infer(x=x)["logits"])
-    theirs = np.asarray(_logits(reference, x, translation.input_shape))
+    ours = np.asarray(infer(x=x)[output_name]).reshape(rows, -1)
+    theirs = np.asarray(keras_output(x))
     infer_diff = float(np.abs(ours - theirs).max())
     scale = float(np.abs(theirs).max())
     if not step or any(layer.kind == "Dropout" for layer in translation.layers):
         return Parity(infer=infer_diff, scale=scale, step=None, loss=None)
-    batch = next(t for t in tflite.describe_model(data).signature("train").inputs if t.name == "x")
-    size = int(batch.shape[0])
+    train_inputs = {t.name: t for t in tflite.describe_model(data).signature("train").inputs}
+    size = int(train_inputs["x"].shape[0])
     n = min(rows, size)
-    pad_x = np.zeros((size, translation.input_width), np.float32)
-    pad_y = np.zeros(size, np.int32)
-    weight = np.zeros(size, np.float32)
-    pad_x[:n], pad_y[:n], weight[:n] = x[:n], y[:n], 1.0
+    feed: dict[str, Any] = {
+        "x": np.zeros((size, width), np.float32),
+        "sample_weight": np.zeros(size, np.float32),
+        "learning_rate": np.float32(learning_rate),
+        "prox_mu": np.float32(0.0),
+    }
+    feed["x"][:n] = x[:n]
+    feed["sample_weight"][:n] = 1.0
+    if "y" in train_inputs:
+        feed["y"] = np.zeros(size, y.dtype)
+        feed["y"][:n] = y[:n]
     train = interpreter.get_signature_runner("train")
-    loss_ours = float(
-        train(
-            x=pad_x,
-            y=pad_y,
-            sample_weight=weight,
-            learning_rate=np.float32(learning_rate),
-            prox_mu=np.float32(0.0),
-        )["loss"]
-    )
+    loss_ours = float(train(**feed)["loss"])
     variables = reference.trainable_variables
     with tf.GradientTape() as tape:
-        logits = _logits(reference, x[:n], translation.input_shape)
-        log_probs = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
-        loss = -tf.reduce_mean(tf.reduce_sum(tf.one_hot(y[:n], translation.classes) * log_probs, 1))
-    grads = tape.gradient(loss, variables)
+        out = keras_output(x[:n])
+        if task is tflite.Task.CLASSIFICATION:
+            log_probs = out - tf.reduce_logsumexp(out, axis=1, keepdims=True)
+            loss_value = -tf.reduce_mean(
+                tf.reduce_sum(tf.one_hot(y[:n], translation.classes) * log_probs, 1)
+            )
+        elif task is tflite.Task.ANOMALY:
+            loss_value = keras.losses.MeanSquaredError()(x[:n], out)
+        elif loss_name == "huber":
+            loss_value = keras.losses.Huber(delta=1.0)(y[:n, None], out)
+        else:
+            loss_value = keras.losses.MeanSquaredError()(y[:n, None], out)
+    grads = tape.gradient(loss_value, variables)
     after = {name: np.array(value) for name, value in get_weights().items()}
     diff = 0.0
     for spec, variable, grad in zip(translation.layout, variables, grads, strict=True):
         expected = (variable.numpy() - learning_rate * grad.numpy()).reshape(spec.shape)
         diff = max(diff, float(np.abs(after[spec.name] - expected).max()))
-    return Parity(infer=infer_diff, scale=scale, step=diff, loss=abs(float(loss) - loss_ours))
+    return Parity(infer=infer_diff, scale=scale, step=diff, loss=abs(float(loss_value) - loss_ours))
 
 
 # ------------------------------------------------------------------------------ building
@@ -664,6 +728,7 @@ def build_keras_module(
     batch: int = 32,
     optimizer: str = "sgd",
     weights: Mapping[str, np.ndarray] | None = None,
+    loss: str | None = None,
 ) -> Any:
     """The tf.Module (train, infer, get_weights, set_weights) of a translated Keras model."""
     if not 1 <= batch <= 4096:
@@ -679,6 +744,8 @@ def build_keras_module(
         classes=translation.classes,
         batch=batch,
         optimizer=optimizer,
+        task=translation.task,
+        loss=loss,
     )
 
 
@@ -689,20 +756,24 @@ def build_keras_model(
     labels: Sequence[str] | None = None,
     batch: int = 32,
     optimizer: str = "sgd",
+    task: tflite.Task = tflite.Task.CLASSIFICATION,
+    loss: str | None = None,
 ) -> tuple[bytes, tflite.ModelManifest, Parity]:
-    """A Keras classifier (a keras.Model, or the path of a saved one) as a builtin-ops
+    """A Keras model (a keras.Model, or the path of a saved one) for `task` as a builtin-ops
     .tflite with the four signatures and its version-1 manifest, checked against Keras: the
-    built model's logits and one training step must match Keras's from the same weights
-    (`measure_parity`), or it is refused. Returns (tflite bytes, manifest, parity)."""
+    built model's output and one training step on the task's loss (`loss`: the task's
+    default when None) must match Keras's from the same weights (`measure_parity`), or it
+    is refused. Returns (tflite bytes, manifest, parity).
+
+    Labels: a classifier's class names (default class_0..); an anomaly model's are always
+    (normal, anomaly), the two kinds of row its per-class detection counts; a regressor has
+    none."""
+    loss = mb.check_loss(task, loss)
     if isinstance(model, str | Path):
         model = load_keras(Path(model))
-    translation = translate(model, model_id=model_id)
-    names = tuple(labels) if labels else tuple(f"class_{i}" for i in range(translation.classes))
-    if len(names) != translation.classes:
-        raise ConfigError(
-            "--labels", f"{len(names)} names for a model with {translation.classes} classes"
-        )
-    module = build_keras_module(translation, batch=batch, optimizer=optimizer)
+    translation = translate(model, model_id=model_id, task=task)
+    names = _labels(translation, labels)
+    module = build_keras_module(translation, batch=batch, optimizer=optimizer, loss=loss)
     data = mb.convert_module(module)
     try:
         data, manifest = tflite.embed_manifest(
@@ -711,18 +782,36 @@ def build_keras_model(
             version=1,
             layout=translation.layout,
             labels=names,
+            task=task,
         )
     except tflite.SharedBufferError as exc:
         raise mb.ModelBuildError(f"converted model cannot be patched: {exc}") from exc
     except tflite.ModelError as exc:
         raise mb.ModelBuildError(f"manifest: {exc}") from exc
-    parity = measure_parity(model, translation, data, manifest, step=optimizer == "sgd")
+    parity = measure_parity(model, translation, data, manifest, step=optimizer == "sgd", loss=loss)
     if (
         parity.infer > PARITY_TOLERANCE * max(1.0, parity.scale)
         or (parity.step or 0.0) > PARITY_TOLERANCE
     ):
         raise KerasModelError(
-            f"the built model does not compute what the Keras model computes (logits differ "
+            f"the built model does not compute what the Keras model computes (output differs "
             f"by {parity.infer:.2e}, weights after one step by {parity.step}); please report it"
         )
     return data, manifest, parity
+
+
+ANOMALY_LABELS = ("normal", "anomaly")
+
+
+def _labels(translation: KerasTranslation, labels: Sequence[str] | None) -> tuple[str, ...]:
+    task = translation.task
+    if task is not tflite.Task.CLASSIFICATION:
+        if labels:
+            raise ConfigError("--labels", f"a {task.value} model has no class names to set")
+        return ANOMALY_LABELS if task is tflite.Task.ANOMALY else ()
+    names = tuple(labels) if labels else tuple(f"class_{i}" for i in range(translation.classes))
+    if len(names) != translation.classes:
+        raise ConfigError(
+            "--labels", f"{len(names)} names for a model with {translation.classes} classes"
+        )
+    return names

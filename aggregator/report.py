@@ -21,6 +21,7 @@ import numpy as np
 
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from fleetlearn.shared.secagg.config import Stage
+from fleetlearn.shared.tflite.manifest import Task
 
 ClosedBy = Literal["complete", "quorum", "hard_limit"]
 
@@ -110,8 +111,10 @@ def summary(
     coordinates: int,
     aggregate: Aggregate | None,
     labels: tuple[str, ...] = (),
+    task: Task = Task.CLASSIFICATION,
 ) -> dict[str, Any]:
-    """The round's summary for `metrics` and the store. `stages`: those the mode ran."""
+    """The round's summary for `metrics` and the store. `stages`: those the mode ran; `task`:
+    the model's, which says what `mean_loss` and `accuracy` are (`task_figures`)."""
     survivors = aggregate.survivors if aggregate is not None else ()
     cohort = len(announce.cohort)
     participants = max(1, len(survivors) or cohort)
@@ -121,6 +124,7 @@ def summary(
         "mode": announce.mode.value,
         "state": state.value,
         "reason": reason,
+        "task": task.value,
         "model_version": announce.model_version,
         "learning_rate": announce.training.learning_rate,
         "cohort": cohort,
@@ -152,11 +156,25 @@ def summary(
             weight_sum=aggregate.weight_sum,
             dropouts_recovered=aggregate.dropouts_recovered,
         )
+        if task is Task.REGRESSION:  # no classes: nothing is right or wrong, only off by
+            metrics.update(accuracy=None, device_accuracy=None)
+        metrics.update(task_figures(task, metrics["mean_loss"]))
         if labels and len(aggregate.class_samples) == len(labels):
             metrics["per_class"] = per_class(
                 labels, aggregate.class_samples, aggregate.class_correct
             )
     return metrics
+
+
+def task_figures(task: Task, loss: float | None) -> dict[str, Any]:
+    """The task's own name for its evaluation loss, next to `loss`/`mean_loss`: a regressor's
+    mean absolute error (`mae`, in the target's units), an autoencoder's mean squared
+    reconstruction error (`reconstruction_error`). A classifier's is its cross-entropy."""
+    if task is Task.REGRESSION:
+        return {"mae": loss}
+    if task is Task.ANOMALY:
+        return {"reconstruction_error": loss}
+    return {}
 
 
 def per_class(

@@ -515,6 +515,7 @@ class AggregatorService:
                         dim=manifest.parameter_count,
                         now=now,
                         labels=manifest.labels,
+                        task=manifest.task,
                     )
             except NotEnoughDevicesError as exc:
                 log.warning("cannot start round %d: %s", round_id, exc)
@@ -711,6 +712,8 @@ def _evaluate_on(model: bytes, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         manifest = tflite.read_manifest(model)
         labels = manifest.labels if manifest is not None else ()
         out: dict[str, Any] = dict(result.as_dict())
+        task = manifest.task if manifest is not None else tflite.Task.CLASSIFICATION
+        out.update(report.task_figures(task, out["loss"]))
         if labels and len(labels) == len(result.class_samples):
             out["per_class"] = report.per_class(labels, result.class_samples, result.class_correct)
         return out

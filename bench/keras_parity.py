@@ -8,7 +8,9 @@ by `fleetlearn.aggregator.model_keras.build_keras_model` (batch 16, SGD), then, 
 largest |logit difference| between LiteRT and Keras on `--rows` random rows, and the largest
 |weight difference| after one SGD step at rate 0.05 (Keras: eager TensorFlow, its own
 gradients). Prints the maxima over seeds, the build time (median), the parameter count and
-the command. Needs the `build` extra (TensorFlow).
+the command. Then the same for each task's loss (a Conv1D regressor with MSE and Huber, a
+dense autoencoder with its reconstruction MSE; Keras's own loss classes as the reference).
+Needs the `build` extra (TensorFlow).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +61,56 @@ def main() -> int:
         step_cell = f"{max(step):.1e}" if step else "not compared (random mask)"
         print(
             f"| {case} | {params} | {max(infer):.1e} | {step_cell} | "
+            f"{statistics.median(seconds):.1f} |",
+            flush=True,
+        )
+    from fleetlearn.shared import tflite
+
+    def regressor(k: Any) -> Any:
+        return k.Sequential(
+            [
+                k.Input((16, 3)),
+                k.layers.Conv1D(8, 3, activation="relu"),
+                k.layers.GlobalAveragePooling1D(),
+                k.layers.Dense(1),
+            ]
+        )
+
+    def autoencoder(k: Any) -> Any:
+        return k.Sequential(
+            [
+                k.Input((16,)),
+                k.layers.Dense(8, activation="tanh"),
+                k.layers.Dense(4, activation="sigmoid"),
+                k.layers.Dense(16),
+            ]
+        )
+
+    print("\n| task (loss) | parameters | output: max abs diff | weights after one step: max "
+          "abs diff | build s (median) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    tasks = [
+        ("regression (mse)", regressor, tflite.Task.REGRESSION, "mse"),
+        ("regression (huber)", regressor, tflite.Task.REGRESSION, "huber"),
+        ("anomaly (reconstruction mse)", autoencoder, tflite.Task.ANOMALY, "mse"),
+    ]
+    for name, make, task, loss in tasks:
+        infer, step, seconds = [], [], []
+        for seed in seeds:
+            model = randomized(make(keras), seed=seed)
+            started = time.perf_counter()
+            data, manifest, _ = mk.build_keras_model(model, batch=16, task=task, loss=loss)
+            seconds.append(time.perf_counter() - started)
+            params = manifest.parameter_count
+            translation = mk.translate(model, task=task)
+            parity = mk.measure_parity(
+                model, translation, data, manifest, rows=args.rows, seed=100 + seed, loss=loss
+            )
+            infer.append(parity.infer)
+            assert parity.step is not None
+            step.append(parity.step)
+        print(
+            f"| {name} | {params} | {max(infer):.1e} | {max(step):.1e} | "
             f"{statistics.median(seconds):.1f} |",
             flush=True,
         )

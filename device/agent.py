@@ -88,12 +88,13 @@ SDK_VERSION = "fleetlearn-0.1"
 
 
 class LocalData(Protocol):
-    """Where a device's examples come from. Labels may be missing for inference-only data."""
+    """Where a device's examples come from. Labels may be missing: then the device runs each
+    release but trains only an autoencoder (which learns from the rows alone)."""
 
     @property
     def labelled(self) -> bool: ...
 
-    def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray | None]: ...
 
     def recent(self, count: int) -> tuple[np.ndarray, np.ndarray | None]: ...
 
@@ -130,10 +131,10 @@ class ArrayData:
     def labelled(self) -> bool:
         return self.y is not None
 
-    def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.y is None:
-            raise TrainerError("this device's data has no labels: it runs inference only")
-        return self.x[-max_samples:], self.y[-max_samples:]
+    def training_set(self, max_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The newest rows, with their labels when there are any (the trainer refuses
+        unlabelled rows for any task but anomaly detection)."""
+        return self.x[-max_samples:], None if self.y is None else self.y[-max_samples:]
 
     def recent(self, count: int) -> tuple[np.ndarray, np.ndarray | None]:
         return self.x[-count:], None if self.y is None else self.y[-count:]
@@ -207,6 +208,7 @@ class DeviceAgent:
             train_seed if train_seed is not None else secrets.randbits(64)
         )
         self._health_window = health_window
+        self._calibration_rows = 1024  # newest training rows an autoencoder calibrates on
         self.trainer: LiteRTTrainer | None = None
         self._trainer_lock = asyncio.Lock()
         # The participant is not thread-safe: every call to it holds this lock, and the heavy
@@ -401,8 +403,9 @@ class DeviceAgent:
         status = wire.DeviceStatus(
             device_id=self.device_id,
             online=True,
-            # Without labels it cannot train: never selected, still runs every release.
-            eligibility=c.eligibility if self.data.labelled else wire.Eligibility.INFERENCE_ONLY,
+            # Without labels it cannot train (but an autoencoder): never selected, still runs
+            # every release.
+            eligibility=c.eligibility if self._can_train() else wire.Eligibility.INFERENCE_ONLY,
             charging=c.charging,
             battery=min(1.0, max(0.0, c.battery)),
             model_version=self.participant.model_version,
@@ -416,6 +419,10 @@ class DeviceAgent:
                 topics.status(self.fleet, self.device_id), wire.encode(status), retain=True
             )
 
+    def _can_train(self) -> bool:
+        trainer = self.trainer
+        return self.data.labelled or (trainer is not None and trainer.task is tflite.Task.ANOMALY)
+
     async def publish_health(self) -> None:
         trainer = self.trainer
         if trainer is None:
@@ -424,6 +431,20 @@ class DeviceAgent:
         if x.shape[0] == 0:
             return
         loop = asyncio.get_running_loop()
+        base: dict[str, Any] = {
+            "device_id": self.device_id,
+            "fleet": self.fleet,
+            "model_version": trainer.version,
+            "ts": round(time.time(), 3),
+            "windows": int(x.shape[0]),
+        }
+        if trainer.task is not tflite.Task.CLASSIFICATION:
+            async with self._trainer_lock:
+                figures = await loop.run_in_executor(
+                    self._executor, self._task_health, trainer, x, y
+                )
+            await self._publish_health({**base, **figures})
+            return
         async with self._trainer_lock:
             probs = await loop.run_in_executor(self._executor, trainer.predict, x)
         labels = (
@@ -432,11 +453,7 @@ class DeviceAgent:
         predicted = probs.argmax(axis=1)
         counts = np.bincount(predicted, minlength=len(labels))
         report: dict[str, Any] = {
-            "device_id": self.device_id,
-            "fleet": self.fleet,
-            "model_version": trainer.version,
-            "ts": round(time.time(), 3),
-            "windows": int(x.shape[0]),
+            **base,
             "latest": {
                 "label": labels[int(predicted[-1])],
                 "confidence": round(float(probs[-1].max()), 4),
@@ -446,6 +463,36 @@ class DeviceAgent:
             },
             "accuracy": None if y is None else round(float((predicted == y).mean()), 4),
         }
+        await self._publish_health(report)
+
+    def _task_health(
+        self, trainer: LiteRTTrainer, x: np.ndarray, y: np.ndarray | None
+    ) -> dict[str, Any]:
+        """Health figures of a regressor (its latest and mean prediction) or an autoencoder
+        (anomaly scores against the threshold calibrated on this device's own normal rows:
+        the newest training rows, labelled 0 or unlabelled)."""
+        if trainer.task is tflite.Task.REGRESSION:
+            predicted = trainer.predict_values(x)
+            return {
+                "latest": {"prediction": round(float(predicted[-1]), 6)},
+                "mean_prediction": round(float(predicted.mean()), 6),
+            }
+        xt, yt = self.data.training_set(self._calibration_rows)
+        normal = xt if yt is None else xt[yt == 0]
+        threshold = trainer.calibrate(normal)
+        scores = trainer.anomaly_scores(x)
+        flagged = scores > threshold
+        return {
+            "latest": {
+                "score": round(float(scores[-1]), 6),
+                "anomaly": bool(flagged[-1]),
+            },
+            "threshold": round(threshold, 6) if math.isfinite(threshold) else None,
+            "anomalous_share": round(float(flagged.mean()), 4),
+            "max_score": round(float(scores.max()), 6),
+        }
+
+    async def _publish_health(self, report: dict[str, Any]) -> None:
         with contextlib.suppress(FleetlearnError):
             await self.link.publish(
                 topics.health(self.fleet, self.device_id),

@@ -138,7 +138,11 @@ def run_device(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         task = asyncio.create_task(agent.run())
-        role = "" if data.labelled else " (no labels in --data: inference only, never trains)"
+        role = (
+            ""
+            if data.labelled
+            else " (no labels in --data: trains only an autoencoder, else runs inference only)"
+        )
         print(
             f"device {creds.device_id} of fleet {creds.fleet} -> {address}{role}; Ctrl-C to stop",
             flush=True,

@@ -13,6 +13,9 @@ Rules it keeps:
 - Models built since the learning rate became a round setting take it (and FedProx's mu) as
   train inputs; `train` anchors the proximal term at the weights it starts from. Older models
   have their rate built in: they train with it, and refuse a proximal term.
+- The manifest's task says what the signatures take and give (`tflite.Task`): a classifier
+  trains on integer labels and infers logits, a regressor on float targets and infers a
+  prediction, an autoencoder on rows alone (no y) and infers a reconstruction and its score.
 - No TensorFlow, no global RNG (shuffling takes a `numpy.random.Generator`), no clock.
   Training is CPU-bound: asyncio callers run it in a worker thread.
 """
@@ -30,7 +33,15 @@ import numpy as np
 from fleetlearn.device.participant import LocalResult
 from fleetlearn.shared import dataset, tflite
 from fleetlearn.shared.errors import FleetlearnError
-from fleetlearn.shared.evaluation import Evaluation, logits_of, score
+from fleetlearn.shared.evaluation import (
+    Evaluation,
+    anomaly_threshold,
+    logits_of,
+    outputs_of,
+    score,
+    score_anomaly,
+    score_regression,
+)
 from fleetlearn.shared.release import ModelRelease, verify_release
 from fleetlearn.shared.rounds import TrainingPlan
 from fleetlearn.shared.tflite.runtime import new_interpreter
@@ -38,6 +49,13 @@ from fleetlearn.shared.tflite.runtime import new_interpreter
 REQUIRED_SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 _TRAIN_INPUTS = {"x", "y", "sample_weight", "learning_rate", "prox_mu"}
 _LEGACY_TRAIN_INPUTS = {"x", "y", "sample_weight"}
+_ANOMALY_TRAIN_INPUTS = {"x", "sample_weight", "learning_rate", "prox_mu"}
+# What `infer` returns for each task: the output the trainer reads.
+_INFER_OUTPUT = {
+    tflite.Task.CLASSIFICATION: "logits",
+    tflite.Task.REGRESSION: "prediction",
+    tflite.Task.ANOMALY: "score",
+}
 MAX_LEARNING_RATE = 10.0
 MAX_PROX_MU = 100.0
 
@@ -67,23 +85,43 @@ class LiteRTTrainer:
         missing = [key for key in REQUIRED_SIGNATURES if key not in keys]
         if missing:
             raise TrainerError(f"model lacks the signature(s) {missing}; rebuild it")
+        self.task = manifest.task
         train = {t.name: t for t in info.signature("train").inputs}
-        if set(train) not in (_TRAIN_INPUTS, _LEGACY_TRAIN_INPUTS) or len(train["x"].shape) != 2:
+        expected = (
+            (_ANOMALY_TRAIN_INPUTS,)
+            if self.task is tflite.Task.ANOMALY
+            else (_TRAIN_INPUTS, _LEGACY_TRAIN_INPUTS)
+            if self.task is tflite.Task.CLASSIFICATION
+            else (_TRAIN_INPUTS,)
+        )
+        if set(train) not in expected or len(train["x"].shape) != 2:
             raise TrainerError(
-                "model's train signature is not train(x, y, sample_weight, learning_rate, "
-                "prox_mu); rebuild it"
+                f"model's train signature takes {sorted(train)}, not what a "
+                f"{self.task.value} model trains with; rebuild it"
             )
         # False: a model from before the rate was an input; it trains at its built-in rate.
-        self.takes_learning_rate = set(train) == _TRAIN_INPUTS
+        self.takes_learning_rate = "learning_rate" in train
         self.batch_size, self.input_width = train["x"].shape
-        logits = {t.name: t for t in info.signature("infer").outputs}.get("logits")
-        if logits is None or len(logits.shape) != 2 or self.batch_size < 1:
-            raise TrainerError("model's infer signature does not return logits[N, classes]")
-        self.classes = logits.shape[1]
+        output = {t.name: t for t in info.signature("infer").outputs}.get(_INFER_OUTPUT[self.task])
+        rank = 2 if self.task is tflite.Task.CLASSIFICATION else 1
+        if output is None or len(output.shape) != rank or self.batch_size < 1:
+            raise TrainerError(
+                f"model's infer signature does not return {_INFER_OUTPUT[self.task]} as a "
+                f"{self.task.value} model does"
+            )
+        # Classes: a classifier's outputs; an autoencoder's kinds of row (normal, anomaly).
+        if self.task is tflite.Task.CLASSIFICATION:
+            self.classes = output.shape[1]
+        elif self.task is tflite.Task.ANOMALY:
+            self.classes = 2
+        else:
+            self.classes = 0
         if manifest.labels and len(manifest.labels) != self.classes:
             raise TrainerError(
                 f"manifest names {len(manifest.labels)} classes, the model has {self.classes}"
             )
+        if self.task is tflite.Task.REGRESSION and train["y"].dtype != "float32":
+            raise TrainerError("a regression model's train signature must take float32 y")
         returned = {t.name for t in info.signature("get_weights").outputs}
         if returned != {spec.name for spec in manifest.layout}:
             raise TrainerError("model's get_weights does not return the manifest's layout")
@@ -99,7 +137,10 @@ class LiteRTTrainer:
         self._get = self._interpreter.get_signature_runner("get_weights")
         self._set = self._interpreter.get_signature_runner("set_weights")
         self._x = np.zeros((self.batch_size, self.input_width), dtype=np.float32)
-        self._y = np.zeros(self.batch_size, dtype=np.int32)
+        self._y = np.zeros(
+            self.batch_size,
+            dtype=np.int32 if self.task is tflite.Task.CLASSIFICATION else np.float32,
+        )
         self._w = np.zeros(self.batch_size, dtype=np.float32)
         self._rates: dict[str, np.ndarray] = {}
 
@@ -125,7 +166,7 @@ class LiteRTTrainer:
     def train_step(
         self,
         x: np.ndarray,
-        y: np.ndarray,
+        y: np.ndarray | None,
         *,
         learning_rate: float | None = None,
         prox_mu: float = 0.0,
@@ -158,21 +199,25 @@ class LiteRTTrainer:
             "prox_mu": np.array(prox_mu, dtype=np.float32),
         }
 
-    def _step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _step(self, x: np.ndarray, y: np.ndarray | None) -> float:
         n = x.shape[0]
         self._x[:n] = x
         self._x[n:] = 0.0
-        self._y[:n] = y
-        self._y[n:] = 0
         self._w[:n] = 1.0
         self._w[n:] = 0.0
+        if self.task is tflite.Task.ANOMALY:  # trains on the rows alone
+            result = self._train(x=self._x, sample_weight=self._w, **self._rates)
+            return float(result["loss"])
+        assert y is not None  # _check requires it for every task but anomaly
+        self._y[:n] = y
+        self._y[n:] = 0
         result = self._train(x=self._x, y=self._y, sample_weight=self._w, **self._rates)
         return float(result["loss"])
 
     def train(
         self,
         x: np.ndarray,
-        y: np.ndarray,
+        y: np.ndarray | None,
         *,
         epochs: int = 1,
         steps: int = 0,
@@ -209,7 +254,7 @@ class LiteRTTrainer:
                 if done == total:
                     break
                 index = order[start : start + self.batch_size]
-                loss_sum += self._step(x[index], y[index]) * len(index)
+                loss_sum += self._step(x[index], None if y is None else y[index]) * len(index)
                 seen += len(index)
                 done += 1
         return TrainResult(steps=done, samples=seen, loss=loss_sum / seen)
@@ -217,19 +262,52 @@ class LiteRTTrainer:
     # -------------------------------------------------------------------------- inference
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """A classifier's logits [n, classes]."""
+        self._require(tflite.Task.CLASSIFICATION)
         return logits_of(self._infer, self._check_x(x), self.classes)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities, one row per sample."""
+        """A classifier's class probabilities, one row per sample."""
         logits = self.logits(x).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Evaluation:
-        """Mean cross-entropy and accuracy of the current weights on (x, y)."""
+    def predict_values(self, x: np.ndarray) -> np.ndarray:
+        """A regressor's prediction, one value per row."""
+        self._require(tflite.Task.REGRESSION)
+        return outputs_of(self._infer, self._check_x(x), "prediction", None)
+
+    def anomaly_scores(self, x: np.ndarray) -> np.ndarray:
+        """An autoencoder's anomaly score per row: its mean squared reconstruction error."""
+        self._require(tflite.Task.ANOMALY)
+        return outputs_of(self._infer, self._check_x(x), "score", None)
+
+    def calibrate(self, x: np.ndarray) -> float:
+        """An autoencoder's anomaly threshold from normal rows `x` (what the device trains on):
+        the ANOMALY_QUANTILE of their scores under the current weights."""
+        return anomaly_threshold(self.anomaly_scores(x))
+
+    def evaluate(
+        self, x: np.ndarray, y: np.ndarray | None, *, threshold: float | None = None
+    ) -> Evaluation:
+        """The current weights on (x, y), judged as the task says (`shared.evaluation`): a
+        classifier's cross-entropy and accuracy, a regressor's mean absolute error, an
+        autoencoder's reconstruction error and its rows judged right by `threshold`."""
         x, y = self._check(x, y)
+        if self.task is tflite.Task.REGRESSION:
+            assert y is not None  # _check requires targets
+            return score_regression(self.predict_values(x), y.astype(np.float32))
+        if self.task is tflite.Task.ANOMALY:
+            if threshold is None:
+                raise TrainerError("judging anomalies needs a threshold (calibrate first)")
+            return score_anomaly(self.anomaly_scores(x), y, threshold)
+        assert y is not None
         return score(self.logits(x), y)
+
+    def _require(self, task: tflite.Task) -> None:
+        if self.task is not task:
+            raise TrainerError(f"this is a {self.task.value} model, not a {task.value} model")
 
     # ----------------------------------------------------------------------------- weights
 
@@ -272,13 +350,34 @@ class LiteRTTrainer:
             raise TrainerError("features hold NaN or infinity")
         return x
 
-    def _check(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _check(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows and their y as the task needs: class labels (int32), regression targets
+        (float32, finite), or for an autoencoder nothing or row kinds (0 normal, any fault
+        class above 0, returned as 1; used to judge, never to train)."""
         x = self._check_x(x)
+        if y is None:
+            if self.task is not tflite.Task.ANOMALY:
+                raise TrainerError(f"a {self.task.value} model needs y for every row")
+            return x, None
         y = np.asarray(y)
+        if self.task is tflite.Task.REGRESSION:
+            if y.shape != (x.shape[0],) or y.dtype.kind not in "fiu":
+                raise TrainerError(
+                    f"targets must be {x.shape[0]} numbers, got {y.dtype}{list(y.shape)}"
+                )
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+                y = y.astype(np.float32)
+            if not np.all(np.isfinite(y)):
+                raise TrainerError("targets hold NaN or infinity (or overflow float32)")
+            return x, y
         if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
             raise TrainerError(
                 f"labels must be {x.shape[0]} integers, got {y.dtype}{list(y.shape)}"
             )
+        if self.task is tflite.Task.ANOMALY:  # any fault class counts as an anomaly
+            if y.size and y.min() < 0:
+                raise TrainerError("row kinds must be 0 (normal) or a fault class > 0")
+            return x, (y != 0).astype(np.int32)
         if y.size and (y.min() < 0 or y.max() >= self.classes):
             raise TrainerError(f"labels must lie in 0..{self.classes - 1}")
         return x, y.astype(np.int32)
@@ -290,7 +389,7 @@ class LiteRTTrainer:
 def local_round(
     trainer: LiteRTTrainer,
     x: np.ndarray,
-    y: np.ndarray,
+    y: np.ndarray | None,
     plan: TrainingPlan,
     *,
     rng: np.random.Generator,
@@ -301,7 +400,10 @@ def local_round(
     1. Split its examples into a training and a held-out part (`dataset.evaluation_rows`:
        a row's side depends on its features only, so it is the same in every round and for
        any window of the data); each is cut to the plan's `max_samples` most recent rows.
-    2. Evaluate the release as it is on the held-out rows (the global model's accuracy).
+       An autoencoder trains on the normal training rows only (label 0; all of them when
+       the device has no labels).
+    2. Evaluate the release as it is on the held-out rows (the global model's figures; an
+       autoencoder's threshold is first calibrated on the normal training rows).
     3. Drop from `personal` the weights this plan no longer names personal. Start from the
        release with this device's own `personal` weights put back (the plan's personal
        layers; the first time, the release's own values), train with the plan's
@@ -310,19 +412,23 @@ def local_round(
        keeps the previous ones), leave the trainer on the device's model (release plus
        personal layers), evaluate that model on the held-out rows (what the device runs: the
        per-device accuracy a personalized fleet reports; without personal layers it is the
-       release), and return the update: trained minus release, zero on personal weights,
-       which never leave the device.
+       release; an autoencoder recalibrates its threshold for it), and return the update:
+       trained minus release, zero on personal weights, which never leave the device.
     """
     held = dataset.evaluation_rows(x, plan.eval_fraction)
-    xt, yt = x[~held][-plan.max_samples :], y[~held][-plan.max_samples :]
-    xe, ye = x[held][-plan.max_samples :], y[held][-plan.max_samples :]
+    keep = plan.max_samples
+    xt, xe = x[~held][-keep:], x[held][-keep:]
+    yt, ye = (None, None) if y is None else (y[~held][-keep:], y[held][-keep:])
+    anomaly = trainer.task is tflite.Task.ANOMALY
+    if anomaly and yt is not None:
+        xt, yt = xt[yt == 0], None  # an autoencoder learns what normal looks like
     names = [spec.name for spec in trainer.layout if spec.name in plan.personal]
     for stale in [n for n in personal if n not in names]:
         del personal[stale]  # no longer personal in this plan: the release's values rule
     start = tflite.unflatten(trainer.initial, trainer.layout)
     kept = {n: personal[n] for n in names if n in personal and personal[n].shape == start[n].shape}
     trainer.set_flat_weights(trainer.initial)  # the release as it is: a round may repeat
-    before = trainer.evaluate(xe, ye)
+    before = trainer.evaluate(xe, ye, threshold=trainer.calibrate(xt) if anomaly else None)
     if kept:
         trainer.set_weights({**start, **kept})
     trainer.train(
@@ -342,7 +448,7 @@ def local_round(
     update[tflite.mask_of(trainer.layout, names)] = 0.0
     own = {n: personal[n] for n in names if n in personal and personal[n].shape == start[n].shape}
     trainer.set_weights({**start, **own})
-    after = trainer.evaluate(xe, ye)
+    after = trainer.evaluate(xe, ye, threshold=trainer.calibrate(xt) if anomaly else None)
     return LocalResult(
         update=update.astype(np.float32),
         weight=float(xt.shape[0]),

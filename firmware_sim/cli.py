@@ -436,6 +436,10 @@ def _demo_data(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
         raise ConfigError(
             "--data", f"{args.data} has no labels (column {args.label!r}); the demo trains"
         )
+    if loaded.targets:
+        raise ConfigError(
+            "--data", f"{args.data} holds float targets; the demo trains a classifier on labels"
+        )
     test_rows = dataset.holdout_rows(len(loaded), DEMO_TEST_FRACTION)
     data = loaded.take(np.flatnonzero(~test_rows))
     test = loaded.take(np.flatnonzero(test_rows))

@@ -21,6 +21,17 @@ seed: a device's data is reproducible and never leaves the device.
 
 Features are scaled with fixed fleet-wide calibration constants (`FEATURE_SCALE`), like a sensor
 datasheet, so no statistics need to be shared between devices.
+
+Beyond the 16 features, for the other kinds of model (docs/data.md):
+- raw windows (`Machine.raw_windows`): the vibration signal itself, 256 samples per window
+  divided by `RAW_SCALE`, for a 1-D convolution that learns its own features;
+- run-to-failure trajectories (`Machine.run_to_failure`): one window per cycle of a machine
+  whose bearing starts to wear at a random onset and fails at the end; the target is the
+  remaining useful life, piecewise linear (capped at `RUL_CAP` cycles while healthy, the
+  usual convention: nothing in a healthy machine's data says how long it will last), in
+  units of `RUL_UNIT` cycles;
+- healthy-only machines (`device_machine(..., healthy_only=True)`), the usual case for an
+  anomaly detector: a plant has plenty of normal data and few labelled faults.
 """
 
 from __future__ import annotations
@@ -52,6 +63,10 @@ N_FEATURES = len(FEATURES)
 N_CLASSES = len(CLASSES)
 SAMPLE_RATE = 2048.0
 WINDOW = 256
+RAW_SCALE = 2.0  # mm/s: raw vibration samples are divided by this, fleet-wide
+RUL_CAP = 125  # cycles: the remaining-useful-life target never exceeds this
+RUL_UNIT = 100.0  # cycles per unit of the target (so targets lie in 0..1.25)
+HEALTHY_ONLY = np.array([1.0, 0.0, 0.0, 0.0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,23 +156,76 @@ class Machine:
         feats = synthesize(self.machine_type, labels, age, self.ambient, self.drift_per_window, rng)
         return scale(feats), labels
 
+    def raw_windows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`n` consecutive windows as raw vibration: samples (n, 256) float32 divided by
+        RAW_SCALE, labels (n,) int32."""
+        assert self._rng is not None
+        rng = self._rng
+        labels = rng.choice(N_CLASSES, size=n, p=self.mix).astype(np.int32)
+        age = self._age + np.arange(n)
+        self._age += n
+        signal = vibration(self.machine_type, labels, age, self.drift_per_window, rng).signal
+        return (signal / RAW_SCALE).astype(np.float32), labels
+
+    def run_to_failure(self, cycles: int) -> tuple[np.ndarray, np.ndarray]:
+        """One run to failure, one window per cycle: features (cycles, 16) scaled, and the
+        remaining useful life (cycles,) float32 in RUL_UNIT, capped at RUL_CAP cycles.
+
+        The bearing starts to wear at a random onset (between 30% and 70% of the run); its
+        fault severity then grows quadratically to 1 at the last cycle (failure)."""
+        assert self._rng is not None
+        rng = self._rng
+        if cycles < 2:
+            raise ValueError(f"a run needs at least 2 cycles, got {cycles}")
+        onset = int(cycles * rng.uniform(0.3, 0.7))
+        cycle = np.arange(cycles)
+        progress = np.clip((cycle - onset) / max(1, cycles - 1 - onset), 0.0, 1.0)
+        severity = progress**2
+        labels = np.where(cycle > onset, 1, 0).astype(np.int32)
+        age = self._age + cycle
+        self._age += cycles
+        feats = synthesize(
+            self.machine_type,
+            labels,
+            age,
+            self.ambient,
+            self.drift_per_window,
+            rng,
+            severity=severity,
+        )
+        rul = np.minimum(cycles - 1 - cycle, RUL_CAP) / RUL_UNIT
+        return scale(feats), rul.astype(np.float32)
+
 
 def scale(raw: np.ndarray) -> np.ndarray:
     return ((raw - FEATURE_SCALE[:, 0]) / FEATURE_SCALE[:, 1]).astype(np.float32)
 
 
-def synthesize(
+@dataclass(frozen=True, slots=True)
+class Vibration:
+    """Windows of vibration and the conditions that shaped them (one entry per window)."""
+
+    signal: np.ndarray  # (n, WINDOW) mm/s
+    severity: np.ndarray
+    load: np.ndarray
+    speed: np.ndarray
+    wear: np.ndarray
+
+
+def vibration(
     mt: MachineType,
     labels: np.ndarray,
     age: np.ndarray,
-    ambient: float,
     drift: float,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """Raw (unscaled) features for windows with the given fault labels. Vectorised over windows."""
+    severity: np.ndarray | None = None,
+) -> Vibration:
+    """The vibration signal of windows with the given fault labels (`severity` per window, or
+    drawn per faulty window). Vectorised over windows."""
     n = labels.shape[0]
     t = np.arange(WINDOW) / SAMPLE_RATE
-    severity = np.where(labels > 0, rng.beta(1.6, 2.2, size=n), 0.0)
+    if severity is None:
+        severity = np.where(labels > 0, rng.beta(1.6, 2.2, size=n), 0.0)
     load = np.clip(rng.normal(0.72, 0.15, size=n), 0.25, 1.05)
     speed = mt.speed_hz * (0.85 + 0.15 * load)
     wear = 1.0 + drift * age  # healthy baseline creeps up with age
@@ -184,6 +252,24 @@ def synthesize(
         ring = np.exp(-since * 900.0) * np.sin(2 * np.pi * mt.resonance_hz * since)
         signal[idx] += (4.0 * severity[idx])[:, None] * ring
     signal += rng.normal(0, mt.noise, size=(n, WINDOW)) * wear[:, None]
+    return Vibration(signal, severity, load, speed, wear)
+
+
+def synthesize(
+    mt: MachineType,
+    labels: np.ndarray,
+    age: np.ndarray,
+    ambient: float,
+    drift: float,
+    rng: np.random.Generator,
+    severity: np.ndarray | None = None,
+) -> np.ndarray:
+    """Raw (unscaled) features for windows with the given fault labels (`severity` per window,
+    or drawn per faulty window). Vectorised over windows."""
+    n = labels.shape[0]
+    v = vibration(mt, labels, age, drift, rng, severity)
+    signal, severity, load, speed, wear = v.signal, v.severity, v.load, v.speed, v.wear
+    bearing = labels == 1
 
     rms = np.sqrt(np.mean(signal**2, axis=1))
     peak = np.max(np.abs(signal), axis=1)
@@ -232,9 +318,12 @@ def device_machine(
     site_index: int,
     machine_type: str,
     concentration: float = 2.0,
+    *,
+    healthy_only: bool = False,
 ) -> Machine:
-    """The machine behind one simulated device, reproducible from the fleet seed."""
+    """The machine behind one simulated device, reproducible from the fleet seed;
+    `healthy_only`: a machine that never shows a fault (its windows are all healthy)."""
     if machine_type not in MACHINE_TYPES:
         raise ValueError(f"unknown machine type {machine_type!r}; known: {sorted(MACHINE_TYPES)}")
-    mix = site_mix(fleet_seed * 1000 + site_index, concentration)
+    mix = HEALTHY_ONLY if healthy_only else site_mix(fleet_seed * 1000 + site_index, concentration)
     return Machine(MACHINE_TYPES[machine_type], mix, seed=fleet_seed * 1_000_003 + device_index)

@@ -189,6 +189,7 @@ class InMemoryFleet:
                 dim=self.manifest.parameter_count,
                 now=self.now,
                 labels=self.manifest.labels,
+                task=self.manifest.task,
             )
         )
         while self.engine.outcome is None or self.engine.outcome.round_id != self._round:

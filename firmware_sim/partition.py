@@ -76,8 +76,11 @@ def partition(
 def _dirichlet(
     data: Dataset, devices: int, alpha: float, rng: np.random.Generator, min_rows: int
 ) -> list[np.ndarray]:
-    if data.y is None:
-        raise PartitionError("the dirichlet scheme splits by label; the data has no labels")
+    if data.y is None or data.targets:
+        raise PartitionError(
+            "the dirichlet scheme splits by class label; the data has "
+            + ("float targets" if data.targets else "no labels")
+        )
     if not 0 < alpha <= 1e6 or not np.isfinite(alpha):
         raise PartitionError(f"--alpha must be a positive number, not {alpha}")
     y = data.y
@@ -157,7 +160,7 @@ def write(
         save_npz(path, data.take(rows))
         paths.append(path)
         entry: dict[str, object] = {"file": name, "rows": int(rows.size)}
-        if data.y is not None:
+        if data.y is not None and not data.targets:
             entry["labels"] = np.bincount(data.y[rows], minlength=classes).tolist()
         counts.append(entry)
     report = {**summary, "rows": len(data), "classes": classes, "devices": counts}

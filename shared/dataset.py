@@ -1,9 +1,10 @@
 """The local data format: what a device trains on, and what `fleetlearn partition` reads and writes.
 
 One example is one row: a vector of numeric features and, for devices that train, an integer
-class label. Two file formats carry it:
+class label (or, for a regression model, a float target). Two file formats carry it:
 
-- `.npz` (numpy, no pickles): `x` float [n, features] and, optionally, `y` integer [n]; an
+- `.npz` (numpy, no pickles): `x` float [n, features] and, optionally, `y` [n]: integer class
+  labels, or floats (regression targets, e.g. remaining useful life); an
   optional `groups` [n] (integers or strings) names each row's site or machine, for
   partitioning by group.
 - `.csv` with a header row: every column is a feature except the label column (`label` unless
@@ -12,7 +13,8 @@ class label. Two file formats carry it:
 
 Rules: files are untrusted input. Every problem is a `DataError` naming the file and what is
 wrong (with the row and column for CSV), never a traceback or a half-loaded array. Features
-come back as float32 and finite; labels as int32 in [0, MAX_CLASSES). Nothing is rescaled here:
+come back as float32 and finite; labels as int32 in [0, MAX_CLASSES), float targets as finite
+float32 (`Dataset.targets`). Nothing is rescaled here:
 the model sees the features as given (docs/data.md says how to scale them). Reading is bounded
 (`MAX_ROWS`, `MAX_FEATURES`) so a corrupt or hostile file cannot exhaust memory.
 """
@@ -42,7 +44,8 @@ class DataError(FleetlearnError):
 
 @dataclass(frozen=True, slots=True)
 class Dataset:
-    """Examples in memory: `x` float32 [n, features], `y` int32 [n] or None (unlabelled),
+    """Examples in memory: `x` float32 [n, features], `y` int32 [n] (class labels), float32
+    [n] (regression targets) or None (unlabelled),
     `groups` [n] (str) or None, `features` the column names when the file had them."""
 
     x: np.ndarray
@@ -54,8 +57,15 @@ class Dataset:
         return int(self.x.shape[0])
 
     @property
+    def targets(self) -> bool:
+        """Whether `y` holds regression targets (floats) rather than class labels."""
+        return self.y is not None and self.y.dtype.kind == "f"
+
+    @property
     def classes(self) -> int:
-        return 0 if self.y is None or self.y.size == 0 else int(self.y.max()) + 1
+        if self.y is None or self.y.size == 0 or self.targets:
+            return 0
+        return int(self.y.max()) + 1
 
     def take(self, rows: np.ndarray) -> Dataset:
         return Dataset(
@@ -317,11 +327,31 @@ def _checked(
     if y is not None:
         if y.shape != (n,):
             raise DataError(f"{path}: 'y' must hold one label per row of 'x' ({n}), not {y.shape}")
+        if y.dtype.kind == "f":  # regression targets
+            with np.errstate(over="ignore"):
+                y = y.astype(np.float32)
+            if not np.all(np.isfinite(y)):
+                bad = int(np.argwhere(~np.isfinite(y))[0][0])
+                raise DataError(f"{path}: 'y' row {bad} is not finite (NaN or inf)")
+            return _groups_checked(path, x, y, groups, features)
         if y.dtype.kind not in "iu":
-            raise DataError(f"{path}: 'y' must hold integer class labels, not {y.dtype}")
+            raise DataError(
+                f"{path}: 'y' must hold integer class labels or float targets, not {y.dtype}"
+            )
         if y.size and (int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES):
             raise DataError(f"{path}: labels must be class numbers 0..{MAX_CLASSES - 1}")
         y = y.astype(np.int32)
+    return _groups_checked(path, x, y, groups, features)
+
+
+def _groups_checked(
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    groups: np.ndarray | None,
+    features: tuple[str, ...],
+) -> Dataset:
+    n = x.shape[0]
     if groups is not None:
         if groups.shape != (n,):
             raise DataError(

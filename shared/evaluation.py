@@ -1,11 +1,18 @@
-"""Judging a classifier on labelled examples: the one definition of loss and accuracy.
+"""Judging a model on held-out examples: the one definition of each task's evaluation.
 
-What it owns: `Evaluation` (mean cross-entropy, accuracy, count, and per class the rows and
-hits: a classifier can be 95% right and miss every row of a rare fault), `score` (from
-logits), and
+What it owns: `Evaluation` (the task's evaluation loss, accuracy, count, and per class the rows
+and hits: a classifier can be 95% right and miss every row of a rare fault), the scoring of
+each task (`tflite.Task`) from the model's outputs: `score` (classifier logits: cross-entropy
+and accuracy), `score_regression` (predictions: mean absolute error), `score_anomaly`
+(reconstruction errors against a threshold: mean error, and rows on the right side of it,
+per kind of row), `anomaly_threshold` (a device's calibration on its own normal rows), and
 `evaluate_model`, which runs a model's `infer` signature in a fresh LiteRT interpreter. Devices
-use `score` on their held-out rows (federated evaluation); the aggregator uses
-`evaluate_model` on a test set it holds (`eval.data`). Inference only: nothing here trains.
+score their held-out rows (federated evaluation); the aggregator uses `evaluate_model` on a
+test set it holds (`eval.data`). Inference only: nothing here trains.
+
+`Evaluation.loss` is what each task reports as its loss on `metrics`: cross-entropy for a
+classifier, the mean absolute error for a regressor (the metric of regression: in the
+target's own units), the mean squared reconstruction error for an autoencoder.
 """
 
 from __future__ import annotations
@@ -20,10 +27,15 @@ import numpy as np
 EVAL_CHUNK = 1024  # rows per `infer` call; bounds the interpreter's tensor arena
 
 
+# The quantile of a device's own normal rows' reconstruction errors above which a row is an
+# anomaly: on normal data like the calibration rows, about 1% false alarms.
+ANOMALY_QUANTILE = 0.99
+
+
 @dataclass(frozen=True, slots=True)
 class Evaluation:
-    loss: float  # mean cross-entropy (NaN without samples)
-    accuracy: float  # NaN without samples
+    loss: float  # the task's evaluation loss (see the module docstring; NaN without samples)
+    accuracy: float  # NaN without samples, and for a regressor
     samples: int
     # Per class (one entry per model output): rows with that label, and of those classified
     # right (recall = hits / rows). Empty when not computed.
@@ -68,27 +80,90 @@ def score(logits: np.ndarray, y: np.ndarray) -> Evaluation:
     )
 
 
-def logits_of(infer: Callable[..., Mapping[str, Any]], x: np.ndarray, classes: int) -> np.ndarray:
-    """Run an `infer` signature runner over `x` in chunks; float32 [n, classes]."""
+def score_regression(prediction: np.ndarray, y: np.ndarray) -> Evaluation:
+    """Mean absolute error of `prediction` [n] against float targets `y` [n]."""
+    n = int(prediction.shape[0])
+    if n == 0:
+        return Evaluation(loss=math.nan, accuracy=math.nan, samples=0)
+    error = np.abs(np.asarray(prediction, np.float64) - np.asarray(y, np.float64))
+    return Evaluation(loss=float(error.mean()), accuracy=math.nan, samples=n)
+
+
+def anomaly_threshold(scores: np.ndarray, quantile: float = ANOMALY_QUANTILE) -> float:
+    """The reconstruction error above which a row is flagged: the `quantile` of a device's
+    own normal rows' errors (inf without rows: nothing is flagged)."""
+    values = np.asarray(scores, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.inf
+    return float(np.quantile(values, quantile))
+
+
+def score_anomaly(scores: np.ndarray, y: np.ndarray | None, threshold: float) -> Evaluation:
+    """Mean reconstruction error, and how a threshold judges the rows: a row is flagged when
+    its score exceeds `threshold`; it is judged right when flagged exactly if its label is
+    not 0 (`y`: 0 normal, anything else a fault; None: every row normal). Per class: (normal,
+    anomaly) rows and the rows judged right among them (specificity, detection rate)."""
+    values = np.asarray(scores, dtype=np.float64)
+    n = int(values.shape[0])
+    if n == 0:
+        return Evaluation(
+            loss=math.nan, accuracy=math.nan, samples=0, class_samples=(0, 0), class_correct=(0, 0)
+        )
+    faulty = np.zeros(n, bool) if y is None else np.asarray(y) != 0
+    flagged = values > threshold
+    right = flagged == faulty
+    return Evaluation(
+        loss=float(values.mean()),
+        accuracy=float(right.mean()),
+        samples=n,
+        class_samples=(int((~faulty).sum()), int(faulty.sum())),
+        class_correct=(int((right & ~faulty).sum()), int((right & faulty).sum())),
+    )
+
+
+def outputs_of(
+    infer: Callable[..., Mapping[str, Any]], x: np.ndarray, name: str, width: int | None
+) -> np.ndarray:
+    """Run an `infer` signature runner over `x` in chunks; its output `name`, float32 [n] when
+    `width` is None, else [n, width]."""
     parts = [
-        np.asarray(infer(x=x[start : start + EVAL_CHUNK])["logits"], dtype=np.float32)
+        np.asarray(infer(x=x[start : start + EVAL_CHUNK])[name], dtype=np.float32)
         for start in range(0, x.shape[0], EVAL_CHUNK)
     ]
     if not parts:
-        return np.zeros((0, classes), dtype=np.float32)
+        return np.zeros((0,) if width is None else (0, width), dtype=np.float32)
     return np.concatenate(parts)
 
 
+def logits_of(infer: Callable[..., Mapping[str, Any]], x: np.ndarray, classes: int) -> np.ndarray:
+    """Run an `infer` signature runner over `x` in chunks; float32 [n, classes]."""
+    return outputs_of(infer, x, "logits", classes)
+
+
 def evaluate_model(model: bytes, x: np.ndarray, y: np.ndarray) -> Evaluation:
-    """The model's `infer` on (x, y), in a fresh interpreter (the model's own weights).
+    """The model's `infer` on (x, y), in a fresh interpreter (the model's own weights), judged
+    as its manifest's task says (an autoencoder here without a device's threshold: its mean
+    reconstruction error, with every row flagged as an anomaly above the 99th percentile of
+    the normal rows' errors in `y`).
 
     Raises `shared.tflite.runtime.RuntimeMissingError` without a LiteRT runtime and
     ValueError when the data do not fit the model (width, labels out of range).
     """
+    from fleetlearn.shared.tflite.manifest import Task, read_manifest
     from fleetlearn.shared.tflite.runtime import new_interpreter
 
+    manifest = read_manifest(model)
+    task = manifest.task if manifest is not None else Task.CLASSIFICATION
     infer = new_interpreter(model).get_signature_runner("infer")
-    logits = logits_of(infer, np.ascontiguousarray(x, dtype=np.float32), 0)
+    rows = np.ascontiguousarray(x, dtype=np.float32)
+    if task is Task.REGRESSION:
+        return score_regression(outputs_of(infer, rows, "prediction", None), y)
+    if task is Task.ANOMALY:
+        scores = outputs_of(infer, rows, "score", None)
+        normal = scores if y is None else scores[np.asarray(y) == 0]
+        return score_anomaly(scores, y, anomaly_threshold(normal))
+    logits = logits_of(infer, rows, 0)
     if y.size and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
         raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1} for this model")
     return score(logits, y)

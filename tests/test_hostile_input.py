@@ -14,6 +14,7 @@ An attacker holding one device's credentials can publish anything on that device
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import struct
@@ -177,12 +178,18 @@ def _examples() -> dict[str, wire.Message]:
     _, engine = _engine_with_round()
     assert engine.announce is not None
     dense = DenseUpdate(values=np.zeros(4, np.float32))
+    # Fields at their default are not encoded: the places below need values of their own.
+    announce = dataclasses.replace(
+        engine.announce, training=dataclasses.replace(engine.announce.training, epochs=2)
+    )
     return {
-        "status": wire.DeviceStatus(device_id="d00", online=True),
+        "status": wire.DeviceStatus(
+            device_id="d00", online=True, eligibility=wire.Eligibility.BUSY
+        ),
         "plain": rounds.PlainUpdate(
             round_id=1, sender="d00", update=dense, weight=1.0, loss=0.1, correct=0, samples=1
         ),
-        "announce": engine.announce,
+        "announce": announce,
         "dense": dense,
     }
 

@@ -142,7 +142,7 @@ def test_inspect_prints_signatures_ops_variables_and_manifest(
     assert "FULLY_CONNECTED" in out
     assert "dense_0_kernel" in out
     assert "float32[16,32]" in out
-    assert "manifest: pdm-default v1, 1,140 parameters in 6 weights" in out
+    assert "manifest: pdm-default v1, classification, 1,140 parameters in 6 weights" in out
     assert "(matches the file)" in out
 
 

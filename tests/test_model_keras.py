@@ -146,7 +146,7 @@ def test_cli_builds_a_saved_keras_model_and_names_bad_flags(
     assert code == 0
     printed = capsys.readouterr().out
     assert "vib-cnn v1" in printed
-    assert "against Keras: logits within" in printed
+    assert "classification; against Keras: output within" in printed
     manifest = tflite.read_manifest(out.read_bytes())
     assert manifest is not None
     assert manifest.labels == ("ok", "wear", "fault")

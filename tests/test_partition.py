@@ -164,7 +164,8 @@ def test_bad_files_are_one_clear_error(
         ({"x": np.array([[1.0, np.inf]])}, "row 0 is not finite"),
         ({"x": np.array([[1e39]])}, "row 0 is not finite"),
         ({"x": np.zeros((2, 2)), "y": np.zeros(3, np.int64)}, "one label per row"),
-        ({"x": np.zeros((2, 2)), "y": np.zeros(2)}, "integer class labels"),
+        ({"x": np.zeros((2, 2)), "y": np.array(["a", "b"])}, "integer class labels or float"),
+        ({"x": np.zeros((2, 2)), "y": np.array([0.5, np.nan])}, "'y' row 1 is not finite"),
         ({"x": np.zeros((2, 2)), "y": np.array([0, -3])}, "class numbers"),
         ({"x": np.zeros((0, 2))}, "holds no examples"),
         ({"x": np.zeros((2, 2)), "groups": np.zeros(3, np.int64)}, "one group per row"),
@@ -185,6 +186,19 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path: Path) -> None:
     np.savez(path, x=np.array([[1, {"a": 1}]], dtype=object))
     with pytest.raises(DataError, match=r"not a readable \.npz"):
         dataset.load(path)
+
+
+def test_float_targets_load_for_regression_and_are_not_split_by_label(tmp_path: Path) -> None:
+    path = tmp_path / "rul.npz"
+    np.savez(path, x=np.zeros((4, 2)), y=np.array([1.5, 1.0, 0.5, 0.0]))
+    data = dataset.load(path)
+    assert data.targets
+    assert data.y is not None
+    assert data.y.dtype == np.float32
+    assert data.classes == 0
+    with pytest.raises(PartitionError, match="float targets"):
+        partition(data, 2, scheme="dirichlet", alpha=0.5, seed=0, min_rows=1)
+    assert [p.size for p in partition(data, 2, scheme="iid", seed=0, min_rows=1)] == [2, 2]
 
 
 def test_device_refuses_unlabelled_data(tmp_path: Path) -> None:

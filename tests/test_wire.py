@@ -71,14 +71,27 @@ def test_every_message_type_round_trips(
 
 def test_arrays_travel_as_bytes_dtype_shape() -> None:
     arr = np.arange(12, dtype="<f4").reshape(3, 4)
-    raw = wire.to_map(wire.DeviceStatus(device_id="d1", online=True))
-    assert "battery" in raw
     field = codec._array_out(arr)
     assert field == {"d": "<f4", "s": [3, 4], "b": arr.tobytes()}
     back = codec._array_in(field, wire.DEFAULT_LIMITS)
     assert back.dtype == np.float32
     assert back.shape == (3, 4)
     assert not back.flags.writeable
+
+
+def test_fields_at_their_default_are_left_out_and_filled_back_in() -> None:
+    # A field added later with a default must not reach a peer that predates it unless used:
+    # at its default it is not encoded, and the decoder fills the default back in.
+    status = wire.DeviceStatus(device_id="d1", online=True)
+    raw = wire.to_map(status)
+    assert "battery" not in raw
+    assert "device_id" in raw
+    assert wire.decode(wire.encode(status), wire.DeviceStatus) == status
+    charged = wire.DeviceStatus(device_id="d1", online=True, battery=0.5)
+    assert wire.to_map(charged)["battery"] == 0.5
+    assert wire.decode(wire.encode(charged), wire.DeviceStatus) == charged
+    # NaN is never equal to a default, and any value other than the default travels.
+    assert "battery" in wire.to_map(wire.DeviceStatus(device_id="d1", online=True, battery=0.0))
 
 
 # --------------------------------------------------------------------------------- hostile input

@@ -1,7 +1,8 @@
 """The manifest: what a model is (id, version, weight layout, labels, content hash), embedded in
 the model's metadata so the .tflite file describes itself.
 
-Owns `ModelManifest` (a `wire.record`, also carried in a release), `EmbeddedManifest` (its
+Owns `Task` (what the model's output means), `ModelManifest` (a `wire.record`, also carried
+in a release), `EmbeddedManifest` (its
 stored form, tag `model.manifest`), `content_hash`, `read_manifest` and `embed_manifest`, which
 writes the manifest in place when its slot is large enough and otherwise inserts a metadata
 buffer (moving the rest of the file by a multiple of 16 bytes, so alignments hold).
@@ -13,6 +14,7 @@ reads back) and returns new bytes. Trusts nothing it reads: a malformed manifest
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -43,6 +45,24 @@ _MANIFEST_SLACK = 256
 ZERO_HASH = bytes(_HASH_SIZE)
 
 
+class Task(enum.Enum):
+    """What a model's output means, and so how it trains and how it is judged.
+
+    classification  infer -> logits[N, classes]; trained on integer labels (cross-entropy);
+                    judged by accuracy (and cross-entropy), per class by recall
+    regression      infer -> prediction[N]; trained on float targets (MSE or Huber);
+                    judged by mean absolute error
+    anomaly         an autoencoder: infer -> reconstruction[N, F] and score[N] (the row's mean
+                    squared reconstruction error); trained on normal rows only (no labels);
+                    each device calibrates a threshold on its own normal data; judged by the
+                    reconstruction error, and with labelled rows by detection per class
+    """
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    ANOMALY = "anomaly"
+
+
 @wire.record
 class ModelManifest(wire.Record):
     """What a model is: travels inside the .tflite (metadata) and beside it in a release.
@@ -56,6 +76,7 @@ class ModelManifest(wire.Record):
     layout: tuple[WeightSpec, ...]
     content_hash: bytes
     labels: tuple[str, ...] = ()
+    task: Task = Task.CLASSIFICATION
 
     def __post_init__(self) -> None:
         wire.require_id(self.model_id, "ModelManifest.model_id")
@@ -153,11 +174,13 @@ def embed_manifest(
     version: int,
     layout: Sequence[WeightSpec] | None = None,
     labels: Sequence[str] | None = None,
+    task: Task | None = None,
 ) -> tuple[bytes, ModelManifest]:
     """Write a manifest into the model's metadata and return (new bytes, manifest with hash).
 
-    `layout` and `labels` default to those of the manifest already embedded; without one, the
-    layout is what `get_weights` returns. Every layout variable must be patchable.
+    `layout`, `labels` and `task` default to those of the manifest already embedded; without
+    one, the layout is what `get_weights` returns, no labels, a classifier. Every layout
+    variable must be patchable.
     """
     parsed = _parse(data)
     previous = _read_manifest(parsed)
@@ -165,6 +188,8 @@ def embed_manifest(
         layout = previous.layout if previous else default_layout(data)
     if labels is None:
         labels = previous.labels if previous else ()
+    if task is None:
+        task = previous.task if previous else Task.CLASSIFICATION
     _check_layout(parsed.info, layout)
     manifest = ModelManifest(
         model_id=model_id,
@@ -172,6 +197,7 @@ def embed_manifest(
         layout=tuple(layout),
         labels=tuple(labels),
         content_hash=ZERO_HASH,
+        task=task,
     )
     body = wire.encode(EmbeddedManifest(manifest=manifest))
     payload = _MANIFEST_MAGIC + ZERO_HASH + _U32.pack(len(body)) + body

@@ -54,6 +54,18 @@ class _FieldCodec:
         self.has_default = has_default
         self.default = default
 
+    def is_default(self, value: Any) -> bool:
+        """Whether `value` is this field's plain default (same type, equal). Such fields are
+        left out of the encoding, so adding a field with a default to a message keeps every
+        message that does not use it readable by peers built before it existed."""
+        default = self.default
+        if default is dataclasses.MISSING or type(value) is not type(default):
+            return False
+        try:
+            return bool(value == default)
+        except (TypeError, ValueError):  # an array-like compares element-wise: keep it
+            return False
+
 
 def _located(exc: WireError, step: str) -> WireError:
     """`exc` with `step` put in front of its relative field path. A field that names itself
@@ -421,8 +433,11 @@ def _fields_to_wire(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for codec in _codecs_for(type(msg)):
         name = codec.name
+        value = getattr(msg, name)
+        if codec.is_default(value):
+            continue  # the decoder fills it in; a peer that predates the field never sees it
         try:
-            out[name] = codec.to_wire(getattr(msg, name))
+            out[name] = codec.to_wire(value)
         except WireError as exc:
             raise _located(exc, f".{name}") from None
     return out
