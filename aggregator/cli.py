@@ -62,6 +62,39 @@ def register(sub: Any) -> None:
     )
     b.set_defaults(handler=run_build)
 
+    p = commands.add_parser(
+        "pretrain",
+        help="train a built model centrally on proxy data (LiteRT; no TensorFlow)",
+        description=(
+            "Cold start: train a model from `fleetlearn model build` on proxy data with the "
+            "same LiteRT steps devices run, and write it as the initial model (version 1, "
+            "same id, layout, labels and task) for the aggregator's model.initial. Prints the "
+            "task's figures on held-out rows before and after."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="the built .tflite")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="proxy data, .npz or .csv (docs/data.md): labels, float targets for a "
+        "regressor, none needed for an autoencoder",
+    )
+    p.add_argument("--epochs", type=int, required=True, help="passes over the training rows")
+    p.add_argument("--out", type=Path, required=True, help="where to write the pretrained model")
+    p.add_argument("--learning-rate", type=float, default=0.05, help="default 0.05")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    p.add_argument(
+        "--label", default=dataset_label(), help="label column of a .csv (default 'label')"
+    )
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="rows held out to judge the model, chosen as devices choose theirs (default 0.2)",
+    )
+    p.set_defaults(handler=run_pretrain)
+
     i = commands.add_parser(
         "inspect",
         help="print a .tflite's signatures, ops, variables and manifest",
@@ -125,6 +158,65 @@ def _build_keras(args: argparse.Namespace) -> int:
         f"content hash {manifest.content_hash.hex()[:16]}; {manifest.task.value}; against "
         f"Keras: output within "
         f"{parity.infer:.1e}, weights after one step within {step}"
+    )
+    return 0
+
+
+def dataset_label() -> str:
+    from fleetlearn.shared.dataset import DEFAULT_LABEL_COLUMN
+
+    return DEFAULT_LABEL_COLUMN
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    import math
+
+    from fleetlearn.aggregator.pretrain import pretrain
+    from fleetlearn.shared import dataset
+    from fleetlearn.shared.settings import writable_dir
+
+    if args.out.is_dir():
+        raise ConfigError("--out", f"{args.out} is a directory; give the .tflite file's name")
+    writable_dir(args.out.parent, "--out")
+    if not (math.isfinite(args.learning_rate) and 0.0 < args.learning_rate <= 10.0):
+        raise ConfigError("--learning-rate", f"{args.learning_rate} is outside (0, 10]")
+    try:
+        model = args.model.read_bytes()
+    except OSError as exc:
+        raise ConfigError("--model", f"cannot read {args.model}: {exc.strerror or exc}") from None
+    data = dataset.load(args.data, label=args.label)
+    result = pretrain(
+        model,
+        data.x,
+        data.y,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+    )
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    try:
+        tmp.write_bytes(result.model)
+        tmp.replace(args.out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("--out", f"cannot write {args.out}: {exc.strerror or exc}") from None
+    task = result.manifest.task
+
+    def figures(e: Any) -> str:
+        if e.samples == 0:
+            return "no held-out rows"
+        if task is Task.REGRESSION:
+            return f"mean absolute error {e.loss:.4f}"
+        if task is Task.ANOMALY:
+            return f"reconstruction error {e.loss:.4f}, judged right {e.accuracy:.3f}"
+        return f"accuracy {e.accuracy:.3f}, loss {e.loss:.4f}"
+
+    print(
+        f"wrote {args.out}: {result.manifest.model_id} v1 ({task.value}) pretrained on "
+        f"{result.trained_rows:,} rows of {args.data}, {result.steps:,} steps; on "
+        f"{result.held_out:,} held-out rows: {figures(result.before)} -> "
+        f"{figures(result.after)}; content hash {result.manifest.content_hash.hex()[:16]}"
     )
     return 0
 

@@ -418,3 +418,15 @@ def test_the_aggregator_judges_its_test_set_as_the_task_says(
     )
     assert [c["label"] for c in figures["per_class"]] == ["normal", "anomaly"]
     assert figures["per_class"][1]["samples"] == int(np.sum(ya != 0))
+
+
+@pytest.mark.slow
+def test_pretraining_an_autoencoder_needs_no_labels(autoencoder: tuple[bytes, Any]) -> None:
+    from fleetlearn.aggregator.pretrain import pretrain
+
+    x, _ = simdata.device_machine(13, 0, 0, "fan", healthy_only=True).windows(500)
+    result = pretrain(autoencoder[0], x, None, epochs=10, learning_rate=0.1)
+    assert result.manifest.task is tflite.Task.ANOMALY
+    assert result.manifest.labels == ("normal", "anomaly")
+    assert result.after.loss < 0.7 * result.before.loss  # reconstruction error, held out
+    assert result.trained_rows + result.held_out == 500
