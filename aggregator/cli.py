@@ -374,7 +374,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
     def report(summary: RoundSummary) -> None:
         m = summary.metrics
-        acc = m.get("accuracy")
+        acc, mae = m.get("accuracy"), m.get("mae")
         print(
             f"round {summary.round_id}: {summary.state}"
             + (
@@ -384,6 +384,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
             )
             + f", {m.get('survivors', 0)}/{m.get('cohort', 0)} devices"
             + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
+            + (f", mean absolute error {mae:.4g}" if isinstance(mae, float) else "")
             + f", {m.get('duration_s', 0):.1f} s",
             flush=True,
         )

@@ -44,7 +44,7 @@ from fleetlearn.aggregator.report import Aggregate, StageStats, finite
 from fleetlearn.shared import compression, protocol, wire
 from fleetlearn.shared.rounds import PlainUpdate, RoundMode
 from fleetlearn.shared.secagg import messages as sm
-from fleetlearn.shared.secagg.config import SecAggConfig, Stage, suggest_neighbours
+from fleetlearn.shared.secagg.config import MAX_LOSS, SecAggConfig, Stage, suggest_neighbours
 from fleetlearn.shared.secagg.errors import RemoteProtocolError, SecAggError
 from fleetlearn.shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
 from fleetlearn.shared.secagg.shamir import SHARE_BYTES
@@ -402,7 +402,7 @@ class PlainRound(ModeRound):
         weights = [m.weight for m in sent]
         mean = rules.aggregate(dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
         samples = sum(m.samples for m in sent)
-        loss = sum(m.loss * m.samples for m in sent)
+        loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)  # as secure rounds clip
         correct = sum(m.correct for m in sent)
         local_correct = sum(m.local_correct for m in sent)
         # Per class: over the devices that reported per-class counts (all of them, with a

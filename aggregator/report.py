@@ -158,11 +158,11 @@ def summary(
         )
         if task is Task.REGRESSION:  # no classes: nothing is right or wrong, only off by
             metrics.update(accuracy=None, device_accuracy=None)
-        metrics.update(task_figures(task, metrics["mean_loss"]))
         if labels and len(aggregate.class_samples) == len(labels):
             metrics["per_class"] = per_class(
                 labels, aggregate.class_samples, aggregate.class_correct
             )
+    metrics.update(task_figures(task, metrics["mean_loss"]))
     return metrics
 
 

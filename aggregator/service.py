@@ -232,6 +232,9 @@ class AggregatorService:
                 raise ConfigError(
                     "eval.data", f"has {got} features; model {manifest.model_id!r} takes {wanted}"
                 )
+            problem = evaluation.y_problem(manifest.task, self._eval_set[1])
+            if problem:
+                raise ConfigError("eval.data", f"{problem} (model {manifest.model_id!r})")
         self._interrupted = self.store.interrupted_rounds()
         for round_id in self._interrupted:
             self.store.finish_round(

@@ -67,7 +67,7 @@ from fleetlearn.device.participant import (
     Train,
 )
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError, local_round
-from fleetlearn.shared import compression, dataset, tflite, topics, wire
+from fleetlearn.shared import compression, dataset, evaluation, tflite, topics, wire
 from fleetlearn.shared.dataset import DataError
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.shared.rounds import TrainingPlan
@@ -209,6 +209,7 @@ class DeviceAgent:
         )
         self._health_window = health_window
         self._calibration_rows = 1024  # newest training rows an autoencoder calibrates on
+        self._eval_fraction = TrainingPlan().eval_fraction  # the last plan's, once one came
         self.trainer: LiteRTTrainer | None = None
         self._trainer_lock = asyncio.Lock()
         # The participant is not thread-safe: every call to it holds this lock, and the heavy
@@ -420,8 +421,14 @@ class DeviceAgent:
             )
 
     def _can_train(self) -> bool:
+        """Whether this device's data can train the loaded model: class labels for a
+        classifier, targets for a regressor, integer row kinds or nothing for an autoencoder
+        (before any model is loaded: whether it has labels)."""
         trainer = self.trainer
-        return self.data.labelled or (trainer is not None and trainer.task is tflite.Task.ANOMALY)
+        if trainer is None:
+            return self.data.labelled
+        _, y = self.data.recent(1)
+        return not evaluation.y_problem(trainer.task, y)
 
     async def publish_health(self) -> None:
         trainer = self.trainer
@@ -478,6 +485,9 @@ class DeviceAgent:
                 "mean_prediction": round(float(predicted.mean()), 6),
             }
         xt, yt = self.data.training_set(self._calibration_rows)
+        # The rows local training calibrates on: not held out (under the last plan's split).
+        train = ~dataset.evaluation_rows(xt, self._eval_fraction)
+        xt, yt = xt[train], None if yt is None else yt[train]
         normal = xt if yt is None else xt[yt == 0]
         threshold = trainer.calibrate(normal)
         scores = trainer.anomaly_scores(x)
@@ -549,6 +559,7 @@ class DeviceAgent:
         await self._carry_out(actions)
 
     def _train_sync(self, trainer: LiteRTTrainer, plan: TrainingPlan) -> LocalResult:
+        self._eval_fraction = plan.eval_fraction
         x, y = self.data.training_set(self._data_limit(plan))
         result = local_round(trainer, x, y, plan, rng=self._rng, personal=self._personal)
         if self._tamper is not None:
@@ -618,10 +629,12 @@ class DeviceAgent:
     def _new_trainer(self, model: bytes, manifest: tflite.ModelManifest) -> LiteRTTrainer:
         """An interpreter for a release, carrying this device's personal layers (if any)."""
         trainer = LiteRTTrainer(model, manifest)
+        # A snapshot: a round's local training (another thread) may drop names meanwhile.
+        stored = dict(self._personal)
         personal = {
-            spec.name: self._personal[spec.name]
+            spec.name: stored[spec.name]
             for spec in trainer.layout
-            if spec.name in self._personal and self._personal[spec.name].shape == spec.shape
+            if spec.name in stored and stored[spec.name].shape == spec.shape
         }
         if personal:
             trainer.set_weights({**trainer.get_weights(), **personal})

@@ -474,7 +474,13 @@ class Participant:
 def _class_counts(result: LocalResult, samples: int) -> dict[str, tuple[int, ...]]:
     """The per-class counts to report, or none when they do not fit the totals sent (rows
     beyond `samples`, or more hits than `correct`): a count never outgrows its total."""
-    rows, hits = result.class_samples, result.class_correct
+    if not all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool)
+        for v in (*result.class_samples, *result.class_correct)
+    ):
+        return {"class_samples": (), "class_correct": ()}
+    rows = tuple(int(v) for v in result.class_samples)  # numpy integers travel as ints
+    hits = tuple(int(v) for v in result.class_correct)
     fits = (
         len(rows) == len(hits) <= MAX_EVAL_CLASSES
         and sum(rows) <= samples
@@ -483,4 +489,4 @@ def _class_counts(result: LocalResult, samples: int) -> dict[str, tuple[int, ...
     )
     if not fits:
         return {"class_samples": (), "class_correct": ()}
-    return {"class_samples": tuple(rows), "class_correct": tuple(hits)}
+    return {"class_samples": rows, "class_correct": hits}

@@ -18,6 +18,7 @@ import numpy as np
 from fleetlearn.device.participant import LocalResult
 from fleetlearn.shared import dataset, tflite
 from fleetlearn.shared.rounds import TrainingPlan
+from fleetlearn.shared.secagg.config import MAX_LOSS
 from fleetlearn.shared.training import (
     MAX_LEARNING_RATE,
     MAX_PROX_MU,
@@ -107,7 +108,9 @@ def local_round(
     return LocalResult(
         update=update.astype(np.float32),
         weight=float(xt.shape[0]),
-        loss=before.loss if math.isfinite(before.loss) else 0.0,
+        # A release whose outputs are not finite on these rows gets the worst loss reported,
+        # never a perfect one (no rows: 0, and it counts for nothing).
+        loss=(before.loss if math.isfinite(before.loss) else MAX_LOSS) if before.samples else 0.0,
         correct=before.correct,
         samples=before.samples,
         local_correct=after.correct,

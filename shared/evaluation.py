@@ -111,7 +111,7 @@ def score_anomaly(scores: np.ndarray, y: np.ndarray | None, threshold: float) ->
             loss=math.nan, accuracy=math.nan, samples=0, class_samples=(0, 0), class_correct=(0, 0)
         )
     faulty = np.zeros(n, bool) if y is None else np.asarray(y) != 0
-    flagged = values > threshold
+    flagged = ~(values <= threshold)  # a NaN score (a diverged model) is an alarm, not normal
     right = flagged == faulty
     return Evaluation(
         loss=float(values.mean()),
@@ -141,6 +141,23 @@ def logits_of(infer: Callable[..., Mapping[str, Any]], x: np.ndarray, classes: i
     return outputs_of(infer, x, "logits", classes)
 
 
+def y_problem(task: Any, y: np.ndarray | None) -> str:
+    """Why `y` cannot judge a model of `task` (a `tflite.Task`), or "" when it can: a
+    classifier needs integer labels, a regressor numeric targets, an autoencoder integer row
+    kinds (0 normal) or nothing."""
+    from fleetlearn.shared.tflite.manifest import Task
+
+    if y is None:
+        return "" if task is Task.ANOMALY else f"a {task.value} model is judged on labelled rows"
+    kind = np.asarray(y).dtype.kind
+    if task is Task.REGRESSION:
+        return "" if kind in "fiu" else f"regression targets must be numbers, not {y.dtype}"
+    if kind not in "iu":
+        what = "class labels" if task is Task.CLASSIFICATION else "row kinds (0 normal)"
+        return f"a {task.value} model needs integer {what}, not {y.dtype} values"
+    return ""
+
+
 def evaluate_model(model: bytes, x: np.ndarray, y: np.ndarray) -> Evaluation:
     """The model's `infer` on (x, y), in a fresh interpreter (the model's own weights), judged
     as its manifest's task says (an autoencoder here without a device's threshold: its mean
@@ -155,6 +172,9 @@ def evaluate_model(model: bytes, x: np.ndarray, y: np.ndarray) -> Evaluation:
 
     manifest = read_manifest(model)
     task = manifest.task if manifest is not None else Task.CLASSIFICATION
+    problem = y_problem(task, y)
+    if problem:
+        raise ValueError(problem)
     infer = new_interpreter(model).get_signature_runner("infer")
     rows = np.ascontiguousarray(x, dtype=np.float32)
     if task is Task.REGRESSION:

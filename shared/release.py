@@ -29,6 +29,7 @@ from fleetlearn.shared.tflite.flatbuffer import _U32, _U64
 from fleetlearn.shared.tflite.manifest import (
     _HASH_SIZE,
     ModelManifest,
+    Task,
     _content_hash,
     _read_manifest,
     embed_manifest,
@@ -107,6 +108,11 @@ def _release_header(manifest: ModelManifest, model_size: int, model_zst: bytes) 
     for label in manifest.labels:
         encoded = label.encode()
         out += _U32.pack(len(encoded)) + encoded
+    # The task, for models other than classifiers: a classifier's header is what it was before
+    # tasks existed, so devices built then still verify its releases.
+    if manifest.task is not Task.CLASSIFICATION:
+        task = manifest.task.value.encode()
+        out += _U32.pack(len(task)) + task
     return bytes(out)
 
 

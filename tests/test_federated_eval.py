@@ -551,3 +551,21 @@ async def test_a_test_set_of_another_width_stops_the_aggregator_at_start(tmp_pat
         with pytest.raises(ConfigError, match="3 features") as caught:
             await start()
     assert caught.value.key == "eval.data"
+
+
+def test_a_device_reports_per_class_counts_only_when_they_fit_its_totals() -> None:
+    from fleetlearn.device.participant import LocalResult, _class_counts
+
+    def result(rows: tuple[object, ...], hits: tuple[object, ...]) -> LocalResult:
+        return LocalResult(update=np.zeros(2, np.float32), weight=1.0, loss=0.1, correct=5,
+                           samples=10, class_samples=rows, class_correct=hits)  # type: ignore[arg-type]  # fmt: skip
+
+    kept = _class_counts(result((np.int64(6), 4), (np.int32(3), 2)), 10)
+    assert kept == {"class_samples": (6, 4), "class_correct": (3, 2)}
+    assert all(type(v) is int for v in (*kept["class_samples"], *kept["class_correct"]))
+    empty = {"class_samples": (), "class_correct": ()}
+    assert _class_counts(result((6, 4), (3, 3)), 10) == empty  # more hits than `correct`
+    assert _class_counts(result((6, 5), (3, 2)), 10) == empty  # more rows than `samples`
+    assert _class_counts(result((6, 4), (7, 0)), 10) == empty  # a class with more hits than rows
+    assert _class_counts(result((6.0, 4), (3, 2)), 10) == empty  # not integers
+    assert _class_counts(result((True, 4), (0, 2)), 10) == empty

@@ -21,7 +21,7 @@ from fleetlearn import cli as fleetlearn
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.device.trainer import LiteRTTrainer, TrainerError, local_round
 from fleetlearn.firmware_sim import data as simdata
-from fleetlearn.shared import evaluation, settings, tflite, wire
+from fleetlearn.shared import dataset, evaluation, settings, tflite, wire
 from fleetlearn.shared.errors import ConfigError
 from fleetlearn.shared.release import release_weights, verify_release
 from fleetlearn.shared.rounds import TrainingPlan
@@ -58,6 +58,47 @@ def test_anomaly_scoring_counts_rows_on_the_right_side_per_kind() -> None:
     unlabelled = evaluation.score_anomaly(scores, None, threshold=0.5)
     assert unlabelled.class_samples == (6, 0)
     assert unlabelled.class_correct == (4, 0)
+    # A diverged model's NaN scores are alarms: never a perfect specificity.
+    diverged = evaluation.score_anomaly(np.array([np.nan, 0.1]), None, threshold=0.5)
+    assert diverged.class_correct == (1, 0)
+
+
+def test_y_that_does_not_fit_the_task_is_named_before_it_is_used() -> None:
+    ints, floats = np.array([0, 1]), np.array([0.5, 1.0])
+    assert evaluation.y_problem(tflite.Task.CLASSIFICATION, ints) == ""
+    assert "integer class labels" in evaluation.y_problem(tflite.Task.CLASSIFICATION, floats)
+    assert "labelled rows" in evaluation.y_problem(tflite.Task.CLASSIFICATION, None)
+    assert evaluation.y_problem(tflite.Task.REGRESSION, floats) == ""
+    assert evaluation.y_problem(tflite.Task.REGRESSION, ints) == ""  # e.g. cycles as integers
+    assert evaluation.y_problem(tflite.Task.ANOMALY, None) == ""
+    assert "row kinds" in evaluation.y_problem(tflite.Task.ANOMALY, floats)
+
+
+def test_float_targets_for_a_classifier_cost_the_figure_not_the_aggregator() -> None:
+    from fleetlearn.aggregator.service import _evaluate_on
+    from tests.model_fixtures import shipped_model
+
+    x = np.zeros((4, simdata.N_FEATURES), np.float32)
+    with pytest.raises(ValueError, match="integer class labels"):
+        evaluation.evaluate_model(shipped_model(), x, np.array([0.0, 1.0, 2.0, 3.5]))
+    figures = _evaluate_on(shipped_model(), x, np.array([0.0, 1.0, 2.0, 3.5]))
+    assert "integer class labels" in figures["error"]
+
+
+def test_release_signatures_of_classifiers_cover_what_they_did_before_tasks() -> None:
+    from fleetlearn.shared.release import _release_header
+
+    spec = tflite.WeightSpec(name="w", shape=(2,))
+    plain = tflite.ModelManifest(
+        model_id="m", version=3, layout=(spec,), content_hash=bytes(range(32)), labels=("a", "b")
+    )
+    header = _release_header(plain, 100, b"zst")
+    regressor = dataclasses.replace(plain, labels=(), task=tflite.Task.REGRESSION)
+    with_task = _release_header(regressor, 100, b"zst")
+    assert with_task.endswith(b"regression")
+    assert with_task != _release_header(dataclasses.replace(regressor, task=tflite.Task.ANOMALY),
+                                        100, b"zst")  # fmt: skip
+    assert header.endswith(b"\x01\x00\x00\x00b")  # ends with the last label, as before
 
 
 # ------------------------------------------------------------------------------ the data
@@ -215,12 +256,10 @@ def test_local_round_for_each_task(
     assert result.class_samples[1] > 0
     assert result.weight == float(np.sum(ya[~_held(xa, plan)] == 0))  # trained on normal rows
     unlabelled = local_round(trainer, xa, None, plan, rng=np.random.default_rng(0), personal={})
-    assert unlabelled.class_samples[1] == 0
+    assert unlabelled.class_samples[0] == unlabelled.samples  # every row counts as normal
 
 
 def _held(x: np.ndarray, plan: TrainingPlan) -> np.ndarray:
-    from fleetlearn.shared import dataset
-
     return dataset.evaluation_rows(x, plan.eval_fraction)
 
 
@@ -323,14 +362,31 @@ def test_secure_rounds_of_a_regressor_report_mean_absolute_error(
 ) -> None:
     parts = [simdata.device_machine(9, i, 0, "pump").run_to_failure(160) for i in range(6)]
     fleet = _secure_fleet(regressor[0], parts)
+    announced: list[Any] = []
+    start_round = fleet.engine.start_round
+
+    def tap(**kwargs: Any) -> Any:
+        published = start_round(**kwargs)
+        announced.append(fleet.engine.announce)
+        return published
+
+    fleet.engine.start_round = tap  # type: ignore[method-assign]  # to read the SecAgg config
     history = [fleet.run_round() for _ in range(5)]
     assert [m["state"] for m in history] == ["closed"] * 5
     first, last = history[0], history[-1]
     assert last["task"] == "regression"
     assert last["accuracy"] is None
-    assert last["mae"] == last["mean_loss"]
-    assert last["samples"] > 0
     assert "per_class" not in last
+    # The secure sum of the devices' mean absolute errors, weighted by their held-out rows,
+    # is what each device computed (the simulator sees every device; the aggregator only sums).
+    results = list(fleet.round_results.values())
+    assert last["samples"] == sum(r.samples for r in results) > 0
+    expected = sum(r.loss * r.samples for r in results) / last["samples"]
+    # Each device's loss sum travels stochastically rounded to a grid over [0, max_loss x
+    # max_samples]: off by less than one step per device.
+    cfg = announced[-1].secagg
+    step = cfg.max_loss * cfg.max_samples / (2**cfg.float_extra_bits - 1)
+    assert abs(last["mae"] - expected) <= len(results) * step / last["samples"]
     assert last["mae"] < first["mae"], (first["mae"], last["mae"])
 
 
@@ -364,6 +420,7 @@ def test_a_gateway_without_labels_trains_an_autoencoder_and_reports_anomaly_scor
 ) -> None:
     from fleetlearn.device.agent import ArrayData, DeviceAgent
     from fleetlearn.transport.memory import MemoryBroker
+    from tests.model_fixtures import shipped_model
     from tests.test_rounds_inmemory import make_fleet
 
     normal, _ = simdata.device_machine(11, 0, 0, "fan", healthy_only=True).windows(400)
@@ -381,19 +438,36 @@ def test_a_gateway_without_labels_trains_an_autoencoder_and_reports_anomaly_scor
     result = agent._train_sync(agent.trainer, plan)
     assert result.samples > 0
     assert result.class_samples[1] == 0
-    # Health: the newest windows (the last ones faulty) scored against the threshold
-    # calibrated on this device's own rows.
+    # Health: recent windows scored against the threshold calibrated on this device's own
+    # training rows (not the held-out ones). Trained a while longer, the autoencoder flags
+    # far more windows of an unbalanced machine than of this one.
+    agent.trainer.train(normal, None, epochs=20, learning_rate=0.1, rng=np.random.default_rng(1))
     faults, labels = simdata.Machine(simdata.MACHINE_TYPES["fan"], np.array([0, 0, 1, 0]),
-                                     seed=11).windows(5)  # fmt: skip
+                                     seed=11).windows(200)  # fmt: skip
     assert set(labels.tolist()) == {2}
-    report = agent._task_health(agent.trainer, np.concatenate([normal[-20:], faults]), None)
-    assert report["threshold"] == pytest.approx(agent.trainer.calibrate(normal), rel=1e-6)
-    assert report["latest"]["anomaly"] is (report["latest"]["score"] > report["threshold"])
-    assert report["max_score"] >= report["latest"]["score"]
-    assert 0.0 <= report["anomalous_share"] <= 1.0
-    # A regressor's health is its prediction; it needs targets to train.
-    agent.trainer = agent._new_trainer(*regressor)
+    fresh, _ = simdata.device_machine(11, 0, 0, "fan", healthy_only=True).windows(600)
+    healthy = agent._task_health(agent.trainer, fresh[400:], None)  # the same machine, later
+    faulty = agent._task_health(agent.trainer, faults, None)
+    train_rows = ~dataset.evaluation_rows(normal, plan.eval_fraction)
+    threshold = agent.trainer.calibrate(normal[train_rows])
+    assert healthy["threshold"] == faulty["threshold"] == pytest.approx(threshold, rel=1e-5)
+    assert faulty["latest"]["anomaly"] is (faulty["latest"]["score"] > faulty["threshold"])
+    assert healthy["anomalous_share"] < 0.1
+    assert faulty["anomalous_share"] > healthy["anomalous_share"] + 0.3, (healthy, faulty)
+    # Whether the data fit the task decides eligibility: float targets train a regressor,
+    # not an autoencoder (which needs integer row kinds) and not a classifier.
+    unlabelled, targets = agent.data, ArrayData(normal, np.linspace(0, 1, len(normal)))
+    agent.data = targets
     assert not agent._can_train()
+    agent.trainer = agent._new_trainer(*regressor)
+    assert agent._can_train()
+    agent.data = unlabelled
+    assert not agent._can_train()
+    agent.trainer = agent._new_trainer(shipped_model(), tflite.read_manifest(shipped_model()))
+    agent.data = targets
+    assert not agent._can_train()
+    # A regressor's health is its prediction.
+    agent.trainer = agent._new_trainer(*regressor)
     report = agent._task_health(agent.trainer, normal[-8:], None)
     assert set(report) == {"latest", "mean_prediction"}
 

@@ -31,6 +31,10 @@ EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples", "local_correct"
 
 # Per-class counts: at most this many classes ride in a masked vector (2 words each).
 MAX_CLASSES = 1024
+# A device's mean evaluation loss is clipped to [0, MAX_LOSS] before it is summed (secure
+# rounds: in the masked vector; plain rounds: by the aggregator), so no device, faulty or
+# hostile, moves the fleet's figure by more than its share of rows times this.
+MAX_LOSS = 100.0
 MIN_COHORT = 3  # with two devices the sum reveals the other device's update
 MAX_COHORT = 65_536
 MAX_FIELD_BITS = 64  # arithmetic is numpy uint32/uint64 wraparound
@@ -156,7 +160,7 @@ class SecAggConfig(wire.Record):
         clip: float = 1.0,
         max_weight: float = 1.0,
         max_samples: int | None = None,
-        max_loss: float = 100.0,
+        max_loss: float = MAX_LOSS,
         min_survivors: int | None = None,
         classes: int = 0,
     ) -> SecAggConfig:
