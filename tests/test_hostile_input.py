@@ -32,7 +32,7 @@ from fleetlearn.device.participant import Note, Participant
 from fleetlearn.shared import rounds, topics, wire
 from fleetlearn.shared.compression import DenseUpdate
 from tests.test_rounds_inmemory import FLEET, make_fleet, run_round
-from tests.wire_strategies import for_type
+from tests.wire_strategies import for_type, full_map
 
 _ZSTD = zstandard.ZstdCompressor(write_content_size=True)
 SENTINEL = b"\x00fleetlearn-fuzz-sentinel\x00"
@@ -132,7 +132,7 @@ def confused_payloads(draw: st.DrawFn) -> tuple[type[wire.Message], bytes]:
     """A valid message of some type with one value, at any depth, replaced by hostile bytes."""
     _, cls = draw(st.sampled_from(TYPES))
     message = draw(for_type(cls))
-    body = wire.to_map(message)
+    body = full_map(message)  # fields at their default too
     path = draw(st.sampled_from(_paths(body)))
     raw = msgpack.packb(_replace(body, path), use_bin_type=True)
     assert raw.count(PACKED_SENTINEL) == 1

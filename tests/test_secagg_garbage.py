@@ -38,6 +38,7 @@ from fleetlearn.shared.secagg.messages import (
 from fleetlearn.shared.secagg.server import ServerState
 from tests.secagg_strategies import STRATEGIES
 from tests.secagg_support import device_ids, run_round
+from tests.wire_strategies import full_map
 
 CONFIG = SecAggConfig.create(cohort_size=6, dimension=8, neighbours=4)
 DEVICES = device_ids(CONFIG.cohort_size)
@@ -105,7 +106,7 @@ def test_random_maps_with_our_tags_decode_only_to_wire_error(
 
 def _map_mutation(message: wire.Message, data: st.DataObject) -> bytes:
     """The message's map with one field's value replaced by a value of the wrong shape."""
-    body = wire.to_map(message)
+    body = full_map(message)  # fields at their default too
     field = data.draw(st.sampled_from(sorted(k for k in body if k not in ("v", "t"))))
     original = body[field]
     replacement = data.draw(values.filter(lambda v: type(v) is not type(original)))

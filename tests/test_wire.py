@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fleetlearn.shared import wire
 from fleetlearn.shared.wire import codec, schema
-from tests.wire_strategies import for_type
+from tests.wire_strategies import for_type, full_map
 
 ALL_TYPES = sorted(wire.registered_types().items())
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -148,7 +148,7 @@ def test_mutated_fields_only_raise_wire_error(
     tag: str, cls: type[wire.Message], data: st.DataObject
 ) -> None:
     """Well-framed msgpack with one field replaced, dropped or added: schema errors only."""
-    body = wire.to_map(data.draw(for_type(cls)))
+    body = full_map(data.draw(for_type(cls)))  # fields at their default too
     keys = sorted(body)
     op = data.draw(st.sampled_from(["replace", "drop", "add"]))
     key = data.draw(st.sampled_from(keys))
@@ -162,6 +162,18 @@ def test_mutated_fields_only_raise_wire_error(
         wire.decode(_frame(body))
     except wire.WireError:
         pass
+
+
+@pytest.mark.parametrize(("tag", "cls"), ALL_TYPES, ids=[t for t, _ in ALL_TYPES])
+@FAST
+@given(data=st.data())
+def test_defaults_spelled_out_decode_to_the_same_message(
+    tag: str, cls: type[wire.Message], data: st.DataObject
+) -> None:
+    """A peer that sends fields at their default (as encoders before the rule did) is read
+    the same: leaving defaults out is an encoding choice, not a new format."""
+    message = data.draw(for_type(cls))
+    assert wire.decode(_frame(full_map(message))) == message
 
 
 @pytest.mark.parametrize(
