@@ -310,11 +310,9 @@ class AggregatorSettings:
                 clip_norm=self.aggregation.clip_norm,
             )
         except EngineError as exc:
-            # EngineError messages start with the settings key they are about.
-            key, _, rest = str(exc).partition(" ")
-            if "." not in key:
-                key, rest = "rounds", str(exc)
-            raise ConfigError(key, rest) from None
+            # The message names its key for engine users; the ConfigError names it once.
+            key = exc.key or "rounds"
+            raise ConfigError(key, str(exc).removeprefix(key).lstrip()) from None
 
     def optimizer_config(self) -> rules.OptimizerConfig:
         s = self.server

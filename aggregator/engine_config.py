@@ -19,7 +19,13 @@ from fleetlearn.shared.rounds import StageTimes
 
 
 class EngineError(FleetlearnError):
-    """The engine cannot do what was asked (e.g. too few eligible devices to start)."""
+    """The engine cannot do what was asked (e.g. too few eligible devices to start). `key`:
+    the setting at fault, when a setting is (the aggregator reports it as that key's
+    ConfigError)."""
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class NotEnoughDevicesError(EngineError):
@@ -64,40 +70,54 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.lr_decay <= 1.0:
-            raise EngineError(f"training.lr_decay must be in [0.5, 1], got {self.lr_decay}")
+            raise EngineError(
+                f"training.lr_decay must be in [0.5, 1], got {self.lr_decay}",
+                key="training.lr_decay",
+            )
         if self.min_cohort < (3 if self.mode == "secure" else 1):
             raise EngineError(
-                f"rounds.min_cohort must be >= 3 in secure mode, got {self.min_cohort}"
+                f"rounds.min_cohort must be >= 3 in secure mode, got {self.min_cohort}",
+                key="rounds.min_cohort",
             )
         if self.cohort < self.min_cohort:
             raise EngineError(
-                f"rounds.cohort {self.cohort} is below rounds.min_cohort {self.min_cohort}"
+                f"rounds.cohort {self.cohort} is below rounds.min_cohort {self.min_cohort}",
+                key="rounds.cohort",
             )
         if not 0.0 <= self.expected_dropout < 1.0:
             raise EngineError(
-                f"secagg.expected_dropout must be in [0, 1), got {self.expected_dropout}"
+                f"secagg.expected_dropout must be in [0, 1), got {self.expected_dropout}",
+                key="secagg.expected_dropout",
             )
         if self.over_select < 1.0:
-            raise EngineError(f"rounds.over_select must be >= 1, got {self.over_select}")
+            raise EngineError(
+                f"rounds.over_select must be >= 1, got {self.over_select}", key="rounds.over_select"
+            )
         if not 0.0 < self.quorum <= 1.0:
-            raise EngineError(f"stages.quorum must be in (0, 1], got {self.quorum}")
+            raise EngineError(
+                f"stages.quorum must be in (0, 1], got {self.quorum}", key="stages.quorum"
+            )
         if not 0.0 <= self.stall_cooldown <= 86_400:
             raise EngineError(
-                f"rounds.stall_cooldown must be in 0..86400 seconds, got {self.stall_cooldown}"
+                f"rounds.stall_cooldown must be in 0..86400 seconds, got {self.stall_cooldown}",
+                key="rounds.stall_cooldown",
             )
         if self.mode == "secure" and self.sparsity == "top_k":
             raise EngineError(
                 "compression.sparsity top_k cannot be masked (each device picks its own "
-                "coordinates); use rand_k or dense in secure mode"
+                "coordinates); use rand_k or dense in secure mode",
+                key="compression.sparsity",
             )
         if self.sparsity == "top_k" and not self.training.error_feedback:
             raise EngineError(
                 "training.error_feedback must be true with compression.sparsity top_k: top-k "
                 "drops the same small coordinates round after round, and only error feedback "
-                "sends them later (unlike rand_k, it cannot be rescaled to be unbiased)"
+                "sends them later (unlike rand_k, it cannot be rescaled to be unbiased)",
+                key="training.error_feedback",
             )
         if self.mode == "secure" and self.rule != "mean":
             raise EngineError(
                 f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "
-                "sees their sum, so it supports 'mean' only"
+                "sees their sum, so it supports 'mean' only",
+                key="aggregation.rule",
             )

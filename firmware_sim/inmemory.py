@@ -111,6 +111,7 @@ class InMemoryFleet:
         # aggregator never does): for per-device figures such as the unweighted mean accuracy.
         self.round_results: dict[str, LocalResult] = {}
         self.history: list[dict[str, Any]] = []
+        self.survivors: tuple[str, ...] = ()  # whose updates the last round aggregated
         self._release(make_release(self.model, manifest, self.aggregator_key))
 
     # -------------------------------------------------------------------------- routing
@@ -201,6 +202,7 @@ class InMemoryFleet:
             self._deliver(self.engine.tick(self.now))
         outcome = self.engine.take_outcome()  # as the service does: the engine keeps no update
         assert outcome is not None
+        self.survivors = outcome.survivors
         self.engine.drain_events()  # nobody publishes them here
         metrics = dict(outcome.metrics)
         if outcome.state is RoundState.CLOSED and outcome.mean_update is not None:
@@ -219,10 +221,15 @@ class InMemoryFleet:
         return metrics
 
     def per_device_accuracy(self) -> tuple[float, float] | None:
-        """Unweighted means over the devices that trained in the last round (each with held-out
-        rows): of the release's accuracy and of their own model's (release plus personal
-        layers), on each device's held-out rows. None when no device held out a row."""
-        held = [r for r in self.round_results.values() if r.samples > 0]
+        """Unweighted means over the last round's survivors (the devices whose figures the
+        aggregator summed) that held out rows: of the release's accuracy and of their own
+        model's (release plus personal layers), on each device's held-out rows. None when no
+        survivor held out a row."""
+        held = [
+            r
+            for dev, r in self.round_results.items()
+            if r.samples > 0 and dev in set(self.survivors)
+        ]
         if not held:
             return None
         return (

@@ -30,6 +30,7 @@ from fleetlearn.shared.compression.messages import (
     SparseMode,
     SparseUpdate,
 )
+from fleetlearn.shared.secagg.config import MAX_CLASSES as SECAGG_MAX_CLASSES
 from fleetlearn.shared.secagg.config import STAGES, SecAggConfig, Stage
 from fleetlearn.shared.secagg.keys import TICKET_BYTES
 
@@ -242,8 +243,9 @@ class RoundAnnounce(wire.Message):
         return {d: self.tickets[i * size : (i + 1) * size] for i, d in enumerate(self.cohort)}
 
 
-# Per-class evaluation counts in an update: at most this many classes.
-MAX_EVAL_CLASSES = 1024
+# Per-class evaluation counts in an update: at most this many classes, in plain rounds as in
+# secure ones (where each class takes two words of the masked vector).
+MAX_EVAL_CLASSES = SECAGG_MAX_CLASSES
 
 
 @wire.message("round.plain_update")

@@ -262,3 +262,28 @@ def test_expected_dropout_sizes_the_neighbour_graph() -> None:
     with pytest.raises(ConfigError) as info:
         settings.load(AggregatorSettings, sets={"secagg.expected_dropout": "1.5"}).engine_config()
     assert info.value.key == "secagg.expected_dropout"
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        ({"training.lr_decay": "0.1"}, "training.lr_decay"),
+        ({"rounds.min_cohort": "2"}, "rounds.min_cohort"),
+        ({"rounds.cohort": "5", "rounds.min_cohort": "6"}, "rounds.cohort"),
+        ({"secagg.expected_dropout": "1.0"}, "secagg.expected_dropout"),
+        ({"rounds.over_select": "0.5"}, "rounds.over_select"),
+        ({"stages.quorum": "2"}, "stages.quorum"),
+        ({"compression.sparsity": "top_k"}, "compression.sparsity"),
+        ({"compression.sparsity": "top_k", "rounds.mode": "plain"}, "training.error_feedback"),
+        ({"aggregation.rule": "median"}, "aggregation.rule"),
+    ],
+)
+def test_engine_setting_errors_name_their_key(sets: dict[str, str], key: str) -> None:
+    """The engine names the setting at fault as a field of its error, never only in text."""
+    from fleetlearn.shared import settings
+    from fleetlearn.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        settings.load(AggregatorSettings, sets=sets).engine_config()
+    assert caught.value.key == key
+    assert not str(caught.value).startswith(f"{key}: {key}")

@@ -155,7 +155,9 @@ class SecAggResult:
     config: SecAggConfig
     survivors: tuple[str, ...]
     vector: np.ndarray  # d coordinates, uint, the sum in Z_2^b
-    extra_grid: tuple[int, ...]  # the EXTRA_COORDINATES' sums as unmasked, in Z_2^b
+    # The sums after the update coordinates as unmasked, in Z_2^b: the EXTRA_COORDINATES,
+    # then the per-class rows and hits.
+    extra_grid: tuple[int, ...]
     weight_sum: float
     loss_sum: float
     correct: int
