@@ -78,6 +78,8 @@ class Harness:
     tamper: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
     samples: int = 300
     connector: Connector | None = None
+    # Each device's data by its index (default: `device_data`, a machine with faults).
+    data_for: Callable[[int], ArrayData] | None = None
 
     def observer(self) -> prov.DeviceCredentials:
         return prov.load_device(self.fleet_dir / "devices" / OBSERVER)
@@ -124,7 +126,7 @@ class Harness:
             address=BrokerAddress.parse(self.broker.url) if self.broker else None,
             connector=self.connector,
             password=creds.password,
-            data=device_data(index, self.samples),
+            data=self.data_for(index) if self.data_for else device_data(index, self.samples),
             protocol="3.1.1" if self.broker and self.broker.kind == "embedded" else "5",
             state_dir=self.state_dir / "devices" / dev,
             labels=CLASSES,

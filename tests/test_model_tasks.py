@@ -504,3 +504,54 @@ def test_pretraining_an_autoencoder_needs_no_labels(autoencoder: tuple[bytes, An
     assert result.manifest.labels == ("normal", "anomaly")
     assert result.after.loss < 0.7 * result.before.loss  # reconstruction error, held out
     assert result.trained_rows + result.held_out == 500
+
+
+@pytest.mark.slow
+async def test_healthy_only_gateways_federate_an_autoencoder_over_mosquitto(
+    tmp_path: Path, autoencoder: tuple[bytes, Any]
+) -> None:
+    """The whole path over a real broker: gateways without labels (healthy machines) are
+    eligible for an autoencoder, train it in secure rounds, and publish anomaly health."""
+    import json
+    import subprocess
+
+    from fleetlearn.broker import provision as prov
+    from fleetlearn.device.agent import ArrayData
+    from fleetlearn.shared import topics
+    from tests.conftest import require_mosquitto
+    from tests.fleet_harness import fleet
+
+    require_mosquitto()
+    model = tmp_path / "ae.tflite"
+    model.write_bytes(autoencoder[0])
+
+    def healthy(index: int) -> ArrayData:
+        x, _ = simdata.device_machine(14, index, 0, "fan", healthy_only=True).windows(200)
+        return ArrayData(x, None)  # no labels at all
+
+    async with fleet(tmp_path, 4) as h:
+        h.data_for = healthy
+        h.start_devices()
+        _, summaries = await h.run_aggregator(
+            timeout=150, **{"rounds.count": "2", "model.initial": str(model)}
+        )
+        assert [s.state for s in summaries] == ["closed", "closed"]
+        for summary in summaries:
+            m = summary.metrics
+            assert m["task"] == "anomaly"
+            assert m["survivors"] == 4
+            assert m["reconstruction_error"] > 0
+            assert m["per_class"][1]["samples"] == 0  # healthy-only: no faulty rows to judge
+        password = prov.dashboard_password(h.fleet_dir)
+        device = h.devices[0]
+        out = subprocess.run(
+            ["mosquitto_sub", "-h", h.broker.host, "-p", str(h.broker.port), "-u", "dashboard",
+             "-P", password, "-t", topics.health(h.fleet, device), "-C", "1", "-W", "10"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )  # fmt: skip
+        health = json.loads(out.stdout)
+        assert health["device_id"] == device
+        assert health["model_version"] >= 2
+        assert isinstance(health["threshold"], float)
+        assert set(health["latest"]) == {"score", "anomaly"}
+        assert health["anomalous_share"] < 0.2  # its own healthy machine, now and then noisy
