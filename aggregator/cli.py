@@ -77,8 +77,8 @@ def register(sub: Any) -> None:
         "--data",
         type=Path,
         required=True,
-        help="proxy data, .npz or .csv (docs/data.md): labels, float targets for a "
-        "regressor, none needed for an autoencoder",
+        help="proxy data, .npz or .csv (docs/data.md): labels; for a regressor an .npz with "
+        "float targets; for an autoencoder none needed",
     )
     p.add_argument("--epochs", type=int, required=True, help="passes over the training rows")
     p.add_argument("--out", type=Path, required=True, help="where to write the pretrained model")
@@ -169,17 +169,20 @@ def dataset_label() -> str:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    import math
 
-    from fleetlearn.aggregator.pretrain import pretrain
+    from fleetlearn.aggregator.pretrain import check_settings, pretrain
     from fleetlearn.shared import dataset
     from fleetlearn.shared.settings import writable_dir
 
+    check_settings(  # every flag before any work
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+    )
     if args.out.is_dir():
         raise ConfigError("--out", f"{args.out} is a directory; give the .tflite file's name")
     writable_dir(args.out.parent, "--out")
-    if not (math.isfinite(args.learning_rate) and 0.0 < args.learning_rate <= 10.0):
-        raise ConfigError("--learning-rate", f"{args.learning_rate} is outside (0, 10]")
     try:
         model = args.model.read_bytes()
     except OSError as exc:

@@ -23,10 +23,22 @@ import numpy as np
 
 from fleetlearn.shared import dataset, tflite
 from fleetlearn.shared.errors import ConfigError
-from fleetlearn.shared.evaluation import Evaluation
-from fleetlearn.shared.training import LiteRTTrainer, TrainerError
+from fleetlearn.shared.evaluation import Evaluation, y_problem
+from fleetlearn.shared.training import MAX_LEARNING_RATE, LiteRTTrainer, TrainerError
 
 MAX_EPOCHS = 10_000
+
+
+def check_settings(*, epochs: int, learning_rate: float, seed: int, eval_fraction: float) -> None:
+    """Every flag of a pretraining run, before any file is read (ConfigError naming it)."""
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise ConfigError("--epochs", f"{epochs} is outside 1..{MAX_EPOCHS}")
+    if not (math.isfinite(learning_rate) and 0.0 < learning_rate <= MAX_LEARNING_RATE):
+        raise ConfigError("--learning-rate", f"{learning_rate} is outside (0, {MAX_LEARNING_RATE}]")
+    if not 0 <= seed < 2**63:
+        raise ConfigError("--seed", f"{seed} is outside 0..2^63-1")
+    if not (math.isfinite(eval_fraction) and 0.0 <= eval_fraction < 1.0):
+        raise ConfigError("--eval-fraction", f"{eval_fraction} is outside [0, 1)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +64,15 @@ def pretrain(
 ) -> Pretrained:
     """Train `model` on (x, y) for `epochs` passes at `learning_rate` (shuffled by `seed`),
     holding out `eval_fraction` of the rows to judge it before and after."""
+    check_settings(
+        epochs=epochs, learning_rate=learning_rate, seed=seed, eval_fraction=eval_fraction
+    )
     manifest = tflite.read_manifest(model)
     if manifest is None:
         raise ConfigError("--model", "has no manifest; build it with `fleetlearn model build`")
-    if not 1 <= epochs <= MAX_EPOCHS:
-        raise ConfigError("--epochs", f"{epochs} is outside 1..{MAX_EPOCHS}")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ConfigError("--eval-fraction", f"{eval_fraction} is outside [0, 1)")
+    problem = y_problem(manifest.task, y)
+    if problem:
+        raise ConfigError("--data", f"{problem} (model {manifest.model_id!r})")
     trainer = LiteRTTrainer(model, manifest)
     held = dataset.evaluation_rows(x, eval_fraction)
     xt, xe = x[~held], x[held]

@@ -209,7 +209,8 @@ class DeviceAgent:
         )
         self._health_window = health_window
         self._calibration_rows = 1024  # newest training rows an autoencoder calibrates on
-        self._eval_fraction = TrainingPlan().eval_fraction  # the last plan's, once one came
+        # The rows a round holds out: the last plan's; until one came, the aggregator's default.
+        self._eval_fraction = 0.2
         self.trainer: LiteRTTrainer | None = None
         self._trainer_lock = asyncio.Lock()
         # The participant is not thread-safe: every call to it holds this lock, and the heavy
@@ -427,8 +428,17 @@ class DeviceAgent:
         trainer = self.trainer
         if trainer is None:
             return self.data.labelled
-        _, y = self.data.recent(1)
-        return not evaluation.y_problem(trainer.task, y)
+        _, y = self.data.recent(len(self.data))
+        if evaluation.y_problem(trainer.task, y):
+            return False
+        # A classifier's labels must be its classes (a device with label 7 for a 4-class
+        # model would be selected and then fail every round).
+        return not (
+            trainer.task is tflite.Task.CLASSIFICATION
+            and y is not None
+            and y.size > 0
+            and (int(y.min()) < 0 or int(y.max()) >= trainer.classes)
+        )
 
     async def publish_health(self) -> None:
         trainer = self.trainer

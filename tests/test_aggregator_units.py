@@ -280,6 +280,7 @@ def test_expected_dropout_sizes_the_neighbour_graph() -> None:
 )
 def test_engine_setting_errors_name_their_key(sets: dict[str, str], key: str) -> None:
     """The engine names the setting at fault as a field of its error, never only in text."""
+    from fleetlearn.aggregator.engine_config import EngineError
     from fleetlearn.shared import settings
     from fleetlearn.shared.errors import ConfigError
 
@@ -287,3 +288,34 @@ def test_engine_setting_errors_name_their_key(sets: dict[str, str], key: str) ->
         settings.load(AggregatorSettings, sets=sets).engine_config()
     assert caught.value.key == key
     assert not str(caught.value).startswith(f"{key}: {key}")
+    engine_found = isinstance(caught.value.__context__, EngineError)
+    # Ranges the settings layer checks itself never reach the engine; the rest are the
+    # engine's own refusals, named by its error's key.
+    assert engine_found == (key not in SETTINGS_CHECKED), caught.value.__context__
+
+
+# Refused by the settings layer before the engine sees them (its own range checks).
+SETTINGS_CHECKED = {"training.lr_decay", "rounds.over_select"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [
+        ("lr_decay", 0.1, "training.lr_decay"),
+        ("over_select", 0.5, "rounds.over_select"),
+        ("stall_cooldown", -1.0, "rounds.stall_cooldown"),
+        ("quorum", 0.0, "stages.quorum"),
+    ],
+)
+def test_the_engine_names_the_key_of_each_value_it_refuses(
+    field: str, value: float, key: str
+) -> None:
+    import dataclasses
+
+    from fleetlearn.aggregator.engine_config import EngineError
+    from fleetlearn.shared import settings
+
+    good = settings.load(AggregatorSettings).engine_config()
+    with pytest.raises(EngineError) as caught:
+        dataclasses.replace(good, **{field: value})
+    assert caught.value.key == key

@@ -8,6 +8,7 @@ The builds need TensorFlow (slow); the scoring functions are pure and tested fir
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -98,7 +99,9 @@ def test_release_signatures_of_classifiers_cover_what_they_did_before_tasks() ->
     assert with_task.endswith(b"regression")
     assert with_task != _release_header(dataclasses.replace(regressor, task=tflite.Task.ANOMALY),
                                         100, b"zst")  # fmt: skip
-    assert header.endswith(b"\x01\x00\x00\x00b")  # ends with the last label, as before
+    # The bytes a classifier's release signs, as computed before tasks existed (3e21639).
+    golden = "fb3ba55eb42b01a8d6c5892832948951d8a86dc43528cdfae723f6d9610e11c6"
+    assert hashlib.sha256(header).hexdigest() == golden
 
 
 # ------------------------------------------------------------------------------ the data
@@ -466,6 +469,10 @@ def test_a_gateway_without_labels_trains_an_autoencoder_and_reports_anomaly_scor
     agent.trainer = agent._new_trainer(shipped_model(), tflite.read_manifest(shipped_model()))
     agent.data = targets
     assert not agent._can_train()
+    agent.data = ArrayData(normal, np.arange(len(normal)) % 4)  # the 4 classes it has
+    assert agent._can_train()
+    agent.data = ArrayData(normal, np.arange(len(normal)) % 8)  # labels beyond its classes
+    assert not agent._can_train()
     # A regressor's health is its prediction.
     agent.trainer = agent._new_trainer(*regressor)
     report = agent._task_health(agent.trainer, normal[-8:], None)
@@ -539,7 +546,7 @@ async def test_healthy_only_gateways_federate_an_autoencoder_over_mosquitto(
         for summary in summaries:
             m = summary.metrics
             assert m["task"] == "anomaly"
-            assert m["survivors"] == 4
+            assert m["survivors"] >= 3  # secure rounds close without a straggler too
             assert m["reconstruction_error"] > 0
             assert m["per_class"][1]["samples"] == 0  # healthy-only: no faulty rows to judge
         password = prov.dashboard_password(h.fleet_dir)

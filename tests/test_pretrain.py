@@ -120,5 +120,17 @@ def test_pretrain_refuses_what_does_not_fit(
         pretrain(shipped_model(), np.zeros((4, 16)), np.zeros(4, np.int64), epochs=1,
                  learning_rate=0.1, eval_fraction=1.0)  # fmt: skip
     assert caught.value.key == "--eval-fraction"
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, x=np.zeros((10, 16)), y=np.linspace(0, 1, 10))
+    assert fleetlearn.main([*argv, "--data", str(floats), "--epochs", "1"]) == 2
+    assert "needs integer class labels" in capsys.readouterr().err
+    out_dir = tmp_path / "not-yet"
+    flags = ["--data", str(data), "--epochs", "1", "--seed", "-1"]
+    code = fleetlearn.main(
+        ["model", "pretrain", "--model", str(model), *flags, "--out", str(out_dir / "o.tflite")]
+    )
+    assert code == 2
+    assert "--seed" in capsys.readouterr().err
+    assert not out_dir.exists()  # flags are checked before anything is created or read
     with pytest.raises(TrainerError, match="labels must lie"):
         pretrain(shipped_model(), np.zeros((40, 16)), np.full(40, 9), epochs=1, learning_rate=0.1)
