@@ -51,7 +51,10 @@ class RoundCharge:
     noise_multiplier  noise standard deviation in the sum, over the L2 clip (z = sigma / C)
     mechanism         `gaussian` or `skellam`
     dimension         coordinates the noise is on (skellam: its L1 sensitivity grows with it)
-    scale             skellam: the factor from update units to the integer grid (gamma^-1)
+    scale             skellam: integer grid points per clip (the update-units scale, gamma^-1,
+                      times the clip), so that sensitivities are 1 (L2) and sqrt(d) (L1) clips
+    The sensitivities are those of the clipped update; once rounding is wired in, the charge
+    must use the rounded vector's bound (`shared.privacy.rounded_norm_bound`) instead.
     """
 
     sampling_rate: float
