@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fleetlearn.shared.errors import FleetlearnError
+from fleetlearn.shared.errors import FleetlearnError, require_modules
 
 # Integer orders 2..256 (the subsampling bound needs integers; high orders matter for small
 # epsilon, low ones for many rounds).
@@ -77,14 +77,9 @@ class RoundCharge:
 
 
 def _dp_accounting() -> Any:
-    try:
-        import dp_accounting
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] != "dp_accounting":
-            raise
-        raise PrivacyError(
-            "privacy accounting needs dp-accounting: pip install 'fleetlearn[privacy]'"
-        ) from None
+    require_modules("privacy accounting", ("dp_accounting",), "privacy")
+    import dp_accounting
+
     return dp_accounting
 
 

@@ -325,33 +325,7 @@ def _checked(
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
         raise DataError(f"{path}: 'x' row {bad} is not finite (NaN or inf, or beyond float32)")
     if y is not None:
-        if y.shape != (n,):
-            raise DataError(f"{path}: 'y' must hold one label per row of 'x' ({n}), not {y.shape}")
-        if y.dtype.kind == "f":  # regression targets
-            with np.errstate(over="ignore"):
-                y = y.astype(np.float32)
-            if not np.all(np.isfinite(y)):
-                bad = int(np.argwhere(~np.isfinite(y))[0][0])
-                raise DataError(f"{path}: 'y' row {bad} is not finite (NaN or inf)")
-            return _groups_checked(path, x, y, groups, features)
-        if y.dtype.kind not in "iu":
-            raise DataError(
-                f"{path}: 'y' must hold integer class labels or float targets, not {y.dtype}"
-            )
-        if y.size and (int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES):
-            raise DataError(f"{path}: labels must be class numbers 0..{MAX_CLASSES - 1}")
-        y = y.astype(np.int32)
-    return _groups_checked(path, x, y, groups, features)
-
-
-def _groups_checked(
-    path: Path,
-    x: np.ndarray,
-    y: np.ndarray | None,
-    groups: np.ndarray | None,
-    features: tuple[str, ...],
-) -> Dataset:
-    n = x.shape[0]
+        y = _checked_y(path, y, n)
     if groups is not None:
         if groups.shape != (n,):
             raise DataError(
@@ -361,6 +335,26 @@ def _groups_checked(
             raise DataError(f"{path}: 'groups' must be integers or strings, not {groups.dtype}")
         groups = groups.astype(str)
     return Dataset(x, y, groups, features)
+
+
+def _checked_y(path: Path, y: np.ndarray, n: int) -> np.ndarray:
+    """Class labels as int32 in [0, MAX_CLASSES), or float targets as finite float32."""
+    if y.shape != (n,):
+        raise DataError(f"{path}: 'y' must hold one label per row of 'x' ({n}), not {y.shape}")
+    if y.dtype.kind == "f":  # regression targets
+        with np.errstate(over="ignore"):
+            targets = y.astype(np.float32)
+        if not np.all(np.isfinite(targets)):
+            bad = int(np.argwhere(~np.isfinite(targets))[0][0])
+            raise DataError(f"{path}: 'y' row {bad} is not finite (NaN or inf)")
+        return targets
+    if y.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: 'y' must hold integer class labels or float targets, not {y.dtype}"
+        )
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES):
+        raise DataError(f"{path}: labels must be class numbers 0..{MAX_CLASSES - 1}")
+    return y.astype(np.int32)
 
 
 def _short(exc: BaseException) -> str:
