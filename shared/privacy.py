@@ -23,6 +23,7 @@ randomness only from the Generator passed in (device-local, never mask material)
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -31,6 +32,17 @@ from fleetlearn.shared.errors import FleetlearnError
 
 MAX_ROUNDING_TRIES = 1000
 MAX_DIMENSION = 1 << 26  # 64M coordinates after padding: far beyond any fleet model
+# Conditional rounding refuses a draw with probability about beta (Kairouz et al. use e^-0.5).
+ROUNDING_BETA = math.exp(-0.5)
+# Grid points per rotated coordinate of a clipped update (scale = GRID * sqrt(p) / clip): the
+# rounding error is then about 1/1000 of a typical coordinate, and the Skellam bound's grid
+# correction is negligible. It costs bits only logarithmically.
+GRID = 1024.0
+# The chance, per device and round, that a rotated coordinate is clamped to the coordinate
+# bound (clamping only shrinks the update, so the sensitivity still holds), and the chance,
+# per round, that the noise in the sum exceeds the headroom the field bits leave for it.
+CLAMP_RISK = 1e-6
+WRAP_RISK = 1e-12
 
 
 class PrivacyEncodingError(FleetlearnError, ValueError):
@@ -145,6 +157,45 @@ def round_conditional(x: np.ndarray, *, bound: float, rng: np.random.Generator) 
         f"no rounding within norm {limit:.4g} in {MAX_ROUNDING_TRIES} draws; the bound is too "
         "tight for this vector (raise beta)"
     )
+
+
+def padded_dimension(dimension: int) -> int:
+    """The rotation's length for `dimension` coordinates: the next power of two."""
+    if type(dimension) is not int or not 1 <= dimension <= MAX_DIMENSION:
+        raise PrivacyEncodingError(f"dimension must be an int in 1..{MAX_DIMENSION}")
+    return 1 << (dimension - 1).bit_length()
+
+
+def rotation_seed(round_seed: bytes) -> bytes:
+    """The rotation's signs come from the round's public seed, kept apart from the other
+    uses of it (rand-k coordinates) by hashing with a purpose string."""
+    return hashlib.blake2b(round_seed, digest_size=32, person=b"fl-dp-rotation").digest()
+
+
+def coordinate_bound(norm: float, padded: int) -> int:
+    """Integer L such that a rotated vector of L2 norm `norm` in `padded` coordinates has
+    every coordinate within L - 1 except with probability CLAMP_RISK (each coordinate is
+    sub-Gaussian with variance proxy norm^2 / padded: a union bound over the coordinates),
+    so that after rounding every coordinate is within L."""
+    spread = float(norm) * math.sqrt(2.0 * math.log(2.0 * padded / CLAMP_RISK) / padded)
+    return math.ceil(spread) + 1
+
+
+def noise_headroom(variance: float, coordinates: int) -> int:
+    """t such that `coordinates` symmetric Skellam variates of total `variance` (a sum of
+    devices' noise) all lie within +-t except with probability WRAP_RISK.
+
+    A Skellam variate of variance V is X - Y with X, Y Poisson(V/2); |X - Y| >= t needs
+    |X - V/2| >= t/2 or |Y - V/2| >= t/2, and Bernstein's inequality for the Poisson gives
+    P(|X - lam| >= s) <= 2 exp(-s^2 / (2 (lam + s/3))). Solved for s with 4 * coordinates
+    such terms summing to WRAP_RISK."""
+    if variance <= 0.0:
+        return 0
+    lam = variance / 2.0
+    log_term = math.log(4.0 * coordinates / WRAP_RISK)
+    # s^2 = 2 (lam + s/3) log_term: the positive root of s^2 - (2/3) L s - 2 lam L = 0.
+    s = (2.0 / 3.0 * log_term + math.sqrt((2.0 / 3.0 * log_term) ** 2 + 8.0 * lam * log_term)) / 2
+    return math.ceil(2.0 * s)
 
 
 def skellam_noise(size: int, variance: float, rng: np.random.Generator) -> np.ndarray:

@@ -92,6 +92,7 @@ def run_round(
     inputs: dict[str, DeviceInput] | None = None,
     draws: Mapping[str, bytes] | None = None,
     floor: PrivacyFloor | None = None,
+    keep_contributions: bool = False,
 ) -> RoundRun:
     ids = identities(config.cohort_size)
     given = inputs if inputs is not None else make_inputs(config, list(ids), input_seed)
@@ -108,6 +109,7 @@ def run_round(
         downlink=downlink,
         draws=draws,
         floor=floor,
+        keep_contributions=keep_contributions,
     )
     return harness.run()
 

@@ -108,7 +108,7 @@ def _status() -> st.SearchStrategy[wire.Message]:
 def _announce_draw(draw: st.DrawFn) -> wire.Message:
     from fleetlearn.shared import rounds
     from fleetlearn.shared.compression import Compression, SparseMode
-    from fleetlearn.shared.secagg.config import SecAggConfig
+    from fleetlearn.shared.secagg.config import DistributedNoise, SecAggConfig
 
     cohort = tuple(draw(st.lists(ids, min_size=3, max_size=8, unique=True)))
     mode = draw(st.sampled_from(list(rounds.RoundMode)))
@@ -131,6 +131,16 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
             dimension=draw(st.integers(1, 5000)),
             quant_bits=compression.bits if sparse_mode is SparseMode.RAND_K else 16,
             clip=compression.clip,
+            noise=draw(
+                st.none()
+                | st.builds(
+                    DistributedNoise.sized,
+                    clip=st.floats(0.01, 10.0),
+                    dimension=st.integers(1, 5000),
+                    noise_multiplier=st.floats(0.1, 5.0),
+                    least_survivors=st.integers(2, len(cohort)),
+                )
+            ),
         )
     soft = draw(st.lists(st.floats(0.5, 3600), min_size=4, max_size=4))
     hard = [s + draw(st.floats(0, 3600)) for s in soft]  # each hard limit >= its soft one

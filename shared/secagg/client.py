@@ -332,7 +332,12 @@ class SecAggClient:
             # source (never mask material; masks come from prg only).
             rng = np.random.default_rng(int.from_bytes(keys.draw(self._random, 32), "big"))
             self._input = contribution.encode(
-                self.config, vector, weight=weight, metrics=metrics or TrainingMetrics(), rng=rng
+                self.config,
+                vector,
+                weight=weight,
+                metrics=metrics or TrainingMetrics(),
+                rng=rng,
+                seed=self._round_seed,
             )
             self._input_given = True
             if self._state is ClientState.NEED_INPUT:

@@ -23,7 +23,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from fleetlearn.shared import wire
+from fleetlearn.shared import privacy, wire
 from fleetlearn.shared.secagg.errors import SecAggConfigError
 
 # Order of the values appended after the update coordinates (see shared.secagg.contribution).
@@ -38,6 +38,7 @@ MAX_LOSS = 100.0
 MIN_COHORT = 3  # with two devices the sum reveals the other device's update
 MAX_COHORT = 65_536
 MAX_FIELD_BITS = 64  # arithmetic is numpy uint32/uint64 wraparound
+MAX_NOISY_FIELD_BITS = 62  # a noisy sum is decoded to int64, signed: keep a bit to spare
 # Weight and loss are floats; past 52 bits float64 cannot resolve the quantization grid.
 MAX_FLOAT_GRID_BITS = 52
 
@@ -108,6 +109,93 @@ def suggest_neighbours(
     return n - 1, default_threshold(n - 1)
 
 
+@wire.record
+class DistributedNoise(wire.Record):
+    """Distributed differential privacy in a secure round (docs/privacy.md).
+
+    Each device clips its update to L2 norm `clip` (no FedAvg weight: every device counts
+    the same), rotates it (random signs from the round seed, then Walsh-Hadamard, padded to
+    a power of two), multiplies by `scale` onto the integer grid, rounds within the norm
+    bound, clamps each coordinate to the coordinate bound, adds symmetric Skellam noise of
+    `variance` per coordinate and sends it in Z_2^b, negative values as 2^b - |v|. The
+    aggregator unrotates the unmasked sum and divides it by `denominator`, fixed before the
+    round (the planned number of contributions), so the release depends on the devices'
+    data only through the noisy sum.
+
+    clip         L2 clip of one device's update, in update units
+    scale        grid points per update unit (gamma)
+    variance     each device's Skellam variance, in grid units squared
+    denominator  what the sum is divided by to give the mean update
+    """
+
+    clip: float
+    scale: float
+    variance: float
+    denominator: float
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "scale", "variance", "denominator"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0:
+                raise SecAggConfigError(
+                    f"noise.{name}", f"must be a finite number > 0, got {value!r}"
+                )
+
+    @classmethod
+    def sized(
+        cls, *, clip: float, dimension: int, noise_multiplier: float, least_survivors: int
+    ) -> DistributedNoise:
+        """Noise for a round whose sum must carry `noise_multiplier` times a device's grid
+        sensitivity (the norm bound) in standard deviation whenever at least
+        `least_survivors` devices' contributions are in it. Only survivors - 1 devices'
+        noise is counted: the device whose data is in question may be the one that is
+        added or removed, and it knows its own noise. The mean divides by
+        `least_survivors`."""
+        if not _is_int(least_survivors) or least_survivors < 2:
+            raise SecAggConfigError(
+                "noise", f"least_survivors must be >= 2, got {least_survivors!r}"
+            )
+        if not _is_number(noise_multiplier) or not noise_multiplier > 0:
+            raise SecAggConfigError(
+                "noise", f"noise_multiplier must be > 0, got {noise_multiplier!r}"
+            )
+        if not _is_number(clip) or not clip > 0:
+            raise SecAggConfigError("noise", f"clip must be > 0, got {clip!r}")
+        padded = privacy.padded_dimension(dimension)
+        scale = privacy.GRID * math.sqrt(padded) / clip
+        bound = privacy.rounded_norm_bound(scale * clip, padded, privacy.ROUNDING_BETA)
+        return cls(
+            clip=float(clip),
+            scale=scale,
+            variance=(noise_multiplier * bound) ** 2 / (least_survivors - 1),
+            denominator=float(least_survivors),
+        )
+
+    def noise_multiplier(self, padded: int, survivors: int) -> float:
+        """The noise multiplier a sum of `survivors` contributions carries: the standard
+        deviation of survivors - 1 devices' noise over the grid sensitivity."""
+        return math.sqrt(max(survivors - 1, 0) * self.variance) / self.norm_bound(padded)
+
+    def norm_bound(self, padded: int) -> float:
+        """L2 bound of a device's rounded, scaled vector: its sensitivity on the grid."""
+        return privacy.rounded_norm_bound(self.scale * self.clip, padded, privacy.ROUNDING_BETA)
+
+    def coordinate_bound(self, padded: int) -> int:
+        """Largest |coordinate| of a device's rounded vector, before noise (clamped)."""
+        return privacy.coordinate_bound(self.scale * self.clip, padded)
+
+    def sum_bound(self, padded: int, devices: int) -> int:
+        """Largest |coordinate| of the sum of `devices` contributions, noise included
+        (except with probability privacy.WRAP_RISK)."""
+        return devices * self.coordinate_bound(padded) + privacy.noise_headroom(
+            devices * self.variance, padded
+        )
+
+    def field_bits(self, padded: int, devices: int) -> int:
+        """Bits of a ring that holds that sum, signed, without wrapping."""
+        return (2 * self.sum_bound(padded, devices) + 1).bit_length()
+
+
 def _is_int(value: object) -> bool:
     return type(value) is int
 
@@ -132,6 +220,9 @@ class SecAggConfig(wire.Record):
     max_loss      mean training loss is clipped to [0, max_loss] before loss*samples is sent
     min_survivors fewest devices whose masked inputs may be summed (privacy floor)
     classes       per-class evaluation counts carried (0: none): 2 * classes more coordinates
+    noise         distributed DP (None: none): the update is clipped, rotated and noised
+                  instead of quantized on [-clip, clip] (quant_bits, clip and the FedAvg
+                  weight then apply to the extras only; see DistributedNoise)
     """
 
     cohort_size: int
@@ -146,6 +237,7 @@ class SecAggConfig(wire.Record):
     max_loss: float
     min_survivors: int
     classes: int = 0
+    noise: DistributedNoise | None = None
 
     @classmethod
     def create(
@@ -163,9 +255,11 @@ class SecAggConfig(wire.Record):
         max_loss: float = MAX_LOSS,
         min_survivors: int | None = None,
         classes: int = 0,
+        noise: DistributedNoise | None = None,
     ) -> SecAggConfig:
-        """Fill the derived defaults: k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n),
-        min_survivors = t, max_samples = 65535 or what the extra-coordinate budget allows."""
+        """Fill the derived defaults: k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n) (with
+        noise, at least what the noisy sum needs), min_survivors = t, max_samples = 65535 or
+        what the extra-coordinate budget allows."""
         if not _is_int(cohort_size) or not MIN_COHORT <= cohort_size <= MAX_COHORT:
             raise SecAggConfigError(
                 "cohort_size", f"must be an int in {MIN_COHORT}..{MAX_COHORT}, got {cohort_size!r}"
@@ -175,6 +269,8 @@ class SecAggConfig(wire.Record):
         b = field_bits
         if b is None and _is_int(quant_bits):
             b = quant_bits + sum_bits(cohort_size)
+            if isinstance(noise, DistributedNoise) and _is_int(dimension) and dimension >= 1:
+                b = max(b, noise.field_bits(privacy.padded_dimension(dimension), cohort_size))
         samples = max_samples
         if samples is None:
             budget = (b or 0) - sum_bits(cohort_size)  # refused below when b is unusable
@@ -192,6 +288,7 @@ class SecAggConfig(wire.Record):
             max_loss=float(max_loss) if _is_number(max_loss) else max_loss,
             min_survivors=(t if t is not None else 0) if min_survivors is None else min_survivors,
             classes=classes,
+            noise=noise,
         )
 
     def __post_init__(self) -> None:
@@ -231,6 +328,26 @@ class SecAggConfig(wire.Record):
                 f"need field_bits >= q + ceil(log2 n) = {need}"
                 + (f", or quant_bits <= {b - sum_bits(n)}" if b - sum_bits(n) >= 1 else ""),
             )
+        if self.noise is not None:
+            if not isinstance(self.noise, DistributedNoise):
+                raise SecAggConfigError("noise", "must be a DistributedNoise record or None")
+            if self.dimension > privacy.MAX_DIMENSION:
+                raise SecAggConfigError(
+                    "dimension", f"at most {privacy.MAX_DIMENSION} coordinates carry noise"
+                )
+            noisy = self.noise.field_bits(self.update_words, n)
+            if noisy > MAX_NOISY_FIELD_BITS:
+                raise SecAggConfigError(
+                    "noise",
+                    f"the noisy sum of {n} devices needs {noisy} bits, more than "
+                    f"{MAX_NOISY_FIELD_BITS}; lower noise.variance or noise.scale",
+                )
+            if b < noisy:
+                raise SecAggConfigError(
+                    "field_bits",
+                    f"{b} bits cannot hold the noisy sum of {n} devices without wrapping: "
+                    f"need field_bits >= {noisy}",
+                )
         for name in ("clip", "max_weight", "max_loss"):
             value = getattr(self, name)
             if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
@@ -263,9 +380,17 @@ class SecAggConfig(wire.Record):
     # ---------------------------------------------------------------------- derived sizes
 
     @property
+    def update_words(self) -> int:
+        """Words the update takes in the masked vector: d, or with noise the rotation's
+        length (d padded to a power of two)."""
+        if self.noise is None:
+            return self.dimension
+        return privacy.padded_dimension(self.dimension)
+
+    @property
     def coordinates(self) -> int:
-        """Length of the vector that is masked: d update coordinates plus the extras."""
-        return self.dimension + len(EXTRA_COORDINATES) + 2 * self.classes
+        """Length of the vector that is masked: the update's words plus the extras."""
+        return self.update_words + len(EXTRA_COORDINATES) + 2 * self.classes
 
     @property
     def extra_bits(self) -> int:

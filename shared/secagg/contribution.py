@@ -19,6 +19,15 @@ What it owns: the layout of the vector that is masked, and the bounds of its dec
   per class), and the hits of the device's own trained model.
 - No sum can wrap: every coordinate of one device is below 2^(b - ceil(log2 n)) and at most n
   devices add up (checked in SecAggConfig).
+- With distributed DP (`config.noise`, docs/privacy.md) the update words are instead the
+  device's update clipped to L2 `noise.clip`, rotated with signs from the round seed, scaled
+  onto the integer grid, rounded within the norm bound, clamped per coordinate, plus Skellam
+  noise, as signed integers mod 2^b (shared.privacy holds the steps). Every device has the
+  same weight (the weight word carries max_weight), so a weight neither scales a device's
+  sensitivity nor reveals its sample count. The rounded words are within the coordinate
+  bound with certainty and the noise of n devices within its headroom except with
+  probability privacy.WRAP_RISK, which the field bits are sized for; a decoded sum beyond
+  that is refused as corrupt.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleetlearn.shared import privacy
 from fleetlearn.shared.compression import quantization
 from fleetlearn.shared.compression.errors import CompressionError
-from fleetlearn.shared.secagg.config import EXTRA_COORDINATES, SecAggConfig
+from fleetlearn.shared.secagg.config import EXTRA_COORDINATES, DistributedNoise, SecAggConfig
 from fleetlearn.shared.secagg.errors import LocalProtocolError, SecAggError
 
 
@@ -90,8 +100,10 @@ def encode(
     weight: float,
     metrics: TrainingMetrics,
     rng: np.random.Generator,
+    seed: bytes = b"",
 ) -> np.ndarray:
-    """The device's contribution in Z_2^b: `config.coordinates` words of `config.word_bits`."""
+    """The device's contribution in Z_2^b: `config.coordinates` words of `config.word_bits`.
+    `seed`: the round seed (the rotation's signs come from it when the round adds noise)."""
     values = np.asarray(vector)
     if values.ndim != 1 or values.shape[0] != config.dimension:
         raise LocalProtocolError(
@@ -101,6 +113,8 @@ def encode(
         raise LocalProtocolError(f"input must be floating point, got {values.dtype}")
     if not np.all(np.isfinite(values)):
         raise LocalProtocolError("input holds NaN or infinity")
+    if config.noise is not None:
+        weight = config.max_weight  # every device counts the same (module doc)
     if not isinstance(weight, float | int) or not 0.0 <= weight <= config.max_weight:
         raise LocalProtocolError(f"weight must be in [0, {config.max_weight}], got {weight!r}")
     if metrics.samples > config.max_samples:
@@ -110,10 +124,15 @@ def encode(
     per_class = _per_class(config, metrics)
     dtype = np.dtype(f"<u{config.word_bits // 8}")
     out = np.empty(config.coordinates, dtype=dtype)
-    scaled = np.multiply(values, float(weight) / config.max_weight, dtype=np.float64)
-    out[: config.dimension] = quantization.quantize(
-        scaled, clip=config.clip, bits=config.quant_bits, rng=rng
-    )
+    words = config.update_words
+    if config.noise is not None:
+        noisy = _noised(config, config.noise, values, seed, rng)
+        out[:words] = (noisy & np.int64(config.field_mask)).astype(dtype)
+    else:
+        scaled = np.multiply(values, float(weight) / config.max_weight, dtype=np.float64)
+        out[:words] = quantization.quantize(
+            scaled, clip=config.clip, bits=config.quant_bits, rng=rng
+        )
     bits = config.float_extra_bits
     loss_sum = min(max(float(metrics.loss), 0.0), config.max_loss) * metrics.samples
     extras = (
@@ -124,8 +143,32 @@ def encode(
         metrics.local_correct,
         *per_class,
     )
-    out[config.dimension :] = np.array(extras, dtype=dtype)
+    out[words:] = np.array(extras, dtype=dtype)
     return out
+
+
+def _noised(
+    config: SecAggConfig,
+    noise: DistributedNoise,
+    values: np.ndarray,
+    seed: bytes,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The update words of a noisy contribution, as signed int64 (module doc)."""
+    if not isinstance(seed, bytes) or not seed:
+        raise LocalProtocolError("a round with noise needs the round seed (the rotation's)")
+    padded = config.update_words
+    try:
+        clipped = privacy.clip_l2(values, noise.clip)
+        rotation = privacy.RandomRotation(config.dimension, privacy.rotation_seed(seed))
+        grid = rotation.rotate(clipped) * noise.scale
+        # Clamping only shrinks the vector: its norm stays within scale * clip.
+        limit = noise.coordinate_bound(padded) - 1
+        np.clip(grid, -limit, limit, out=grid)
+        rounded = privacy.round_conditional(grid, bound=noise.norm_bound(padded), rng=rng)
+        return rounded + privacy.skellam_noise(padded, noise.variance, rng)
+    except privacy.PrivacyEncodingError as exc:
+        raise LocalProtocolError(f"noise: {exc}") from None
 
 
 def _per_class(config: SecAggConfig, metrics: TrainingMetrics) -> tuple[int, ...]:
@@ -165,6 +208,7 @@ class SecAggResult:
     local_correct: int = 0
     class_samples: tuple[int, ...] = ()  # per class: held-out rows with that label (summed)
     class_correct: tuple[int, ...] = ()  # and the global model's hits among them
+    seed: bytes = b""  # the round seed: with noise, the rotation to undo
 
     @property
     def count(self) -> int:
@@ -184,13 +228,21 @@ class SecAggResult:
         return self.local_correct / self.samples if self.samples else math.nan
 
     def update_sum(self) -> np.ndarray:
-        """sum over survivors of clip(w/W * x), as float64 (within count * step per coordinate)."""
+        """sum over survivors of clip(w/W * x), as float64 (within count * step per coordinate).
+        With noise: the sum of the L2-clipped updates plus the noise, unrotated."""
+        cfg = self.config
+        if cfg.noise is not None:
+            signed = _signed(self.vector, cfg.field_bits)
+            rotation = privacy.RandomRotation(cfg.dimension, privacy.rotation_seed(self.seed))
+            return rotation.unrotate(signed.astype(np.float64) / cfg.noise.scale)
         return quantization.dequantize(
             self.vector, clip=self.config.clip, bits=self.config.quant_bits, count=self.count
         )
 
     def mean(self) -> np.ndarray:
         """The FedAvg weighted mean sum(w x) / sum(w) (for inputs within the clip range)."""
+        if self.config.noise is not None:
+            return self.update_sum() / self.config.noise.denominator
         if self.weight_sum <= 0.0:
             raise SecAggError("the survivors' weights sum to zero; there is no weighted mean")
         return self.update_sum() / (self.weight_sum / self.config.max_weight)
@@ -204,6 +256,12 @@ class SecAggResult:
         Typical errors are ~sqrt(U) smaller (roundings are zero-mean and independent).
         """
         cfg = self.config
+        if cfg.noise is not None:
+            # Rounding moves each device's grid vector by less than 1 per word: by at most
+            # sqrt(p) in L2, which bounds every coordinate after the (orthonormal) unrotation.
+            # The noise is not in this bound: it is the privacy, not an error.
+            per_device = math.sqrt(cfg.update_words) / cfg.noise.scale
+            return np.full(cfg.dimension, self.count * per_device / cfg.noise.denominator)
         denominator = self.weight_sum / cfg.max_weight
         if denominator <= 0.0:
             raise SecAggError("the survivors' weights sum to zero; there is no weighted mean")
@@ -216,13 +274,23 @@ class SecAggResult:
         return (a + np.abs(self.mean()) * r) / (1.0 - r)
 
 
-def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) -> SecAggResult:
+def _signed(words: np.ndarray, bits: int) -> np.ndarray:
+    """Words of Z_2^b read as signed integers in [-2^(b-1), 2^(b-1)) (int64; b <= 62)."""
+    values = words.astype(np.int64)
+    values[values >= (1 << (bits - 1))] -= 1 << bits
+    return values
+
+
+def decode(
+    config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...], seed: bytes = b""
+) -> SecAggResult:
     """Split an unmasked sum (reduced mod 2^b) into the update sum and the extra sums.
+    `seed`: the round seed (with noise, the rotation's).
 
     Raises CompressionError when a coordinate is larger than `len(survivors)` honest
     contributions can make: the sum is corrupt (a bad masked vector or share got in).
     """
-    d = config.dimension
+    d = config.update_words
     count = len(survivors)
     extras = [int(v) for v in total[d:]]
     weight_total, loss_total, correct, samples, local_correct = extras[: len(EXTRA_COORDINATES)]
@@ -244,8 +312,18 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
             f"with {samples} held-out rows"
         )
     vector = total[:d].copy()
-    # Decoding the update sum here runs dequantize's range check once, before anyone uses it.
-    quantization.dequantize(vector, clip=config.clip, bits=config.quant_bits, count=count)
+    if config.noise is not None:
+        if not isinstance(seed, bytes) or not seed:
+            raise SecAggError("a round with noise needs the round seed to decode its sum")
+        limit = config.noise.sum_bound(d, count)
+        if d and int(np.max(np.abs(_signed(vector, config.field_bits)))) > limit:
+            raise CompressionError(
+                f"the unmasked noisy sum has a coordinate beyond {limit}, which {count} "
+                "honest contributions cannot reach: the sum is corrupt"
+            )
+    else:
+        # Decoding the update sum here runs dequantize's range check once, before use.
+        quantization.dequantize(vector, clip=config.clip, bits=config.quant_bits, count=count)
     return SecAggResult(
         config=config,
         survivors=survivors,
@@ -258,4 +336,5 @@ def decode(config: SecAggConfig, total: np.ndarray, survivors: tuple[str, ...]) 
         local_correct=local_correct,
         class_samples=rows,
         class_correct=hits,
+        seed=seed,
     )

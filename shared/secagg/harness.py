@@ -91,6 +91,8 @@ class RoundRun:
     expected_float: dict[str, DeviceInput]  # inputs of devices whose masked input was accepted
     rejected: list[tuple[str, Exception]]  # (who sent it, what the receiver raised)
     stats: RoundStats
+    # Each accepted device's unmasked contribution in Z_2^b, with keep_contributions only.
+    contributions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class InMemoryRound:
@@ -113,11 +115,14 @@ class InMemoryRound:
         stage_seconds: float = 10.0,
         draws: Mapping[str, bytes] | None = None,
         floor: PrivacyFloor | None = None,
+        keep_contributions: bool = False,
     ) -> None:
         """`draws`: each device's graph draw (its announced ticket is derived from it); by
         default drawn from the device's own random source. `floor`: every device's
         `PrivacyFloor`; by default `PrivacyFloor.minimal()`, so that only the protocol's own
-        rules decide (tests of the floor pass one)."""
+        rules decide (tests of the floor pass one). `keep_contributions`: keep each accepted
+        device's unmasked contribution for the run's `contributions` (tests that check the
+        sum against its parts; memory grows with the cohort)."""
         self.config = config
         self.deadlines = StageDeadlines.evenly(0.0, stage_seconds)
         verify_keys = {d: bytes(k.verify_key) for d, k in identities.items()}
@@ -166,6 +171,8 @@ class InMemoryRound:
         self._contributions: dict[str, np.ndarray] = {}
         self._given: dict[str, DeviceInput] = {}
         self._accepted: dict[str, DeviceInput] = {}
+        self._keep = keep_contributions
+        self._kept: dict[str, np.ndarray] = {}
         self._expected = np.zeros(config.coordinates, dtype=f"<u{config.word_bits // 8}")
         self._rejected: list[tuple[str, Exception]] = []
         self.stats = RoundStats()
@@ -286,6 +293,8 @@ class InMemoryRound:
             return
         np.add(self._expected, contribution, out=self._expected)
         self._accepted[device] = self._given[device]
+        if self._keep:
+            self._kept[device] = contribution
 
     def _deliver_to_device(self, device: str, frame: bytes) -> None:
         if device in self._silent or self._drops.get(device) is DropPoint.BEFORE_ADVERTISE:
@@ -354,4 +363,5 @@ class InMemoryRound:
             expected_float=dict(self._accepted),
             rejected=self._rejected,
             stats=self.stats,
+            contributions=dict(self._kept),
         )

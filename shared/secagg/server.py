@@ -665,7 +665,9 @@ class SecAggServer:
             )
         try:
             total = self._unmask()
-            result = contribution.decode(self.config, total, tuple(sorted(self._u3)))
+            result = contribution.decode(
+                self.config, total, tuple(sorted(self._u3)), seed=self._round_seed
+            )
         except (ThresholdError, CryptoError, CompressionError) as exc:
             return self._abort(f"UNMASK: {exc}")
         self._result = result
