@@ -414,6 +414,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, on_signal)
         await service.run()
+        if service.budget_spent:
+            print(f"stopped: {service.budget_spent}", flush=True)
 
     print(
         f"aggregator for fleet {loaded.fleet.id} -> {loaded.broker.url} "

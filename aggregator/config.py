@@ -212,6 +212,19 @@ class ServerSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacySection:
+    """Differential privacy (docs/privacy.md says how to choose these).
+    mechanism: none; distributed (secure rounds: devices clip and add integer noise before
+    masking); central (plain rounds: the aggregator clips and adds Gaussian noise)."""
+
+    mechanism: Literal["none", "distributed", "central"] = "none"
+    noise_multiplier: float = 1.0  # noise standard deviation in the sum, over the clip
+    clip: float = 0.1  # L2 norm each device's update is clipped to
+    epsilon: float = 0.0  # the fleet's budget: no round starts past it; 0 = no budget
+    delta: float = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
 class AggregatorSettings:
     broker: BrokerSection = field(default_factory=BrokerSection)
     fleet: FleetSection = field(default_factory=FleetSection)
@@ -225,6 +238,7 @@ class AggregatorSettings:
     secagg: SecAggSection = field(default_factory=SecAggSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     server: ServerSection = field(default_factory=ServerSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def engine_config(self) -> EngineConfig:
         """The round engine's view; errors name the settings key."""
@@ -308,6 +322,11 @@ class AggregatorSettings:
                 rule=self.aggregation.rule,
                 trim=self.aggregation.trim,
                 clip_norm=self.aggregation.clip_norm,
+                privacy=self.privacy.mechanism,
+                dp_noise_multiplier=self.privacy.noise_multiplier,
+                dp_clip=self.privacy.clip,
+                dp_epsilon=self.privacy.epsilon,
+                dp_delta=self.privacy.delta,
             )
         except EngineError as exc:
             # The message names its key for engine users; the ConfigError names it once.

@@ -57,7 +57,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetlearn.aggregator import report
+from fleetlearn.aggregator import privacy, report
 from fleetlearn.aggregator.engine_config import EngineConfig, EngineError, NotEnoughDevicesError
 from fleetlearn.aggregator.modes import (
     MODES,
@@ -80,6 +80,7 @@ from fleetlearn.shared.tflite.manifest import Task
 
 __all__ = [
     "TRANSITIONS",
+    "BudgetSpentError",
     "EngineConfig",
     "EngineError",
     "Event",
@@ -89,6 +90,15 @@ __all__ = [
     "RoundEngine",
     "RoundOutcome",
 ]
+
+
+class BudgetSpentError(EngineError):
+    """The next round would take the run past the privacy budget: it is not started."""
+
+    def __init__(self, reason: str, figures: dict[str, Any]) -> None:
+        super().__init__(reason, key="privacy.epsilon")
+        self.reason = reason
+        self.figures = figures  # the `privacy` figures of metrics, as of the refusal
 
 
 class Phase(enum.Enum):
@@ -154,6 +164,7 @@ class _Run:
     opened_mark: int  # the devices' sign-of-life count when the open stage opened
     closing: ClosedBy = "complete"  # why the stage being closed closes
     spare: Stage | None = None  # a stage that closed with answers it did not need
+    charged: privacy.RoundCharge | None = None  # what the ledger took for this round
 
 
 def _unbiased_scale(announce: RoundAnnounce, dim: int) -> float:
@@ -201,6 +212,14 @@ class RoundEngine:
         # Drained by the adapter onto fl/{fleet}/events.
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_EVENTS)
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS)
+        # Privacy: every release's charge so far, oldest first (the service loads it from the
+        # store on start and persists each new one), and the budget they must stay within.
+        self.ledger: list[privacy.RoundCharge] = []
+        self.budget = (
+            privacy.Budget(epsilon=config.dp_epsilon, delta=config.dp_delta)
+            if config.dp_epsilon
+            else None
+        )
 
     # ------------------------------------------------------------------------------ phase
 
@@ -251,7 +270,7 @@ class RoundEngine:
     def select(self, model_version: int, now: float | None = None) -> tuple[str, ...]:
         """The cohort (aggregator.selection); the mode may refuse devices (secure rounds take
         only devices whose status carries a graph ticket)."""
-        return self._devices.select(model_version, now, self._mode.admits)
+        return self._devices.select(model_version, now, self._mode.admits).cohort
 
     # ----------------------------------------------------------------------------- rounds
 
@@ -266,6 +285,28 @@ class RoundEngine:
     @property
     def announce(self) -> RoundAnnounce | None:
         return None if self._run is None else self._run.announce
+
+    @property
+    def planned_charge(self) -> privacy.RoundCharge | None:
+        """The running round's planned privacy charge (None without privacy)."""
+        return None if self._run is None else self._run.mode.planned_charge
+
+    def budget_spent(self, round_id: int) -> BudgetSpentError | None:
+        """Whether the budget is spent already, whatever the next round would cost (so that
+        a restarted service says so before it waits for devices)."""
+        c = self.config
+        if self.budget is None or not self.ledger:
+            return None
+        spent = privacy.epsilon_spent(self.ledger, c.dp_delta)
+        if spent < c.dp_epsilon:
+            return None
+        figures = self.privacy_figures(self.ledger[-1], self.ledger[-1])
+        return BudgetSpentError(
+            f"privacy budget: epsilon {spent:.3g} of privacy.epsilon = {c.dp_epsilon:g} at "
+            f"delta {c.dp_delta:g} is spent ({len(self.ledger)} rounds charged); round "
+            f"{round_id} and later do not run on this budget",
+            figures,
+        )
 
     @property
     def next_deadline(self) -> float | None:
@@ -286,11 +327,18 @@ class RoundEngine:
         """Select (or take) a cohort and announce the round. Raises NotEnoughDevicesError or
         EngineError (nothing changed then), e.g. while a round still runs. `labels`: the
         model's class names (its manifest's), for per-class federated evaluation; `task`:
-        its manifest's task, which names the evaluation figures on `metrics`."""
+        its manifest's task, which names the evaluation figures on `metrics`.
+
+        With a privacy budget, raises BudgetSpentError when the round, charged as planned,
+        would take the run past it. A cohort given by the caller is charged as sampled with
+        rate 1 (nothing is known of how it was chosen)."""
         if self._phase not in _OVER:
             raise EngineError(f"round {self.round_id} is still running")
         c, mode = self.config, self._mode
-        cohort = cohort if cohort is not None else self.select(model_version, now)
+        rate = 1.0
+        if cohort is None:
+            selection = self._devices.select(model_version, now, mode.admits)
+            cohort, rate = selection.cohort, selection.sampling_rate
         unknown = [d for d in cohort if not self._devices.known(d)]
         if unknown:
             raise EngineError(f"cohort members {unknown[:3]} are not provisioned")
@@ -315,8 +363,13 @@ class RoundEngine:
             verify_keys={d: self._verify_keys[d] for d in cohort},
             tickets=tickets,
             labels=tuple(labels),
+            sampling_rate=rate,
+            noise_seed=self._random(32) if c.privacy != "none" else b"",
         )
         machine = mode.open(setup)
+        planned = machine.planned_charge
+        if planned is not None and self.budget is not None:
+            self._check_budget(self.budget, planned, round_id)
         times = self.history.adapted(c.times) if c.adapt else c.times
         announce = RoundAnnounce(
             round_id=round_id,
@@ -646,6 +699,13 @@ class RoundEngine:
             labels=run.labels,
             task=run.task,
         )
+        planned = run.mode.planned_charge
+        charge = run.mode.spent_charge()
+        if charge is not None and run.charged is None:
+            self.ledger.append(charge)  # the noisy sum exists: charged whatever happens next
+            run.charged = charge
+        if planned is not None:
+            metrics["privacy"] = self.privacy_figures(planned, charge)
         outcome = RoundOutcome(
             round_id=ann.round_id,
             state=state,
@@ -655,6 +715,8 @@ class RoundEngine:
             error_bound=0.0 if kept is None else kept.error_bound,
             survivors=() if kept is None else kept.survivors,
             metrics=metrics,
+            charge=charge,
+            planned_charge=planned,
         )
         out: list[Publish] = []
         if state is RoundState.ABORTED:
@@ -666,6 +728,61 @@ class RoundEngine:
         self._run = None
         self.outcome = outcome
         return out
+
+    def privacy_figures(
+        self, planned: privacy.RoundCharge, charge: privacy.RoundCharge | None
+    ) -> dict[str, Any]:
+        """The `privacy` figures of metrics: the run's epsilon at the configured delta (the
+        ledger, with this round's charge if it released), and the same run's epsilon for
+        someone who knows every round's cohort (no amplification by sampling)."""
+        c = self.config
+        known = [dataclasses.replace(x, sampling_rate=1.0) for x in self.ledger]
+        return {
+            "mechanism": c.privacy,
+            "released": charge is not None,
+            "noise_multiplier": (charge or planned).noise_multiplier,
+            "sampling_rate": planned.sampling_rate,
+            "rounds_charged": len(self.ledger),
+            "epsilon": privacy.epsilon_spent(self.ledger, c.dp_delta),
+            "epsilon_cohort_known": privacy.epsilon_spent(known, c.dp_delta),
+            "delta": c.dp_delta,
+            "epsilon_budget": c.dp_epsilon or None,
+        }
+
+    def _check_budget(
+        self, budget: privacy.Budget, planned: privacy.RoundCharge, round_id: int
+    ) -> None:
+        if budget.allows(self.ledger, planned):
+            return
+        c = self.config
+        figures = self.privacy_figures(planned, None)
+        after = privacy.epsilon_spent([*self.ledger, planned], c.dp_delta)
+        raise BudgetSpentError(
+            f"privacy budget: round {round_id} would take epsilon from "
+            f"{figures['epsilon']:.3g} to {after:.3g}, past privacy.epsilon = "
+            f"{c.dp_epsilon:g} at delta {c.dp_delta:g} ({len(self.ledger)} rounds "
+            "charged); no more rounds run on this budget",
+            figures,
+        )
+
+    def refusal(self, round_id: int, model_version: int, reason: str) -> list[Publish]:
+        """A round that is not started (the budget): the retained round topic says so, with
+        the reason, and so does an event. The service publishes `metrics` itself."""
+        c, mode = self.config, self._mode
+        announce = RoundAnnounce(
+            round_id=round_id,
+            mode=mode.round_mode,
+            model_version=model_version,
+            cohort=(),
+            seed=bytes(rounds.SEED_BYTES),
+            compression=mode.compression(),
+            training=c.plan_for(model_version),
+            times=c.times,
+            state=RoundState.ABORTED,
+            reason=reason[:1000],
+        )
+        self._event("round_refused", round_id, reason=reason)
+        return [Publish(topics.round_announce(self.fleet), wire.encode(announce), retain=True)]
 
     def _crash(self, run: _Run, doing: str, exc: BaseException, now: float) -> list[Publish]:
         """An unexpected exception while handling `run`: end it in ERROR if it still runs."""
@@ -680,6 +797,13 @@ class RoundEngine:
         except Exception as again:  # the summary itself failed: end it with the bare facts
             self.errors.append(again)
             ann = run.announce
+            planned = run.mode.planned_charge
+            # Whether the noisy sum exists is unknown here: charged as planned (never less
+            # than was spent), unless the ledger already took this round's charge.
+            charge = run.charged
+            if charge is None and planned is not None:
+                charge = run.charged = planned
+                self.ledger.append(planned)
             if self._phase in _LIVE:
                 self._transition(Event.BUG)
             self._run = None
@@ -699,6 +823,8 @@ class RoundEngine:
                     "model_version": ann.model_version,
                     "cohort": len(ann.cohort),
                 },
+                charge=charge,
+                planned_charge=planned,
             )
             closed = wire.encode(ann.closed(RoundState.ABORTED, reason))
             return [Publish(topics.round_announce(self.fleet), closed, retain=True)]

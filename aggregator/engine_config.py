@@ -60,6 +60,16 @@ class EngineConfig:
     rule: rules.RuleName = "mean"
     trim: float = 0.2
     clip_norm: float = 0.0
+    # Differential privacy (docs/privacy.md). "distributed": devices clip to `dp_clip` and add
+    # Skellam noise inside secure rounds; "central": the aggregator clips each plain update to
+    # `dp_clip` and adds Gaussian noise to their sum. Either way the sum carries noise of
+    # standard deviation `dp_noise_multiplier` times the clip, and cohorts are Poisson samples.
+    privacy: Literal["none", "distributed", "central"] = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clip: float = 0.1
+    # No round starts that would take the run past (dp_epsilon, dp_delta); 0: no budget.
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
 
     def plan_for(self, model_version: int) -> rounds.TrainingPlan:
         """The training plan announced for a round on `model_version`: the rate scheduled."""
@@ -115,9 +125,53 @@ class EngineConfig:
                 "sends them later (unlike rand_k, it cannot be rescaled to be unbiased)",
                 key="training.error_feedback",
             )
+        self._check_privacy()
         if self.mode == "secure" and self.rule != "mean":
             raise EngineError(
                 f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "
                 "sees their sum, so it supports 'mean' only",
                 key="aggregation.rule",
+            )
+
+    def _check_privacy(self) -> None:
+        if self.privacy == "none":
+            if self.dp_epsilon:
+                raise EngineError(
+                    "privacy.epsilon is a budget for noisy rounds: set privacy.mechanism too",
+                    key="privacy.epsilon",
+                )
+            return
+        want = {"distributed": "secure", "central": "plain"}[self.privacy]
+        if self.mode != want:
+            raise EngineError(
+                f"privacy.mechanism {self.privacy} runs in {want} rounds, not {self.mode} "
+                "(distributed noise needs secure aggregation; central noise is added by the "
+                "aggregator to updates it sees)",
+                key="privacy.mechanism",
+            )
+        if self.privacy == "central" and (self.rule != "mean" or self.clip_norm):
+            raise EngineError(
+                "privacy.mechanism central clips with privacy.clip and needs aggregation.rule "
+                "mean without aggregation.clip_norm (a robust rule's sensitivity is not bounded "
+                "by the clip)",
+                key="aggregation.rule",
+            )
+        if self.sparsity == "top_k":
+            raise EngineError(
+                "compression.sparsity top_k picks coordinates from the data; with privacy use "
+                "dense or rand_k (its coordinates come from the public round seed)",
+                key="compression.sparsity",
+            )
+        checks = (
+            ("privacy.noise_multiplier", self.dp_noise_multiplier, 0.01, 1000.0),
+            ("privacy.clip", self.dp_clip, 1e-6, 1e6),
+            ("privacy.delta", self.dp_delta, 1e-15, 0.1),
+        )
+        for key, value, low, high in checks:
+            if not (isinstance(value, int | float) and low <= value <= high):
+                raise EngineError(f"{key} must be in [{low}, {high}], got {value!r}", key=key)
+        if not (isinstance(self.dp_epsilon, int | float) and 0.0 <= self.dp_epsilon <= 1000.0):
+            raise EngineError(
+                f"privacy.epsilon must be in [0, 1000] (0: no budget), got {self.dp_epsilon!r}",
+                key="privacy.epsilon",
             )

@@ -14,6 +14,7 @@ messages, the summary); a mode owns what differs:
     round.close(now) -> Progress             # close the open stage with whoever answered
     round.result(stages) -> Aggregate        # once a Progress said `collected`
     round.abort_notice(reason)               # what the cohort is told if the engine aborts
+    round.planned_charge                     # with privacy: what the round will spend at most
 
 Rules:
 - Sans-IO, like the engine. Which stages a mode runs and which message answers each comes
@@ -25,6 +26,12 @@ Rules:
 - Secure rounds: SecAgg+ (shared.secagg) with the engine's timing (`deadlines=None`); the
   aggregator learns only the sum. Plain rounds: every update is visible and the configured
   robust rule (aggregator.rules) aggregates them.
+- Privacy (docs/privacy.md): a secure round with `privacy = distributed` carries
+  `DistributedNoise` in its SecAgg config, sized so that the planned least survivors' noise
+  gives the configured multiplier, and refuses to unmask fewer (min_survivors); a plain round
+  with `privacy = central` clips each update and adds Gaussian noise to the sum. Either
+  divides by a denominator fixed before the round and reports the charge of what it
+  released in its Aggregate.
 - A new mode (e.g. asynchronous FedBuff) is one more `Mode`/`ModeRound` pair and a row in
   `MODES`; the engine needs no branch for it.
 """
@@ -32,6 +39,8 @@ Rules:
 from __future__ import annotations
 
 import abc
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -40,11 +49,19 @@ import numpy as np
 
 from fleetlearn.aggregator import rules
 from fleetlearn.aggregator.engine_config import EngineConfig, EngineError
+from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.report import Aggregate, StageStats, finite
-from fleetlearn.shared import compression, protocol, wire
+from fleetlearn.shared import compression, privacy, protocol, wire
 from fleetlearn.shared.rounds import PlainUpdate, RoundMode
 from fleetlearn.shared.secagg import messages as sm
-from fleetlearn.shared.secagg.config import MAX_LOSS, SecAggConfig, Stage, suggest_neighbours
+from fleetlearn.shared.secagg.config import (
+    MAX_LOSS,
+    MIN_COHORT,
+    DistributedNoise,
+    SecAggConfig,
+    Stage,
+    suggest_neighbours,
+)
 from fleetlearn.shared.secagg.errors import RemoteProtocolError, SecAggError
 from fleetlearn.shared.secagg.server import STAGE_OF, Outbound, SecAggServer, ServerState
 from fleetlearn.shared.secagg.shamir import SHARE_BYTES
@@ -88,6 +105,10 @@ class RoundSetup:
     # The model's class names (its manifest's labels): federated evaluation is also counted
     # per class. Empty: no per-class counts.
     labels: tuple[str, ...] = ()
+    # With privacy: each candidate's chance of being in the cohort (the accounting's q), and
+    # the seed of the aggregator's own noise (central DP; from the engine's random source).
+    sampling_rate: float = 1.0
+    noise_seed: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +139,9 @@ class ModeRound(abc.ABC):
     secagg: SecAggConfig | None  # for the announcement
     tickets: bytes  # for the announcement: each member's ticket, in cohort order
     limits: dict[Kind, wire.Limits]  # the largest honest payload per device topic
+    # With privacy: the most the round can spend (its release charged with the fewest
+    # contributions it accepts); None without privacy.
+    planned_charge: RoundCharge | None = None
 
     @property
     @abc.abstractmethod
@@ -140,6 +164,11 @@ class ModeRound(abc.ABC):
 
     def abort_notice(self, reason: str) -> list[Outbound]:
         return []
+
+    def spent_charge(self) -> RoundCharge | None:
+        """With privacy, once the round's noisy sum exists (whether or not the round goes on
+        to release it): what it spends, with the noise it really carries. Else None."""
+        return None
 
 
 class Mode(abc.ABC):
@@ -210,9 +239,23 @@ class SecureRound(ModeRound):
         if neighbours is None and c.expected_dropout > 0:
             neighbours, suggested_t = suggest_neighbours(len(setup.cohort), c.expected_dropout)
             threshold = threshold or suggested_t
-        self.secagg = SecAggConfig.create(
-            cohort_size=len(setup.cohort),
-            dimension=plan.k(setup.dim),
+        n, k = len(setup.cohort), plan.k(setup.dim)
+        noise, least = None, 0
+        if c.privacy == "distributed":
+            # The noise is sized for the fewest survivors the round accepts; the mean divides
+            # by the survivors expected. Both come from the cohort's size and the settings.
+            expected = n * (1.0 - c.expected_dropout)
+            least = min(n, max(MIN_COHORT, math.floor(expected)))
+            noise = DistributedNoise.sized(
+                clip=c.dp_clip,
+                dimension=k,
+                noise_multiplier=c.dp_noise_multiplier,
+                least_survivors=least,
+                denominator=max(float(least), expected),
+            )
+        secagg = SecAggConfig.create(
+            cohort_size=n,
+            dimension=k,
             neighbours=neighbours,
             threshold=threshold,
             quant_bits=quant_bits,
@@ -221,7 +264,13 @@ class SecureRound(ModeRound):
             max_weight=float(c.training.max_samples),
             max_samples=c.training.max_samples,
             classes=len(setup.labels),
+            noise=noise,
         )
+        if noise is not None:
+            # Fewer survivors would carry less noise than charged: the round aborts instead.
+            secagg = dataclasses.replace(secagg, min_survivors=max(secagg.min_survivors, least))
+            self.planned_charge = self._charge(secagg, noise, least, setup.sampling_rate)
+        self.secagg: SecAggConfig = secagg
         missing = [d for d in setup.cohort if not setup.tickets.get(d)]
         if missing:
             raise EngineError(f"{missing[:3]} have no graph ticket in their status")
@@ -243,6 +292,21 @@ class SecureRound(ModeRound):
                 Kind.MASKED: self.secagg.packed_bytes + SLACK,
                 Kind.UNMASK: k * (SHARE_BYTES + 128) + SLACK,
             }
+        )
+
+    @staticmethod
+    def _charge(
+        secagg: SecAggConfig, noise: DistributedNoise, survivors: int, rate: float
+    ) -> RoundCharge:
+        """The Skellam charge of a sum of `survivors` contributions, on the integer grid:
+        sensitivity the rounded norm bound (L2) and sqrt(p) times it (L1)."""
+        p = secagg.update_words
+        return RoundCharge(
+            sampling_rate=rate,
+            noise_multiplier=noise.noise_multiplier(p, survivors),
+            mechanism="skellam",
+            dimension=p,
+            scale=noise.norm_bound(p),
         )
 
     @property
@@ -322,6 +386,12 @@ class SecureRound(ModeRound):
             dropouts_recovered=stages[Stage.COLLECT].dropped + stages[Stage.UNMASK].dropped,
         )
 
+    def spent_charge(self) -> RoundCharge | None:
+        result, noise = self._server.result, self._server.config.noise
+        if result is None or noise is None:
+            return None
+        return self._charge(self._server.config, noise, result.count, self._setup.sampling_rate)
+
     def abort_notice(self, reason: str) -> list[Outbound]:
         if self._server.state is ServerState.ABORTED:
             return []  # the server told the cohort itself
@@ -349,6 +419,11 @@ class PlainRound(ModeRound):
         self._setup = setup
         self._config = config
         self._updates: dict[str, PlainUpdate] = {}
+        self._spent: RoundCharge | None = None
+        if config.privacy == "central":
+            self.planned_charge = RoundCharge(
+                sampling_rate=setup.sampling_rate, noise_multiplier=config.dp_noise_multiplier
+            )
         # A dense float32 update is the largest form a plain update takes.
         self.limits = _limits({Kind.UPDATE: 8 * setup.dim + SLACK})
 
@@ -400,7 +475,12 @@ class PlainRound(ModeRound):
             for m in sent
         ]
         weights = [m.weight for m in sent]
-        mean = rules.aggregate(dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
+        if self.planned_charge is not None:
+            self._spent = self.planned_charge  # a plain round's noise does not depend on who sent
+            mean = self._noisy_mean(dense)
+            weights = [1.0] * len(sent)  # every device counts the same
+        else:
+            mean = rules.aggregate(dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
         samples = sum(m.samples for m in sent)
         loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)  # as secure rounds clip
         correct = sum(m.correct for m in sent)
@@ -427,6 +507,27 @@ class PlainRound(ModeRound):
             weight_sum=float(sum(weights)),
             dropouts_recovered=0,
         )
+
+    def spent_charge(self) -> RoundCharge | None:
+        return self._spent
+
+    def _noisy_mean(self, dense: list[np.ndarray]) -> np.ndarray:
+        """Central DP: each update clipped to L2 `dp_clip`, their sum plus Gaussian noise of
+        standard deviation noise_multiplier * clip on every coordinate an update can hold
+        (rand-k: the round's public coordinates), divided by the expected contributions.
+        numpy's floating-point Gaussian (docs/privacy.md says what that assumes)."""
+        c, setup = self._config, self._setup
+        total = np.zeros(setup.dim)
+        for update in dense:
+            total += privacy.clip_l2(update, c.dp_clip)
+        rng = np.random.default_rng(int.from_bytes(setup.noise_seed, "big"))
+        sd = c.dp_noise_multiplier * c.dp_clip
+        if setup.coordinates is None:
+            total += rng.normal(0.0, sd, setup.dim)
+        else:
+            total[setup.coordinates] += rng.normal(0.0, sd, setup.coordinates.size)
+        expected = len(setup.cohort) * (1.0 - c.expected_dropout)
+        return total / max(1.0, expected)
 
 
 # The engine's `mode` setting -> its strategy. An asynchronous mode would add a row here.

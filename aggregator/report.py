@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from fleetlearn.shared.secagg.config import Stage
 from fleetlearn.shared.tflite.manifest import Task
@@ -96,6 +97,10 @@ class RoundOutcome:
     error_bound: float  # max abs error of mean_update from quantization (0 for plain dense)
     survivors: tuple[str, ...]
     metrics: dict[str, Any]
+    # With privacy: the charge of the round's noisy sum (None: none was computed), and the
+    # most the round could have spent (what the store holds while the round runs).
+    charge: RoundCharge | None = None
+    planned_charge: RoundCharge | None = None
 
 
 def summary(

@@ -15,6 +15,11 @@ Rules:
   Life is ordered by arrival, not by time (several messages arrive at one instant): a device
   that showed life while a stage was open is not stalled by that stage's close (a device that
   left a round by its own choice says so with a status).
+- With differential privacy on, the cohort is a Poisson sample instead (what the accounting
+  assumes, docs/privacy.md): each candidate (eligible, admitted, not stalled) is taken on its
+  own with probability q = min(1, wanted / candidates), drawn from the injected source, and
+  that q is the round's sampling rate. Nothing is added to reach `min_cohort`: a sample
+  that falls short is refused (NotEnoughDevicesError) and the next round draws afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from dataclasses import dataclass
 
 from fleetlearn.aggregator.engine_config import EngineConfig, NotEnoughDevicesError
 from fleetlearn.shared import wire
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    cohort: tuple[str, ...]
+    sampling_rate: float  # each candidate's chance of being in it (1.0 unless Poisson)
 
 
 @dataclass(slots=True)
@@ -113,7 +124,7 @@ class Devices:
         model_version: int,
         now: float | None,
         admits: Callable[[wire.DeviceStatus], bool],
-    ) -> tuple[str, ...]:
+    ) -> Selection:
         """The cohort (see the module rules); `admits` is the round mode's own condition."""
         c = self.config
         stalled = self.stalled(now) if now is not None else frozenset()
@@ -131,8 +142,10 @@ class Devices:
             charging = {d for d in items if self._devices[d].status.charging}
             return sorted(items, key=lambda d: (d not in charging, keys[d]))
 
-        ordered = shuffled(preferred) + shuffled(fallback)
         want = max(c.min_cohort, math.ceil(c.cohort * c.over_select))
+        if c.privacy != "none":
+            return self._poisson(preferred + fallback, want)
+        ordered = shuffled(preferred) + shuffled(fallback)
         chosen = ordered[:want]
         if len(chosen) < c.min_cohort:
             # Better a round with devices that stalled before than no round at all.
@@ -143,4 +156,26 @@ class Devices:
                 f"only {len(chosen)} eligible devices (of {len(self.online())} online); "
                 f"a round needs at least {c.min_cohort}"
             )
-        return tuple(sorted(chosen))
+        return Selection(tuple(sorted(chosen)), 1.0)
+
+    def _poisson(self, candidates: list[str], want: int) -> Selection:
+        min_cohort = self.config.min_cohort
+        if len(candidates) < min_cohort:
+            raise NotEnoughDevicesError(
+                f"only {len(candidates)} eligible devices (of {len(self.online())} online); "
+                f"a round needs at least {min_cohort}"
+            )
+        rate = min(1.0, want / len(candidates))
+        # 53 random bits per device: u uniform on [0, 1) in steps of 2^-53.
+        chosen = [
+            d
+            for d in candidates
+            if rate >= 1.0 or (int.from_bytes(self._random(8), "big") >> 11) * 2.0**-53 < rate
+        ]
+        if len(chosen) < min_cohort:
+            raise NotEnoughDevicesError(
+                f"the Poisson sample (rate {rate:.3g} of {len(candidates)} devices) took "
+                f"{len(chosen)}; a round needs at least {min_cohort}: the next round samples "
+                "again"
+            )
+        return Selection(tuple(sorted(chosen)), rate)

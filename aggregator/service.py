@@ -12,6 +12,10 @@ Tasks in one TaskGroup:
   aborted round is retried at once with a fresh cohort (the engine leaves out the devices
   that stalled); `rounds.count` counts closed rounds, and `rounds.max_aborts` aborted rounds
   in a row end the service with `RoundsAbortedError`.
+- With a privacy budget (docs/privacy.md) a round that would take the run past it is not
+  started: the retained `round` and `metrics` topics and `events` say why, and the service
+  stops (`budget_spent` holds the reason). Every charge is in the store with its round, so a
+  restarted service continues from what was spent.
 
 The engine is used by one thing at a time, under `_engine_lock`. Each arriving message is
 taken on the event loop (decode, checks, a signature, adding a masked vector: well under a
@@ -59,9 +63,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fleetlearn.aggregator import report, rules
+from fleetlearn.aggregator import privacy, report, rules
 from fleetlearn.aggregator.config import AggregatorSettings
-from fleetlearn.aggregator.engine import NotEnoughDevicesError, Publish, RoundEngine, RoundOutcome
+from fleetlearn.aggregator.engine import (
+    BudgetSpentError,
+    NotEnoughDevicesError,
+    Publish,
+    RoundEngine,
+    RoundOutcome,
+)
 from fleetlearn.aggregator.store import Store
 from fleetlearn.shared import dataset, evaluation, tflite, topics, wire
 from fleetlearn.shared.dataset import DataError
@@ -183,6 +193,7 @@ class AggregatorService:
         # The latest round summaries (what run() returns); older ones are in the store.
         self.summaries: collections.deque[RoundSummary] = collections.deque(maxlen=1000)
         self._gave_up: str | None = None  # why the rounds loop stopped early (max_aborts)
+        self.budget_spent: str | None = None  # why no more rounds run (the privacy budget)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
 
     # ------------------------------------------------------------------------------- setup
@@ -238,9 +249,25 @@ class AggregatorService:
         self._interrupted = self.store.interrupted_rounds()
         for round_id in self._interrupted:
             self.store.finish_round(
-                round_id, status="aborted", reason="aggregator restarted during the round", now=now
+                round_id,
+                status="aborted",
+                reason="aggregator restarted during the round",
+                now=now,
+                # Whether its noisy sum was computed is unknown: it keeps its planned charge.
+                charge=self.store.planned_charge(round_id),
             )
             log.warning("round %d was interrupted by a restart; recorded as aborted", round_id)
+        if self.settings.engine_config().privacy != "none":
+            privacy.require_accountant()
+        self.engine.ledger = self.store.charges()
+        if self.engine.ledger:
+            figures = self.engine.privacy_figures(self.engine.ledger[-1], self.engine.ledger[-1])
+            log.warning(
+                "privacy: %d rounds charged so far, epsilon %.3g at delta %g",
+                len(self.engine.ledger),
+                figures["epsilon"],
+                figures["delta"],
+            )
 
     async def _on_connect(self) -> None:
         """Make the retained topics show the persisted state: the latest release, and the last
@@ -496,6 +523,12 @@ class AggregatorService:
             assert latest is not None
             if not await self._until_stopped(self._connected()):
                 break
+            next_id = await asyncio.to_thread(self.store.next_round_id)
+            async with self._engine_lock:
+                spent = await self._engine_call(self.engine.budget_spent, next_id)
+            if spent is not None:
+                await self._refuse(next_id, latest.version, spent)
+                break
             if not await self._wait_for_devices(latest.version):
                 if self._stop.is_set():
                     break
@@ -524,6 +557,9 @@ class AggregatorService:
                 log.warning("cannot start round %d: %s", round_id, exc)
                 await self._pause(1.0)
                 continue
+            except BudgetSpentError as exc:
+                await self._refuse(round_id, latest.version, exc)
+                break
             announce = self.engine.announce
             assert announce is not None
             await asyncio.to_thread(
@@ -534,6 +570,7 @@ class AggregatorService:
                 list(announce.cohort),
                 time.time(),
                 announce=wire.encode(announce),
+                charge=self.engine.planned_charge,
             )
             log.info(
                 "round %d started: %d devices, model v%d",
@@ -584,6 +621,25 @@ class AggregatorService:
             log.warning("round %d aborted; retrying with a fresh cohort", outcome.round_id)
             await self._pause(cfg.interval)
 
+    async def _refuse(self, round_id: int, version: int, exc: BudgetSpentError) -> None:
+        """The budget stops the rounds: say so on `round`, `metrics` and `events`."""
+        self.budget_spent = exc.reason
+        log.error("not starting round %d: %s", round_id, exc.reason)
+        await self._publish(self.engine.refusal(round_id, version, exc.reason))
+        metrics = {
+            "fleet": self.fleet,
+            "round": round_id,
+            "mode": self.engine.config.mode,
+            "state": "refused",
+            "reason": exc.reason,
+            "model_version": version,
+            "new_version": None,
+            "cohort": 0,
+            "privacy": exc.figures,
+            "ts": round(time.time(), 3),
+        }
+        await self._send_json(topics.metrics(self.fleet), metrics, retain=True)
+
     async def _pause(self, seconds: float) -> None:
         """Sleep, unless stop() comes first."""
         with contextlib.suppress(TimeoutError):
@@ -622,6 +678,7 @@ class AggregatorService:
                 reason=outcome.reason,
                 metrics=_json_safe(metrics),
                 now=time.time(),
+                charge=outcome.charge,
             )
         else:
             await self._publish_release(payload)
@@ -702,6 +759,7 @@ class AggregatorService:
                 arrays={"optimizer": self.optimizer.state},
                 metrics=_json_safe(metrics),
                 now=time.time(),
+                charge=outcome.charge,
             )
         except BaseException:
             self.optimizer.state = state_before  # nothing of this round was committed

@@ -15,6 +15,10 @@ Rules that make a SIGKILL at any instant harmless:
 - A closed round, its release and the optimizer state that produced it are committed in ONE
   transaction (`close_round`): a crash leaves either all three or none, so a round is never
   recorded aborted while its release is live, nor closed without one.
+- Privacy charges (aggregator.privacy) are written with the round they belong to: the
+  planned (largest) charge in `begin_round`'s transaction, replaced by what the round spent,
+  or removed when it computed no noisy sum, in the transaction that ends the round. A round
+  interrupted by a crash keeps its planned charge: the budget never counts less than spent.
 - The database appears with its tables or not at all (built under another name, then linked
   into place), so whoever reads the state directory never meets a half-made schema.
 """
@@ -34,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetlearn.aggregator.privacy import PrivacyError, RoundCharge
 from fleetlearn.shared.errors import FleetlearnError
 
 SCHEMA = """
@@ -55,6 +60,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics         TEXT NOT NULL DEFAULT '{}',
     started_at      REAL NOT NULL,
     ended_at        REAL
+);
+CREATE TABLE IF NOT EXISTS privacy_charges (
+    round_id    INTEGER PRIMARY KEY,
+    state       TEXT NOT NULL CHECK (state IN ('planned', 'spent')),
+    charge      TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (
     key   TEXT PRIMARY KEY,
@@ -93,6 +103,45 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # npz, loaded with allow_pickle=False
     return buf.getvalue()
+
+
+def _charge_json(charge: RoundCharge) -> str:
+    return json.dumps(
+        {
+            "sampling_rate": charge.sampling_rate,
+            "noise_multiplier": charge.noise_multiplier,
+            "mechanism": charge.mechanism,
+            "dimension": charge.dimension,
+            "scale": charge.scale,
+        }
+    )
+
+
+def _charge_of(text: str, round_id: int) -> RoundCharge:
+    try:
+        fields = json.loads(text)
+        return RoundCharge(
+            sampling_rate=float(fields["sampling_rate"]),
+            noise_multiplier=float(fields["noise_multiplier"]),
+            mechanism=str(fields["mechanism"]),  # type: ignore[arg-type]  # checked by RoundCharge
+            dimension=int(fields["dimension"]),
+            scale=float(fields["scale"]),
+        )
+    except (ValueError, TypeError, KeyError, PrivacyError) as exc:
+        raise StoreError(f"round {round_id}'s privacy charge is unreadable: {exc}") from None
+
+
+def _settle_charge(db: sqlite3.Connection, round_id: int, charge: RoundCharge | None) -> None:
+    """In the transaction that ends a round: its spent charge replaces the planned one, or
+    no noisy sum was computed and the planned one goes."""
+    if charge is None:
+        db.execute("DELETE FROM privacy_charges WHERE round_id = ?", (round_id,))
+    else:
+        db.execute(
+            "INSERT OR REPLACE INTO privacy_charges (round_id, state, charge)"
+            " VALUES (?, 'spent', ?)",
+            (round_id, _charge_json(charge)),
+        )
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -194,9 +243,11 @@ class Store:
         arrays: dict[str, dict[str, np.ndarray]],
         metrics: dict[str, Any],
         now: float,
+        charge: RoundCharge | None = None,
     ) -> None:
         """Record a closed round with its new release and state, atomically (see module doc).
-        The release's files are written and fsync-ed first; the transaction is the commit."""
+        The release's files are written and fsync-ed first; the transaction is the commit.
+        `charge`: with privacy, what the round spent."""
         latest = self.latest_version()
         if version != latest + 1:
             raise StoreError(f"release v{version} does not follow v{latest}")
@@ -217,6 +268,7 @@ class Store:
             )
             if cur.rowcount != 1:
                 raise StoreError(f"round {round_id} is not running")
+            _settle_charge(db, round_id, charge)
 
     def latest_version(self) -> int:
         row = self._query("SELECT MAX(version) FROM releases")[0]
@@ -255,13 +307,21 @@ class Store:
         cohort: list[str],
         now: float,
         announce: bytes = b"",
+        charge: RoundCharge | None = None,
     ) -> None:
+        """`charge`: with privacy, the most the round can spend (kept if it is interrupted)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO rounds (round_id, mode, status, model_version, cohort, announce,"
                 " started_at) VALUES (?, ?, 'running', ?, ?, ?, ?)",
                 (round_id, mode, model_version, json.dumps(cohort), announce, now),
             )
+            if charge is not None:
+                db.execute(
+                    "INSERT INTO privacy_charges (round_id, state, charge)"
+                    " VALUES (?, 'planned', ?)",
+                    (round_id, _charge_json(charge)),
+                )
 
     def announce_of(self, round_id: int) -> bytes:
         """The round's announcement as published (to close it after a restart)."""
@@ -277,7 +337,10 @@ class Store:
         metrics: dict[str, Any] | None = None,
         new_version: int | None = None,
         now: float,
+        charge: RoundCharge | None = None,
     ) -> None:
+        """`charge`: with privacy, what the round spent; None when it computed no noisy
+        sum (its planned charge is removed)."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE rounds SET status = ?, reason = ?, metrics = ?, new_version = ?,"
@@ -287,6 +350,17 @@ class Store:
             )
             if cur.rowcount != 1:
                 raise StoreError(f"round {round_id} is not running")
+            _settle_charge(db, round_id, charge)
+
+    def planned_charge(self, round_id: int) -> RoundCharge | None:
+        """The charge a round holds while it runs (an interrupted round keeps it)."""
+        rows = self._query("SELECT charge FROM privacy_charges WHERE round_id = ?", (round_id,))
+        return _charge_of(rows[0][0], round_id) if rows else None
+
+    def charges(self) -> list[RoundCharge]:
+        """Every round's privacy charge, oldest first: what the budget has spent."""
+        rows = self._query("SELECT round_id, charge FROM privacy_charges ORDER BY round_id")
+        return [_charge_of(text, int(round_id)) for round_id, text in rows]
 
     def interrupted_rounds(self) -> list[int]:
         rows = self._query("SELECT round_id FROM rounds WHERE status = 'running'")

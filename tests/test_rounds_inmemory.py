@@ -168,7 +168,7 @@ def make_fleet(
     ids = [f"d{i:02d}" for i in range(n)]
     keys = {d: SigningKey.generate() for d in ids}
     registry = {d: bytes(k.verify_key) for d, k in keys.items()}
-    config = EngineConfig(mode=mode, cohort=n, over_select=1.0, **cfg)  # type: ignore[arg-type]
+    config = EngineConfig(**{"mode": mode, "cohort": n, "over_select": 1.0, **cfg})  # type: ignore[arg-type]
     counter = itertools.count()
     engine = RoundEngine(fleet=FLEET, config=config, verify_keys=registry, random=os.urandom)
     devices = {

@@ -143,14 +143,21 @@ class DistributedNoise(wire.Record):
 
     @classmethod
     def sized(
-        cls, *, clip: float, dimension: int, noise_multiplier: float, least_survivors: int
+        cls,
+        *,
+        clip: float,
+        dimension: int,
+        noise_multiplier: float,
+        least_survivors: int,
+        denominator: float | None = None,
     ) -> DistributedNoise:
         """Noise for a round whose sum must carry `noise_multiplier` times a device's grid
         sensitivity (the norm bound) in standard deviation whenever at least
         `least_survivors` devices' contributions are in it. Only survivors - 1 devices'
         noise is counted: the device whose data is in question may be the one that is
-        added or removed, and it knows its own noise. The mean divides by
-        `least_survivors`."""
+        added or removed, and it knows its own noise. The mean divides by `denominator`
+        (by default `least_survivors`; the expected number of survivors is better for the
+        model), which must not depend on who took part."""
         if not _is_int(least_survivors) or least_survivors < 2:
             raise SecAggConfigError(
                 "noise", f"least_survivors must be >= 2, got {least_survivors!r}"
@@ -168,7 +175,7 @@ class DistributedNoise(wire.Record):
             clip=float(clip),
             scale=scale,
             variance=(noise_multiplier * bound) ** 2 / (least_survivors - 1),
-            denominator=float(least_survivors),
+            denominator=float(least_survivors if denominator is None else denominator),
         )
 
     def noise_multiplier(self, padded: int, survivors: int) -> float:

@@ -1,0 +1,399 @@
+"""Differential privacy in rounds (issue 17): the engine's mechanisms, its accounting against
+a direct dp-accounting computation, Poisson cohorts, the budget, the store's ledger, and the
+budget over a real mosquitto across an aggregator restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from fleetlearn.aggregator import privacy
+from fleetlearn.aggregator.engine import (
+    BudgetSpentError,
+    EngineConfig,
+    EngineError,
+    NotEnoughDevicesError,
+    Phase,
+)
+from fleetlearn.aggregator.privacy import RoundCharge
+from fleetlearn.aggregator.store import Store, StoreError
+from fleetlearn.broker import provision as prov
+from fleetlearn.shared import compression, rounds, tflite, topics, wire
+from fleetlearn.shared import privacy as encoding
+from fleetlearn.shared.rounds import RoundAnnounce, RoundState
+from fleetlearn.shared.secagg.config import DistributedNoise
+from tests.conftest import require_mosquitto
+from tests.fleet_harness import fleet
+from tests.test_rounds_inmemory import MODEL, Fleet, make_fleet, run_round
+
+dp_accounting = pytest.importorskip("dp_accounting")
+ORDERS = [float(o) for o in privacy.ORDERS]
+
+
+def start(fleet_: Fleet, round_id: int) -> None:
+    """Start a round, drawing Poisson samples again until one is large enough (what the
+    service does after a pause)."""
+    for _ in range(50):
+        try:
+            run_round(fleet_, round_id)
+            return
+        except EngineError as exc:
+            if "Poisson sample" not in str(exc):
+                raise
+    raise AssertionError("no Poisson sample reached min_cohort in 50 draws")
+
+
+# ------------------------------------------------------------------------- distributed
+
+
+def test_a_distributed_round_releases_the_noisy_mean_and_charges_its_survivors() -> None:
+    z, clip = 1.0, 0.05
+    fleet_ = make_fleet(8, privacy="distributed", dp_noise_multiplier=z, dp_clip=clip)
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert out.state is RoundState.CLOSED, out.reason
+    announce = wire.decode(fleet_.retained[topics.round_announce(fleet_.engine.fleet)])
+    assert isinstance(announce, RoundAnnounce)
+    assert announce.secagg is not None
+    noise = announce.secagg.noise
+    assert noise is not None
+    assert announce.secagg.min_survivors == 8  # no dropout expected: every device must stay
+    # The release is the clipped updates' sum plus noise, over the fixed denominator.
+    inputs = {d: p.inputs[1] for d, p in fleet_.devices.items()}
+    idx = inputs["d00"][0]
+    clipped = sum(encoding.clip_l2(i[1], clip) for i in inputs.values())
+    assert out.mean_update is not None
+    assert announce.training.error_feedback  # the default: no d/k rescaling of rand-k
+    scale = 1.0
+    residual = out.mean_update[idx] / scale - clipped / noise.denominator
+    expected_sd = math.sqrt(8 * noise.variance) / noise.scale / noise.denominator
+    # One round: len(idx) draws, each variance within 5 standard errors.
+    se = math.sqrt(2.0 / (len(idx) - 1))
+    assert (1 - 5 * se) < float(np.std(residual)) ** 2 / expected_sd**2 < (1 + 5 * se)
+    # The charge: 7 other devices' noise over the rounded norm bound, on the padded length.
+    p = announce.secagg.update_words
+    charge = out.charge
+    assert charge is not None
+    assert charge.noise_multiplier == pytest.approx(z)
+    assert (charge.sampling_rate, charge.mechanism, charge.dimension, charge.scale) == (
+        1.0,
+        "skellam",
+        p,
+        noise.norm_bound(p),
+    )
+    assert fleet_.engine.ledger == [charge]
+    figures = out.metrics["privacy"]
+    assert figures["released"] is True
+    assert figures["epsilon"] == pytest.approx(privacy.epsilon_spent([charge], 1e-5))
+
+
+def test_a_distributed_round_sized_for_dropouts_carries_the_planned_noise_with_fewer() -> None:
+    fleet_ = make_fleet(
+        10, privacy="distributed", dp_noise_multiplier=1.0, dp_clip=0.05, expected_dropout=0.2
+    )
+    fleet_.drop_kinds = {"d01": {topics.Kind.ADVERTISE}, "d02": {topics.Kind.ADVERTISE}}
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert out.state is RoundState.CLOSED, out.reason
+    assert len(out.survivors) == 8
+    assert out.charge is not None
+    assert out.charge.noise_multiplier == pytest.approx(1.0)  # sized for 8 of 10
+    planned = out.planned_charge
+    assert planned is not None
+    assert planned.noise_multiplier == pytest.approx(1.0)
+    # A third dropout would leave less noise than charged: the round refuses to unmask.
+    fleet_ = make_fleet(
+        10, privacy="distributed", dp_noise_multiplier=1.0, dp_clip=0.05, expected_dropout=0.2
+    )
+    fleet_.drop_kinds = {f"d0{i}": {topics.Kind.ADVERTISE} for i in (1, 2, 3)}
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert out.state is RoundState.ABORTED
+    assert out.charge is None  # nothing was unmasked: nothing spent
+    assert fleet_.engine.ledger == []
+
+
+# ----------------------------------------------------------------------------- central
+
+
+def direct_gaussian_epsilon(q: float, z: float, rounds_: int, delta: float) -> float:
+    accountant = dp_accounting.rdp.RdpAccountant(orders=ORDERS)
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    accountant.compose(event, rounds_)
+    return float(accountant.get_epsilon(delta))
+
+
+def test_a_central_run_spends_what_dp_accounting_computes_for_it() -> None:
+    """Acceptance 2: three plain rounds with central noise on Poisson cohorts of a fleet of
+    10 (rate 4/10); the epsilon on metrics equals dp-accounting's own composition of three
+    Poisson-sampled Gaussians, and the cohort-known figure its composition without sampling."""
+    z, clip = 1.3, 0.05
+    fleet_ = make_fleet(
+        10,
+        mode="plain",
+        privacy="central",
+        dp_noise_multiplier=z,
+        dp_clip=clip,
+        cohort=4,
+        sparsity="dense",
+    )
+    for r in (1, 2, 3):
+        start(fleet_, r)
+        out = fleet_.engine.outcome
+        assert out is not None
+        assert out.state is RoundState.CLOSED, out.reason
+        assert out.metrics["privacy"]["sampling_rate"] == pytest.approx(0.4)
+    figures = out.metrics["privacy"]
+    assert figures["rounds_charged"] == 3
+    assert figures["epsilon"] == pytest.approx(direct_gaussian_epsilon(0.4, z, 3, 1e-5), rel=1e-9)
+    assert figures["epsilon_cohort_known"] == pytest.approx(
+        direct_gaussian_epsilon(1.0, z, 3, 1e-5), rel=1e-9
+    )
+    assert figures["epsilon"] < figures["epsilon_cohort_known"]
+
+
+def test_central_noise_is_added_to_the_clipped_sum() -> None:
+    z, clip, n = 2.0, 0.05, 6
+    fleet_ = make_fleet(
+        n, mode="plain", privacy="central", dp_noise_multiplier=z, dp_clip=clip, sparsity="dense"
+    )
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert out.state is RoundState.CLOSED, out.reason
+    announce = wire.decode(fleet_.retained[topics.round_announce(fleet_.engine.fleet)])
+    assert isinstance(announce, RoundAnnounce)
+    sent = [wire.decode(b) for _, kind, b in fleet_.sent if kind is topics.Kind.UPDATE]
+    assert len(sent) == n
+    dense = [
+        compression.to_dense(
+            m.update, config=announce.compression, dim=fleet_.dim, seed=announce.seed
+        )
+        for m in sent
+        if isinstance(m, rounds.PlainUpdate)
+    ]
+    assert max(np.linalg.norm(x) for x in dense) > 2 * clip  # the clip bites
+    clipped = sum(encoding.clip_l2(x, clip) for x in dense)
+    assert out.mean_update is not None
+    residual = out.mean_update - clipped / n
+    sd = z * clip / n
+    se = math.sqrt(2.0 / (residual.size - 1))
+    assert abs(float(np.var(residual)) / sd**2 - 1) < 5 * se
+    assert out.metrics["weight_sum"] == n  # every device counts the same
+
+
+def test_privacy_settings_that_cannot_work_are_refused() -> None:
+    with pytest.raises(EngineError, match="secure"):
+        EngineConfig(mode="plain", privacy="distributed")
+    with pytest.raises(EngineError, match="mean"):
+        EngineConfig(mode="plain", privacy="central", rule="median")
+    with pytest.raises(EngineError, match="top_k"):
+        EngineConfig(
+            mode="plain",
+            privacy="central",
+            sparsity="top_k",
+            training=rounds.TrainingPlan(error_feedback=True),
+        )
+    with pytest.raises(EngineError, match=r"privacy\.mechanism"):
+        EngineConfig(dp_epsilon=3.0)
+    for bad in (0.0, math.nan, -1.0):
+        with pytest.raises(EngineError, match="noise_multiplier"):
+            EngineConfig(privacy="distributed", dp_noise_multiplier=bad)
+
+
+# ------------------------------------------------------------------------------ budget
+
+
+def test_the_round_that_would_cross_the_budget_is_not_started() -> None:
+    z = 1.5
+    one = RoundCharge(sampling_rate=1.0, noise_multiplier=z)
+    two, three = (privacy.epsilon_spent([one] * k, 1e-5) for k in (2, 3))
+    fleet_ = make_fleet(
+        5,
+        mode="plain",
+        privacy="central",
+        dp_noise_multiplier=z,
+        dp_epsilon=(two + three) / 2,
+        sparsity="dense",
+    )
+    run_round(fleet_, 1)
+    run_round(fleet_, 2)
+    assert fleet_.engine.ledger == [one, one]
+    manifest = tflite.read_manifest(MODEL)
+    assert manifest is not None
+    with pytest.raises(BudgetSpentError, match="privacy budget") as refused:
+        fleet_.engine.start_round(round_id=3, model_version=1, dim=fleet_.dim, now=fleet_.now)
+    assert refused.value.figures["epsilon"] == pytest.approx(two)
+    assert fleet_.engine.phase is Phase.CLOSED  # round 2's: nothing started
+    assert fleet_.engine.budget_spent(3) is None  # the budget is not spent, only too small
+    (pub,) = fleet_.engine.refusal(3, 1, refused.value.reason)
+    notice = wire.decode(pub.payload)  # type: ignore[arg-type]
+    assert isinstance(notice, RoundAnnounce)
+    assert notice.state is RoundState.ABORTED
+    assert "privacy budget" in notice.reason
+    assert pub.retain
+    assert any(e["event"] == "round_refused" for e in fleet_.engine.events)
+
+
+def test_poisson_cohorts_take_each_candidate_at_the_rate() -> None:
+    """Over 300 selections from 20 candidates at rate 5/20, every device's share of cohorts
+    is within 5 standard errors of 0.25, and cohort sizes vary (a fixed size would not)."""
+    fleet_ = make_fleet(20, mode="plain", privacy="central", cohort=5, min_cohort=1)
+    counts = dict.fromkeys(fleet_.devices, 0)
+    sizes = set()
+    for _ in range(300):
+        try:
+            cohort = fleet_.engine.select(1, fleet_.now)
+        except NotEnoughDevicesError:  # an empty sample (0.75^20: a few in 300)
+            cohort = ()
+        sizes.add(len(cohort))
+        for d in cohort:
+            counts[d] += 1
+    se = math.sqrt(0.25 * 0.75 / 300)
+    assert all(abs(c / 300 - 0.25) < 5 * se for c in counts.values()), counts
+    assert len(sizes) > 3
+
+
+# ------------------------------------------------------------------------------- store
+
+
+def test_the_store_keeps_planned_charges_of_interrupted_rounds(tmp_path: Path) -> None:
+    planned = RoundCharge(sampling_rate=0.5, noise_multiplier=1.0, mechanism="skellam", scale=9.0)
+    spent = RoundCharge(sampling_rate=0.5, noise_multiplier=1.2, mechanism="skellam", scale=9.0)
+    store = Store(tmp_path)
+    for r in (1, 2, 3):
+        store.begin_round(r, "secure", 1, ["a", "b", "c"], now=0.0, charge=planned)
+    store.finish_round(1, status="aborted", now=1.0, charge=spent)  # unmasked, then failed
+    store.finish_round(2, status="aborted", now=1.0)  # aborted before any sum: no charge
+    store.close()
+    reopened = Store(tmp_path)  # round 3 was interrupted
+    assert reopened.interrupted_rounds() == [3]
+    assert reopened.charges() == [spent, planned]
+    reopened._db.execute("UPDATE privacy_charges SET charge = '{\"sampling_rate\": 7}'")
+    with pytest.raises(StoreError, match="privacy charge"):
+        reopened.charges()
+    reopened.close()
+
+
+# ------------------------------------------------------------------------ over mosquitto
+
+
+async def _watch(  # type: ignore[no-untyped-def]
+    h, wanted: list[str], seen: list[tuple[str, bytes]], ready: asyncio.Event, *, dashboard: bool
+) -> None:
+    """Everything published on `wanted` topics, in order, as a device (the observer) or as
+    the dashboard sees it (the broker ties a client id to its username: one client each)."""
+    if dashboard:
+        username, password = prov.DASHBOARD_USER, prov.dashboard_password(h.fleet_dir)
+    else:
+        user = h.observer()
+        username, password = user.username, user.password
+    client = aiomqtt.Client(
+        h.broker.host,
+        h.broker.port,
+        username=username,
+        password=password,
+        identifier=username,
+        timeout=10,
+    )
+    async with client:
+        for topic in wanted:
+            await client.subscribe(topic, qos=1)
+        ready.set()
+        async for msg in client.messages:
+            seen.append((str(msg.topic), bytes(msg.payload)))  # type: ignore[arg-type]
+
+
+def _last(seen: list[tuple[str, bytes]], topic: str) -> bytes:
+    return [payload for t, payload in seen if t == topic][-1]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_the_budget_holds_over_mqtt_and_across_a_restart(tmp_path: Path) -> None:
+    """Acceptance 3: a budget that fits two distributed rounds; the third is refused with the
+    reason on `round`, `metrics` and `events`, and a restarted aggregator refuses at once."""
+    require_mosquitto()
+    z, clip, n = 1.5, 0.05, 5
+    manifest = tflite.read_manifest(MODEL)
+    assert manifest is not None
+    noise = DistributedNoise.sized(
+        clip=clip, dimension=manifest.parameter_count, noise_multiplier=z, least_survivors=n
+    )
+    p = encoding.padded_dimension(manifest.parameter_count)
+    one = RoundCharge(
+        sampling_rate=1.0,
+        noise_multiplier=noise.noise_multiplier(p, n),
+        mechanism="skellam",
+        dimension=p,
+        scale=noise.norm_bound(p),
+    )
+    two, three = (privacy.epsilon_spent([one] * k, 1e-5) for k in (2, 3))
+    settings = {
+        "rounds.count": "5",
+        "privacy.mechanism": "distributed",
+        "privacy.noise_multiplier": str(z),
+        "privacy.clip": str(clip),
+        "privacy.epsilon": str((two + three) / 2),
+    }
+    async with fleet(tmp_path, n) as h:
+        round_topic, metrics_topic = topics.round_announce(h.fleet), topics.metrics(h.fleet)
+        seen: list[tuple[str, bytes]] = []
+        ready = [asyncio.Event(), asyncio.Event()]
+        watchers = [
+            asyncio.create_task(_watch(h, [round_topic], seen, ready[0], dashboard=False)),
+            asyncio.create_task(
+                _watch(h, [metrics_topic, topics.events(h.fleet)], seen, ready[1], dashboard=True)
+            ),
+        ]
+        try:
+            async with asyncio.timeout(20):
+                await asyncio.gather(*(r.wait() for r in ready))
+            h.start_devices()
+            service, summaries = await h.run_aggregator(timeout=240, **settings)
+            assert [s.state for s in summaries] == ["closed", "closed"], [
+                s.metrics.get("reason") for s in summaries
+            ]
+            assert service.budget_spent is not None
+            assert "privacy budget: round 3 would take epsilon" in service.budget_spent
+            assert summaries[1].metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
+            async with asyncio.timeout(20):
+                while not any(b"round_refused" in b for t, b in seen if "events" in t):  # noqa: ASYNC110 - the watchers fill `seen`
+                    await asyncio.sleep(0.2)
+            # The round topic says why round 3 did not start; so does metrics.
+            notice = wire.decode(_last(seen, round_topic), RoundAnnounce)
+            assert (notice.round_id, notice.state) == (3, RoundState.ABORTED)
+            assert notice.reason == service.budget_spent
+            metrics = json.loads(_last(seen, metrics_topic))
+            assert (metrics["round"], metrics["state"]) == (3, "refused")
+            assert metrics["reason"] == service.budget_spent
+            assert metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
+
+            # Restarted on the same state directory: the two rounds are still spent.
+            seen.clear()
+            again, more = await h.run_aggregator(timeout=120, **settings)
+            assert more == []
+            assert again.budget_spent is not None
+            assert "round 3 would take epsilon from" in again.budget_spent
+            async with asyncio.timeout(20):
+                while not any(b"refused" in b for t, b in seen if t == metrics_topic):  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+            metrics = json.loads(_last(seen, metrics_topic))
+            assert metrics["state"] == "refused"
+            assert metrics["privacy"]["rounds_charged"] == 2
+            assert metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
+        finally:
+            for task in watchers:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
