@@ -215,9 +215,10 @@ class ServerSection:
 class PrivacySection:
     """Differential privacy (docs/privacy.md says how to choose these).
     mechanism: none; distributed (secure rounds: devices clip and add integer noise before
-    masking); central (plain rounds: the aggregator clips and adds Gaussian noise)."""
+    masking); central (plain rounds: the aggregator clips and adds Gaussian noise); local
+    (plain rounds: each device clips and adds Gaussian noise to its own update)."""
 
-    mechanism: Literal["none", "distributed", "central"] = "none"
+    mechanism: Literal["none", "distributed", "central", "local"] = "none"
     noise_multiplier: float = 1.0  # noise standard deviation in the sum, over the clip
     clip: float = 0.1  # L2 norm each device's update is clipped to
     epsilon: float = 0.0  # the fleet's budget: no round starts past it; 0 = no budget

@@ -63,8 +63,9 @@ class EngineConfig:
     # Differential privacy (docs/privacy.md). "distributed": devices clip to `dp_clip` and add
     # Skellam noise inside secure rounds; "central": the aggregator clips each plain update to
     # `dp_clip` and adds Gaussian noise to their sum. Either way the sum carries noise of
-    # standard deviation `dp_noise_multiplier` times the clip, and cohorts are Poisson samples.
-    privacy: Literal["none", "distributed", "central"] = "none"
+    # standard deviation `dp_noise_multiplier` times the clip. "local": each device clips and
+    # adds that much Gaussian noise to its own plain update. Cohorts are Poisson samples.
+    privacy: Literal["none", "distributed", "central", "local"] = "none"
     dp_noise_multiplier: float = 1.0
     dp_clip: float = 0.1
     # No round starts that would take the run past (dp_epsilon, dp_delta); 0: no budget.
@@ -73,10 +74,15 @@ class EngineConfig:
 
     def plan_for(self, model_version: int) -> rounds.TrainingPlan:
         """The training plan announced for a round on `model_version`: the rate scheduled."""
+        plan = self.training
+        if self.privacy == "local":
+            plan = dataclasses.replace(
+                plan, local_clip=self.dp_clip, local_noise=self.dp_noise_multiplier
+            )
         if self.lr_decay == 1.0:
-            return self.training
-        rate = self.training.learning_rate * self.lr_decay ** (model_version - 1)
-        return dataclasses.replace(self.training, learning_rate=max(rate, 1e-6))
+            return plan
+        rate = plan.learning_rate * self.lr_decay ** (model_version - 1)
+        return dataclasses.replace(plan, learning_rate=max(rate, 1e-6))
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.lr_decay <= 1.0:
@@ -141,13 +147,20 @@ class EngineConfig:
                     key="privacy.epsilon",
                 )
             return
-        want = {"distributed": "secure", "central": "plain"}[self.privacy]
+        want = {"distributed": "secure", "central": "plain", "local": "plain"}[self.privacy]
         if self.mode != want:
             raise EngineError(
                 f"privacy.mechanism {self.privacy} runs in {want} rounds, not {self.mode} "
                 "(distributed noise needs secure aggregation; central noise is added by the "
-                "aggregator to updates it sees)",
+                "aggregator to updates it sees; local noise protects each update on its own, "
+                "so masking it adds nothing)",
                 key="privacy.mechanism",
+            )
+        if self.privacy == "local" and self.training.error_feedback:
+            raise EngineError(
+                "training.error_feedback must be false with privacy.mechanism local: a device "
+                "would carry what it did not send, noise included, into later updates",
+                key="training.error_feedback",
             )
         if self.privacy == "central" and (self.rule != "mean" or self.clip_norm):
             raise EngineError(

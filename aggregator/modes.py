@@ -27,8 +27,9 @@ Rules:
   aggregator learns only the sum. Plain rounds: every update is visible and the configured
   robust rule (aggregator.rules) aggregates them.
 - Privacy (docs/privacy.md): a secure round with `privacy = distributed` carries
-  `DistributedNoise` in its SecAgg config, sized so that the planned least survivors' noise
-  gives the configured multiplier, and refuses to unmask fewer (min_survivors); a plain round
+  `DistributedNoise` in its SecAgg config, sized so that the least survivors it plans for
+  (`least_survivors`: fewer only with probability 1e-3 at the expected dropout) carry the
+  configured multiplier, and refuses to unmask fewer (min_survivors); a plain round
   with `privacy = central` clips each update and adds Gaussian noise to the sum. Either
   divides by a denominator fixed before the round and reports the charge of what it
   released in its Aggregate.
@@ -203,6 +204,33 @@ class Mode(abc.ABC):
     def open(self, setup: RoundSetup) -> ModeRound: ...
 
 
+SURVIVOR_RISK = 1e-3  # a noisy round's chance of too few survivors, at the expected dropout
+
+
+def least_survivors(n: int, dropout: float, risk: float = SURVIVOR_RISK) -> int:
+    """The most survivors m that n devices, each dropping with probability `dropout`, fall
+    short of with probability at most `risk` (Binomial(n, 1 - dropout) < m), and at least
+    MIN_COHORT: the survivors a noisy round's noise is sized for, and the fewest it unmasks."""
+    if dropout <= 0.0:
+        return n
+    stay = 1.0 - dropout
+    below = 0.0  # P(X < m), built up one m at a time
+    m = 0
+    while m < n:
+        log_pmf = (
+            math.lgamma(n + 1)
+            - math.lgamma(m + 1)
+            - math.lgamma(n - m + 1)
+            + m * math.log(stay)
+            + (n - m) * math.log(dropout)
+        )
+        if below + math.exp(log_pmf) > risk:
+            break
+        below += math.exp(log_pmf)
+        m += 1
+    return min(n, max(MIN_COHORT, m))
+
+
 def _limits(sizes: Mapping[Kind, int]) -> dict[Kind, wire.Limits]:
     return {k: wire.Limits(max_compressed=n, max_decompressed=n) for k, n in sizes.items()}
 
@@ -245,7 +273,7 @@ class SecureRound(ModeRound):
             # The noise is sized for the fewest survivors the round accepts; the mean divides
             # by the survivors expected. Both come from the cohort's size and the settings.
             expected = n * (1.0 - c.expected_dropout)
-            least = min(n, max(MIN_COHORT, math.floor(expected)))
+            least = least_survivors(n, c.expected_dropout)
             noise = DistributedNoise.sized(
                 clip=c.dp_clip,
                 dimension=k,
@@ -424,6 +452,14 @@ class PlainRound(ModeRound):
             self.planned_charge = RoundCharge(
                 sampling_rate=setup.sampling_rate, noise_multiplier=config.dp_noise_multiplier
             )
+        elif config.privacy == "local":
+            # Each update is a Gaussian mechanism on its own. Charged for its strongest
+            # observer, the aggregator, with replace-one adjacency (sensitivity 2 clips):
+            # multiplier z / 2. For readers of the release that over-counts (docs/privacy.md).
+            self.planned_charge = RoundCharge(
+                sampling_rate=setup.sampling_rate,
+                noise_multiplier=config.dp_noise_multiplier / 2.0,
+            )
         # A dense float32 update is the largest form a plain update takes.
         self.limits = _limits({Kind.UPDATE: 8 * setup.dim + SLACK})
 
@@ -475,10 +511,20 @@ class PlainRound(ModeRound):
             for m in sent
         ]
         weights = [m.weight for m in sent]
-        if self.planned_charge is not None:
+        if c.privacy == "central":
             self._spent = self.planned_charge  # a plain round's noise does not depend on who sent
             mean = self._noisy_mean(dense)
             weights = [1.0] * len(sent)  # every device counts the same
+        elif c.privacy == "local":
+            self._spent = self.planned_charge
+            weights = [1.0] * len(sent)  # devices send none: their sample counts stay theirs
+            if c.rule == "mean":  # over the survivors expected, fixed before the round
+                expected = len(setup.cohort) * (1.0 - c.expected_dropout)
+                mean = np.sum(dense, axis=0) / max(1.0, expected)
+            else:  # any rule on noisy updates is post-processing
+                mean = rules.aggregate(
+                    dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm
+                )
         else:
             mean = rules.aggregate(dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
         samples = sum(m.samples for m in sent)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
-from fleetlearn.shared import compression, protocol, tflite, topics, wire
+from fleetlearn.shared import compression, privacy, protocol, tflite, topics, wire
 from fleetlearn.shared.release import ModelRelease, verify_release
 from fleetlearn.shared.rounds import (
     MAX_EVAL_CLASSES,
@@ -354,6 +354,8 @@ class Participant:
         weight = float(min(result.weight, ann.training.max_samples))
         loss = result.loss if math.isfinite(result.loss) else 0.0
         use_feedback = ann.training.error_feedback
+        if run.client is None and ann.training.local_dp:
+            return self._send_local_dp(run, result)
         if run.client is None:
             if use_feedback:
                 compressed = self.feedback.compress(
@@ -391,10 +393,15 @@ class Participant:
             else np.arange(dim)
         )
         vector = acc[idx]
-        # What the aggregate receives from us, in update units: the clipped, weight-scaled
-        # values (their stochastic rounding is zero-mean and is not fed back).
-        scale = weight / cfg.max_weight
-        sent_values = np.clip(vector * scale, -cfg.clip, cfg.clip) / scale
+        # What the aggregate receives from us, in update units (their stochastic rounding and
+        # any noise are zero-mean and are not fed back): the clipped, weight-scaled values;
+        # with distributed DP, the update clipped to the noise's L2 clip, every device alike.
+        if cfg.noise is not None:
+            weight = cfg.max_weight
+            sent_values = privacy.clip_l2(vector, cfg.noise.clip)
+        else:
+            scale = weight / cfg.max_weight
+            sent_values = np.clip(vector * scale, -cfg.clip, cfg.clip) / scale
         if use_feedback:
             run.sent = compression.scatter(idx, sent_values, dim)
             self.feedback.commit(run.sent)
@@ -414,6 +421,31 @@ class Participant:
             self._end_round(counted=False)
             return [Note(NoteKind.ROUND_LEFT, f"round {round_id}: {exc}")]
         return list(self._sends(outs))
+
+    def _send_local_dp(self, run: _Round, result: LocalResult) -> list[Action]:
+        """Local DP (docs/privacy.md): the update clipped and noised here, before anything
+        leaves the device; no weight and no evaluation figures, which carry no noise. A plan
+        with local DP never has error feedback (the aggregator refuses that combination;
+        a device ignores it rather than feed noise back)."""
+        ann = run.announce
+        plan = ann.training
+        rng = self._rng()  # the device's own random source, never shared
+        update = privacy.clip_l2(np.asarray(result.update, dtype=np.float64), plan.local_clip)
+        update = update + rng.normal(0.0, plan.local_noise * plan.local_clip, update.shape)
+        compressed = compression.compress(update, ann.compression, rng=rng, seed=ann.seed)
+        message = PlainUpdate(
+            round_id=ann.round_id,
+            sender=self.device_id,
+            update=compressed.message,
+            weight=1.0,
+            loss=0.0,
+            correct=0,
+            samples=0,
+            local_correct=0,
+        )
+        run.sent = None
+        run.counted = True
+        return self._sends([message])
 
     def tick(self, now: float) -> list[Action]:
         run = self._round

@@ -119,6 +119,11 @@ class TrainingPlan(wire.Record):
     error_feedback carry what compression did not send into the next round. Off, the
                    aggregator scales rand-k's mean by d/k to keep it unbiased
                    (docs/compression.md)
+    local_clip, local_noise
+                   local differential privacy (both 0: none; docs/privacy.md): the device
+                   clips its update to L2 norm local_clip, adds Gaussian noise of standard
+                   deviation local_noise * local_clip to every coordinate before
+                   compression, and sends no weight or evaluation figures
     """
 
     epochs: int = 1
@@ -129,9 +134,30 @@ class TrainingPlan(wire.Record):
     prox_mu: float = 0.0
     eval_fraction: float = 0.0
     personal: tuple[str, ...] = ()
+    local_clip: float = 0.0
+    local_noise: float = 0.0
+
+    @property
+    def local_dp(self) -> bool:
+        return self.local_noise > 0
 
     def __post_init__(self) -> None:
         wire.require(1 <= self.epochs <= 100, "TrainingPlan.epochs", "must be in 1..100")
+        for name, high in (("local_clip", 1e6), ("local_noise", 1000.0)):
+            value = getattr(self, name)
+            wire.require(
+                isinstance(value, float | int)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and 0.0 <= value <= high,
+                f"TrainingPlan.{name}",
+                f"{value!r} must be in [0, {high:g}]",
+            )
+        wire.require(
+            (self.local_clip > 0) == (self.local_noise > 0),
+            "TrainingPlan.local_noise",
+            "local_clip and local_noise are both 0 (no local DP) or both > 0",
+        )
         wire.require(
             1 <= self.max_samples <= 1_000_000, "TrainingPlan.max_samples", "must be in 1..1e6"
         )

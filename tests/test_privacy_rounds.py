@@ -22,6 +22,7 @@ from fleetlearn.aggregator.engine import (
     NotEnoughDevicesError,
     Phase,
 )
+from fleetlearn.aggregator.modes import least_survivors
 from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.store import Store, StoreError
 from fleetlearn.broker import provision as prov
@@ -96,31 +97,41 @@ def test_a_distributed_round_releases_the_noisy_mean_and_charges_its_survivors()
 
 
 def test_a_distributed_round_sized_for_dropouts_carries_the_planned_noise_with_fewer() -> None:
-    fleet_ = make_fleet(
-        10, privacy="distributed", dp_noise_multiplier=1.0, dp_clip=0.05, expected_dropout=0.2
-    )
+    least = least_survivors(10, 0.2)
+    assert least == 4  # Binomial(10, 0.8) < 4 has probability 0.0009; < 5: 0.0064
+    cfg = {"privacy": "distributed", "dp_clip": 0.05, "expected_dropout": 0.2}
+    fleet_ = make_fleet(10, **cfg)
     fleet_.drop_kinds = {"d01": {topics.Kind.ADVERTISE}, "d02": {topics.Kind.ADVERTISE}}
     run_round(fleet_)
     out = fleet_.engine.outcome
     assert out is not None
     assert out.state is RoundState.CLOSED, out.reason
     assert len(out.survivors) == 8
-    assert out.charge is not None
-    assert out.charge.noise_multiplier == pytest.approx(1.0)  # sized for 8 of 10
     planned = out.planned_charge
     assert planned is not None
-    assert planned.noise_multiplier == pytest.approx(1.0)
-    # A third dropout would leave less noise than charged: the round refuses to unmask.
-    fleet_ = make_fleet(
-        10, privacy="distributed", dp_noise_multiplier=1.0, dp_clip=0.05, expected_dropout=0.2
-    )
-    fleet_.drop_kinds = {f"d0{i}": {topics.Kind.ADVERTISE} for i in (1, 2, 3)}
+    assert planned.noise_multiplier == pytest.approx(1.0)  # sized for the least survivors
+    assert out.charge is not None
+    # 8 survivors carry 7 devices' noise where 3 were planned: charged for what they carried.
+    assert out.charge.noise_multiplier == pytest.approx(math.sqrt(7 / 3))
+    # Fewer than the least survivors would carry less noise than planned: no unmasking.
+    fleet_ = make_fleet(10, **cfg)
+    fleet_.drop_kinds = {f"d0{i}": {topics.Kind.ADVERTISE} for i in range(1, 8)}
     run_round(fleet_)
     out = fleet_.engine.outcome
     assert out is not None
     assert out.state is RoundState.ABORTED
     assert out.charge is None  # nothing was unmasked: nothing spent
     assert fleet_.engine.ledger == []
+
+
+@pytest.mark.parametrize(("n", "dropout"), [(10, 0.2), (20, 0.1), (100, 0.1), (1000, 0.05)])
+def test_the_least_survivors_are_a_low_quantile_of_the_binomial(n: int, dropout: float) -> None:
+    from scipy.stats import binom
+
+    m = least_survivors(n, dropout)
+    assert binom.cdf(m - 1, n, 1 - dropout) <= 1e-3 < binom.cdf(m, n, 1 - dropout)
+    assert least_survivors(n, 0.0) == n
+    assert least_survivors(4, 0.5) == 3  # never below a secure round's minimum
 
 
 # ----------------------------------------------------------------------------- central
@@ -190,6 +201,55 @@ def test_central_noise_is_added_to_the_clipped_sum() -> None:
     se = math.sqrt(2.0 / (residual.size - 1))
     assert abs(float(np.var(residual)) / sd**2 - 1) < 5 * se
     assert out.metrics["weight_sum"] == n  # every device counts the same
+
+
+def test_local_noise_is_added_on_the_device_and_charged_for_the_aggregator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each device clips and noises its own update and sends no weight or evaluation
+    figures; the round is charged as a Gaussian with half the multiplier (replace-one
+    sensitivity, what the aggregator sees of one device)."""
+    z, clip, n = 1.0, 0.05, 8
+    fleet_ = make_fleet(
+        n,
+        mode="plain",
+        privacy="local",
+        dp_noise_multiplier=z,
+        dp_clip=clip,
+        sparsity="dense",
+        training=rounds.TrainingPlan(error_feedback=False),
+    )
+    trained: dict[str, np.ndarray] = {}
+    for dev, part in fleet_.devices.items():
+        original = part.trained
+
+        def spy(round_id, result, now, dev=dev, original=original):  # type: ignore[no-untyped-def]
+            trained[dev] = np.asarray(result.update, dtype=np.float64)
+            return original(round_id, result, now)
+
+        monkeypatch.setattr(part, "trained", spy)
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert out.state is RoundState.CLOSED, out.reason
+    sent = [wire.decode(b) for _, kind, b in fleet_.sent if kind is topics.Kind.UPDATE]
+    assert len(sent) == n
+    for message in sent:
+        assert isinstance(message, rounds.PlainUpdate)
+        assert (message.weight, message.samples, message.class_samples) == (1.0, 0, ())
+    assert out.mean_update is not None
+    clipped = sum(encoding.clip_l2(u, clip) for u in trained.values())
+    residual = out.mean_update - clipped / n
+    sd = z * clip / math.sqrt(n)  # n devices' noise over a denominator of n
+    se = math.sqrt(2.0 / (residual.size - 1))
+    assert abs(float(np.var(residual)) / sd**2 - 1) < 5 * se
+    assert out.charge == RoundCharge(sampling_rate=1.0, noise_multiplier=z / 2)
+    figures = out.metrics["privacy"]
+    assert figures["epsilon_cohort_known"] == pytest.approx(
+        direct_gaussian_epsilon(1.0, z / 2, 1, 1e-5), rel=1e-9
+    )
+    with pytest.raises(EngineError, match="error_feedback"):
+        EngineConfig(mode="plain", privacy="local")  # the default plan feeds back
 
 
 def test_privacy_settings_that_cannot_work_are_refused() -> None:

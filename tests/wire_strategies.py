@@ -155,6 +155,14 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
             epochs=draw(st.integers(1, 100)),
             max_samples=draw(st.integers(1, 10**6)),
             error_feedback=draw(st.booleans()),
+            **draw(
+                st.sampled_from([{}])
+                | st.builds(
+                    lambda c, z: {"local_clip": c, "local_noise": z},
+                    st.floats(1e-3, 10.0),
+                    st.floats(1e-3, 100.0),
+                )
+            ),
         ),
         times=rounds.StageTimes(
             advertise=soft[0],
