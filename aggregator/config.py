@@ -223,6 +223,9 @@ class PrivacySection:
     clip: float = 0.1  # L2 norm each device's update is clipped to
     epsilon: float = 0.0  # the fleet's budget: no round starts past it; 0 = no budget
     delta: float = 1e-5
+    # Count amplification by sampling against the budget: right only when nobody it protects
+    # against sees the cohorts (the fleet's devices read every round announcement).
+    amplification: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +331,7 @@ class AggregatorSettings:
                 dp_clip=self.privacy.clip,
                 dp_epsilon=self.privacy.epsilon,
                 dp_delta=self.privacy.delta,
+                dp_amplification=self.privacy.amplification,
             )
         except EngineError as exc:
             # The message names its key for engine users; the ConfigError names it once.

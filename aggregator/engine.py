@@ -214,7 +214,7 @@ class RoundEngine:
         self.errors: collections.deque[BaseException] = collections.deque(maxlen=MAX_ERRORS)
         # Privacy: every release's charge so far, oldest first (the service loads it from the
         # store on start and persists each new one), and the budget they must stay within.
-        self.ledger: list[privacy.RoundCharge] = []
+        self.ledger = privacy.Ledger()
         self.budget = (
             privacy.Budget(epsilon=config.dp_epsilon, delta=config.dp_delta)
             if config.dp_epsilon
@@ -297,16 +297,22 @@ class RoundEngine:
         c = self.config
         if self.budget is None or not self.ledger:
             return None
-        spent = privacy.epsilon_spent(self.ledger, c.dp_delta)
+        spent = self._epsilon()
         if spent < c.dp_epsilon:
             return None
-        figures = self.privacy_figures(self.ledger[-1], self.ledger[-1])
+        last = self.ledger.charges[-1]
         return BudgetSpentError(
             f"privacy budget: epsilon {spent:.3g} of privacy.epsilon = {c.dp_epsilon:g} at "
             f"delta {c.dp_delta:g} is spent ({len(self.ledger)} rounds charged); round "
             f"{round_id} and later do not run on this budget",
-            figures,
+            self.privacy_figures(last, last),
         )
+
+    def _epsilon(self, extra: privacy.RoundCharge | None = None) -> float:
+        """The figure the budget holds: amplified by sampling only with privacy.amplification
+        (docs/privacy.md says who can see the cohorts)."""
+        c = self.config
+        return self.ledger.epsilon(c.dp_delta, amplified=c.dp_amplification, extra=extra)
 
     @property
     def next_deadline(self) -> float | None:
@@ -335,10 +341,11 @@ class RoundEngine:
         if self._phase not in _OVER:
             raise EngineError(f"round {self.round_id} is still running")
         c, mode = self.config, self._mode
-        rate = 1.0
+        rate, candidates = 1.0, None
         if cohort is None:
             selection = self._devices.select(model_version, now, mode.admits)
             cohort, rate = selection.cohort, selection.sampling_rate
+            candidates = selection.candidates
         unknown = [d for d in cohort if not self._devices.known(d)]
         if unknown:
             raise EngineError(f"cohort members {unknown[:3]} are not provisioned")
@@ -364,6 +371,7 @@ class RoundEngine:
             tickets=tickets,
             labels=tuple(labels),
             sampling_rate=rate,
+            candidates=len(cohort) if candidates is None else candidates,
             noise_seed=self._random(32) if c.privacy != "none" else b"",
         )
         machine = mode.open(setup)
@@ -702,7 +710,7 @@ class RoundEngine:
         planned = run.mode.planned_charge
         charge = run.mode.spent_charge()
         if charge is not None and run.charged is None:
-            self.ledger.append(charge)  # the noisy sum exists: charged whatever happens next
+            self.ledger.add(charge)  # the noisy sum exists: charged whatever happens next
             run.charged = charge
         if planned is not None:
             metrics["privacy"] = self.privacy_figures(planned, charge)
@@ -736,15 +744,16 @@ class RoundEngine:
         ledger, with this round's charge if it released), and the same run's epsilon for
         someone who knows every round's cohort (no amplification by sampling)."""
         c = self.config
-        known = [dataclasses.replace(x, sampling_rate=1.0) for x in self.ledger]
         return {
             "mechanism": c.privacy,
             "released": charge is not None,
             "noise_multiplier": (charge or planned).noise_multiplier,
             "sampling_rate": planned.sampling_rate,
             "rounds_charged": len(self.ledger),
-            "epsilon": privacy.epsilon_spent(self.ledger, c.dp_delta),
-            "epsilon_cohort_known": privacy.epsilon_spent(known, c.dp_delta),
+            "epsilon": self._epsilon(),
+            "amplification": c.dp_amplification,
+            "epsilon_amplified": self.ledger.epsilon(c.dp_delta, amplified=True),
+            "epsilon_cohort_known": self.ledger.epsilon(c.dp_delta, amplified=False),
             "delta": c.dp_delta,
             "epsilon_budget": c.dp_epsilon or None,
         }
@@ -752,11 +761,11 @@ class RoundEngine:
     def _check_budget(
         self, budget: privacy.Budget, planned: privacy.RoundCharge, round_id: int
     ) -> None:
-        if budget.allows(self.ledger, planned):
+        after = self._epsilon(planned)
+        if after <= budget.epsilon:
             return
         c = self.config
         figures = self.privacy_figures(planned, None)
-        after = privacy.epsilon_spent([*self.ledger, planned], c.dp_delta)
         raise BudgetSpentError(
             f"privacy budget: round {round_id} would take epsilon from "
             f"{figures['epsilon']:.3g} to {after:.3g}, past privacy.epsilon = "
@@ -803,7 +812,7 @@ class RoundEngine:
             charge = run.charged
             if charge is None and planned is not None:
                 charge = run.charged = planned
-                self.ledger.append(planned)
+                self.ledger.add(planned)
             if self._phase in _LIVE:
                 self._transition(Event.BUG)
             self._run = None

@@ -71,6 +71,9 @@ class EngineConfig:
     # No round starts that would take the run past (dp_epsilon, dp_delta); 0: no budget.
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
+    # Whether the budget counts amplification by sampling: only right when nobody the budget
+    # protects against sees the cohorts (devices read every round's announcement).
+    dp_amplification: bool = False
 
     def plan_for(self, model_version: int) -> rounds.TrainingPlan:
         """The training plan announced for a round on `model_version`: the rate scheduled."""

@@ -49,7 +49,7 @@ from typing import ClassVar
 import numpy as np
 
 from fleetlearn.aggregator import rules
-from fleetlearn.aggregator.engine_config import EngineConfig, EngineError
+from fleetlearn.aggregator.engine_config import EngineConfig, EngineError, NotEnoughDevicesError
 from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.report import Aggregate, StageStats, finite
 from fleetlearn.shared import compression, privacy, protocol, wire
@@ -106,10 +106,22 @@ class RoundSetup:
     # The model's class names (its manifest's labels): federated evaluation is also counted
     # per class. Empty: no per-class counts.
     labels: tuple[str, ...] = ()
-    # With privacy: each candidate's chance of being in the cohort (the accounting's q), and
-    # the seed of the aggregator's own noise (central DP; from the engine's random source).
+    # With privacy: each candidate's chance of being in the cohort (the accounting's q), how
+    # many candidates it was drawn from, and the seed of the aggregator's own noise (central
+    # DP; from the engine's random source). What a noisy round is sized by comes from these,
+    # never from the cohort drawn, whose size depends on who was sampled.
     sampling_rate: float = 1.0
+    candidates: int = 0
     noise_seed: bytes = b""
+
+    def expected_survivors(self, dropout: float) -> float:
+        """The contributions a round expects: candidates * rate * (1 - dropout)."""
+        return max(1.0, self.candidates * self.sampling_rate * (1.0 - dropout))
+
+    def least_survivors(self, dropout: float) -> int:
+        """The fewest contributions a noisy round plans for (see `least_survivors`): each
+        candidate ends up in the sum with probability rate * (1 - dropout)."""
+        return least_survivors(self.candidates, 1.0 - self.sampling_rate * (1.0 - dropout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,15 +283,19 @@ class SecureRound(ModeRound):
         noise, least = None, 0
         if c.privacy == "distributed":
             # The noise is sized for the fewest survivors the round accepts; the mean divides
-            # by the survivors expected. Both come from the cohort's size and the settings.
-            expected = n * (1.0 - c.expected_dropout)
-            least = least_survivors(n, c.expected_dropout)
+            # by the survivors expected. Both come from the sampling, not from who was drawn.
+            least = setup.least_survivors(c.expected_dropout)
+            if least > n:
+                raise NotEnoughDevicesError(
+                    f"the sample of {n} devices is below the {least} survivors the round's "
+                    "noise is sized for; the next round samples again"
+                )
             noise = DistributedNoise.sized(
                 clip=c.dp_clip,
                 dimension=k,
                 noise_multiplier=c.dp_noise_multiplier,
                 least_survivors=least,
-                denominator=max(float(least), expected),
+                denominator=setup.expected_survivors(c.expected_dropout),
             )
         secagg = SecAggConfig.create(
             cohort_size=n,
@@ -415,10 +431,11 @@ class SecureRound(ModeRound):
         )
 
     def spent_charge(self) -> RoundCharge | None:
-        result, noise = self._server.result, self._server.config.noise
-        if result is None or noise is None:
+        # Once the masks came off, the aggregator saw the noisy sum, even one then refused.
+        count, noise = self._server.unmasked, self._server.config.noise
+        if count is None or noise is None:
             return None
-        return self._charge(self._server.config, noise, result.count, self._setup.sampling_rate)
+        return self._charge(self._server.config, noise, count, self._setup.sampling_rate)
 
     def abort_notice(self, reason: str) -> list[Outbound]:
         if self._server.state is ServerState.ABORTED:
@@ -484,6 +501,10 @@ class PlainRound(ModeRound):
                 f"per-class counts for {classes} classes; the model has {len(self._setup.labels)}",
             )
         self._updates[device] = message
+        if self._config.privacy == "local":
+            # A noisy update reached the aggregator (and the broker): charged even if the
+            # round goes no further.
+            self._spent = self.planned_charge
 
     def complete(self) -> bool:
         return len(self._updates) == len(self._setup.cohort)
@@ -516,11 +537,15 @@ class PlainRound(ModeRound):
             mean = self._noisy_mean(dense)
             weights = [1.0] * len(sent)  # every device counts the same
         elif c.privacy == "local":
-            self._spent = self.planned_charge
             weights = [1.0] * len(sent)  # devices send none: their sample counts stay theirs
-            if c.rule == "mean":  # over the survivors expected, fixed before the round
-                expected = len(setup.cohort) * (1.0 - c.expected_dropout)
-                mean = np.sum(dense, axis=0) / max(1.0, expected)
+            # Post-processing that bounds what one device can do: an honest noisy update's
+            # norm is about z * clip * sqrt(d); anything far beyond it is cut to that.
+            bound = c.dp_clip * (1.0 + c.dp_noise_multiplier * (math.sqrt(setup.dim) + 10.0))
+            dense = [privacy.clip_l2(u, bound) for u in dense]
+            if c.rule == "mean":  # over the contributions expected, fixed before the round
+                if c.clip_norm:
+                    dense = [rules.clip_to_norm(u, c.clip_norm) for u in dense]
+                mean = np.sum(dense, axis=0) / self._denominator()
             else:  # any rule on noisy updates is post-processing
                 mean = rules.aggregate(
                     dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm
@@ -572,8 +597,11 @@ class PlainRound(ModeRound):
             total += rng.normal(0.0, sd, setup.dim)
         else:
             total[setup.coordinates] += rng.normal(0.0, sd, setup.coordinates.size)
-        expected = len(setup.cohort) * (1.0 - c.expected_dropout)
-        return total / max(1.0, expected)
+        return total / self._denominator()
+
+    def _denominator(self) -> float:
+        """The noisy mean's denominator: the contributions expected, fixed by the sampling."""
+        return self._setup.expected_survivors(self._config.expected_dropout)
 
 
 # The engine's `mode` setting -> its strategy. An asynchronous mode would add a row here.

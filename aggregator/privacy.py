@@ -25,6 +25,7 @@ impossible charge is a `PrivacyError`, never a smaller epsilon.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -199,6 +200,82 @@ def epsilon_spent(charges: Sequence[RoundCharge], delta: float) -> float:
         [float(o) for o in ORDERS], skellam_rdp_curve(skellam), delta
     )
     return float(epsilon)
+
+
+@functools.lru_cache(maxsize=4096)
+def _round_curve(charge: RoundCharge) -> tuple[float, ...]:
+    """One round's RDP at ORDERS: a Gaussian's from dp-accounting's own accountant, a
+    Skellam's from `skellam_rdp_curve`."""
+    if charge.mechanism == "skellam":
+        return _skellam_curve(charge, ORDERS)
+    dpa = _dp_accounting()
+    accountant = dpa.rdp.RdpAccountant(orders=[float(o) for o in ORDERS])
+    accountant.compose(
+        dpa.PoissonSampledDpEvent(
+            charge.sampling_rate, dpa.GaussianDpEvent(charge.noise_multiplier)
+        )
+    )
+    return tuple(float(v) for v in accountant.rdp)
+
+
+class Ledger:
+    """A run's charges with their RDP composed as they come, so that the run's epsilon costs
+    the same after a thousand rounds as after one. `epsilon` equals `epsilon_spent` on the
+    same charges (RDP composes by addition; the conversion is dp-accounting's).
+
+    Two figures: `amplified` (each round at its sampling rate: for observers who do not know
+    who was sampled) and not (every rate taken as 1: for observers who see the cohorts)."""
+
+    def __init__(self, charges: Sequence[RoundCharge] = ()) -> None:
+        self.charges: list[RoundCharge] = []
+        self._rdp = {
+            (amplified, mechanism): np.zeros(len(ORDERS))
+            for amplified in (True, False)
+            for mechanism in ("gaussian", "skellam")
+        }
+        for charge in charges:
+            self.add(charge)
+
+    def __len__(self) -> int:
+        return len(self.charges)
+
+    @staticmethod
+    def _curves(charge: RoundCharge) -> dict[bool, np.ndarray]:
+        known = dataclasses.replace(charge, sampling_rate=1.0)
+        return {True: np.array(_round_curve(charge)), False: np.array(_round_curve(known))}
+
+    def add(self, charge: RoundCharge) -> None:
+        for amplified, curve in self._curves(charge).items():
+            self._rdp[(amplified, charge.mechanism)] += curve
+        self.charges.append(charge)
+
+    def epsilon(self, delta: float, *, amplified: bool, extra: RoundCharge | None = None) -> float:
+        """The run's epsilon at `delta`, with `extra` added if given (what one more round
+        would make it); composed like `epsilon_spent`."""
+        if not (math.isfinite(delta) and 0.0 < delta < 1.0):
+            raise PrivacyError(f"delta {delta!r} is outside (0, 1)")
+        mechanisms = {c.mechanism for c in self.charges}
+        gaussian = self._rdp[(amplified, "gaussian")]
+        skellam = self._rdp[(amplified, "skellam")]
+        if extra is not None:
+            mechanisms.add(extra.mechanism)
+            curve = self._curves(extra)[amplified]
+            if extra.mechanism == "gaussian":
+                gaussian = gaussian + curve
+            else:
+                skellam = skellam + curve
+        if not mechanisms:
+            return 0.0
+        dpa = _dp_accounting()
+        orders = [float(o) for o in ORDERS]
+
+        def convert(curve: np.ndarray, at: float) -> float:
+            epsilon, _ = dpa.rdp.rdp_privacy_accountant.compute_epsilon(orders, curve, at)
+            return float(epsilon)
+
+        if mechanisms == {"gaussian", "skellam"}:
+            return convert(gaussian, delta / 2.0) + convert(skellam, delta / 2.0)
+        return convert(gaussian if "gaussian" in mechanisms else skellam, delta)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -36,6 +36,7 @@ from fleetlearn.shared import wire
 class Selection:
     cohort: tuple[str, ...]
     sampling_rate: float  # each candidate's chance of being in it (1.0 unless Poisson)
+    candidates: int  # how many it was drawn from (with rate 1: its own size)
 
 
 @dataclass(slots=True)
@@ -156,7 +157,7 @@ class Devices:
                 f"only {len(chosen)} eligible devices (of {len(self.online())} online); "
                 f"a round needs at least {c.min_cohort}"
             )
-        return Selection(tuple(sorted(chosen)), 1.0)
+        return Selection(tuple(sorted(chosen)), 1.0, len(chosen))
 
     def _poisson(self, candidates: list[str], want: int) -> Selection:
         min_cohort = self.config.min_cohort
@@ -178,4 +179,4 @@ class Devices:
                 f"{len(chosen)}; a round needs at least {min_cohort}: the next round samples "
                 "again"
             )
-        return Selection(tuple(sorted(chosen)), rate)
+        return Selection(tuple(sorted(chosen)), rate, len(candidates))

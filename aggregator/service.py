@@ -259,9 +259,10 @@ class AggregatorService:
             log.warning("round %d was interrupted by a restart; recorded as aborted", round_id)
         if self.settings.engine_config().privacy != "none":
             privacy.require_accountant()
-        self.engine.ledger = self.store.charges()
+        self.engine.ledger = privacy.Ledger(self.store.charges())
         if self.engine.ledger:
-            figures = self.engine.privacy_figures(self.engine.ledger[-1], self.engine.ledger[-1])
+            last = self.engine.ledger.charges[-1]
+            figures = self.engine.privacy_figures(last, last)
             log.warning(
                 "privacy: %d rounds charged so far, epsilon %.3g at delta %g",
                 len(self.engine.ledger),
@@ -735,8 +736,8 @@ class AggregatorService:
             keep = tflite.mask_of(manifest.layout, personal)
             new[keep] = weights[keep]
         try:
-            if not np.all(np.isfinite(new)):
-                raise ValueError("new weights hold NaN or infinity")
+            if not np.all(np.isfinite(new.astype(np.float32))):  # as released: float32
+                raise ValueError("new weights hold NaN or infinity (or overflow float32)")
             version = self.store.latest_version() + 1
             release = release_weights(
                 model, new.astype(np.float32), version=version, signing_key=self._creds.identity

@@ -69,6 +69,13 @@ def register(sub: Any) -> None:
         default=0.8,
         help="refuse to deal shares when fewer of the cohort advertised keys (0.8)",
     )
+    d.add_argument(
+        "--min-noise",
+        type=float,
+        default=0.0,
+        help="refuse rounds whose differential-privacy noise multiplier, as this device can "
+        "check it, is below this (0: no demand; docs/privacy.md)",
+    )
     d.add_argument("--ca-file", help="CA certificate for mqtts:// brokers")
     d.set_defaults(handler=run_device)
 
@@ -89,6 +96,7 @@ def run_device(args: argparse.Namespace) -> int:
             min_cohort=args.min_cohort,
             min_survivors=args.min_survivors,
             min_advertised_fraction=args.min_advertised_fraction,
+            min_noise=args.min_noise,
         )
     except SecAggConfigError as exc:
         flag = "--" + exc.key.removeprefix("floor.").replace("_", "-")

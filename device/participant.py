@@ -261,6 +261,13 @@ class Participant:
         if current is not None:
             self._end_round(counted=False)  # a new round supersedes one we never saw end
         self._last_round = announce.round_id
+        floor = self.floor.min_noise
+        if announce.mode is RoundMode.PLAIN and floor and announce.training.local_noise < floor:
+            why = (
+                f"round {announce.round_id}: not joining: a plain round with local noise "
+                f"{announce.training.local_noise:g}; this device demands {floor:g}"
+            )
+            return [Note(NoteKind.ROUND_SKIPPED, why)]
         out: list[Action] = [Train(announce.round_id, announce)]
         client = None
         if announce.mode is RoundMode.SECURE:

@@ -40,6 +40,7 @@ A scenario is a TOML file (every key optional; defaults are a calm fleet):
     min_cohort = 3            # refuse secure rounds with a smaller cohort
     min_survivors = 3         # refuse to go on / unmask for fewer
     min_advertised_fraction = 0.8   # refuse to deal shares when fewer of the cohort advertised
+    min_noise = 0.0           # refuse rounds with less differential-privacy noise (checkable)
 
 Every problem raises `ConfigError` naming the key (e.g. `dropout.unmask`). Draws per device and
 per round come from hashes of the seed, so a device's fate does not depend on process layout.
@@ -191,7 +192,9 @@ class Scenario:
         churn = _table(data, "churn", {"disconnect", "reconnect_after"})
         elig = _table(data, "eligibility", {"busy", "charging", "battery_min", "battery_max"})
         privacy = _table(
-            data, "privacy", {"min_cohort", "min_survivors", "min_advertised_fraction"}
+            data,
+            "privacy",
+            {"min_cohort", "min_survivors", "min_advertised_fraction", "min_noise"},
         )
         default = cls()
         sites = default.sites
@@ -232,6 +235,7 @@ def _floor(table: dict[str, Any], default: PrivacyFloor) -> PrivacyFloor:
                 0.0,
                 1.0,
             ),
+            min_noise=_num(table, "privacy.min_noise", default.min_noise, 0.0, 1000.0),
         )
     except SecAggConfigError as exc:  # the ranges above match; kept for a one-line message
         raise ConfigError(exc.key.replace("floor.", "privacy."), exc.problem) from None

@@ -22,14 +22,14 @@ from fleetlearn.aggregator.engine import (
     NotEnoughDevicesError,
     Phase,
 )
-from fleetlearn.aggregator.modes import least_survivors
+from fleetlearn.aggregator.modes import RoundSetup, SecureMode, least_survivors
 from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.store import Store, StoreError
 from fleetlearn.broker import provision as prov
 from fleetlearn.shared import compression, rounds, tflite, topics, wire
 from fleetlearn.shared import privacy as encoding
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
-from fleetlearn.shared.secagg.config import DistributedNoise
+from fleetlearn.shared.secagg.config import DistributedNoise, PrivacyFloor
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import fleet
 from tests.test_rounds_inmemory import MODEL, Fleet, make_fleet, run_round
@@ -90,38 +90,112 @@ def test_a_distributed_round_releases_the_noisy_mean_and_charges_its_survivors()
         p,
         noise.norm_bound(p),
     )
-    assert fleet_.engine.ledger == [charge]
+    assert fleet_.engine.ledger.charges == [charge]
     figures = out.metrics["privacy"]
     assert figures["released"] is True
     assert figures["epsilon"] == pytest.approx(privacy.epsilon_spent([charge], 1e-5))
 
 
 def test_a_distributed_round_sized_for_dropouts_carries_the_planned_noise_with_fewer() -> None:
-    least = least_survivors(10, 0.2)
-    assert least == 4  # Binomial(10, 0.8) < 4 has probability 0.0009; < 5: 0.0064
-    cfg = {"privacy": "distributed", "dp_clip": 0.05, "expected_dropout": 0.2}
-    fleet_ = make_fleet(10, **cfg)
-    fleet_.drop_kinds = {"d01": {topics.Kind.ADVERTISE}, "d02": {topics.Kind.ADVERTISE}}
+    least = least_survivors(20, 0.1)
+    assert least == 13  # Binomial(20, 0.9) < 13 has probability 0.0004; < 14: 0.0024
+    cfg = {"privacy": "distributed", "dp_clip": 0.05, "expected_dropout": 0.1}
+    fleet_ = make_fleet(20, **cfg)
+    fleet_.drop_kinds = {"d01": {topics.Kind.MASKED}, "d02": {topics.Kind.MASKED}}
     run_round(fleet_)
     out = fleet_.engine.outcome
     assert out is not None
     assert out.state is RoundState.CLOSED, out.reason
-    assert len(out.survivors) == 8
+    announce = wire.decode(fleet_.retained[topics.round_announce(fleet_.engine.fleet)])
+    assert isinstance(announce, RoundAnnounce)
+    assert announce.secagg is not None
+    assert announce.secagg.min_survivors == least  # above the threshold t the round needs
+    assert announce.secagg.threshold < least
+    assert len(out.survivors) == 18
     planned = out.planned_charge
     assert planned is not None
     assert planned.noise_multiplier == pytest.approx(1.0)  # sized for the least survivors
     assert out.charge is not None
-    # 8 survivors carry 7 devices' noise where 3 were planned: charged for what they carried.
-    assert out.charge.noise_multiplier == pytest.approx(math.sqrt(7 / 3))
-    # Fewer than the least survivors would carry less noise than planned: no unmasking.
-    fleet_ = make_fleet(10, **cfg)
-    fleet_.drop_kinds = {f"d0{i}": {topics.Kind.ADVERTISE} for i in range(1, 8)}
+    # 18 survivors carry 17 devices' noise where 12 were planned: charged what they carried.
+    assert out.charge.noise_multiplier == pytest.approx(math.sqrt(17 / 12))
+    # Fewer survivors than planned would carry less noise than charged: no unmasking.
+    fleet_ = make_fleet(20, **cfg)
+    fleet_.drop_kinds = {f"d{i:02d}": {topics.Kind.MASKED} for i in range(1, 9)}
     run_round(fleet_)
     out = fleet_.engine.outcome
     assert out is not None
     assert out.state is RoundState.ABORTED
+    assert "12" in out.reason and "13" in out.reason, out.reason
     assert out.charge is None  # nothing was unmasked: nothing spent
-    assert fleet_.engine.ledger == []
+    assert fleet_.engine.ledger.charges == []
+
+
+def test_a_noisy_sum_refused_after_unmasking_is_still_charged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The aggregator saw the noisy sum before it refused it (a device sent garbage that
+    honest contributions cannot make): the round aborts, and is charged."""
+    from fleetlearn.shared.compression.errors import CompressionError
+    from fleetlearn.shared.secagg import contribution
+
+    def corrupt(*args: object, **kwargs: object) -> None:
+        raise CompressionError("the unmasked noisy sum has a coordinate beyond 9: corrupt")
+
+    monkeypatch.setattr(contribution, "decode", corrupt)
+    fleet_ = make_fleet(6, privacy="distributed", dp_clip=0.05)
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert out.state is RoundState.ABORTED
+    assert "corrupt" in out.reason
+    assert out.charge is not None
+    assert fleet_.engine.ledger.charges == [out.charge]
+    assert out.metrics["privacy"]["released"] is True
+
+
+def test_a_sample_below_the_planned_survivors_is_not_announced() -> None:
+    """Sizing comes from the sampling (rate x candidates), not from the sample drawn; a
+    sample too small to reach the planned least survivors is drawn again."""
+    fleet_ = make_fleet(
+        12, privacy="distributed", dp_clip=0.05, cohort=6, expected_dropout=0.1, min_cohort=3
+    )
+    tried, refused = 0, 0
+    while tried < 40:
+        tried += 1
+        try:
+            fleet_.publish(
+                fleet_.engine.start_round(
+                    round_id=tried, model_version=1, dim=fleet_.dim, now=fleet_.now
+                )
+            )
+        except NotEnoughDevicesError as exc:
+            refused += "sized for" in str(exc) or "Poisson sample" in str(exc)
+            continue
+        announce = fleet_.engine.announce
+        assert announce is not None and announce.secagg is not None
+        noise = announce.secagg.noise
+        assert noise is not None
+        # Whatever the sample's size: expected survivors 12 * 0.5 * 0.9 = 5.4.
+        assert noise.denominator == pytest.approx(5.4)
+        assert announce.secagg.min_survivors >= least_survivors(12, 1 - 0.5 * 0.9)
+        fleet_.engine.abort("test", fleet_.now)
+    assert refused < tried
+    # A sample far below what the sampling plans for (3 drawn where 45 are expected).
+    config = EngineConfig(privacy="distributed", dp_clip=0.05, expected_dropout=0.1)
+    setup = RoundSetup(
+        round_id=1,
+        cohort=("d00", "d01", "d02"),
+        seed=bytes(32),
+        dim=100,
+        compression=SecureMode(config).compression(),
+        coordinates=None,
+        verify_keys={},
+        tickets={},
+        sampling_rate=0.5,
+        candidates=100,
+    )
+    with pytest.raises(NotEnoughDevicesError, match="sized for"):
+        SecureMode(config).open(setup)
 
 
 @pytest.mark.parametrize(("n", "dropout"), [(10, 0.2), (20, 0.1), (100, 0.1), (1000, 0.05)])
@@ -144,10 +218,12 @@ def direct_gaussian_epsilon(q: float, z: float, rounds_: int, delta: float) -> f
     return float(accountant.get_epsilon(delta))
 
 
-def test_a_central_run_spends_what_dp_accounting_computes_for_it() -> None:
+@pytest.mark.parametrize("amplification", [False, True])
+def test_a_central_run_spends_what_dp_accounting_computes_for_it(amplification: bool) -> None:
     """Acceptance 2: three plain rounds with central noise on Poisson cohorts of a fleet of
-    10 (rate 4/10); the epsilon on metrics equals dp-accounting's own composition of three
-    Poisson-sampled Gaussians, and the cohort-known figure its composition without sampling."""
+    10 (rate 4/10). The amplified figure on metrics equals dp-accounting's own composition of
+    three Poisson-sampled Gaussians, the cohort-known figure its composition without
+    sampling, and `epsilon` (what the budget holds) is the one privacy.amplification says."""
     z, clip = 1.3, 0.05
     fleet_ = make_fleet(
         10,
@@ -155,6 +231,7 @@ def test_a_central_run_spends_what_dp_accounting_computes_for_it() -> None:
         privacy="central",
         dp_noise_multiplier=z,
         dp_clip=clip,
+        dp_amplification=amplification,
         cohort=4,
         sparsity="dense",
     )
@@ -166,11 +243,13 @@ def test_a_central_run_spends_what_dp_accounting_computes_for_it() -> None:
         assert out.metrics["privacy"]["sampling_rate"] == pytest.approx(0.4)
     figures = out.metrics["privacy"]
     assert figures["rounds_charged"] == 3
-    assert figures["epsilon"] == pytest.approx(direct_gaussian_epsilon(0.4, z, 3, 1e-5), rel=1e-9)
-    assert figures["epsilon_cohort_known"] == pytest.approx(
-        direct_gaussian_epsilon(1.0, z, 3, 1e-5), rel=1e-9
-    )
-    assert figures["epsilon"] < figures["epsilon_cohort_known"]
+    sampled = direct_gaussian_epsilon(0.4, z, 3, 1e-5)
+    known = direct_gaussian_epsilon(1.0, z, 3, 1e-5)
+    assert figures["epsilon_amplified"] == pytest.approx(sampled, rel=1e-9)
+    assert figures["epsilon_cohort_known"] == pytest.approx(known, rel=1e-9)
+    assert figures["epsilon"] == pytest.approx(sampled if amplification else known, rel=1e-9)
+    assert figures["amplification"] is amplification
+    assert sampled < known
 
 
 def test_central_noise_is_added_to_the_clipped_sum() -> None:
@@ -252,6 +331,37 @@ def test_local_noise_is_added_on_the_device_and_charged_for_the_aggregator(
         EngineConfig(mode="plain", privacy="local")  # the default plan feeds back
 
 
+@pytest.mark.parametrize(
+    ("mode", "mechanism", "z", "joins"),
+    [
+        ("secure", "none", 1.0, False),
+        ("secure", "distributed", 1.0, False),
+        ("secure", "distributed", 2.0, True),
+        ("plain", "central", 5.0, False),  # nothing a device can check
+        ("plain", "local", 2.0, True),
+    ],
+)
+def test_a_device_floor_refuses_rounds_with_less_noise_than_it_demands(
+    mode: str, mechanism: str, z: float, joins: bool
+) -> None:
+    cfg: dict[str, object] = {"privacy": mechanism, "dp_noise_multiplier": z, "dp_clip": 0.05}
+    if mechanism == "none":
+        cfg = {}
+    if mode == "plain":
+        cfg.update(sparsity="dense", training=rounds.TrainingPlan(error_feedback=False))
+    fleet_ = make_fleet(6, mode=mode, floor=PrivacyFloor(min_noise=2.0), **cfg)
+    run_round(fleet_)
+    out = fleet_.engine.outcome
+    assert out is not None
+    assert (out.state is RoundState.CLOSED) is joins, out.reason
+    notes = [n for texts in fleet_.notes.values() for n in texts]
+    if joins:
+        assert not any("demands" in n for n in notes)
+    else:
+        assert len([n for n in notes if "demands" in n]) == 6, notes
+        assert not [b for _, _, b in fleet_.sent]  # nothing left any device
+
+
 def test_privacy_settings_that_cannot_work_are_refused() -> None:
     with pytest.raises(EngineError, match="secure"):
         EngineConfig(mode="plain", privacy="distributed")
@@ -288,7 +398,7 @@ def test_the_round_that_would_cross_the_budget_is_not_started() -> None:
     )
     run_round(fleet_, 1)
     run_round(fleet_, 2)
-    assert fleet_.engine.ledger == [one, one]
+    assert fleet_.engine.ledger.charges == [one, one]
     manifest = tflite.read_manifest(MODEL)
     assert manifest is not None
     with pytest.raises(BudgetSpentError, match="privacy budget") as refused:
@@ -322,6 +432,8 @@ def test_poisson_cohorts_take_each_candidate_at_the_rate() -> None:
     se = math.sqrt(0.25 * 0.75 / 300)
     assert all(abs(c / 300 - 0.25) < 5 * se for c in counts.values()), counts
     assert len(sizes) > 3
+    # The mean cohort is 20 * 0.25 = 5 (standard error sqrt(20 * 0.25 * 0.75 / 300) = 0.11).
+    assert abs(sum(counts.values()) / 300 - 5.0) < 5 * math.sqrt(20 * 0.25 * 0.75 / 300)
 
 
 # ------------------------------------------------------------------------------- store
@@ -421,21 +533,28 @@ async def test_the_budget_holds_over_mqtt_and_across_a_restart(tmp_path: Path) -
                 await asyncio.gather(*(r.wait() for r in ready))
             h.start_devices()
             service, summaries = await h.run_aggregator(timeout=240, **settings)
-            assert [s.state for s in summaries] == ["closed", "closed"], [
-                s.metrics.get("reason") for s in summaries
-            ]
+            # Every device must survive (no dropout expected): a round a straggler aborted
+            # on a loaded machine is retried, and charged nothing (no sum was unmasked).
+            closed = [s for s in summaries if s.state == "closed"]
+            assert len(closed) == 2, [s.metrics.get("reason") for s in summaries]
+            assert all(
+                s.metrics.get("privacy", {}).get("released") is False
+                for s in summaries
+                if s.state != "closed"
+            )
+            refused = summaries[-1].round_id + 1
             assert service.budget_spent is not None
-            assert "privacy budget: round 3 would take epsilon" in service.budget_spent
-            assert summaries[1].metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
+            assert f"privacy budget: round {refused} would take epsilon" in service.budget_spent
+            assert closed[1].metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
             async with asyncio.timeout(20):
                 while not any(b"round_refused" in b for t, b in seen if "events" in t):  # noqa: ASYNC110 - the watchers fill `seen`
                     await asyncio.sleep(0.2)
             # The round topic says why round 3 did not start; so does metrics.
             notice = wire.decode(_last(seen, round_topic), RoundAnnounce)
-            assert (notice.round_id, notice.state) == (3, RoundState.ABORTED)
+            assert (notice.round_id, notice.state) == (refused, RoundState.ABORTED)
             assert notice.reason == service.budget_spent
             metrics = json.loads(_last(seen, metrics_topic))
-            assert (metrics["round"], metrics["state"]) == (3, "refused")
+            assert (metrics["round"], metrics["state"]) == (refused, "refused")
             assert metrics["reason"] == service.budget_spent
             assert metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
 
@@ -444,7 +563,7 @@ async def test_the_budget_holds_over_mqtt_and_across_a_restart(tmp_path: Path) -
             again, more = await h.run_aggregator(timeout=120, **settings)
             assert more == []
             assert again.budget_spent is not None
-            assert "round 3 would take epsilon from" in again.budget_spent
+            assert f"round {refused} would take epsilon from" in again.budget_spent
             async with asyncio.timeout(20):
                 while not any(b"refused" in b for t, b in seen if t == metrics_topic):  # noqa: ASYNC110
                     await asyncio.sleep(0.2)

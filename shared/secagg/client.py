@@ -356,7 +356,9 @@ class SecAggClient:
         with self._guard(now):
             if self._state is not ClientState.INIT:
                 raise LocalProtocolError(f"start() in state {self._state.name}")
-            problem = self.floor.cohort_problem(self.config.cohort_size)
+            problem = self.floor.cohort_problem(self.config.cohort_size) or (
+                self.floor.noise_problem(self.config)
+            )
             if problem:
                 raise self._refuse(problem)
             if self._tickets[self.device_id] != keys.ticket_of(self.device_id, self._draw):

@@ -342,6 +342,12 @@ class SecAggConfig(wire.Record):
                 raise SecAggConfigError(
                     "dimension", f"at most {privacy.MAX_DIMENSION} coordinates carry noise"
                 )
+            if b > MAX_NOISY_FIELD_BITS:
+                raise SecAggConfigError(
+                    "field_bits",
+                    f"a noisy sum is read as signed int64: at most {MAX_NOISY_FIELD_BITS} "
+                    f"bits, got {b}",
+                )
             noisy = self.noise.field_bits(self.update_words, n)
             if noisy > MAX_NOISY_FIELD_BITS:
                 raise SecAggConfigError(
@@ -436,6 +442,11 @@ class PrivacyFloor:
                             in U1: it bounds how small the aggregator can make U1, which it may
                             choose (leaving honest advertisers out) to try rings until one gives
                             a victim t colluding neighbours; a smaller U1 makes that likelier
+    min_noise               refuse a round whose differential-privacy noise this device can
+                            check is below this multiplier (0: no demand): a secure round's
+                            distributed noise at its least survivors, a plain round's local
+                            noise (docs/privacy.md); a plain round with central or no noise
+                            has nothing the device can check, and is refused
 
     Defaults: 3 / 3 / 0.8. Three is the smallest sum that hides one device's input from each of
     the others; larger sizes depend on the fleet and come from the operator (`fleetlearn device
@@ -447,8 +458,13 @@ class PrivacyFloor:
     min_cohort: int = MIN_COHORT
     min_survivors: int = 3
     min_advertised_fraction: float = 0.8
+    min_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if not _is_number(self.min_noise) or not 0.0 <= self.min_noise <= 1000.0:
+            raise SecAggConfigError(
+                "floor.min_noise", f"must be a number in [0, 1000], got {self.min_noise!r}"
+            )
         if not _is_int(self.min_cohort) or not MIN_COHORT <= self.min_cohort <= MAX_COHORT:
             raise SecAggConfigError(
                 "floor.min_cohort",
@@ -476,6 +492,23 @@ class PrivacyFloor:
         least = max(self.min_cohort, self.min_survivors)
         if cohort_size < least:
             return f"a cohort of {cohort_size} devices is below this device's floor of {least}"
+        return None
+
+    def noise_problem(self, config: SecAggConfig) -> str | None:
+        """Why a secure round's noise is too little for this device, or None: the noise
+        multiplier its least survivors (the announced min_survivors) carry."""
+        if not self.min_noise:
+            return None
+        if config.noise is None:
+            return (
+                f"the round adds no noise; this device demands a multiplier of {self.min_noise:g}"
+            )
+        planned = config.noise.noise_multiplier(config.update_words, config.min_survivors)
+        if planned < self.min_noise * (1 - 1e-9):
+            return (
+                f"the round's noise multiplier is {planned:.3g} at its least survivors; this "
+                f"device demands {self.min_noise:g}"
+            )
         return None
 
     def survivors_needed(self, config: SecAggConfig) -> int:

@@ -190,6 +190,9 @@ class SecAggServer:
         self._state = ServerState.ADVERTISE
         self._reason: str | None = None
         self._result: SecAggResult | None = None
+        # Contributions in the unmasked sum once the masks came off, even if it is then
+        # refused as corrupt: the aggregator has seen it (its privacy charge counts them).
+        self.unmasked: int | None = None
         self._dropped: dict[str, Stage] = {}
         # ADVERTISE
         self._adverts: dict[str, KeyAdvert] = {}
@@ -665,6 +668,7 @@ class SecAggServer:
             )
         try:
             total = self._unmask()
+            self.unmasked = len(self._u3)
             result = contribution.decode(
                 self.config, total, tuple(sorted(self._u3)), seed=self._round_seed
             )
