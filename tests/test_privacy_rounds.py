@@ -125,7 +125,8 @@ def test_a_distributed_round_sized_for_dropouts_carries_the_planned_noise_with_f
     out = fleet_.engine.outcome
     assert out is not None
     assert out.state is RoundState.ABORTED
-    assert "12" in out.reason and "13" in out.reason, out.reason
+    assert "12" in out.reason, out.reason
+    assert "13" in out.reason, out.reason
     assert out.charge is None  # nothing was unmasked: nothing spent
     assert fleet_.engine.ledger.charges == []
 
@@ -172,7 +173,8 @@ def test_a_sample_below_the_planned_survivors_is_not_announced() -> None:
             refused += "sized for" in str(exc) or "Poisson sample" in str(exc)
             continue
         announce = fleet_.engine.announce
-        assert announce is not None and announce.secagg is not None
+        assert announce is not None
+        assert announce.secagg is not None
         noise = announce.secagg.noise
         assert noise is not None
         # Whatever the sample's size: expected survivors 12 * 0.5 * 0.9 = 5.4.
