@@ -10,7 +10,8 @@ COPY aggregator ./aggregator
 COPY device ./device
 COPY firmware_sim ./firmware_sim
 COPY broker ./broker
-# The image runs the aggregator and the simulator: [sim] (devices, terminal view, plots).
-RUN pip install --no-cache-dir ".[sim]"
+# The image runs the aggregator and the simulator: [sim] (devices, terminal view, plots) and
+# [privacy] (dp-accounting, for an aggregator with privacy.mechanism set).
+RUN pip install --no-cache-dir ".[sim,privacy]"
 ENTRYPOINT ["fleetlearn"]
 CMD ["--help"]

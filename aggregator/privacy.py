@@ -1,17 +1,18 @@
 """Differential-privacy accounting: what the fleet's releases have spent of (epsilon, delta).
 
 What it owns: `RoundCharge` (one round's mechanism as it ran), `skellam_rdp_curve` (the
-Renyi-DP curve of Skellam rounds), `epsilon_spent` (a run's epsilon at a delta) and `Budget`
-(whether one more round fits).
-Nothing here adds noise; devices and the aggregator do (issue 17 wires them in).
+Renyi-DP curve of Skellam rounds), `epsilon_spent` (a run's epsilon at a delta, from the
+whole list), `Ledger` (the same, composed round by round, for the engine) and `Budget`.
+Nothing here adds noise: devices and the aggregator's round modes do (docs/privacy.md).
 
-Two mechanisms, each on a sum of updates whose L2 norm is clipped to `clip`:
-- `gaussian`: Gaussian noise of standard deviation `noise_multiplier * clip` on the sum
-  (central DP, plain rounds). Accounted by dp-accounting's RDP accountant with its own events
-  (a Poisson-sampled Gaussian per round): nothing about it is computed here.
+Two mechanisms, each on a sum of updates whose L2 norm is clipped:
+- `gaussian`: Gaussian noise of standard deviation `noise_multiplier` times the sensitivity
+  on the sum (central and local DP, plain rounds). Accounted by dp-accounting's RDP
+  accountant with its own events (a Poisson-sampled Gaussian per round): nothing about it is
+  computed here.
 - `skellam`: integer Skellam noise that devices add before masking, so that the unmasked sum
-  carries noise of variance `(noise_multiplier * clip)**2` in update units (Agarwal, Kairouz
-  and Liu, NeurIPS 2021). Its per-order RDP is their bound for the Skellam mechanism with L1
+  carries noise of standard deviation `noise_multiplier` times the grid sensitivity `scale`
+  (Agarwal, Kairouz and Liu, NeurIPS 2021). Its per-order RDP is their bound for the Skellam mechanism with L1
   and L2 sensitivities in the scaled integer domain; Poisson subsampling amplifies it by the
   general bound of Zhu and Wang (ICML 2019, Theorem 5), since dp-accounting amplifies only its
   own events; dp-accounting converts the composed curve to (epsilon, delta).
@@ -51,13 +52,12 @@ class RoundCharge:
     """One round's mechanism as it ran.
 
     sampling_rate     probability that a given device was in the round's cohort
-    noise_multiplier  noise standard deviation in the sum, over the L2 clip (z = sigma / C)
+    noise_multiplier  noise standard deviation in the sum, over the L2 sensitivity
     mechanism         `gaussian` or `skellam`
     dimension         coordinates the noise is on (skellam: its L1 sensitivity grows with it)
-    scale             skellam: integer grid points per clip (the update-units scale, gamma^-1,
-                      times the clip), so that sensitivities are 1 (L2) and sqrt(d) (L1) clips
-    The sensitivities are those of the clipped update; once rounding is wired in, the charge
-    must use the rounded vector's bound (`shared.privacy.rounded_norm_bound`) instead.
+    scale             skellam: the L2 sensitivity on the integer grid (aggregator.modes passes
+                      the rounded norm bound B of one device's scaled, rotated update), so that
+                      the sensitivities are 1 (L2) and sqrt(d) (L1) in units of it
     """
 
     sampling_rate: float

@@ -143,6 +143,10 @@ def test_dockerfile_installs_the_entrypoint() -> None:
     assert set(linked) >= {"shared", "transport", "aggregator", "device", "firmware_sim", "broker"}
     for package in ["fleetlearn", *linked]:
         assert f"COPY {package} ./{package}" in text
+    # The aggregator in the image can run private rounds (dp-accounting: docs/privacy.md).
+    install = next(line for line in text.splitlines() if line.startswith("RUN pip install"))
+    extras = install.split('".[', 1)[1].split("]", 1)[0].split(",")
+    assert {"sim", "privacy"} <= set(extras)
 
 
 def _uids(pid: int) -> list[int]:

@@ -24,13 +24,14 @@ import msgpack
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fleetlearn.aggregator.engine import RoundEngine
 from fleetlearn.device.participant import Note, Participant
 from fleetlearn.shared import rounds, topics, wire
 from fleetlearn.shared.compression import DenseUpdate
+from fleetlearn.shared.secagg import messages as sm
 from tests.test_rounds_inmemory import FLEET, make_fleet, run_round
 from tests.wire_strategies import for_type, full_map
 
@@ -350,6 +351,14 @@ def test_participant_reports_hostile_payloads_and_keeps_its_model(payload: bytes
 @HOSTILE
 @given(payload=hostile_payloads())
 def test_participant_in_a_round_ignores_hostile_round_messages(payload: bytes) -> None:
+    # A mutation can land on a well-formed unmask request or abort for this round: only the
+    # aggregator can publish there (broker ACL), and such a message may end the round (a
+    # device the request leaves out stops). That is the protocol, not garbage.
+    try:
+        real = wire.decode(payload)
+    except wire.WireError:
+        real = None
+    assume(not (isinstance(real, sm.UnmaskRequest | sm.Abort) and real.round_id == 1))
     fleet, _ = _engine_with_round()
     device_id, device = next(iter(fleet.devices.items()))
     assert device.round is not None

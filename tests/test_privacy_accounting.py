@@ -7,6 +7,7 @@ is checked against what it must bound and what it must approach.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -138,3 +139,43 @@ def test_impossible_budgets_and_deltas_are_refused() -> None:
             Budget(epsilon=epsilon, delta=delta)
     with pytest.raises(PrivacyError):
         privacy.epsilon_spent([], 2.0)
+
+
+def test_the_ledger_composed_round_by_round_equals_the_whole_run() -> None:
+    """The engine's running ledger (one curve added per round, cached per distinct charge)
+    gives what `epsilon_spent` computes from the whole list, amplified and cohort-known,
+    for a run that mixes mechanisms, rates and multipliers, and with one more round."""
+    rng = np.random.default_rng(4)
+    charges = []
+    for _ in range(60):
+        q, z = float(rng.choice([0.05, 0.3, 1.0])), float(rng.choice([0.9, 1.7]))
+        if rng.random() < 0.5:
+            charges.append(RoundCharge(sampling_rate=q, noise_multiplier=z))
+        else:
+            charges.append(
+                RoundCharge(
+                    sampling_rate=q,
+                    noise_multiplier=z,
+                    mechanism="skellam",
+                    dimension=2048,
+                    scale=40_000.0,
+                )
+            )
+    ledger = privacy.Ledger()
+    for k, charge in enumerate(charges, start=1):
+        ledger.add(charge)
+        if k in (1, 7, 60):
+            done = charges[:k]
+            known = [dataclasses.replace(c, sampling_rate=1.0) for c in done]
+            assert ledger.epsilon(1e-5, amplified=True) == pytest.approx(
+                privacy.epsilon_spent(done, 1e-5), rel=1e-12
+            )
+            assert ledger.epsilon(1e-5, amplified=False) == pytest.approx(
+                privacy.epsilon_spent(known, 1e-5), rel=1e-12
+            )
+    extra = charges[3]
+    assert ledger.epsilon(1e-5, amplified=True, extra=extra) == pytest.approx(
+        privacy.epsilon_spent([*charges, extra], 1e-5), rel=1e-12
+    )
+    assert len(ledger) == 60  # what-if left the ledger as it was
+    assert privacy.Ledger().epsilon(1e-5, amplified=True) == 0.0
