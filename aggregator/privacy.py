@@ -12,10 +12,11 @@ Two mechanisms, each on a sum of updates whose L2 norm is clipped:
   computed here.
 - `skellam`: integer Skellam noise that devices add before masking, so that the unmasked sum
   carries noise of standard deviation `noise_multiplier` times the grid sensitivity `scale`
-  (Agarwal, Kairouz and Liu, NeurIPS 2021). Its per-order RDP is their bound for the Skellam mechanism with L1
-  and L2 sensitivities in the scaled integer domain; Poisson subsampling amplifies it by the
-  general bound of Zhu and Wang (ICML 2019, Theorem 5), since dp-accounting amplifies only its
-  own events; dp-accounting converts the composed curve to (epsilon, delta).
+  (Agarwal, Kairouz and Liu, NeurIPS 2021). Its per-order RDP is their bound for the
+  Skellam mechanism with L1 and L2 sensitivities in the scaled integer domain; Poisson
+  subsampling amplifies it by the general bound of Zhu and Wang (ICML 2019, Theorem 5),
+  since dp-accounting amplifies only its own events; dp-accounting converts the composed
+  curve to (epsilon, delta).
 
 Rules: the noise charged is the noise that was in the sum (a round with dropouts carries less
 of the devices' noise shares: the caller passes what the survivors added, never the plan);
