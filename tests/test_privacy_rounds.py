@@ -548,10 +548,27 @@ async def test_the_budget_holds_over_mqtt_and_across_a_restart(tmp_path: Path) -
             assert service.budget_spent is not None
             assert f"privacy budget: round {refused} would take epsilon" in service.budget_spent
             assert closed[1].metrics["privacy"]["epsilon"] == pytest.approx(two, rel=1e-6)
+
+            def told(topic: str, marker: bytes) -> bool:
+                return any(marker in b for t, b in seen if t == topic)
+
+            def announced_refusal() -> bool:
+                for t, b in seen:
+                    if t == round_topic:
+                        notice = wire.decode(b, RoundAnnounce)
+                        if notice.state is RoundState.ABORTED and notice.round_id == refused:
+                            return True
+                return False
+
+            # The three are published in turn, and reach the two watchers in their own time.
             async with asyncio.timeout(20):
-                while not any(b"round_refused" in b for t, b in seen if "events" in t):  # noqa: ASYNC110 - the watchers fill `seen`
+                while not (  # noqa: ASYNC110 - the watchers fill `seen`
+                    told(topics.events(h.fleet), b"round_refused")
+                    and told(metrics_topic, b'"state":"refused"')
+                    and announced_refusal()
+                ):
                     await asyncio.sleep(0.2)
-            # The round topic says why round 3 did not start; so does metrics.
+            # The round topic says why the round did not start; so does metrics.
             notice = wire.decode(_last(seen, round_topic), RoundAnnounce)
             assert (notice.round_id, notice.state) == (refused, RoundState.ABORTED)
             assert notice.reason == service.budget_spent
@@ -567,7 +584,7 @@ async def test_the_budget_holds_over_mqtt_and_across_a_restart(tmp_path: Path) -
             assert again.budget_spent is not None
             assert f"round {refused} would take epsilon from" in again.budget_spent
             async with asyncio.timeout(20):
-                while not any(b"refused" in b for t, b in seen if t == metrics_topic):  # noqa: ASYNC110
+                while not told(metrics_topic, b'"state":"refused"'):  # noqa: ASYNC110
                     await asyncio.sleep(0.2)
             metrics = json.loads(_last(seen, metrics_topic))
             assert metrics["state"] == "refused"
