@@ -222,13 +222,17 @@ def test_the_bits_grow_with_the_noise_and_too_many_are_refused() -> None:
     small = noisy_config(multiplier=0.5)
     large = noisy_config(multiplier=50.0)
     assert small.field_bits < large.field_bits <= 62
-    noise = DistributedNoise.sized(
-        clip=CLIP, dimension=DIMENSION, noise_multiplier=1e14, least_survivors=2
-    )
+    # A grid so fine that 8 devices' coordinates need more than 62 bits.
+    noise = DistributedNoise(clip=CLIP, scale=1e19, variance=1.0, denominator=2.0)
     with pytest.raises(SecAggConfigError, match="bits"):
         SecAggConfig.create(cohort_size=N_DEVICES, dimension=DIMENSION, clip=CLIP, noise=noise)
     with pytest.raises(SecAggConfigError, match="noise"):
         DistributedNoise(clip=1.0, scale=1.0, variance=-1.0, denominator=2.0)
+    # Noise a device's Poisson sampler cannot draw is refused in the config, not on devices.
+    with pytest.raises(SecAggConfigError, match="variance"):
+        DistributedNoise.sized(
+            clip=CLIP, dimension=DIMENSION, noise_multiplier=1e14, least_survivors=2
+        )
 
 
 def test_a_noisy_config_travels_in_the_announcement() -> None:

@@ -39,6 +39,8 @@ MIN_COHORT = 3  # with two devices the sum reveals the other device's update
 MAX_COHORT = 65_536
 MAX_FIELD_BITS = 64  # arithmetic is numpy uint32/uint64 wraparound
 MAX_NOISY_FIELD_BITS = 62  # a noisy sum is decoded to int64, signed: keep a bit to spare
+# A device's Skellam variance: each half is a Poisson draw, which numpy refuses above ~9.2e18.
+MAX_NOISE_VARIANCE = 1e18
 # Weight and loss are floats; past 52 bits float64 cannot resolve the quantization grid.
 MAX_FLOAT_GRID_BITS = 52
 
@@ -140,6 +142,12 @@ class DistributedNoise(wire.Record):
                 raise SecAggConfigError(
                     f"noise.{name}", f"must be a finite number > 0, got {value!r}"
                 )
+        if self.variance > MAX_NOISE_VARIANCE:
+            raise SecAggConfigError(
+                "noise.variance",
+                f"{self.variance:.3g} is beyond what a device can draw (at most "
+                f"{MAX_NOISE_VARIANCE:g}: numpy's Poisson sampler); lower the noise multiplier",
+            )
 
     @classmethod
     def sized(
