@@ -62,7 +62,7 @@ class ModelSection:
 @dataclass(frozen=True, slots=True)
 class RoundsSection:
     count: int = 10  # rounds to close (aborted ones are retried), 0 = until stopped
-    mode: Literal["secure", "plain"] = "secure"
+    mode: Literal["secure", "plain", "async"] = "secure"
     cohort: int = 20
     over_select: float = 1.2
     min_cohort: int = 3
@@ -229,6 +229,17 @@ class PrivacySection:
 
 
 @dataclass(frozen=True, slots=True)
+class FedBuffSection:
+    """Asynchronous rounds (rounds.mode = "async"; FedBuff, docs/learning.md): devices train
+    whenever invited and send an update tagged with the version it started from."""
+
+    buffer: int = 10  # updates per release
+    concurrency: int = 30  # devices training at once
+    max_staleness: int = 8  # releases an update may lag behind when it arrives
+    staleness_exponent: float = 0.5  # an update counts (1 + staleness)^-exponent
+
+
+@dataclass(frozen=True, slots=True)
 class AggregatorSettings:
     broker: BrokerSection = field(default_factory=BrokerSection)
     fleet: FleetSection = field(default_factory=FleetSection)
@@ -243,6 +254,7 @@ class AggregatorSettings:
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     server: ServerSection = field(default_factory=ServerSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    fedbuff: FedBuffSection = field(default_factory=FedBuffSection)
 
     def engine_config(self) -> EngineConfig:
         """The round engine's view; errors name the settings key."""
@@ -332,6 +344,10 @@ class AggregatorSettings:
                 dp_epsilon=self.privacy.epsilon,
                 dp_delta=self.privacy.delta,
                 dp_amplification=self.privacy.amplification,
+                buffer=self.fedbuff.buffer,
+                concurrency=self.fedbuff.concurrency,
+                max_staleness=self.fedbuff.max_staleness,
+                staleness_exponent=self.fedbuff.staleness_exponent,
             )
         except EngineError as exc:
             # The message names its key for engine users; the ConfigError names it once.

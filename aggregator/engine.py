@@ -267,6 +267,10 @@ class RoundEngine:
     def eligible(self, model_version: int | None = None) -> list[str]:
         return self._devices.eligible(model_version)
 
+    def training(self) -> list[str]:
+        """Asynchronous rounds: the devices with an open invitation (training now)."""
+        return self._mode.training()
+
     def select(self, model_version: int, now: float | None = None) -> tuple[str, ...]:
         """The cohort (aggregator.selection); the mode may refuse devices (secure rounds take
         only devices whose status carries a graph ticket)."""
@@ -343,7 +347,7 @@ class RoundEngine:
         c, mode = self.config, self._mode
         rate, candidates = 1.0, None
         if cohort is None:
-            selection = self._devices.select(model_version, now, mode.admits)
+            selection = mode.cohort(self._devices, model_version, now)
             cohort, rate = selection.cohort, selection.sampling_rate
             candidates = selection.candidates
         unknown = [d for d in cohort if not self._devices.known(d)]
@@ -370,6 +374,8 @@ class RoundEngine:
             verify_keys={d: self._verify_keys[d] for d in cohort},
             tickets=tickets,
             labels=tuple(labels),
+            model_version=model_version,
+            opened=now,
             sampling_rate=rate,
             candidates=len(cohort) if candidates is None else candidates,
             noise_seed=self._random(32) if c.privacy != "none" else b"",
@@ -390,11 +396,13 @@ class RoundEngine:
             times=times,
             secagg=machine.secagg,
             tickets=machine.tickets,
+            invited_in=machine.invited_in,
+            max_staleness=c.max_staleness if machine.invited_in else 0,
         )
         payload = wire.encode(announce)
         first = mode.stages[0]
         tally = RoundTally()
-        tally.stages[first].expected = len(cohort)
+        tally.stages[first].expected = len(cohort) if machine.expected is None else machine.expected
         for dev in cohort:
             tally.downlink[dev] += len(payload)
         self._transition(Event.START)
@@ -504,7 +512,9 @@ class RoundEngine:
         if route is None or route.stage is None or topic.round_id is None:
             self._reject("wrong_topic", device, f"{topic.kind.value} is not a device round topic")
             return None
-        if run is None or topic.round_id != run.announce.round_id:
+        if run is None or (
+            topic.round_id != run.announce.round_id and topic.round_id not in run.mode.calls
+        ):
             if topic.round_id in self._finished and self._finished[topic.round_id] is route.stage:
                 # Asked for and on its way when its stage already had what it needed: not
                 # late, just not needed. Counted, without an event each (hundreds per round).

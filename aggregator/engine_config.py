@@ -34,7 +34,7 @@ class NotEnoughDevicesError(EngineError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
-    mode: Literal["secure", "plain"] = "secure"
+    mode: Literal["secure", "plain", "async"] = "secure"
     cohort: int = 20  # devices whose updates a round aims for
     over_select: float = 1.2  # select this many times `cohort` when enough are eligible
     min_cohort: int = 3
@@ -74,6 +74,15 @@ class EngineConfig:
     # Whether the budget counts amplification by sampling: only right when nobody the budget
     # protects against sees the cohorts (devices read every round's announcement).
     dp_amplification: bool = False
+    # Asynchronous rounds (mode "async", FedBuff; docs/learning.md): at most `concurrency`
+    # devices train at once; every `buffer` updates the aggregator applies their mean, each
+    # weighted by (1 + staleness)^-staleness_exponent, where staleness is how many releases
+    # came out since the version it trained from; updates staler than `max_staleness` are
+    # refused. An invitation lapses after `times.collect_hard` seconds without an update.
+    buffer: int = 10
+    concurrency: int = 30
+    max_staleness: int = 8
+    staleness_exponent: float = 0.5
 
     def plan_for(self, model_version: int) -> rounds.TrainingPlan:
         """The training plan announced for a round on `model_version`: the rate scheduled."""
@@ -135,11 +144,40 @@ class EngineConfig:
                 key="training.error_feedback",
             )
         self._check_privacy()
+        self._check_async()
         if self.mode == "secure" and self.rule != "mean":
             raise EngineError(
                 f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "
                 "sees their sum, so it supports 'mean' only",
                 key="aggregation.rule",
+            )
+
+    def _check_async(self) -> None:
+        if not 1 <= self.buffer <= 100_000:
+            raise EngineError(
+                f"fedbuff.buffer must be in 1..100000, got {self.buffer}", key="fedbuff.buffer"
+            )
+        if not self.buffer <= self.concurrency <= 100_000:
+            raise EngineError(
+                f"fedbuff.concurrency must be in fedbuff.buffer ({self.buffer})..100000 (fewer "
+                f"devices training than the buffer holds would never fill it), got "
+                f"{self.concurrency}",
+                key="fedbuff.concurrency",
+            )
+        if not 0 <= self.max_staleness <= 10_000:
+            raise EngineError(
+                f"fedbuff.max_staleness must be in 0..10000, got {self.max_staleness}",
+                key="fedbuff.max_staleness",
+            )
+        if not 0.0 <= self.staleness_exponent <= 10.0:
+            raise EngineError(
+                f"fedbuff.staleness_exponent must be in [0, 10], got {self.staleness_exponent}",
+                key="fedbuff.staleness_exponent",
+            )
+        if self.mode == "async" and self.sparsity == "top_k":
+            raise EngineError(
+                "compression.sparsity top_k is not supported in async rounds (use dense or rand_k)",
+                key="compression.sparsity",
             )
 
     def _check_privacy(self) -> None:

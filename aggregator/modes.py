@@ -4,10 +4,13 @@ What it owns: the strategies the engine (aggregator.engine) runs a round with. T
 owns what every round shares (the phase, stage windows and timing, counts, late and refused
 messages, the summary); a mode owns what differs:
 
-    mode = MODES[config.mode](config)        # one per engine: SecureMode, PlainMode
+    mode = MODES[config.mode](config)        # one per engine: SecureMode, PlainMode, AsyncMode
     mode.admits(status)                      # may selection take this device?
-    round = mode.open(setup)                 # one per round: SecureRound, PlainRound
+    mode.cohort(devices, version, now)       # the next round's cohort (a Selection)
+    round = mode.open(setup)                 # one per round: SecureRound, PlainRound, AsyncRound
     round.secagg, round.tickets, round.limits    # for the announcement and the decoder
+    round.invited_in, round.calls            # asynchronous: invitations and their rounds
+    round.expected                           # answers the first stage waits for
     round.stage                              # the stage it collects now
     round.take(device, message, now)         # one decoded device message; never closes
     round.complete() / round.can_close()     # everyone answered / closing now can go on
@@ -33,8 +36,16 @@ Rules:
   with `privacy = central` clips each update and adds Gaussian noise to the sum. Either
   divides by a denominator fixed before the round and reports the charge of what it
   released in its Aggregate.
-- A new mode (e.g. asynchronous FedBuff) is one more `Mode`/`ModeRound` pair and a row in
-  `MODES`; the engine needs no branch for it.
+- Asynchronous rounds (FedBuff): the mode, which lives as long as the engine, holds the
+  open invitations and the buffer; a round is the time between two releases. It takes
+  updates on the topics of the rounds that invited their senders (`calls`), closes once the
+  buffer holds `buffer` updates, and yields their staleness-weighted mean. An update staler
+  than `max_staleness` is refused (`stale`) and frees its sender's slot: the one refusal
+  that changes something, since the device did answer. A round whose buffer does not fill by
+  its hard limit aborts and the buffer waits for the next one; invitations lapse after
+  `times.collect_hard` seconds (their devices count as stragglers).
+- A new mode is one more `Mode`/`ModeRound` pair and a row in `MODES`; the engine needs no
+  branch for it.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from fleetlearn.aggregator import rules
 from fleetlearn.aggregator.engine_config import EngineConfig, EngineError, NotEnoughDevicesError
 from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.report import Aggregate, StageStats, finite
+from fleetlearn.aggregator.selection import Devices, Selection
 from fleetlearn.shared import compression, privacy, protocol, wire
 from fleetlearn.shared.rounds import PlainUpdate, RoundMode
 from fleetlearn.shared.secagg import messages as sm
@@ -106,6 +118,8 @@ class RoundSetup:
     # The model's class names (its manifest's labels): federated evaluation is also counted
     # per class. Empty: no per-class counts.
     labels: tuple[str, ...] = ()
+    model_version: int = 1  # the release the round trains (asynchronous: the current one)
+    opened: float = 0.0  # when the round starts, on the engine's clock
     # With privacy: each candidate's chance of being in the cohort (the accounting's q), how
     # many candidates it was drawn from, and the seed of the aggregator's own noise (central
     # DP; from the engine's random source). What a noisy round is sized by comes from these,
@@ -155,6 +169,11 @@ class ModeRound(abc.ABC):
     # With privacy: the most the round can spend (its release charged with the fewest
     # contributions it accepts); None without privacy.
     planned_charge: RoundCharge | None = None
+    # Asynchronous rounds: per cohort member the round that invited it (announced), and
+    # the earlier rounds whose topics this round takes updates on.
+    invited_in: tuple[int, ...] = ()
+    calls: frozenset[int] = frozenset()
+    expected: int | None = None  # answers the first stage waits for (None: the cohort)
 
     @property
     @abc.abstractmethod
@@ -199,6 +218,14 @@ class Mode(abc.ABC):
     def admits(self, status: wire.DeviceStatus) -> bool:
         """Whether selection may take a device with this status."""
         return True
+
+    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
+        """The next round's cohort, chosen from what the engine knows of its devices."""
+        return devices.select(model_version, now, self.admits)
+
+    def training(self) -> list[str]:
+        """Devices training between rounds (asynchronous invitations); none otherwise."""
+        return []
 
     def compression(self) -> compression.Compression:
         c = self.config
@@ -604,5 +631,232 @@ class PlainRound(ModeRound):
         return self._setup.expected_survivors(self._config.expected_dropout)
 
 
-# The engine's `mode` setting -> its strategy. An asynchronous mode would add a row here.
-MODES: dict[str, type[Mode]] = {"secure": SecureMode, "plain": PlainMode}
+# ------------------------------------------------------------------------------------- async
+
+
+@dataclass(frozen=True, slots=True)
+class Invitation:
+    """An open invitation to train (asynchronous rounds)."""
+
+    round_id: int  # the round that invited the device: the topic its update comes on
+    version: int  # the release that round announced: the update's base version
+    seed: bytes  # that round's seed (its rand-k coordinates)
+    at: float  # when it was announced, on the engine's clock
+    mark: int  # the devices' sign-of-life count then (a lapsed invitation stalls its device)
+
+
+@dataclass(frozen=True, slots=True)
+class Buffered:
+    """An accepted update waiting for the buffer to fill."""
+
+    device: str
+    update: np.ndarray  # dense, full dimension
+    message: PlainUpdate
+    arrived: float
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """FedBuff's polynomial discount: an update `staleness` releases old counts
+    (1 + staleness)^-exponent."""
+    return float((1.0 + staleness) ** -exponent)
+
+
+class AsyncMode(Mode):
+    """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022) on plain updates."""
+
+    round_mode = RoundMode.ASYNC
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.invitations: dict[str, Invitation] = {}
+        self.buffer: list[Buffered] = []
+        self.stale_refused = 0  # since the engine started
+        self._now = 0.0
+        self._mark = 0
+
+    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
+        """The devices still training (their invitations stand) and new invitees for the free
+        slots, preferring those on the current release."""
+        self._now, self._mark = now, devices.mark
+        lapsed = self.lapse(now)
+        for device in lapsed:
+            devices.stall([device], lapsed[device].mark, now)
+        busy = set(self.invitations)
+        free = self.config.concurrency - len(busy)
+        new: tuple[str, ...] = ()
+        if free > 0:
+            new = devices.select(
+                model_version,
+                now,
+                lambda status: status.device_id not in busy and self.admits(status),
+                want=free,
+                least=0 if busy else 1,
+            ).cohort
+        cohort = tuple(sorted(busy | set(new)))
+        return Selection(cohort, 1.0, len(cohort))
+
+    def training(self) -> list[str]:
+        return sorted(self.invitations)
+
+    def lapse(self, now: float) -> dict[str, Invitation]:
+        """Drop the invitations older than the training hard limit; return them."""
+        limit = self.config.times.collect_hard
+        lapsed = {d: i for d, i in self.invitations.items() if now - i.at >= limit}
+        for device in lapsed:
+            del self.invitations[device]
+        return lapsed
+
+    def open(self, setup: RoundSetup) -> AsyncRound:
+        for device in setup.cohort:
+            if device not in self.invitations:
+                self.invitations[device] = Invitation(
+                    round_id=setup.round_id,
+                    version=setup.model_version,
+                    seed=setup.seed,
+                    at=setup.opened,
+                    mark=self._mark,
+                )
+        return AsyncRound(setup, self.config, self)
+
+
+class AsyncRound(ModeRound):
+    """One release's worth of asynchronous updates: COLLECT until the buffer holds `buffer`."""
+
+    secagg = None
+    tickets = b""
+
+    def __init__(self, setup: RoundSetup, config: EngineConfig, mode: AsyncMode) -> None:
+        self._setup = setup
+        self._config = config
+        self._mode = mode
+        self.invited_in = tuple(mode.invitations[d].round_id for d in setup.cohort)
+        self.calls = frozenset(self.invited_in)
+        self.expected = max(0, config.buffer - len(mode.buffer))
+        self.limits = _limits({Kind.UPDATE: 8 * setup.dim + SLACK})
+        self._closed_at = setup.opened
+
+    @property
+    def stage(self) -> Stage:
+        return Stage.COLLECT
+
+    def take(self, device: str, message: wire.Message, now: float) -> None:
+        assert isinstance(message, PlainUpdate)
+        mode, setup = self._mode, self._setup
+        invitation = mode.invitations.get(device)
+        if invitation is None or invitation.round_id != message.round_id:
+            raise RefusedError(
+                "not_invited",
+                f"no open invitation from round {message.round_id} (it lapsed, was answered, "
+                "or a later one replaced it)",
+            )
+        if message.base_version != invitation.version:
+            raise RefusedError(
+                "bad_payload",
+                f"base_version {message.base_version}; round {invitation.round_id} announced "
+                f"v{invitation.version}",
+            )
+        staleness = setup.model_version - invitation.version
+        if staleness > self._config.max_staleness:
+            del mode.invitations[device]  # it answered: its slot is free again
+            mode.stale_refused += 1
+            raise RefusedError(
+                "stale",
+                f"trained from v{invitation.version}, {staleness} releases behind "
+                f"v{setup.model_version}; fedbuff.max_staleness is {self._config.max_staleness}",
+            )
+        try:
+            compression.check_update(message.update, config=setup.compression, dim=setup.dim)
+        except wire.WireError as exc:
+            raise RefusedError("bad_payload", str(exc)) from None
+        classes = len(message.class_samples)
+        if classes and setup.labels and classes != len(setup.labels):
+            raise RefusedError(
+                "bad_payload",
+                f"per-class counts for {classes} classes; the model has {len(setup.labels)}",
+            )
+        dense = compression.to_dense(
+            message.update, config=setup.compression, dim=setup.dim, seed=invitation.seed
+        )
+        if not np.all(np.isfinite(dense)):
+            raise RefusedError("bad_payload", "the update holds NaN or infinity")
+        mode.buffer.append(Buffered(device, dense, message, now))
+        del mode.invitations[device]
+
+    def complete(self) -> bool:
+        return len(self._mode.buffer) >= self._config.buffer
+
+    def can_close(self) -> bool:
+        return self.complete()
+
+    def close(self, now: float) -> Progress:
+        self._closed_at = now
+        lapsed = sorted(self._mode.lapse(now))
+        closed = StageClose(Stage.COLLECT, lapsed)
+        held, wanted = len(self._mode.buffer), self._config.buffer
+        if held < wanted:
+            why = (
+                f"the buffer held {held} of {wanted} updates when stages.collect_hard "
+                f"({self._config.times.collect_hard:g} s) passed; they wait for the next round"
+            )
+            return Progress(closed=closed, failure=why)
+        return Progress(closed=closed, collected=True)
+
+    def result(self, stages: Mapping[Stage, StageStats]) -> Aggregate:
+        c, setup, mode = self._config, self._setup, self._mode
+        taken, mode.buffer = mode.buffer[: c.buffer], mode.buffer[c.buffer :]
+        staleness = [setup.model_version - b.message.base_version for b in taken]
+        discount = [staleness_weight(s, c.staleness_exponent) for s in staleness]
+        weights = [b.message.weight for b in taken]
+        scaled = [d * w for d, w in zip(discount, weights, strict=True)]
+        # sum(s_i w_i u_i) / sum(w_i): a stale update adds less, and is not made up for by
+        # the others (FedBuff). Robust rules combine the updates, then take the mean discount.
+        mean = rules.aggregate(
+            [b.update for b in taken], scaled, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm
+        ) * (sum(scaled) / sum(weights))
+        sent = [b.message for b in taken]
+        samples = sum(m.samples for m in sent)
+        loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)
+        correct = sum(m.correct for m in sent)
+        local_correct = sum(m.local_correct for m in sent)
+        classes = len(setup.labels)
+        rows = tuple(
+            sum(m.class_samples[i] for m in sent if m.class_samples) for i in range(classes)
+        )
+        hits = tuple(
+            sum(m.class_correct[i] for m in sent if m.class_correct) for i in range(classes)
+        )
+        waits = sorted(self._closed_at - b.arrived for b in taken)
+        histogram: dict[str, int] = {}
+        for s in sorted(staleness):
+            histogram[str(s)] = histogram.get(str(s), 0) + 1
+        figures = {
+            "updates_applied": len(taken),
+            "staleness": histogram,
+            "mean_staleness": round(float(np.mean(staleness)), 3),
+            "mean_discount": round(float(np.mean(discount)), 4),
+            "buffer_wait_s": {
+                "median": round(float(np.median(waits)), 3),
+                "max": round(waits[-1], 3),
+            },
+            "stale_refused_total": mode.stale_refused,
+            "in_flight": len(mode.invitations),
+            "buffered": len(mode.buffer),
+        }
+        return Aggregate(
+            mean_update=mean,
+            error_bound=0.0,
+            survivors=tuple(sorted(b.device for b in taken)),
+            mean_loss=loss / samples if samples else None,
+            accuracy=correct / samples if samples else None,
+            samples=samples,
+            local_accuracy=local_correct / samples if samples else None,
+            class_samples=rows,
+            class_correct=hits,
+            weight_sum=float(sum(scaled)),
+            dropouts_recovered=0,
+            figures={"async": figures},
+        )
+
+
+# The engine's `mode` setting -> its strategy.
+MODES: dict[str, type[Mode]] = {"secure": SecureMode, "plain": PlainMode, "async": AsyncMode}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -85,6 +86,8 @@ class Aggregate:
     # label and the global model's hits among them. Empty without labels.
     class_samples: tuple[int, ...] = ()
     class_correct: tuple[int, ...] = ()
+    # Figures of the mode's own (asynchronous rounds: `async`), added to the summary as is.
+    figures: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -161,6 +164,7 @@ def summary(
             weight_sum=aggregate.weight_sum,
             dropouts_recovered=aggregate.dropouts_recovered,
         )
+        metrics.update(aggregate.figures)
         if task is Task.REGRESSION:  # no classes: nothing is right or wrong, only off by
             metrics.update(accuracy=None, device_accuracy=None)
         if labels and len(aggregate.class_samples) == len(labels):

@@ -125,8 +125,13 @@ class Devices:
         model_version: int,
         now: float | None,
         admits: Callable[[wire.DeviceStatus], bool],
+        *,
+        want: int | None = None,
+        least: int | None = None,
     ) -> Selection:
-        """The cohort (see the module rules); `admits` is the round mode's own condition."""
+        """The cohort (see the module rules); `admits` is the round mode's own condition.
+        `want` and `least` replace the config's target (cohort * over_select) and floor
+        (min_cohort) when given (asynchronous rounds fill their free training slots)."""
         c = self.config
         stalled = self.stalled(now) if now is not None else frozenset()
 
@@ -143,19 +148,23 @@ class Devices:
             charging = {d for d in items if self._devices[d].status.charging}
             return sorted(items, key=lambda d: (d not in charging, keys[d]))
 
-        want = max(c.min_cohort, math.ceil(c.cohort * c.over_select))
+        floor = c.min_cohort if least is None else least
+        if want is None:
+            want = max(c.min_cohort, math.ceil(c.cohort * c.over_select))
         if c.privacy != "none":
             return self._poisson(preferred + fallback, want)
         ordered = shuffled(preferred) + shuffled(fallback)
         chosen = ordered[:want]
-        if len(chosen) < c.min_cohort:
+        if len(chosen) < floor:
             # Better a round with devices that stalled before than no round at all.
-            last_resort = [d for d in self.eligible() if d in stalled]
-            chosen += shuffled(last_resort)[: c.min_cohort - len(chosen)]
-        if len(chosen) < c.min_cohort:
+            last_resort = [
+                d for d in self.eligible() if d in stalled and admits(self._devices[d].status)
+            ]
+            chosen += shuffled(last_resort)[: floor - len(chosen)]
+        if len(chosen) < floor:
             raise NotEnoughDevicesError(
                 f"only {len(chosen)} eligible devices (of {len(self.online())} online); "
-                f"a round needs at least {c.min_cohort}"
+                f"a round needs at least {floor}"
             )
         return Selection(tuple(sorted(chosen)), 1.0, len(chosen))
 

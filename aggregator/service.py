@@ -99,6 +99,7 @@ from fleetlearn.transport import (
 log = logging.getLogger("fleetlearn.aggregator")
 PUBLISH_WINDOW = 20
 INTAKE_BATCH = 64  # messages taken on the loop between two looks at the network
+MAX_PARKED = 10_000  # asynchronous updates held between two rounds (see _park)
 T = TypeVar("T")
 
 
@@ -195,6 +196,9 @@ class AggregatorService:
         self._gave_up: str | None = None  # why the rounds loop stopped early (max_aborts)
         self.budget_spent: str | None = None  # why no more rounds run (the privacy budget)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
+        # Asynchronous rounds: updates that arrived between two rounds (see _park).
+        self._asynchronous = settings.rounds.mode == "async"
+        self._parked: collections.deque[Incoming] = collections.deque()
 
     # ------------------------------------------------------------------------------- setup
 
@@ -442,6 +446,8 @@ class AggregatorService:
             async with self._engine_lock:
                 now = time.monotonic()
                 for msg in batch:
+                    if self._park(msg):
+                        continue
                     pubs += self._take(msg, now)
                     if self.engine.close_due:
                         pubs += await self._tick()
@@ -449,6 +455,40 @@ class AggregatorService:
             await self._publish(pubs)
             if self.engine.outcome is not None:
                 self._outcome.set()
+
+    def _park(self, msg: Incoming) -> bool:
+        """Asynchronous rounds: a device update that arrives between two rounds (the release
+        being built) waits for the next round, which takes updates on their inviting rounds'
+        topics, instead of counting as late. At most MAX_PARKED wait; beyond, as usual."""
+        if not self._asynchronous or self.engine.running or len(self._parked) >= MAX_PARKED:
+            return False
+        try:
+            kind = topics.parse(msg.topic).kind
+        except topics.TopicError:
+            return False
+        if kind is not topics.Kind.UPDATE:
+            return False
+        self._parked.append(msg)
+        return True
+
+    async def _unpark(self) -> None:
+        """Feed the parked updates to the round that just started."""
+        if not self._parked:
+            return
+        parked, self._parked = list(self._parked), collections.deque()
+        pubs: list[Publish] = []
+        async with self._engine_lock:
+            now = time.monotonic()
+            for msg in parked:
+                if self._park(msg):  # the round closed meanwhile: the next one takes it
+                    continue
+                pubs += self._take(msg, now)
+                if self.engine.close_due:
+                    pubs += await self._tick()
+                    now = time.monotonic()
+        await self._publish(pubs)
+        if self.engine.outcome is not None:
+            self._outcome.set()
 
     def _take(self, msg: Incoming, now: float) -> list[Publish]:
         """One message into the engine. The engine refuses bad input and contains its own
@@ -503,11 +543,19 @@ class AggregatorService:
         start = time.monotonic()
         while not self._stop.is_set():
             stalled = self.engine.stalled(time.monotonic())
-            target = min(
-                math.ceil(cfg.cohort * cfg.over_select),
-                len(self._registry.device_keys) - len(stalled),
-            )
-            ready = [d for d in self.engine.eligible(version) if d not in stalled]
+            wanted = math.ceil(cfg.cohort * cfg.over_select)
+            if self._asynchronous:
+                # Devices still training count; new invitees need not run the latest release
+                # yet (they load it before they train).
+                wanted = self.settings.fedbuff.buffer
+            target = min(wanted, len(self._registry.device_keys) - len(stalled))
+            ready = [
+                d
+                for d in self.engine.eligible(None if self._asynchronous else version)
+                if d not in stalled
+            ]
+            if self._asynchronous:
+                ready += self.engine.training()
             if len(ready) >= max(target, cfg.min_cohort):
                 return True
             if time.monotonic() - start >= cfg.wait_for_devices:
@@ -580,6 +628,7 @@ class AggregatorService:
                 latest.version,
             )
             await self._publish(pubs)
+            await self._unpark()
             # The event can also be set by a late message processed while the previous
             # round's outcome was still the engine's latest: wait for *this* round's.
             while not self._stop.is_set():
@@ -608,7 +657,9 @@ class AggregatorService:
                 break
             if outcome.state is RoundState.CLOSED:
                 done, aborted = done + 1, 0
-                await self._pause(cfg.settle + cfg.interval)  # devices load the release
+                # Devices load the release. Asynchronous rounds do not wait: devices go on
+                # training, and a new invitee waits for the release itself.
+                await self._pause(cfg.interval + (0.0 if self._asynchronous else cfg.settle))
                 continue
             aborted += 1
             if cfg.max_aborts and aborted >= cfg.max_aborts:

@@ -525,7 +525,8 @@ class DeviceAgent:
 
     async def _trainer_for(self, version: int, within: float) -> LiteRTTrainer | None:
         """The interpreter of `version`, waiting up to `within` s while the release lane is
-        still loading it (the participant accepts a release before its interpreter exists)."""
+        still loading it (the participant accepts a release before its interpreter exists;
+        an asynchronous invitation may come before its release was even verified)."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + within
         while True:
@@ -533,7 +534,7 @@ class DeviceAgent:
             if trainer is not None and trainer.version == version:
                 return trainer
             remaining = give_up - loop.time()
-            if self.participant.model_version != version or remaining <= 0:
+            if self.participant.model_version > version or remaining <= 0:
                 return None
             self._trainer_loaded.clear()
             with contextlib.suppress(TimeoutError):

@@ -244,6 +244,11 @@ class Participant:
         except wire.WireError as exc:
             return [Note(NoteKind.ROUND_SKIPPED, f"unreadable round announcement ({exc})")]
         current = self._round
+        if announce.mode is RoundMode.ASYNC:
+            return self._on_async(announce, now)
+        if current is not None and current.announce.mode is RoundMode.ASYNC:
+            self._end_round(counted=False)  # the fleet went back to rounds: drop the invitation
+            current = None
         if announce.state is not RoundState.OPEN:
             if current is not None and current.announce.round_id == announce.round_id:
                 self._end_round(counted=announce.state is RoundState.CLOSED and self._survived())
@@ -305,6 +310,36 @@ class Participant:
         self._round = _Round(announce, {first: now}, client)
         self.rounds_joined += 1
         return out
+
+    def _on_async(self, announce: RoundAnnounce, now: float) -> list[Action]:
+        """An asynchronous round's announcement (shared.rounds): invitations, not rounds.
+        A new invitation trains on the announced release (the adapter waits for it to load
+        if it is still on its way); a standing one goes on; none cancels what is pending.
+        Its end (CLOSED or ABORTED) changes nothing: the next announcement says who trains."""
+        if announce.state is not RoundState.OPEN or announce.round_id <= self._last_round:
+            return []  # over, or seen already (a retained announcement comes again)
+        current = self._round
+        self._last_round = announce.round_id
+        invited = announce.invitation(self.device_id)
+        if current is not None and (
+            current.announce.mode is not RoundMode.ASYNC or invited != current.announce.round_id
+        ):
+            self._end_round(counted=False)  # no longer invited (lapsed), or re-invited anew
+            current = None
+        if current is not None or invited != announce.round_id:
+            return []  # still training for a standing invitation, or not invited
+        if announce.model_version < self.model_version:
+            return []  # an announcement older than the release this device runs
+        floor = self.floor.min_noise
+        if floor and announce.training.local_noise < floor:
+            why = (
+                f"round {announce.round_id}: not joining: local noise "
+                f"{announce.training.local_noise:g}; this device demands {floor:g}"
+            )
+            return [Note(NoteKind.ROUND_SKIPPED, why)]
+        self._round = _Round(announce, {Stage.COLLECT: now}, None)
+        self.rounds_joined += 1
+        return [Train(announce.round_id, announce)]
 
     def on_message(self, topic: topics.Topic, payload: bytes, now: float) -> list[Action]:
         """An inbox or survivors message of a secure round."""
@@ -373,6 +408,7 @@ class Participant:
                     result.update, ann.compression, rng=self._rng(), seed=ann.seed
                 )
             run.sent = compressed.sent if use_feedback else None
+            asynchronous = ann.mode is RoundMode.ASYNC
             message = PlainUpdate(
                 round_id=round_id,
                 sender=self.device_id,
@@ -383,8 +419,11 @@ class Participant:
                 samples=samples,
                 local_correct=min(result.local_correct, samples),
                 **_class_counts(result, samples),
+                base_version=ann.model_version if asynchronous else 0,
             )
             run.counted = True  # plain rounds have no survivor list; aborts reclaim it
+            if asynchronous:
+                self._round = None  # the invitation is answered
             return self._sends([message])
         cfg = ann.secagg
         assert cfg is not None
@@ -449,9 +488,12 @@ class Participant:
             correct=0,
             samples=0,
             local_correct=0,
+            base_version=ann.model_version if ann.mode is RoundMode.ASYNC else 0,
         )
         run.sent = None
         run.counted = True
+        if ann.mode is RoundMode.ASYNC:
+            self._round = None
         return self._sends([message])
 
     def tick(self, now: float) -> list[Action]:

@@ -71,6 +71,8 @@ class WorkerStats:
     releases_refused: int = 0
     dropped_by_scenario: int = 0
     disconnects_by_scenario: int = 0
+    lost_by_scenario: int = 0  # round messages a flaky link lost (network.loss)
+    shifts_ended: int = 0  # times a device went offline at the end of its shift
     bytes_up: int = 0
     bytes_down: int = 0
     done: bool = False
@@ -151,6 +153,9 @@ async def _worker_main(
                 stats.disconnects_by_scenario += 1
                 agents[dev].link.drop(scenario.reconnect_after)
                 return False
+            if scenario.link_loses(index, sends):
+                stats.lost_by_scenario += 1
+                return False
             return True
 
         participant = Participant(
@@ -172,7 +177,7 @@ async def _worker_main(
             labels=labels,
             condition=lambda: condition,
             before_send=before_send,
-            slowdown=scenario.slow_delay if scenario.is_slow(index) else 0.0,
+            slowdown=scenario.compute_seconds(index),
             executor=executor,
             round_executor=round_executor,
             train_seed=scenario.seed * 100_003 + index,
@@ -194,6 +199,25 @@ async def _worker_main(
             out.put(asdict(stats))
             await asyncio.sleep(1.0)
 
+    async def shift(index: int, dev: str) -> None:
+        """The device's shifts (scenario `[shifts]`, days counted from the worker's start):
+        offline outside its shift, as if its gateway were switched off (the last will says
+        so), back online when the next one begins."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while True:
+            t = loop.time() - began
+            back = scenario.next_online(index, t)
+            if back > t:
+                stats.shifts_ended += 1
+                agents[dev].link.drop(back - t)
+                await asyncio.sleep(back - t)
+                continue
+            off = scenario.next_offline(index, t)
+            if off is None:
+                return
+            await asyncio.sleep(max(0.05, off - t))
+
     reporter = asyncio.create_task(report())
     gap = 1.0 / max(1.0, spec.connect_rate)
     for index, dev in share:
@@ -202,6 +226,8 @@ async def _worker_main(
         agent = await asyncio.get_running_loop().run_in_executor(executor, make, index, dev)
         agents[dev] = agent
         tasks.append(asyncio.create_task(agent.run(), name=f"agent-{dev}"))
+        if scenario.day > 0 and scenario.online < 1.0:
+            tasks.append(asyncio.create_task(shift(index, dev), name=f"shift-{dev}"))
         await asyncio.sleep(gap)
     while not stop.is_set():
         await asyncio.sleep(0.2)
@@ -274,7 +300,8 @@ class Simulator:
                 models[int(version)] = models.get(int(version), 0) + count
         keys = (
             "devices", "started", "connected", "rounds_trained", "releases_refused",
-            "dropped_by_scenario", "disconnects_by_scenario", "bytes_up", "bytes_down",
+            "dropped_by_scenario", "disconnects_by_scenario", "lost_by_scenario",
+            "shifts_ended", "bytes_up", "bytes_down",
         )  # fmt: skip
         total: dict[str, Any] = {k: sum(s[k] for s in self.stats.values()) for k in keys}
         total["devices"] = len(self.spec.devices)

@@ -2,12 +2,25 @@
 
 For experiments and benchmarks that are about learning rather than transport (how fast does
 secure FedAvg with rand-k and dropouts converge?). Messages take the same wire encoding and
-topics as over MQTT; time is simulated, so deadlines pass instantly when nothing is pending.
-Dropouts come from a `Scenario` exactly as in the MQTT simulator.
+topics as over MQTT. Time is simulated: a clock that jumps to the next event, a stage
+deadline or a device finishing its local round, so deadlines pass instantly when nothing is
+pending and a fleet's wall time can be measured without waiting for it.
+
+The `Scenario` drives it as it drives the MQTT simulator:
+- dropouts per stage, as there;
+- compute: a device invited to train trains at once on the release it has (for real, with
+  LiteRT), and its result is handed back `compute_seconds` of simulated time later;
+- flaky links (`network.loss`): a lost round message never reaches the engine;
+- shifts: an offline device misses announcements, is not selected (its status says offline),
+  and what it finished sends once its shift starts again.
+Rounds run synchronously (`run_round`) or asynchronously (`run_async`, FedBuff) as the
+engine's config says. Devices share one LiteRT interpreter per release: local training always
+starts from the release's weights, and the devices train one after another.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +33,6 @@ from fleetlearn.aggregator import rules
 from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
 from fleetlearn.aggregator.service import default_model
 from fleetlearn.device.participant import (
-    LoadModel,
     LocalResult,
     Participant,
     PublishStatus,
@@ -43,9 +55,21 @@ class _Device:
     participant: Participant
     x: np.ndarray
     y: np.ndarray
-    trainer: LiteRTTrainer | None = None
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     personal: dict[str, np.ndarray] = field(default_factory=dict)
+    online: bool = True  # as its last status said
+    sent: int = 0  # round messages sent (which of them a flaky link loses)
+
+
+@dataclass(order=True)
+class _Finish:
+    """A local round that finishes at `at` (simulated seconds)."""
+
+    at: float
+    order: int  # ties: in the order the rounds started
+    device: str = field(compare=False)
+    round_id: int = field(compare=False)
+    result: LocalResult = field(compare=False)
 
 
 class InMemoryFleet:
@@ -103,15 +127,20 @@ class InMemoryFleet:
         assert manifest is not None
         self.manifest = manifest
         self.version = manifest.version
+        self.trainer: LiteRTTrainer | None = None  # the current release's, shared
         self.now = 0.0
         self._silent: dict[str, int] = {}  # device -> stage index it vanished at, this round
         self._round = 0
-        self._pending: list[tuple[str, Train]] = []
-        # What each device computed in the last round (a simulator sees every device; the
-        # aggregator never does): for per-device figures such as the unweighted mean accuracy.
+        self._finishing: list[_Finish] = []  # local rounds in progress, soonest first
+        self._started = 0
+        self._held: list[tuple[str, Send]] = []  # sends of offline devices, until they are back
+        # What each device computed in its latest local round (a simulator sees every device;
+        # the aggregator never does): for per-device figures such as the unweighted mean
+        # accuracy.
         self.round_results: dict[str, LocalResult] = {}
         self.history: list[dict[str, Any]] = []
         self.survivors: tuple[str, ...] = ()  # whose updates the last round aggregated
+        self.lost = 0  # round messages a flaky link lost
         self._release(make_release(self.model, manifest, self.aggregator_key))
 
     # -------------------------------------------------------------------------- routing
@@ -119,28 +148,40 @@ class InMemoryFleet:
     def _release(self, release: ModelRelease) -> None:
         payload = wire.encode(release)
         for device in self.devices.values():
-            for action in device.participant.on_model(payload, self.now):
-                if isinstance(action, LoadModel):
-                    device.trainer = LiteRTTrainer(action.model, action.manifest)
+            device.participant.on_model(payload, self.now)
+        self.trainer = LiteRTTrainer(self.model, self.manifest)
         for dev in self.devices:
             self._publish_status(dev)
 
     def _publish_status(self, dev: str) -> None:
-        participant = self.devices[dev].participant
+        d = self.devices[dev]
+        d.online = self.scenario.online_at(d.index, self.now)
+        participant = d.participant
         status = wire.DeviceStatus(
             device_id=dev,
-            online=True,
+            online=d.online,
+            eligibility=wire.Eligibility.ELIGIBLE if d.online else wire.Eligibility.OFFLINE,
             model_version=participant.model_version,
             ticket=participant.ticket,
         )
         self.engine.observe_status(dev, wire.encode(status), self.now)
+
+    def _shifts(self) -> None:
+        """Devices whose shift began or ended since their last status say so; what they
+        finished while offline goes out now."""
+        for dev, d in self.devices.items():
+            if self.scenario.online_at(d.index, self.now) != d.online:
+                self._publish_status(dev)
+        held, self._held = self._held, []
+        for dev, send in held:
+            self._send(dev, send)
 
     def _deliver(self, pubs: list[Publish]) -> None:
         for pub in pubs:
             assert isinstance(pub.payload, bytes)
             t = topics.parse(pub.topic)
             for dev, d in self.devices.items():
-                if dev in self._silent:
+                if dev in self._silent or not d.online:
                     continue
                 if t.kind is topics.Kind.ROUND:
                     self._act(dev, d.participant.on_round(pub.payload, self.now))
@@ -152,37 +193,87 @@ class InMemoryFleet:
     def _act(self, dev: str, actions: list[Any]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                t = topics.parse(action.topic)
-                stage = next(s for s, kinds in STAGE_KINDS.items() if t.kind in kinds)
-                drop = self.scenario.drop_stage(self.devices[dev].index, self._round)
-                if drop is not None and STAGE_ORDER.index(stage) >= STAGE_ORDER.index(drop):
-                    self._silent[dev] = STAGE_ORDER.index(drop)
-                    continue
-                self._deliver(self.engine.receive(t, action.payload, self.now))
+                self._send(dev, action)
             elif isinstance(action, Train):
-                self._pending.append((dev, action))
+                self._train(dev, action)
             elif isinstance(action, PublishStatus):
                 self._publish_status(dev)
 
-    def _train_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for dev, action in pending:
-            d = self.devices[dev]
-            if dev in self._silent or d.trainer is None:
-                continue
-            result = local_round(
-                d.trainer, d.x, d.y, action.announce.training, rng=d.rng, personal=d.personal
-            )
-            self.round_results[dev] = result
-            self._act(dev, d.participant.trained(action.round_id, result, self.now))
+    def _send(self, dev: str, action: Send) -> None:
+        d = self.devices[dev]
+        if not self.scenario.online_at(d.index, self.now):
+            self._held.append((dev, action))
+            return
+        t = topics.parse(action.topic)
+        stage = next(s for s, kinds in STAGE_KINDS.items() if t.kind in kinds)
+        drop = self.scenario.drop_stage(d.index, t.round_id or 0)
+        if drop is not None and STAGE_ORDER.index(stage) >= STAGE_ORDER.index(drop):
+            self._silent[dev] = STAGE_ORDER.index(drop)
+            return
+        d.sent += 1
+        if self.scenario.link_loses(d.index, d.sent):
+            self.lost += 1
+            return
+        self._deliver(self.engine.receive(t, action.payload, self.now))
+
+    def _train(self, dev: str, action: Train) -> None:
+        """Train now, on the release the device has; hand the result back when the device's
+        compute time has passed."""
+        d = self.devices[dev]
+        if dev in self._silent or self.trainer is None:
+            return
+        if action.announce.model_version != self.trainer.version:
+            return  # an announcement of an older release: nothing to train it with
+        result = local_round(
+            self.trainer, d.x, d.y, action.announce.training, rng=d.rng, personal=d.personal
+        )
+        self.round_results[dev] = result
+        self._started += 1
+        at = self.now + self.scenario.compute_seconds(d.index)
+        heapq.heappush(self._finishing, _Finish(at, self._started, dev, action.round_id, result))
+
+    def _step(self, deadline: float | None, limit: float) -> bool:
+        """Move the clock to the next event before `limit`, a local round finishing or the
+        engine's deadline, and handle it. False: nothing happens before `limit`."""
+        finish = self._finishing[0].at if self._finishing else None
+        shift = self._next_shift()
+        events = [t for t in (finish, deadline, shift) if t is not None]
+        if not events or min(events) > limit:
+            return False
+        if finish is not None and finish <= min(events):
+            done = heapq.heappop(self._finishing)
+            self.now = max(self.now, done.at)
+            if done.device not in self._silent:
+                participant = self.devices[done.device].participant
+                self._act(done.device, participant.trained(done.round_id, done.result, self.now))
+            return True
+        if shift is not None and shift <= min(events):
+            self.now = max(self.now, shift)
+            self._shifts()
+            return True
+        assert deadline is not None
+        self.now = max(self.now + 0.01, deadline)
+        self._deliver(self.engine.tick(self.now))
+        return True
+
+    def _next_shift(self) -> float | None:
+        """When the next device's shift begins or ends (None: no shifts)."""
+        s = self.scenario
+        if s.day <= 0 or s.online >= 1.0:
+            return None
+        soonest = None
+        for d in self.devices.values():
+            turn = s.next_offline if d.online else s.next_online
+            t = turn(d.index, self.now)
+            if t is not None and t > self.now and (soonest is None or t < soonest):
+                soonest = t
+        return soonest
 
     # ---------------------------------------------------------------------------- rounds
 
-    def run_round(self, max_seconds: float = 600.0) -> dict[str, Any]:
+    def _start(self) -> None:
         self._round += 1
         self._silent = {}
-        self.round_results = {}
-        started = self.now
         self._deliver(
             self.engine.start_round(
                 round_id=self._round,
@@ -193,13 +284,9 @@ class InMemoryFleet:
                 task=self.manifest.task,
             )
         )
-        while self.engine.outcome is None or self.engine.outcome.round_id != self._round:
-            self._train_pending()
-            deadline = self.engine.next_deadline
-            if deadline is None or self.now - started > max_seconds:
-                break
-            self.now = max(self.now + 0.01, deadline)
-            self._deliver(self.engine.tick(self.now))
+
+    def _conclude(self) -> dict[str, Any]:
+        """Apply the round's outcome (a new release if it closed) and record its summary."""
         outcome = self.engine.take_outcome()  # as the service does: the engine keeps no update
         assert outcome is not None
         self.survivors = outcome.survivors
@@ -216,9 +303,64 @@ class InMemoryFleet:
                 release, self.aggregator_key.verify_key, min_version=self.version
             )
             self._release(release)
+        metrics["sim_time"] = round(self.now, 3)
         self.history.append(metrics)
+        return metrics
+
+    def run_round(self, max_seconds: float = 600.0) -> dict[str, Any]:
+        """One synchronous round: announce, let devices train and answer, close, release."""
+        self.round_results = {}
+        self._finishing = []  # a synchronous round's late finishers have nowhere to go
+        started = self.now
+        self._start()
+        while self.engine.outcome is None or self.engine.outcome.round_id != self._round:
+            deadline = self.engine.next_deadline
+            if not self._step(deadline, started + max_seconds) and deadline is None:
+                break
+            if self.now - started > max_seconds:
+                break
+        metrics = self._conclude()
         self.now += 1.0
         return metrics
+
+    def run_async(
+        self,
+        releases: int,
+        *,
+        max_seconds: float = 86_400.0,
+        on_release: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Asynchronous rounds (the engine's mode must be `async`) until `releases` more
+        releases came out, `max_seconds` of simulated time passed, or `on_release` (called
+        with each closed round's summary) returns True. Returns the summaries, aborted
+        rounds included."""
+        if self.config.mode != "async":
+            raise ValueError(f"run_async needs an async engine, not {self.config.mode!r}")
+        limit = self.now + max_seconds
+        out: list[dict[str, Any]] = []
+        released = 0
+        self._start()
+        while released < releases:
+            outcome = self.engine.outcome
+            if outcome is not None and outcome.round_id == self._round:
+                metrics = self._conclude()
+                out.append(metrics)
+                if metrics["state"] == RoundState.CLOSED.value:
+                    released += 1
+                    if on_release is not None and on_release(metrics):
+                        break
+                if released >= releases:
+                    break
+                self._start()
+                continue
+            if not self._step(self.engine.next_deadline, limit):
+                break
+        return out
+
+    @property
+    def trainings(self) -> int:
+        """Local rounds the devices trained so far (their results sent or not)."""
+        return self._started
 
     def per_device_accuracy(self) -> tuple[float, float] | None:
         """Unweighted means over the last round's survivors (the devices whose figures the

@@ -15,10 +15,22 @@ A scenario is a TOML file (every key optional; defaults are a calm fleet):
     [compute]
     slow_fraction = 0.0       # share of devices that train slowly
     slow_delay = 0.0          # seconds a slow device needs on top of its training
+    train_seconds = 0.0       # seconds a local round takes a device of median speed, on top
+                              #   of the real training time (the in-memory simulator counts
+                              #   only this: its clock is simulated)
+    speed = "fixed"           # how devices' times spread around it: fixed, lognormal or pareto
+    speed_sigma = 1.0         # lognormal: sigma of log(time); pareto: the tail index alpha
+                              #   (lower: heavier tail)
 
     [network]
     latency = 0.0             # seconds before each publish
     jitter = 0.0              # plus uniform 0..jitter seconds
+    loss = 0.0                # chance that a round message a device sends is lost (flaky link)
+
+    [shifts]                  # devices online by time of day (none: always online)
+    day = 0.0                 # seconds of one simulated day (0: no shifts)
+    online = 1.0              # share of the day each device is online, from a start time
+                              #   drawn per device (its shift)
 
     [dropout]                 # per round and device: chance to vanish before sending that stage
     advertise = 0.0           #   (and everything after it in the round)
@@ -44,12 +56,15 @@ A scenario is a TOML file (every key optional; defaults are a calm fleet):
 
 Every problem raises `ConfigError` naming the key (e.g. `dropout.unmask`). Draws per device and
 per round come from hashes of the seed, so a device's fate does not depend on process layout.
+Both simulators honour every section, in synchronous and asynchronous rounds (docs/simulation.md
+says how each one does).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +81,7 @@ from fleetlearn.shared.topics import Kind
 # device topics that answer it (shared.protocol).
 STAGE_ORDER: tuple[str, ...] = tuple(stage.value for stage in STAGES)
 STAGE_KINDS: dict[str, tuple[Kind, ...]] = {s.value: protocol.uplink_kinds(s) for s in STAGES}
+SPEEDS = ("fixed", "lognormal", "pareto")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +103,14 @@ class Scenario:
     )
     slow_fraction: float = 0.0
     slow_delay: float = 0.0
+    train_seconds: float = 0.0
+    speed: str = "fixed"
+    speed_sigma: float = 1.0
     latency: float = 0.0
     jitter: float = 0.0
+    loss: float = 0.0
+    day: float = 0.0
+    online: float = 1.0
     dropout: dict[str, float] = field(
         default_factory=lambda: {"advertise": 0.0, "share": 0.0, "collect": 0.0, "unmask": 0.0}
     )
@@ -128,6 +150,52 @@ class Scenario:
 
     def is_slow(self, index: int) -> bool:
         return self.uniform("slow", index) < self.slow_fraction
+
+    def speed_factor(self, index: int) -> float:
+        """How many times the median device's `train_seconds` this device needs (its
+        hardware and load: fixed per device, heavy-tailed across the fleet)."""
+        if self.speed == "fixed":
+            return 1.0
+        u = min(max(self.uniform("speed", index), 1e-12), 1.0 - 1e-12)
+        if self.speed == "lognormal":
+            return math.exp(self.speed_sigma * statistics.NormalDist().inv_cdf(u))
+        # Pareto with its median at 1: P(T > t) = (t / m)^-alpha from the scale m on.
+        alpha = self.speed_sigma
+        scale = 2.0 ** (-1.0 / alpha)
+        return float(scale * (1.0 - u) ** (-1.0 / alpha))
+
+    def compute_seconds(self, index: int) -> float:
+        """Seconds this device needs for a local round on top of the training itself."""
+        extra = self.slow_delay if self.is_slow(index) else 0.0
+        return self.train_seconds * self.speed_factor(index) + extra
+
+    def shift_start(self, index: int) -> float:
+        """When this device's shift starts within each day (seconds)."""
+        return self.uniform("shift", index) * self.day
+
+    def online_at(self, index: int, t: float) -> bool:
+        """Whether the device is online at time `t` (seconds from the start of day one)."""
+        if self.day <= 0 or self.online >= 1.0:
+            return True
+        return (t - self.shift_start(index)) % self.day < self.online * self.day
+
+    def next_online(self, index: int, t: float) -> float:
+        """The first time from `t` on at which the device is online."""
+        if self.online_at(index, t):
+            return t
+        into = (t - self.shift_start(index)) % self.day
+        return t + (self.day - into)
+
+    def next_offline(self, index: int, t: float) -> float | None:
+        """When the device, online at `t`, goes offline next (None: never)."""
+        if self.day <= 0 or self.online >= 1.0:
+            return None
+        into = (t - self.shift_start(index)) % self.day
+        return t + max(0.0, self.online * self.day - into)
+
+    def link_loses(self, index: int, count: int) -> bool:
+        """Whether the device's `count`-th round message is lost on its flaky link."""
+        return self.loss > 0 and self.uniform("loss", index, count) < self.loss
 
     def is_busy(self, index: int) -> bool:
         return self.uniform("busy", index) < self.busy
@@ -181,13 +249,22 @@ class Scenario:
             "churn",
             "eligibility",
             "privacy",
+            "shifts",
         }
         for key in data:
             if key not in known:
                 raise ConfigError(key, f"unknown section (known: {', '.join(sorted(known))})")
         fleet = _table(data, "fleet", {"seed", "samples", "non_iid"})
-        compute = _table(data, "compute", {"slow_fraction", "slow_delay"})
-        network = _table(data, "network", {"latency", "jitter"})
+        compute = _table(
+            data,
+            "compute",
+            {"slow_fraction", "slow_delay", "train_seconds", "speed", "speed_sigma"},
+        )
+        network = _table(data, "network", {"latency", "jitter", "loss"})
+        shifts = _table(data, "shifts", {"day", "online"})
+        speed = compute.get("speed", "fixed")
+        if speed not in SPEEDS:
+            raise ConfigError("compute.speed", f"must be one of {', '.join(SPEEDS)}, got {speed!r}")
         dropout = _table(data, "dropout", set(STAGE_ORDER))
         churn = _table(data, "churn", {"disconnect", "reconnect_after"})
         elig = _table(data, "eligibility", {"busy", "charging", "battery_min", "battery_max"})
@@ -207,8 +284,14 @@ class Scenario:
             sites=sites,
             slow_fraction=_num(compute, "compute.slow_fraction", 0.0, 0.0, 1.0),
             slow_delay=_num(compute, "compute.slow_delay", 0.0, 0.0, 3600.0),
+            train_seconds=_num(compute, "compute.train_seconds", 0.0, 0.0, 86_400.0),
+            speed=speed,
+            speed_sigma=_num(compute, "compute.speed_sigma", 1.0, 0.05, 5.0),
             latency=_num(network, "network.latency", 0.0, 0.0, 60.0),
             jitter=_num(network, "network.jitter", 0.0, 0.0, 60.0),
+            loss=_num(network, "network.loss", 0.0, 0.0, 0.9),
+            day=_num(shifts, "shifts.day", 0.0, 0.0, 864_000.0),
+            online=_num(shifts, "shifts.online", 1.0, 0.01, 1.0),
             dropout={s: _num(dropout, f"dropout.{s}", 0.0, 0.0, 1.0) for s in STAGE_ORDER},
             disconnect=_num(churn, "churn.disconnect", 0.0, 0.0, 1.0),
             reconnect_after=_num(churn, "churn.reconnect_after", 5.0, 0.0, 3600.0),

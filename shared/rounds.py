@@ -15,6 +15,14 @@ The secure stages' own messages live in `shared.secagg.messages`; model releases
   device that reconnects learns that the round it was in is over.
 - `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight and
   training metrics, for plain (non-secure) rounds where the aggregator may see each update.
+
+Asynchronous rounds (`RoundMode.ASYNC`, FedBuff): a "round" is the time between two releases.
+Its announcement invites the devices in `cohort` to train, each on the round named by its
+entry of `invited_in`: the announcing round for a new invitation, an earlier one for a device
+still training since then (its slot stays taken). A device answers on the topic of the round
+that invited it, with `base_version` the model version that round announced; an update that
+is too stale when it arrives is refused. A device not in the cohort of a newer announcement is
+no longer invited.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ MAX_STAGE_SECONDS = 86_400
 class RoundMode(enum.Enum):
     SECURE = "secure"  # SecAgg+: the aggregator learns only the sum
     PLAIN = "plain"  # each update is visible; robust aggregation rules apply
+    # Buffered asynchronous (FedBuff): invited devices train on the release they have and
+    # send a plain update tagged with its version whenever it is ready; every `buffer`
+    # updates the aggregator applies their staleness-weighted mean (docs/learning.md).
+    ASYNC = "async"
 
 
 class RoundState(enum.Enum):
@@ -205,6 +217,11 @@ class RoundAnnounce(wire.Message):
     # Secure rounds: TICKET_BYTES per cohort member, in `cohort` order (one bytes field, so
     # decoding stays cheap at n = 1000: 16 kB).
     tickets: bytes = b""
+    # Asynchronous rounds: per cohort member, in `cohort` order, the round whose invitation it
+    # answers (this round: a new invitation; an earlier one: it is still training for that).
+    invited_in: tuple[int, ...] = ()
+    # Asynchronous rounds: how many model versions old an update may be when it arrives.
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "RoundAnnounce.round_id", "out of range")
@@ -221,6 +238,27 @@ class RoundAnnounce(wire.Message):
                 "RoundAnnounce.tickets",
                 f"must hold {TICKET_BYTES} bytes per cohort member",
             )
+        if self.mode is RoundMode.ASYNC and self.state is RoundState.OPEN:
+            wire.require(
+                len(self.invited_in) == len(self.cohort),
+                "RoundAnnounce.invited_in",
+                "asynchronous rounds name the inviting round of every cohort member",
+            )
+        wire.require(
+            not self.invited_in or self.mode is RoundMode.ASYNC,
+            "RoundAnnounce.invited_in",
+            "only asynchronous rounds carry it",
+        )
+        wire.require(
+            all(type(r) is int and 0 <= r <= self.round_id for r in self.invited_in),
+            "RoundAnnounce.invited_in",
+            "every entry must be a round id at most this round's",
+        )
+        wire.require(
+            type(self.max_staleness) is int and 0 <= self.max_staleness <= 10_000,
+            "RoundAnnounce.max_staleness",
+            "must be in 0..10000",
+        )
         if self.mode is RoundMode.SECURE and self.state is RoundState.OPEN:
             wire.require(self.secagg is not None, "RoundAnnounce.secagg", "secure rounds need it")
             wire.require(
@@ -259,7 +297,16 @@ class RoundAnnounce(wire.Message):
             state=state,
             reason=reason[:1000],
             tickets=self.tickets,
+            invited_in=self.invited_in,
+            max_staleness=self.max_staleness,
         )
+
+    def invitation(self, device: str) -> int | None:
+        """Asynchronous rounds: the round whose invitation `device` answers (None: not
+        invited by this announcement)."""
+        if not self.invited_in or device not in self.cohort:
+            return None
+        return self.invited_in[self.cohort.index(device)]
 
     def ticket_map(self) -> dict[str, bytes]:
         """Cohort member -> its announced graph ticket (empty for plain rounds)."""
@@ -291,9 +338,17 @@ class PlainUpdate(wire.Message):
     # hits among them (empty: not reported).
     class_samples: tuple[int, ...] = ()
     class_correct: tuple[int, ...] = ()
+    # Asynchronous rounds: the model version the update was trained from (the inviting
+    # round's); 0 in synchronous rounds, which train the round's own version.
+    base_version: int = 0
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "PlainUpdate.round_id", "out of range")
+        wire.require(
+            type(self.base_version) is int and 0 <= self.base_version < 2**31,
+            "PlainUpdate.base_version",
+            "out of range",
+        )
         wire.require_id(self.sender, "PlainUpdate.sender")
         wire.require(
             math.isfinite(self.weight) and 0 < self.weight <= 1e9,

@@ -144,8 +144,12 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
         )
     soft = draw(st.lists(st.floats(0.5, 3600), min_size=4, max_size=4))
     hard = [s + draw(st.floats(0, 3600)) for s in soft]  # each hard limit >= its soft one
+    round_id = draw(st.integers(0, 2**31 - 1))
+    invited_in: tuple[int, ...] = ()
+    if mode is rounds.RoundMode.ASYNC:  # each member's inviting round, at most this one
+        invited_in = tuple(draw(st.integers(0, round_id)) for _ in cohort)
     return rounds.RoundAnnounce(
-        round_id=draw(st.integers(0, 2**31 - 1)),
+        round_id=round_id,
         mode=mode,
         model_version=draw(st.integers(1, 2**40)),
         cohort=cohort,
@@ -180,6 +184,8 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
         tickets=draw(st.binary(min_size=16 * len(cohort), max_size=16 * len(cohort)))
         if secure or draw(st.booleans())
         else b"",
+        invited_in=invited_in,
+        max_staleness=draw(st.integers(0, 10_000)),
     )
 
 
@@ -202,6 +208,7 @@ def _plain_update_draw(draw: st.DrawFn) -> wire.Message:
         loss=draw(st.floats(0, 1e6)),
         correct=draw(st.integers(0, samples)),
         samples=samples,
+        base_version=draw(st.integers(0, 2**31 - 1)),
     )
 
 

@@ -1,0 +1,312 @@
+"""Asynchronous rounds (FedBuff) in the engine, sans-IO: invitations, the buffer, staleness.
+
+The engine is driven by hand with dense `PlainUpdate`s whose values are known, so that what a
+release applies can be computed here: sum(s(tau) * w * u) / sum(w) over the buffer, with
+s(tau) = (1 + tau)^-exponent. Then the participant's side (who trains when), and the in-memory
+fleet on a heavy-tailed scenario.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from fleetlearn.aggregator import rules
+from fleetlearn.aggregator.engine import EngineConfig, EngineError, RoundEngine
+from fleetlearn.aggregator.modes import staleness_weight
+from fleetlearn.device.participant import Participant, Train
+from fleetlearn.firmware_sim.inmemory import InMemoryFleet
+from fleetlearn.firmware_sim.scenario import Scenario
+from fleetlearn.shared import topics, wire
+from fleetlearn.shared.compression.messages import DenseUpdate
+from fleetlearn.shared.rounds import (
+    PlainUpdate,
+    RoundAnnounce,
+    RoundMode,
+    RoundState,
+    StageTimes,
+    TrainingPlan,
+)
+
+FLEET = "plant-9"
+DIM = 6
+
+
+def _engine(n: int = 8, **cfg: object) -> RoundEngine:
+    ids = [f"d{i:02d}" for i in range(n)]
+    keys = {d: bytes(SigningKey.generate().verify_key) for d in ids}
+    config = EngineConfig(
+        **{
+            "mode": "async",
+            "sparsity": "dense",
+            "min_cohort": 1,
+            "buffer": 2,
+            "concurrency": 4,
+            "max_staleness": 1,
+            **cfg,
+        }  # type: ignore[arg-type]
+    )
+    engine = RoundEngine(fleet=FLEET, config=config, verify_keys=keys, random=os.urandom)
+    for d in ids:
+        status = wire.DeviceStatus(device_id=d, online=True, model_version=1)
+        engine.observe_status(d, wire.encode(status), 0.0)
+    return engine
+
+
+def _announce(engine: RoundEngine, round_id: int, version: int, now: float) -> RoundAnnounce:
+    pubs = engine.start_round(round_id=round_id, model_version=version, dim=DIM, now=now)
+    (pub,) = pubs
+    assert isinstance(pub.payload, bytes)
+    return wire.decode(pub.payload, RoundAnnounce)
+
+
+def _send(
+    engine: RoundEngine,
+    device: str,
+    invited_in: int,
+    base: int,
+    values: list[float],
+    now: float,
+    weight: float = 10.0,
+) -> None:
+    update = PlainUpdate(
+        round_id=invited_in,
+        sender=device,
+        update=DenseUpdate(values=np.asarray(values, dtype="<f4")),
+        weight=weight,
+        loss=0.5,
+        correct=1,
+        samples=2,
+        base_version=base,
+    )
+    topic = topics.parse(topics.per_device(FLEET, invited_in, topics.Kind.UPDATE, device))
+    engine.receive(topic, wire.encode(update), now)
+
+
+def test_each_release_applies_the_staleness_weighted_mean_of_the_buffer() -> None:
+    engine = _engine(staleness_exponent=0.5)
+    first = _announce(engine, 1, 1, now=0.0)
+    assert first.mode is RoundMode.ASYNC
+    assert len(first.cohort) == 4  # concurrency
+    assert first.invited_in == (1, 1, 1, 1)
+    assert first.max_staleness == 1
+    a, b, c, d = first.cohort
+    _send(engine, a, 1, 1, [1, 0, 0, 0, 0, 0], now=1.0, weight=10)
+    assert engine.outcome is None  # one of two
+    _send(engine, b, 1, 1, [0, 2, 0, 0, 0, 0], now=2.0, weight=30)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    assert outcome.state is RoundState.CLOSED
+    assert outcome.survivors == (a, b)
+    # Both fresh: the FedAvg mean.
+    np.testing.assert_allclose(outcome.mean_update, [10 / 40, 60 / 40, 0, 0, 0, 0])
+    figures = outcome.metrics["async"]
+    assert figures["updates_applied"] == 2
+    assert figures["staleness"] == {"0": 2}
+    assert figures["buffer_wait_s"] == {"median": 0.5, "max": 1.0}
+    assert figures["in_flight"] == 2
+
+    # Release v2: c and d still train for round 1; two new invitations for the free slots.
+    second = _announce(engine, 2, 2, now=3.0)
+    invited = dict(zip(second.cohort, second.invited_in, strict=True))
+    assert invited[c] == invited[d] == 1
+    new = sorted(dev for dev, r in invited.items() if r == 2)
+    assert len(new) == 2
+    # c answers on round 1's topic from v1 (one release behind), a new one from v2.
+    _send(engine, c, 1, 1, [0, 0, 4, 0, 0, 0], now=4.0, weight=10)
+    _send(engine, new[0], 2, 2, [0, 0, 0, 8, 0, 0], now=5.0, weight=10)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    assert outcome.state is RoundState.CLOSED
+    s1 = staleness_weight(1, 0.5)
+    assert s1 == pytest.approx(2**-0.5)
+    np.testing.assert_allclose(outcome.mean_update, [0, 0, s1 * 40 / 20, 80 / 20, 0, 0])
+    assert outcome.metrics["async"]["staleness"] == {"0": 1, "1": 1}
+    assert outcome.metrics["weight_sum"] == pytest.approx(10 * s1 + 10)
+
+
+def test_a_stale_update_is_refused_counted_and_frees_its_slot() -> None:
+    engine = _engine(max_staleness=1)
+    first = _announce(engine, 1, 1, now=0.0)
+    a, b, c, _d = first.cohort
+    _send(engine, a, 1, 1, [1] * DIM, now=1.0)
+    _send(engine, b, 1, 1, [1] * DIM, now=1.5)
+    assert engine.take_outcome() is not None  # v2
+    second = _announce(engine, 2, 2, now=2.0)
+    fresh = [dev for dev, r in zip(second.cohort, second.invited_in, strict=True) if r == 2]
+    _send(engine, fresh[0], 2, 2, [1] * DIM, now=3.0)
+    _send(engine, fresh[1], 2, 2, [1] * DIM, now=3.5)
+    assert engine.take_outcome() is not None  # v3
+    third = _announce(engine, 3, 3, now=4.0)
+    assert third.invitation(c) == 1  # still training since round 1
+    # c's update from v1 arrives while v3 is out: two releases behind, max_staleness 1.
+    _send(engine, c, 1, 1, [1] * DIM, now=5.0)
+    assert engine.rejected_total["stale"] == 1
+    stale = [e for e in engine.drain_events() if e.get("reason") == "stale"]
+    assert stale
+    assert stale[0]["device"] == c
+    assert "2 releases behind v3" in stale[0]["detail"]
+    assert c not in engine.training()  # it answered: its slot is free
+    # The round goes on with fresh updates, and its summary counts the refusal.
+    fresh3 = [dev for dev, r in zip(third.cohort, third.invited_in, strict=True) if r == 3]
+    for i, dev in enumerate(fresh3[:2]):
+        _send(engine, dev, 3, 3, [1] * DIM, now=6.0 + i)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    assert outcome.state is RoundState.CLOSED
+    assert outcome.metrics["rejected_by_reason"] == {"stale": 1}
+    assert outcome.metrics["async"]["stale_refused_total"] == 1
+    assert c not in outcome.survivors
+
+
+def test_refused_async_updates_change_nothing() -> None:
+    engine = _engine()
+    first = _announce(engine, 1, 1, now=0.0)
+    a, b, *_ = first.cohort
+    outsider = next(d for d in [f"d{i:02d}" for i in range(8)] if d not in first.cohort)
+    _send(engine, a, 1, 2, [1] * DIM, now=1.0)  # claims another base version
+    _send(engine, outsider, 1, 1, [1] * DIM, now=1.0)  # not invited
+    _send(engine, a, 1, 1, [1] * (DIM - 1), now=1.0)  # wrong dimension
+    assert engine.rejected_total == {"bad_payload": 2, "not_in_cohort": 1}
+    assert engine.outcome is None
+    assert a in engine.training()
+    _send(engine, a, 1, 1, [1] * DIM, now=2.0)
+    _send(engine, a, 1, 1, [1] * DIM, now=2.0)  # its invitation is answered
+    assert engine.rejected_total["not_invited"] == 1
+    _send(engine, b, 1, 1, [3] * DIM, now=3.0)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    np.testing.assert_allclose(outcome.mean_update, [2.0] * DIM)
+
+
+def test_an_unfilled_buffer_waits_for_the_next_round_and_invitations_lapse() -> None:
+    times = StageTimes(collect=5.0, collect_hard=10.0)
+    engine = _engine(times=times, buffer=2, concurrency=2)
+    first = _announce(engine, 1, 1, now=0.0)
+    a, b = first.cohort
+    _send(engine, a, 1, 1, [2] * DIM, now=1.0)
+    # b never answers: at the hard limit the round aborts, the buffer stays, b's lapses.
+    assert engine.next_deadline is not None
+    engine.tick(11.0)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    assert outcome.state is RoundState.ABORTED
+    assert "buffer held 1 of 2 updates" in outcome.reason
+    assert outcome.metrics["stragglers"] == 1
+    assert b in engine.stalled(11.0)
+    assert engine.training() == []
+    second = _announce(engine, 2, 1, now=11.0)  # same release: nothing was applied
+    assert b not in second.cohort  # stalled devices wait while others are eligible
+    assert len(second.cohort) == 2
+    dev = second.cohort[0]
+    _send(engine, dev, 2, 1, [4] * DIM, now=12.0)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    assert outcome.state is RoundState.CLOSED
+    np.testing.assert_allclose(outcome.mean_update, [3.0] * DIM)  # a's from round 1 and dev's
+
+
+def test_async_settings_are_checked() -> None:
+    with pytest.raises(EngineError, match=r"fedbuff\.concurrency"):
+        EngineConfig(mode="async", buffer=10, concurrency=5)
+    with pytest.raises(EngineError, match=r"fedbuff\.buffer"):
+        EngineConfig(mode="async", buffer=0)
+    with pytest.raises(EngineError, match=r"privacy\.mechanism central runs in plain"):
+        EngineConfig(mode="async", privacy="central", training=TrainingPlan(error_feedback=False))
+    with pytest.raises(EngineError, match="top_k"):
+        EngineConfig(mode="async", sparsity="top_k")
+
+
+def test_announcement_checks_invitations() -> None:
+    engine = _engine()
+    ann = _announce(engine, 1, 1, now=0.0)
+    with pytest.raises(wire.WireError, match="invited_in"):
+        RoundAnnounce(**{**_fields(ann), "invited_in": ann.invited_in[:-1]})
+    with pytest.raises(wire.WireError, match="invited_in"):
+        RoundAnnounce(**{**_fields(ann), "invited_in": (2,) * len(ann.cohort)})  # the future
+    with pytest.raises(wire.WireError, match="only asynchronous"):
+        RoundAnnounce(**{**_fields(ann), "mode": RoundMode.PLAIN})
+    closed = ann.closed(RoundState.CLOSED)
+    assert closed.invited_in == ann.invited_in
+    assert closed.max_staleness == ann.max_staleness
+
+
+def _fields(ann: RoundAnnounce) -> dict[str, object]:
+    return {name: getattr(ann, name) for name in ann.__dataclass_fields__}
+
+
+# ------------------------------------------------------------------------- the participant
+
+
+def test_a_device_trains_once_per_invitation_and_drops_a_lapsed_one() -> None:
+    engine = _engine(n=4, buffer=2, concurrency=4)
+    agg = SigningKey.generate()
+    participant = Participant(
+        fleet=FLEET,
+        device_id="d00",
+        identity=SigningKey.generate(),
+        aggregator_key=agg.verify_key,
+        registry={},
+        random=os.urandom,
+    )
+    participant.manifest = None  # no release loaded: an invitation waits for it
+    first = _announce(engine, 1, 1, now=0.0)
+    payload = wire.encode(first)
+    actions = participant.on_round(payload, 0.0)
+    assert [type(a) for a in actions] == [Train]
+    assert participant.on_round(payload, 0.5) == []  # the retained announcement again
+    # A later announcement that still lists it for round 1: it goes on training.
+    again = RoundAnnounce(**{**_fields(first), "round_id": 2, "model_version": 2})
+    assert participant.on_round(wire.encode(again), 1.0) == []
+    assert participant.round is not None
+    assert participant.round.round_id == 1
+    # Not in the next one: the invitation lapsed, nothing is pending.
+    others = tuple(d for d in first.cohort if d != "d00")
+    gone = RoundAnnounce(
+        **{
+            **_fields(first),
+            "round_id": 3,
+            "model_version": 2,
+            "cohort": others,
+            "invited_in": (3,) * len(others),
+        }
+    )
+    assert participant.on_round(wire.encode(gone), 2.0) == []
+    assert participant.round is None
+
+
+# ------------------------------------------------------------------------ in-memory fleet
+
+
+def test_the_in_memory_fleet_runs_async_rounds_on_heavy_tailed_devices() -> None:
+    scenario = Scenario.parse(
+        '[compute]\ntrain_seconds = 10.0\nspeed = "lognormal"\nspeed_sigma = 1.5\n'
+        "[network]\nloss = 0.2\n"
+    )
+    config = EngineConfig(
+        mode="async",
+        sparsity="dense",
+        min_cohort=1,
+        buffer=5,
+        concurrency=12,
+        max_staleness=4,
+        training=TrainingPlan(steps=5, max_samples=128, error_feedback=False),
+    )
+    fleet = InMemoryFleet(40, config, scenario, optimizer=rules.OptimizerConfig(), seed=3)
+    history = fleet.run_async(6)
+    closed = [m for m in history if m["state"] == "closed"]
+    assert len(closed) == 6
+    assert fleet.version == 7
+    for metrics in closed:
+        figures = metrics["async"]
+        assert figures["updates_applied"] == 5
+        assert sum(figures["staleness"].values()) == 5
+        assert all(int(t) <= 4 for t in figures["staleness"])
+    # Simulated time moved with the devices' compute times, not with the real clock.
+    times = [m["sim_time"] for m in closed]
+    assert times == sorted(times)
+    assert times[-1] > 10.0
+    assert fleet.lost > 0  # the flaky link lost some updates; the buffer filled anyway
