@@ -312,7 +312,7 @@ def register_aggregator(sub: Any) -> None:
     a.add_argument("--fleet-dir", help="provisioned fleet directory (fleet.dir)")
     a.add_argument("--state-dir", help="sqlite + model files (state.dir)")
     a.add_argument("--rounds", help="rounds to run, 0 = until stopped (rounds.count)")
-    a.add_argument("--mode", help="secure, plain or async (rounds.mode)")
+    a.add_argument("--mode", help="secure, plain, async or async-secure (rounds.mode)")
     a.add_argument("--cohort", help="devices per round (rounds.cohort)")
     a.add_argument(
         "--set",

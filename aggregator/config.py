@@ -62,7 +62,7 @@ class ModelSection:
 @dataclass(frozen=True, slots=True)
 class RoundsSection:
     count: int = 10  # rounds to close (aborted ones are retried), 0 = until stopped
-    mode: Literal["secure", "plain", "async"] = "secure"
+    mode: Literal["secure", "plain", "async", "async-secure"] = "secure"
     cohort: int = 20
     over_select: float = 1.2
     min_cohort: int = 3
@@ -308,7 +308,7 @@ class AggregatorSettings:
                 "aggregation.trim", f"must be in [0, 0.5), got {self.aggregation.trim}"
             )
         k = self.secagg.neighbours
-        if self.rounds.mode == "secure" and k >= self.rounds.min_cohort:
+        if self.rounds.mode in ("secure", "async-secure") and k >= self.rounds.min_cohort:
             raise ConfigError(
                 "secagg.neighbours",
                 f"{k} neighbours need rounds of at least {k + 1} devices; "

@@ -204,6 +204,7 @@ class RoundEngine:
         # answers still on their way were not needed (None: every late answer is late).
         self._finished: dict[int, Stage | None] = {}  # the last KEEP_FINISHED rounds
         self._last_finished = -1
+        self._last_call: tuple[Any, ...] | None = None  # the last invitations announced alone
         self.outcome: RoundOutcome | None = None
         self.rejected_total: Counter[str] = Counter()
         self.late_total = 0
@@ -270,6 +271,44 @@ class RoundEngine:
     def training(self) -> list[str]:
         """Asynchronous rounds: the devices with an open invitation (training now)."""
         return self._mode.training()
+
+    def group_due(self, model_version: int, now: float) -> bool:
+        """Secure asynchronous rounds: whether enough devices hold an update to start a
+        round (always true in other modes)."""
+        return self._mode.group_due(self._devices, model_version, now)
+
+    def repeat_call(self) -> None:
+        """Let the next `invite` announce even unchanged invitations (after a reconnect, the
+        round topic was republished with the last finished round)."""
+        self._last_call = None
+
+    def invite(self, round_id: int, model_version: int, now: float) -> list[Publish]:
+        """Secure asynchronous rounds, while no round runs: announce the invitations to
+        train (retained, with no group: a call; `round_id` is the next round's), when they
+        changed since the last call. Nothing in other modes."""
+        if self._phase in _LIVE:
+            raise EngineError(f"round {self.round_id} is running: its announcement invites")
+        called = self._mode.call(self._devices, round_id, model_version, now)
+        if called is None or (round_id, model_version, *called) == self._last_call:
+            return []
+        self._last_call = (round_id, model_version, *called)
+        c, mode = self.config, self._mode
+        invited, invited_in = called
+        announce = RoundAnnounce(
+            round_id=round_id,
+            mode=mode.round_mode,
+            model_version=model_version,
+            cohort=(),
+            seed=self._random(rounds.SEED_BYTES),
+            compression=mode.compression(),
+            training=c.plan_for(model_version),
+            times=c.times,
+            invited=invited,
+            invited_in=invited_in,
+            max_staleness=c.max_staleness,
+            staleness_exponent=c.staleness_exponent,
+        )
+        return [Publish(topics.round_announce(self.fleet), wire.encode(announce), retain=True)]
 
     def select(self, model_version: int, now: float | None = None) -> tuple[str, ...]:
         """The cohort (aggregator.selection); the mode may refuse devices (secure rounds take
@@ -396,8 +435,10 @@ class RoundEngine:
             times=times,
             secagg=machine.secagg,
             tickets=machine.tickets,
+            invited=machine.invited,
             invited_in=machine.invited_in,
-            max_staleness=c.max_staleness if machine.invited_in else 0,
+            max_staleness=c.max_staleness if c.asynchronous else 0,
+            staleness_exponent=c.staleness_exponent,
         )
         payload = wire.encode(announce)
         first = mode.stages[0]

@@ -34,7 +34,7 @@ class NotEnoughDevicesError(EngineError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
-    mode: Literal["secure", "plain", "async"] = "secure"
+    mode: Literal["secure", "plain", "async", "async-secure"] = "secure"
     cohort: int = 20  # devices whose updates a round aims for
     over_select: float = 1.2  # select this many times `cohort` when enough are eligible
     min_cohort: int = 3
@@ -84,6 +84,15 @@ class EngineConfig:
     max_staleness: int = 8
     staleness_exponent: float = 0.5
 
+    @property
+    def secure(self) -> bool:
+        """Whether the aggregator sees only sums (SecAgg+): synchronous or asynchronous."""
+        return self.mode in ("secure", "async-secure")
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.mode in ("async", "async-secure")
+
     def plan_for(self, model_version: int) -> rounds.TrainingPlan:
         """The training plan announced for a round on `model_version`: the rate scheduled."""
         plan = self.training
@@ -102,7 +111,7 @@ class EngineConfig:
                 f"training.lr_decay must be in [0.5, 1], got {self.lr_decay}",
                 key="training.lr_decay",
             )
-        if self.min_cohort < (3 if self.mode == "secure" else 1):
+        if self.min_cohort < (3 if self.secure else 1):
             raise EngineError(
                 f"rounds.min_cohort must be >= 3 in secure mode, got {self.min_cohort}",
                 key="rounds.min_cohort",
@@ -130,7 +139,7 @@ class EngineConfig:
                 f"rounds.stall_cooldown must be in 0..86400 seconds, got {self.stall_cooldown}",
                 key="rounds.stall_cooldown",
             )
-        if self.mode == "secure" and self.sparsity == "top_k":
+        if self.secure and self.sparsity == "top_k":
             raise EngineError(
                 "compression.sparsity top_k cannot be masked (each device picks its own "
                 "coordinates); use rand_k or dense in secure mode",
@@ -145,7 +154,7 @@ class EngineConfig:
             )
         self._check_privacy()
         self._check_async()
-        if self.mode == "secure" and self.rule != "mean":
+        if self.secure and self.rule != "mean":
             raise EngineError(
                 f"aggregation.rule {self.rule!r} needs individual updates; secure mode only "
                 "sees their sum, so it supports 'mean' only",
@@ -174,7 +183,19 @@ class EngineConfig:
                 f"fedbuff.staleness_exponent must be in [0, 10], got {self.staleness_exponent}",
                 key="fedbuff.staleness_exponent",
             )
-        if self.mode == "async" and self.sparsity == "top_k":
+        if self.mode == "async-secure" and self.buffer < 3:
+            raise EngineError(
+                f"fedbuff.buffer must be >= 3 in async-secure mode (a secure sum of fewer "
+                f"updates would reveal too much), got {self.buffer}",
+                key="fedbuff.buffer",
+            )
+        if self.mode == "async-secure" and self.training.error_feedback:
+            raise EngineError(
+                "training.error_feedback must be false in async-secure mode: a held update "
+                "may go into a later group than the one it was first offered to",
+                key="training.error_feedback",
+            )
+        if self.asynchronous and self.sparsity == "top_k":
             raise EngineError(
                 "compression.sparsity top_k is not supported in async rounds (use dense or rand_k)",
                 key="compression.sparsity",

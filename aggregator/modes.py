@@ -53,7 +53,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -65,7 +65,7 @@ from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.report import Aggregate, StageStats, finite
 from fleetlearn.aggregator.selection import Devices, Selection
 from fleetlearn.shared import compression, privacy, protocol, wire
-from fleetlearn.shared.rounds import PlainUpdate, RoundMode
+from fleetlearn.shared.rounds import PlainUpdate, RoundMode, staleness_weight
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg.config import (
     MAX_LOSS,
@@ -169,8 +169,9 @@ class ModeRound(abc.ABC):
     # With privacy: the most the round can spend (its release charged with the fewest
     # contributions it accepts); None without privacy.
     planned_charge: RoundCharge | None = None
-    # Asynchronous rounds: per cohort member the round that invited it (announced), and
-    # the earlier rounds whose topics this round takes updates on.
+    # Asynchronous rounds: the devices invited to train and the round that invited each
+    # (announced), and the earlier rounds whose topics this round takes updates on.
+    invited: tuple[str, ...] = ()
     invited_in: tuple[int, ...] = ()
     calls: frozenset[int] = frozenset()
     expected: int | None = None  # answers the first stage waits for (None: the cohort)
@@ -226,6 +227,17 @@ class Mode(abc.ABC):
     def training(self) -> list[str]:
         """Devices training between rounds (asynchronous invitations); none otherwise."""
         return []
+
+    def group_due(self, devices: Devices, model_version: int, now: float) -> bool:
+        """Secure asynchronous rounds: whether enough devices hold an update to start one."""
+        return True
+
+    def call(
+        self, devices: Devices, round_id: int, model_version: int, now: float
+    ) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+        """Secure asynchronous rounds: invitations to announce while no round runs (`invited`,
+        `invited_in`); None for modes without them."""
+        return None
 
     def compression(self) -> compression.Compression:
         c = self.config
@@ -296,7 +308,9 @@ class SecureMode(Mode):
 class SecureRound(ModeRound):
     """SecAgg+ through `SecAggServer`: ADVERTISE, SHARE, COLLECT, UNMASK."""
 
-    def __init__(self, setup: RoundSetup, config: EngineConfig) -> None:
+    def __init__(self, setup: RoundSetup, config: EngineConfig, *, least: int = 0) -> None:
+        """`least`: the fewest survivors whose sum the round may reveal (secure asynchronous
+        rounds: the buffer), on top of the SecAgg+ and privacy minimums."""
         c, plan = config, setup.compression
         if plan.mode is compression.SparseMode.DENSE:
             quant_bits, clip = c.quant_bits, c.clip
@@ -307,11 +321,12 @@ class SecureRound(ModeRound):
             neighbours, suggested_t = suggest_neighbours(len(setup.cohort), c.expected_dropout)
             threshold = threshold or suggested_t
         n, k = len(setup.cohort), plan.k(setup.dim)
-        noise, least = None, 0
+        noise, fewest = None, least
         if c.privacy == "distributed":
             # The noise is sized for the fewest survivors the round accepts; the mean divides
             # by the survivors expected. Both come from the sampling, not from who was drawn.
             least = setup.least_survivors(c.expected_dropout)
+            fewest = max(fewest, least)
             if least > n:
                 raise NotEnoughDevicesError(
                     f"the sample of {n} devices is below the {least} survivors the round's "
@@ -337,9 +352,11 @@ class SecureRound(ModeRound):
             classes=len(setup.labels),
             noise=noise,
         )
+        if fewest > secagg.min_survivors:
+            # Fewer survivors would carry less noise than charged, or reveal a sum of fewer
+            # updates than the buffer: the round aborts instead.
+            secagg = dataclasses.replace(secagg, min_survivors=fewest)
         if noise is not None:
-            # Fewer survivors would carry less noise than charged: the round aborts instead.
-            secagg = dataclasses.replace(secagg, min_survivors=max(secagg.min_survivors, least))
             self.planned_charge = self._charge(secagg, noise, least, setup.sampling_rate)
         self.secagg: SecAggConfig = secagg
         missing = [d for d in setup.cohort if not setup.tickets.get(d)]
@@ -655,45 +672,18 @@ class Buffered:
     arrived: float
 
 
-def staleness_weight(staleness: int, exponent: float) -> float:
-    """FedBuff's polynomial discount: an update `staleness` releases old counts
-    (1 + staleness)^-exponent."""
-    return float((1.0 + staleness) ** -exponent)
-
-
-class AsyncMode(Mode):
-    """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022) on plain updates."""
-
-    round_mode = RoundMode.ASYNC
+class _Invitations(Mode):
+    """What both asynchronous modes share: the open invitations to train. A round invites
+    new devices into the free slots (at most `concurrency` train at once); an invitation
+    stands until its device answers, or lapses after `times.collect_hard` seconds (its
+    device counts as stalled)."""
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.invitations: dict[str, Invitation] = {}
-        self.buffer: list[Buffered] = []
         self.stale_refused = 0  # since the engine started
-        self._now = 0.0
+        self._new: tuple[str, ...] = ()  # chosen by cohort() or call(), invited by open()
         self._mark = 0
-
-    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
-        """The devices still training (their invitations stand) and new invitees for the free
-        slots, preferring those on the current release."""
-        self._now, self._mark = now, devices.mark
-        lapsed = self.lapse(now)
-        for device in lapsed:
-            devices.stall([device], lapsed[device].mark, now)
-        busy = set(self.invitations)
-        free = self.config.concurrency - len(busy)
-        new: tuple[str, ...] = ()
-        if free > 0:
-            new = devices.select(
-                model_version,
-                now,
-                lambda status: status.device_id not in busy and self.admits(status),
-                want=free,
-                least=0 if busy else 1,
-            ).cohort
-        cohort = tuple(sorted(busy | set(new)))
-        return Selection(cohort, 1.0, len(cohort))
 
     def training(self) -> list[str]:
         return sorted(self.invitations)
@@ -706,16 +696,65 @@ class AsyncMode(Mode):
             del self.invitations[device]
         return lapsed
 
+    def _refresh(
+        self, devices: Devices, model_version: int, now: float, busy: Collection[str] = ()
+    ) -> None:
+        """Lapse old invitations (stalling their devices) and choose new invitees for the
+        free slots (not yet invited: `open` or `invite` does that), preferring devices on
+        the current release. `busy`: devices that may not be invited either."""
+        self._mark = devices.mark
+        lapsed = self.lapse(now)
+        for device, invitation in lapsed.items():
+            devices.stall([device], invitation.mark, now)
+        taken = set(self.invitations) | set(busy)
+        free = self.config.concurrency - len(self.invitations)
+        self._new = ()
+        if free > 0:
+            self._new = devices.select(
+                model_version,
+                now,
+                lambda status: status.device_id not in taken and self._invitable(status),
+                want=free,
+                least=0,
+            ).cohort
+
+    def _invitable(self, status: wire.DeviceStatus) -> bool:
+        return self.admits(status)
+
+    def invite(self, round_id: int, version: int, seed: bytes, now: float) -> None:
+        """Invite the devices `_refresh` chose, from round `round_id`."""
+        for device in self._new:
+            self.invitations[device] = Invitation(round_id, version, seed, now, self._mark)
+        self._new = ()
+
+    def invited(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The announcement's `invited` and `invited_in`."""
+        names = tuple(sorted(self.invitations))
+        return names, tuple(self.invitations[d].round_id for d in names)
+
+
+class AsyncMode(_Invitations):
+    """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022) on plain updates."""
+
+    round_mode = RoundMode.ASYNC
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.buffer: list[Buffered] = []
+
+    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
+        """The devices still training (their invitations stand) and new invitees for the free
+        slots: whoever may send an update in the round."""
+        self._refresh(devices, model_version, now)
+        cohort = tuple(sorted(set(self.invitations) | set(self._new)))
+        if not cohort:
+            raise NotEnoughDevicesError(
+                f"no device to invite (of {len(devices.online())} online) and none training"
+            )
+        return Selection(cohort, 1.0, len(cohort))
+
     def open(self, setup: RoundSetup) -> AsyncRound:
-        for device in setup.cohort:
-            if device not in self.invitations:
-                self.invitations[device] = Invitation(
-                    round_id=setup.round_id,
-                    version=setup.model_version,
-                    seed=setup.seed,
-                    at=setup.opened,
-                    mark=self._mark,
-                )
+        self.invite(setup.round_id, setup.model_version, setup.seed, setup.opened)
         return AsyncRound(setup, self.config, self)
 
 
@@ -729,7 +768,7 @@ class AsyncRound(ModeRound):
         self._setup = setup
         self._config = config
         self._mode = mode
-        self.invited_in = tuple(mode.invitations[d].round_id for d in setup.cohort)
+        self.invited, self.invited_in = mode.invited()
         self.calls = frozenset(self.invited_in)
         self.expected = max(0, config.buffer - len(mode.buffer))
         self.limits = _limits({Kind.UPDATE: 8 * setup.dim + SLACK})
@@ -858,5 +897,153 @@ class AsyncRound(ModeRound):
         )
 
 
+class AsyncSecureMode(_Invitations):
+    """FedBuff with secure aggregation: a device that finished training holds its update and
+    says so in its status (`ready_version`, its base version). Once `buffer` * over_select
+    devices hold one (or `buffer` have, the first of them for `times.collect` seconds), a
+    SecAgg+ round sums the held updates of that group; each device scales its own by the
+    staleness discount, and the round reveals no sum of fewer than `buffer` survivors. The
+    same announcement carries the invitations; while no group is ready, `call` announces
+    them alone (docs/secagg.md)."""
+
+    round_mode = RoundMode.ASYNC_SECURE
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._versions: dict[str, int] = {}  # the group's base versions, for the figures
+        self._stale_seen: set[tuple[str, int]] = set()
+
+    def admits(self, status: wire.DeviceStatus) -> bool:
+        return bool(status.ticket)  # its advert must open the ticket the announcement carries
+
+    def _invitable(self, status: wire.DeviceStatus) -> bool:
+        return self.admits(status) and status.ready_version == 0  # holds nothing yet
+
+    @property
+    def group_size(self) -> int:
+        c = self.config
+        return max(c.buffer, math.ceil(c.buffer * c.over_select))
+
+    def _holding(self, devices: Devices, model_version: int, now: float) -> list[str]:
+        """Devices that hold an update fresh enough to be summed, in the order they said so
+        (first come, first summed: an update that waited is not left to go stale).
+        Invitations whose device now holds its update are answered; stale holdings are
+        counted once."""
+        oldest = model_version - self.config.max_staleness
+        stalled = devices.stalled(now)
+        out: list[tuple[float, str]] = []
+        for device, version, seen in devices.holding():
+            invitation = self.invitations.get(device)
+            if invitation is not None and version >= invitation.version:
+                del self.invitations[device]  # answered: its slot is free
+            if version < oldest:
+                if (device, version) not in self._stale_seen:
+                    self._stale_seen.add((device, version))
+                    self.stale_refused += 1
+                continue
+            if device not in stalled and version <= model_version:
+                out.append((seen, device))
+        return [d for _, d in sorted(out)]
+
+    def group_due(self, devices: Devices, model_version: int, now: float) -> bool:
+        """Whether a group may form now: `group_size` hold an update, or `buffer` do and the
+        first of them has waited `times.collect` seconds."""
+        holding = self._holding(devices, model_version, now)
+        if len(holding) >= self.group_size:
+            return True
+        if len(holding) < self.config.buffer:
+            return False
+        seen = [devices.seen(d) for d in holding]
+        return now - min(seen) >= self.config.times.collect
+
+    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
+        holding = self._holding(devices, model_version, now)
+        if len(holding) < self.config.buffer:
+            raise NotEnoughDevicesError(
+                f"{len(holding)} devices hold an update; a secure group needs "
+                f"fedbuff.buffer = {self.config.buffer}"
+            )
+        group = tuple(sorted(holding[: self.group_size]))
+        self._versions = {d: s.ready_version for d in group if (s := devices.status(d))}
+        self._refresh(devices, model_version, now, busy=group)
+        return Selection(group, 1.0, len(group))
+
+    def call(
+        self, devices: Devices, round_id: int, model_version: int, now: float
+    ) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Invitations alone, while no group is ready: lapse, invite into free slots."""
+        self._holding(devices, model_version, now)  # answered invitations free their slots
+        self._refresh(devices, model_version, now)
+        self.invite(round_id, model_version, b"", now)
+        return self.invited()
+
+    def open(self, setup: RoundSetup) -> AsyncSecureRound:
+        self.invite(setup.round_id, setup.model_version, setup.seed, setup.opened)
+        return AsyncSecureRound(setup, self.config, self)
+
+
+class AsyncSecureRound(ModeRound):
+    """One group's SecAgg+ round (`SecureRound`, at least `buffer` survivors), announced with
+    the invitations."""
+
+    def __init__(self, setup: RoundSetup, config: EngineConfig, mode: AsyncSecureMode) -> None:
+        self._secure = SecureRound(setup, config, least=config.buffer)
+        self._setup = setup
+        self._config = config
+        self._mode = mode
+        self._versions = {d: mode._versions.get(d, setup.model_version) for d in setup.cohort}
+        self.secagg = self._secure.secagg
+        self.tickets = self._secure.tickets
+        self.limits = self._secure.limits
+        self.planned_charge = self._secure.planned_charge
+        self.invited, self.invited_in = mode.invited()
+
+    @property
+    def stage(self) -> Stage:
+        return self._secure.stage
+
+    def take(self, device: str, message: wire.Message, now: float) -> None:
+        self._secure.take(device, message, now)
+
+    def complete(self) -> bool:
+        return self._secure.complete()
+
+    def can_close(self) -> bool:
+        return self._secure.can_close()
+
+    def close(self, now: float) -> Progress:
+        return self._secure.close(now)
+
+    def result(self, stages: Mapping[Stage, StageStats]) -> Aggregate:
+        aggregate = self._secure.result(stages)
+        c, version = self._config, self._setup.model_version
+        # Base versions are public (statuses): which staleness each survivor's discount had.
+        staleness = [version - self._versions[d] for d in aggregate.survivors]
+        discount = [staleness_weight(t, c.staleness_exponent) for t in staleness]
+        histogram: dict[str, int] = {}
+        for t in sorted(staleness):
+            histogram[str(t)] = histogram.get(str(t), 0) + 1
+        figures = {
+            "updates_applied": len(aggregate.survivors),
+            "staleness": histogram,
+            "mean_staleness": round(float(np.mean(staleness)), 3) if staleness else None,
+            "mean_discount": round(float(np.mean(discount)), 4) if discount else None,
+            "stale_refused_total": self._mode.stale_refused,
+            "in_flight": len(self._mode.invitations),
+        }
+        return dataclasses.replace(aggregate, figures={"async": figures})
+
+    def spent_charge(self) -> RoundCharge | None:
+        return self._secure.spent_charge()
+
+    def abort_notice(self, reason: str) -> list[Outbound]:
+        return self._secure.abort_notice(reason)
+
+
 # The engine's `mode` setting -> its strategy.
-MODES: dict[str, type[Mode]] = {"secure": SecureMode, "plain": PlainMode, "async": AsyncMode}
+MODES: dict[str, type[Mode]] = {
+    "secure": SecureMode,
+    "plain": PlainMode,
+    "async": AsyncMode,
+    "async-secure": AsyncSecureMode,
+}

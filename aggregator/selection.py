@@ -99,6 +99,20 @@ class Devices:
         cooldown = self.config.stall_cooldown
         return frozenset(d for d, at in self._stalled.items() if now - at < cooldown)
 
+    def seen(self, device: str) -> float:
+        """When the device's latest status arrived (-inf: none yet)."""
+        info = self._devices.get(device)
+        return -math.inf if info is None else info.seen
+
+    def holding(self) -> list[tuple[str, int, float]]:
+        """Online devices whose status says they hold a trained update (secure asynchronous
+        rounds): (device, its base version, when that status arrived)."""
+        return [
+            (d, info.status.ready_version, info.seen)
+            for d, info in self._devices.items()
+            if info.status.online and info.status.ready_version > 0
+        ]
+
     def status(self, device: str) -> wire.DeviceStatus | None:
         info = self._devices.get(device)
         return None if info is None else info.status

@@ -197,7 +197,8 @@ class AggregatorService:
         self.budget_spent: str | None = None  # why no more rounds run (the privacy budget)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
         # Asynchronous rounds: updates that arrived between two rounds (see _park).
-        self._asynchronous = settings.rounds.mode == "async"
+        self._asynchronous = settings.rounds.mode in ("async", "async-secure")
+        self._calls = settings.rounds.mode == "async-secure"  # invitations between rounds
         self._parked: collections.deque[Incoming] = collections.deque()
 
     # ------------------------------------------------------------------------------- setup
@@ -289,6 +290,7 @@ class AggregatorService:
         )
         if self.engine.running:
             return
+        self.engine.repeat_call()  # the call (if any) goes out again after what follows
         finished = await asyncio.to_thread(self.store.last_finished_round)
         if finished is None:
             return
@@ -535,6 +537,22 @@ class AggregatorService:
 
     # ------------------------------------------------------------------------------ rounds
 
+    async def _call_until_group(self, version: int) -> bool:
+        """Secure asynchronous rounds: announce the invitations to train (a call, whenever
+        they change) until enough devices hold a trained update to sum as a group. False:
+        stopping."""
+        while not self._stop.is_set():
+            next_id = await asyncio.to_thread(self.store.next_round_id)
+            async with self._engine_lock:
+                now = time.monotonic()
+                pubs = await self._engine_call(self.engine.invite, next_id, version, now)
+                due = self.engine.group_due(version, now)
+            await self._publish(pubs)
+            if due:
+                return True
+            await self._pause(0.2)
+        return False
+
     async def _wait_for_devices(self, version: int) -> bool:
         """Wait for a full selection on the current model; after `wait_for_devices` seconds,
         settle for `min_cohort` eligible devices. Stalled devices (which will not load the
@@ -578,7 +596,10 @@ class AggregatorService:
             if spent is not None:
                 await self._refuse(next_id, latest.version, spent)
                 break
-            if not await self._wait_for_devices(latest.version):
+            if self._calls:
+                if not await self._call_until_group(latest.version):
+                    break
+            elif not await self._wait_for_devices(latest.version):
                 if self._stop.is_set():
                     break
                 log.warning(

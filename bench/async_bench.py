@@ -2,7 +2,8 @@
 
     python bench/async_bench.py [--devices 500] [--target 0.85] [--seeds 0,1,2]
         [--train-seconds 10] [--speed lognormal] [--speed-sigma 1.0]
-        [--modes sync-plain,async-plain,sync-secure] [--buffer 10] [--concurrency 30]
+        [--modes sync-plain,async-plain,sync-secure,async-secure] [--buffer 10]
+        [--concurrency 30]
         [--max-staleness 8] [--sync-collect 40] [--max-hours 6] [--json FILE]
 
 A fleet of `--devices` simulated devices (fleetlearn's synthetic predictive-maintenance task:
@@ -20,7 +21,10 @@ simulated time, which favours neither mode.
   fastest a synchronous round can be;
 - async-plain: `rounds.mode = async` with `--buffer` updates per release, `--concurrency`
   devices training at once, `--max-staleness`, FedBuff's (1 + staleness)^-0.5, and otherwise
-  the same defaults.
+  the same defaults;
+- async-secure: `rounds.mode = async-secure`, the same settings: groups of
+  ceil(buffer * 1.2) devices holding a trained update are summed with SecAgg+, never fewer
+  than `--buffer` survivors.
 
 After each release the bench evaluates the model on held-out windows from machines that are
 in no device's data and records the simulated time at which it first reaches `--target`.
@@ -47,7 +51,13 @@ from fleetlearn.device.trainer import LiteRTTrainer
 from fleetlearn.firmware_sim.inmemory import InMemoryFleet, held_out_set
 from fleetlearn.firmware_sim.scenario import Scenario
 
-MODES = ("sync-plain", "async-plain", "sync-secure")
+# bench mode -> rounds.mode
+MODES = {
+    "sync-plain": "plain",
+    "async-plain": "async",
+    "sync-secure": "secure",
+    "async-secure": "async-secure",
+}
 
 
 def scenario(args: argparse.Namespace) -> Scenario:
@@ -61,10 +71,10 @@ def scenario(args: argparse.Namespace) -> Scenario:
 
 def run(mode: str, args: argparse.Namespace, seed: int, test: Any) -> dict[str, Any]:
     settings = AggregatorSettings()
-    kind, rounds_mode = mode.split("-")
+    kind = mode.split("-", maxsplit=1)[0]
     config = dataclasses.replace(
         settings.engine_config(),
-        mode="async" if kind == "async" else rounds_mode,  # type: ignore[arg-type]
+        mode=MODES[mode],  # type: ignore[arg-type]
         buffer=args.buffer,
         concurrency=args.concurrency,
         max_staleness=args.max_staleness,

@@ -415,6 +415,7 @@ class DeviceAgent:
             samples=len(self.data),
             note=self._note,
             ticket=self.participant.ticket,
+            ready_version=self.participant.ready_version,
         )
         with contextlib.suppress(FleetlearnError):
             await self.link.publish(

@@ -36,6 +36,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import math
@@ -53,6 +54,7 @@ from fleetlearn.shared.rounds import (
     RoundAnnounce,
     RoundMode,
     RoundState,
+    staleness_weight,
 )
 from fleetlearn.shared.secagg import keys as sk
 from fleetlearn.shared.secagg import messages as sm
@@ -133,6 +135,22 @@ _WAITING: dict[ClientState, tuple[Stage, bool]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Invitation:
+    """Secure asynchronous rounds: an invitation this device trains for."""
+
+    round_id: int  # the round that invited it
+    announce: RoundAnnounce  # what to train: that announcement's release and plan
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """Secure asynchronous rounds: a trained update waiting for a group."""
+
+    result: LocalResult
+    base_version: int  # the release it was trained from
+
+
 @dataclass(slots=True)
 class _Round:
     announce: RoundAnnounce
@@ -173,6 +191,11 @@ class Participant:
         self._release_digest = b""
         self._round: _Round | None = None
         self._last_round = -1
+        # Secure asynchronous rounds: the invitation being trained for, the newest invitation
+        # taken, and the trained update waiting for a group.
+        self._invitation: _Invitation | None = None
+        self._last_invitation = -1
+        self._held: _Held | None = None
         self.refused: list[str] = []  # why releases were refused, newest last
         # What went into SecAgg per round: (coordinates, values, weight), for local audit and
         # tests; the last few rounds only.
@@ -246,9 +269,12 @@ class Participant:
         current = self._round
         if announce.mode is RoundMode.ASYNC:
             return self._on_async(announce, now)
+        if announce.mode is RoundMode.ASYNC_SECURE:
+            return self._on_async_secure(announce, now)
         if current is not None and current.announce.mode is RoundMode.ASYNC:
             self._end_round(counted=False)  # the fleet went back to rounds: drop the invitation
             current = None
+        self._invitation = self._held = None  # likewise
         if announce.state is not RoundState.OPEN:
             if current is not None and current.announce.round_id == announce.round_id:
                 self._end_round(counted=announce.state is RoundState.CLOSED and self._survived())
@@ -274,40 +300,46 @@ class Participant:
             )
             return [Note(NoteKind.ROUND_SKIPPED, why)]
         out: list[Action] = [Train(announce.round_id, announce)]
-        client = None
         if announce.mode is RoundMode.SECURE:
-            assert announce.secagg is not None
-            try:
-                keys = {d: self._registry[d] for d in announce.cohort}
-            except KeyError as exc:
-                why = f"round {announce.round_id}: cohort member {exc} is not provisioned"
-                return [Note(NoteKind.ROUND_SKIPPED, why)]
-            try:
-                client = SecAggClient(
-                    config=announce.secagg,
-                    round_id=announce.round_id,
-                    device_id=self.device_id,
-                    signing_key=self._identity,
-                    verify_keys=keys,
-                    round_seed=announce.seed,
-                    tickets=announce.ticket_map(),
-                    draw=self._draw,
-                    floor=self.floor,
-                    random=self._random,
-                    deadlines=None,  # this participant applies the round's limits (tick)
-                )
-                advert = client.start(now)
-            except ProtocolError as exc:
-                # Below this device's floor, or not its current ticket: nothing was revealed.
-                return [
-                    Note(NoteKind.ROUND_SKIPPED, f"round {announce.round_id}: not joining: {exc}")
-                ]
-            out += self._sends(advert)
-            # The advert revealed the draw: never use it again.
-            self._draw = sk.new_draw(self._random)
-            out.append(PublishStatus())
-        first = Stage.ADVERTISE if client is not None else Stage.COLLECT
-        self._round = _Round(announce, {first: now}, client)
+            joined = self._join_secure(announce, now)
+            if self._round is None or self._round.announce.round_id != announce.round_id:
+                return joined  # not joining: says why
+            return out + joined
+        self._round = _Round(announce, {Stage.COLLECT: now}, None)
+        self.rounds_joined += 1
+        return out
+
+    def _join_secure(self, announce: RoundAnnounce, now: float) -> list[Action]:
+        """Start this device's SecAgg+ client for `announce` (its advert), or say why not."""
+        assert announce.secagg is not None
+        try:
+            keys = {d: self._registry[d] for d in announce.cohort}
+        except KeyError as exc:
+            why = f"round {announce.round_id}: cohort member {exc} is not provisioned"
+            return [Note(NoteKind.ROUND_SKIPPED, why)]
+        try:
+            client = SecAggClient(
+                config=announce.secagg,
+                round_id=announce.round_id,
+                device_id=self.device_id,
+                signing_key=self._identity,
+                verify_keys=keys,
+                round_seed=announce.seed,
+                tickets=announce.ticket_map(),
+                draw=self._draw,
+                floor=self.floor,
+                random=self._random,
+                deadlines=None,  # this participant applies the round's limits (tick)
+            )
+            advert = client.start(now)
+        except ProtocolError as exc:
+            # Below this device's floor, or not its current ticket: nothing was revealed.
+            return [Note(NoteKind.ROUND_SKIPPED, f"round {announce.round_id}: not joining: {exc}")]
+        out: list[Action] = list(self._sends(advert))
+        # The advert revealed the draw: never use it again.
+        self._draw = sk.new_draw(self._random)
+        out.append(PublishStatus())
+        self._round = _Round(announce, {Stage.ADVERTISE: now}, client)
         self.rounds_joined += 1
         return out
 
@@ -341,6 +373,84 @@ class Participant:
         self.rounds_joined += 1
         return [Train(announce.round_id, announce)]
 
+    # ------------------------------------------------------------- secure asynchronous
+
+    @property
+    def ready_version(self) -> int:
+        """Secure asynchronous rounds: the base version of the trained update this device
+        holds for a group (0: none), for its status."""
+        return 0 if self._held is None else self._held.base_version
+
+    def _on_async_secure(self, announce: RoundAnnounce, now: float) -> list[Action]:
+        """A secure asynchronous announcement (shared.rounds): invitations to train, and a
+        group whose held updates this round sums. Every announcement is read whole, also one
+        seen before (a call and the round that follows share a round id)."""
+        run = self._round
+        if announce.state is not RoundState.OPEN:
+            if run is not None and run.announce.round_id == announce.round_id:
+                self._end_round(counted=announce.state is RoundState.CLOSED and self._survived())
+            return []
+        out: list[Action] = []
+        invited = announce.invitation(self.device_id)
+        current = self._invitation
+        if current is not None and invited != current.round_id:
+            self._invitation = None  # lapsed, or replaced by a newer invitation
+        if (
+            invited is not None
+            and invited > self._last_invitation
+            and self._held is None
+            and announce.model_version >= self.model_version
+        ):
+            self._last_invitation = invited
+            self._invitation = _Invitation(invited, announce)
+            self.rounds_joined += 1
+            out.append(Train(invited, announce))
+        if self.device_id in announce.cohort and (
+            run is None or run.announce.round_id != announce.round_id
+        ):
+            out += self._join_group(announce, now)
+        return out
+
+    def _hold(self, invitation: _Invitation, result: LocalResult) -> list[Action]:
+        """Training for an invitation finished: keep the update for a group, and say so."""
+        self._invitation = None
+        if not np.all(np.isfinite(result.update)) or not result.weight > 0:
+            why = f"invitation {invitation.round_id}: training diverged; nothing to contribute"
+            return [Note(NoteKind.ROUND_LEFT, why)]
+        self._held = _Held(result, invitation.announce.model_version)
+        return [PublishStatus()]
+
+    def _join_group(self, announce: RoundAnnounce, now: float) -> list[Action]:
+        """Contribute the held update to this round's SecAgg+ group, discounted for its
+        staleness (the aggregator only sees the sum)."""
+        held = self._held
+        rid = announce.round_id
+        if held is None:
+            return [Note(NoteKind.ROUND_SKIPPED, f"round {rid}: no update held for a group")]
+        staleness = announce.model_version - held.base_version
+        if not 0 <= staleness <= announce.max_staleness:
+            self._held = None
+            why = (
+                f"round {rid}: the held update from v{held.base_version} is {staleness} "
+                f"releases old (max_staleness {announce.max_staleness}); dropped"
+            )
+            return [Note(NoteKind.ROUND_SKIPPED, why), PublishStatus()]
+        joined = self._join_secure(announce, now)
+        run = self._round
+        if run is None or run.announce.round_id != rid:
+            return joined  # not joining (its floor, its ticket): the update stays held
+        discount = staleness_weight(staleness, announce.staleness_exponent)
+        result = dataclasses.replace(held.result, update=held.result.update * discount)
+        return joined + self._answer(run, result)
+
+    def _spent(self, outs: list[wire.Message]) -> list[Action]:
+        """Once the masked input went out, the held update is spent: the aggregator can
+        unmask the sum it is in without this device, so it must never go into another."""
+        if self._held is not None and any(isinstance(m, sm.MaskedInput) for m in outs):
+            self._held = None
+            return [PublishStatus()]
+        return []
+
     def on_message(self, topic: topics.Topic, payload: bytes, now: float) -> list[Action]:
         """An inbox or survivors message of a secure round."""
         run = self._round
@@ -364,7 +474,7 @@ class Participant:
             self._end_round(counted=False)
             why = f"round {topic.round_id} failed on this device: {exc}"
             return [Note(NoteKind.ROUND_LEFT, why)]
-        actions: list[Action] = self._sends(outs)
+        actions: list[Action] = self._sends(outs) + self._spent(outs)
         opens = protocol.OPENS.get(type(message))
         if opens is not None:
             run.opened.setdefault(opens, now)
@@ -380,11 +490,20 @@ class Participant:
 
     def trained(self, round_id: int, result: LocalResult, now: float) -> list[Action]:
         """Local training for `round_id` finished (the adapter ran it off the event loop)."""
+        invitation = self._invitation
+        if invitation is not None and invitation.round_id == round_id:
+            return self._hold(invitation, result)
         run = self._round
         if run is None or run.announce.round_id != round_id or run.trained:
             return []  # the round ended while we trained
+        return self._answer(run, result)
+
+    def _answer(self, run: _Round, result: LocalResult) -> list[Action]:
+        """Send what the round takes from this local result: a plain update, or the masked
+        input through SecAgg+."""
         run.trained = True
         ann = run.announce
+        round_id = ann.round_id
         if self.feedback is None or self.feedback.dim != result.update.shape[0]:
             why = f"round {round_id}: update has {result.update.shape[0]} values"
             return [Note(NoteKind.ROUND_LEFT, why)]
@@ -466,7 +585,7 @@ class Participant:
         except SecAggError as exc:
             self._end_round(counted=False)
             return [Note(NoteKind.ROUND_LEFT, f"round {round_id}: {exc}")]
-        return list(self._sends(outs))
+        return self._sends(outs) + self._spent(outs)
 
     def _send_local_dp(self, run: _Round, result: LocalResult) -> list[Action]:
         """Local DP (docs/privacy.md): the update clipped and noised here, before anything

@@ -119,7 +119,15 @@ def register(sub: Any) -> None:
     )
     d.add_argument("--cohort", type=_positive, default=50, help="devices per round (default 50)")
     d.add_argument("--procs", type=_whole(1, MAX_PROCS), default=2)
-    d.add_argument("--mode", choices=["secure", "plain"], default="secure")
+    d.add_argument(
+        "--mode",
+        choices=["secure", "plain", "async", "async-secure"],
+        default="secure",
+        help=(
+            "round mode (default secure); async and async-secure: FedBuff, a release every "
+            "--cohort/4 updates with --cohort devices training at once"
+        ),
+    )
     d.add_argument("--out", type=Path, default=Path("demo-report"), help="report directory")
     d.add_argument(
         "--scenario", type=Path, help="scenario TOML (default: 10%% vanish before masking)"
@@ -598,6 +606,17 @@ def run_demo(args: argparse.Namespace) -> int:
             **(
                 {"compression.sparsity": "top_k", "training.error_feedback": "true"}
                 if args.mode == "plain"
+                else {}
+            ),
+            # Asynchronous modes: --cohort devices train at once, a release every quarter.
+            **(
+                {
+                    "fedbuff.concurrency": str(args.cohort),
+                    "fedbuff.buffer": str(max(3, args.cohort // 4)),
+                    # Secure groups of 1.5 x the buffer: 10% vanishing rarely leaves fewer.
+                    "rounds.over_select": "1.5",
+                }
+                if args.mode in ("async", "async-secure")
                 else {}
             ),
             # 10% vanish at COLLECT: size the neighbour graph so bad luck cannot abort a round.

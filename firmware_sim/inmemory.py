@@ -30,7 +30,7 @@ import numpy as np
 from nacl.signing import SigningKey
 
 from fleetlearn.aggregator import rules
-from fleetlearn.aggregator.engine import EngineConfig, Publish, RoundEngine
+from fleetlearn.aggregator.engine import EngineConfig, NotEnoughDevicesError, Publish, RoundEngine
 from fleetlearn.aggregator.service import default_model
 from fleetlearn.device.participant import (
     LocalResult,
@@ -163,6 +163,7 @@ class InMemoryFleet:
             eligibility=wire.Eligibility.ELIGIBLE if d.online else wire.Eligibility.OFFLINE,
             model_version=participant.model_version,
             ticket=participant.ticket,
+            ready_version=participant.ready_version,
         )
         self.engine.observe_status(dev, wire.encode(status), self.now)
 
@@ -334,12 +335,11 @@ class InMemoryFleet:
         releases came out, `max_seconds` of simulated time passed, or `on_release` (called
         with each closed round's summary) returns True. Returns the summaries, aborted
         rounds included."""
-        if self.config.mode != "async":
-            raise ValueError(f"run_async needs an async engine, not {self.config.mode!r}")
+        if not self.config.asynchronous:
+            raise ValueError(f"run_async needs an asynchronous engine, not {self.config.mode!r}")
         limit = self.now + max_seconds
         out: list[dict[str, Any]] = []
         released = 0
-        self._start()
         while released < releases:
             outcome = self.engine.outcome
             if outcome is not None and outcome.round_id == self._round:
@@ -349,13 +349,28 @@ class InMemoryFleet:
                     released += 1
                     if on_release is not None and on_release(metrics):
                         break
-                if released >= releases:
+                continue
+            if not self.engine.running and not self._begin():
+                # Secure: no group holds updates yet. The call went out; devices train.
+                if not self._step(None, limit):
                     break
-                self._start()
                 continue
             if not self._step(self.engine.next_deadline, limit):
                 break
         return out
+
+    def _begin(self) -> bool:
+        """Start the next asynchronous round; in secure mode only once a group is due (until
+        then announce the invitations). False: no round started."""
+        if not self.engine.group_due(self.version, self.now):
+            self._deliver(self.engine.invite(self._round + 1, self.version, self.now))
+            return False
+        try:
+            self._start()
+        except NotEnoughDevicesError:
+            self._round -= 1
+            return False
+        return True
 
     @property
     def trainings(self) -> int:

@@ -11,7 +11,8 @@ topics and the broker ACL's sets; `tests/test_protocol.py` holds them to this ta
 
 Rules:
 - Stages run in the order of `STAGES` (shared.secagg.config). A mode runs the stages its
-  uplink rows name: secure ADVERTISE, SHARE, COLLECT, UNMASK; plain and asynchronous only COLLECT.
+  uplink rows name: secure rounds (synchronous or asynchronous) ADVERTISE, SHARE, COLLECT,
+  UNMASK; plain rounds (synchronous or asynchronous) only COLLECT.
 - An uplink row is what a device answers a stage with, on a topic under its own id; each
   device topic kind carries exactly one message type, so the topic says what to decode.
 - A downlink row with a stage is the aggregator's message that opens that stage on the
@@ -40,10 +41,9 @@ class Direction(enum.Enum):
     DOWN = "down"  # the aggregator to one device (its inbox), the cohort or the fleet
 
 
-SECURE = frozenset({RoundMode.SECURE})
-PLAIN = frozenset({RoundMode.PLAIN})
-ASYNC = frozenset({RoundMode.ASYNC})
-ANY_MODE = SECURE | PLAIN | ASYNC
+SECURE = frozenset({RoundMode.SECURE, RoundMode.ASYNC_SECURE})  # SecAgg+ stages
+PLAIN = frozenset({RoundMode.PLAIN, RoundMode.ASYNC})  # plain updates
+ANY_MODE = SECURE | PLAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ ROUTES: tuple[Route, ...] = (
     Route(Stage.SHARE, Kind.SHARES, sm.Shares, _UP, SECURE),
     Route(Stage.COLLECT, Kind.INBOX, sm.ShareInbox, _DOWN, SECURE),
     Route(Stage.COLLECT, Kind.MASKED, sm.MaskedInput, _UP, SECURE),
-    Route(Stage.COLLECT, Kind.UPDATE, PlainUpdate, _UP, PLAIN | ASYNC),
+    Route(Stage.COLLECT, Kind.UPDATE, PlainUpdate, _UP, PLAIN),
     Route(Stage.UNMASK, Kind.SURVIVORS, sm.UnmaskRequest, _DOWN, SECURE),
     Route(Stage.UNMASK, Kind.UNMASK, sm.Unmask, _UP, SECURE),
     Route(None, Kind.SURVIVORS, sm.Abort, _DOWN, SECURE),

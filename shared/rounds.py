@@ -16,13 +16,18 @@ The secure stages' own messages live in `shared.secagg.messages`; model releases
 - `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight and
   training metrics, for plain (non-secure) rounds where the aggregator may see each update.
 
-Asynchronous rounds (`RoundMode.ASYNC`, FedBuff): a "round" is the time between two releases.
-Its announcement invites the devices in `cohort` to train, each on the round named by its
-entry of `invited_in`: the announcing round for a new invitation, an earlier one for a device
-still training since then (its slot stays taken). A device answers on the topic of the round
-that invited it, with `base_version` the model version that round announced; an update that
-is too stale when it arrives is refused. A device not in the cohort of a newer announcement is
-no longer invited.
+Asynchronous rounds (FedBuff): a "round" is the time between two releases. Its announcement
+lists the devices `invited` to train, each with the round that invited it (`invited_in`): the
+announcing round for a new invitation, an earlier one for a device still training since then
+(its slot stays taken). A device invited anew trains on the announced release; one no longer
+listed by a newer announcement is no longer invited.
+- `ASYNC` (plain): `cohort` is the invited devices. A device answers on the topic of the
+  round that invited it, with `base_version` the model version that round announced; an
+  update that is too stale when it arrives is refused.
+- `ASYNC_SECURE`: a device that finished training holds its update and puts its base version
+  in its status (`ready_version`). `cohort` is a group of such devices whose updates this
+  round sums with SecAgg+, each scaled by its staleness discount by the device itself; an
+  empty cohort is a call: invitations only, no secure stages.
 """
 
 from __future__ import annotations
@@ -51,16 +56,26 @@ MAX_STAGE_SECONDS = 86_400
 class RoundMode(enum.Enum):
     SECURE = "secure"  # SecAgg+: the aggregator learns only the sum
     PLAIN = "plain"  # each update is visible; robust aggregation rules apply
-    # Buffered asynchronous (FedBuff): invited devices train on the release they have and
+    # Buffered asynchronous (FedBuff): invited devices train on the announced release and
     # send a plain update tagged with its version whenever it is ready; every `buffer`
     # updates the aggregator applies their staleness-weighted mean (docs/learning.md).
     ASYNC = "async"
+    # The same, with secure aggregation: a device that finished training holds its update
+    # and says so in its status; the aggregator sums the held updates of a group of at
+    # least `buffer` devices in one SecAgg+ round (docs/secagg.md).
+    ASYNC_SECURE = "async-secure"
 
 
 class RoundState(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"  # aggregated and released
     ABORTED = "aborted"
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """FedBuff's polynomial discount: an asynchronous update `staleness` releases old counts
+    (1 + staleness)^-exponent."""
+    return float((1.0 + max(0, staleness)) ** -exponent)
 
 
 @wire.record
@@ -217,11 +232,14 @@ class RoundAnnounce(wire.Message):
     # Secure rounds: TICKET_BYTES per cohort member, in `cohort` order (one bytes field, so
     # decoding stays cheap at n = 1000: 16 kB).
     tickets: bytes = b""
-    # Asynchronous rounds: per cohort member, in `cohort` order, the round whose invitation it
-    # answers (this round: a new invitation; an earlier one: it is still training for that).
+    # Asynchronous rounds: the devices invited to train and, in the same order, the round each
+    # invitation is from (this round: a new invitation; an earlier one: still training).
+    invited: tuple[str, ...] = ()
     invited_in: tuple[int, ...] = ()
-    # Asynchronous rounds: how many model versions old an update may be when it arrives.
+    # Asynchronous rounds: how many releases old an update may be when it is aggregated, and
+    # the exponent of the discount (1 + staleness)^-exponent it then counts with.
     max_staleness: int = 0
+    staleness_exponent: float = 0.5
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "RoundAnnounce.round_id", "out of range")
@@ -230,23 +248,23 @@ class RoundAnnounce(wire.Message):
         wire.require(len(self.cohort) <= MAX_COHORT, "RoundAnnounce.cohort", "too large")
         wire.require_ids(self.cohort, "RoundAnnounce.cohort")
         wire.require(len(self.reason) <= 1000, "RoundAnnounce.reason", "too long")
-        if self.state is RoundState.OPEN:
-            wire.require(len(self.cohort) >= 1, "RoundAnnounce.cohort", "is empty")
         if self.tickets:
             wire.require(
                 len(self.tickets) == TICKET_BYTES * len(self.cohort),
                 "RoundAnnounce.tickets",
                 f"must hold {TICKET_BYTES} bytes per cohort member",
             )
-        if self.mode is RoundMode.ASYNC and self.state is RoundState.OPEN:
-            wire.require(
-                len(self.invited_in) == len(self.cohort),
-                "RoundAnnounce.invited_in",
-                "asynchronous rounds name the inviting round of every cohort member",
-            )
+        asynchronous = self.mode in (RoundMode.ASYNC, RoundMode.ASYNC_SECURE)
+        wire.require(len(self.invited) <= MAX_COHORT, "RoundAnnounce.invited", "too large")
+        wire.require_ids(self.invited, "RoundAnnounce.invited")
         wire.require(
-            not self.invited_in or self.mode is RoundMode.ASYNC,
+            len(self.invited_in) == len(self.invited),
             "RoundAnnounce.invited_in",
+            "names the inviting round of every invited device, in the same order",
+        )
+        wire.require(
+            not self.invited or asynchronous,
+            "RoundAnnounce.invited",
             "only asynchronous rounds carry it",
         )
         wire.require(
@@ -259,7 +277,19 @@ class RoundAnnounce(wire.Message):
             "RoundAnnounce.max_staleness",
             "must be in 0..10000",
         )
-        if self.mode is RoundMode.SECURE and self.state is RoundState.OPEN:
+        wire.require(
+            isinstance(self.staleness_exponent, float | int)
+            and not isinstance(self.staleness_exponent, bool)
+            and 0.0 <= self.staleness_exponent <= 10.0,
+            "RoundAnnounce.staleness_exponent",
+            "must be in [0, 10]",
+        )
+        secure = self.mode is RoundMode.SECURE or (
+            self.mode is RoundMode.ASYNC_SECURE and bool(self.cohort)
+        )
+        if self.state is RoundState.OPEN and self.mode is not RoundMode.ASYNC_SECURE:
+            wire.require(len(self.cohort) >= 1, "RoundAnnounce.cohort", "is empty")
+        if secure and self.state is RoundState.OPEN:
             wire.require(self.secagg is not None, "RoundAnnounce.secagg", "secure rounds need it")
             wire.require(
                 self.compression.mode is not SparseMode.TOP_K,
@@ -297,16 +327,18 @@ class RoundAnnounce(wire.Message):
             state=state,
             reason=reason[:1000],
             tickets=self.tickets,
+            invited=self.invited,
             invited_in=self.invited_in,
             max_staleness=self.max_staleness,
+            staleness_exponent=self.staleness_exponent,
         )
 
     def invitation(self, device: str) -> int | None:
         """Asynchronous rounds: the round whose invitation `device` answers (None: not
         invited by this announcement)."""
-        if not self.invited_in or device not in self.cohort:
+        if device not in self.invited:
             return None
-        return self.invited_in[self.cohort.index(device)]
+        return self.invited_in[self.invited.index(device)]
 
     def ticket_map(self) -> dict[str, bytes]:
         """Cohort member -> its announced graph ticket (empty for plain rounds)."""

@@ -91,6 +91,7 @@ def test_each_release_applies_the_staleness_weighted_mean_of_the_buffer() -> Non
     first = _announce(engine, 1, 1, now=0.0)
     assert first.mode is RoundMode.ASYNC
     assert len(first.cohort) == 4  # concurrency
+    assert first.invited == first.cohort  # plain: the invited devices send updates
     assert first.invited_in == (1, 1, 1, 1)
     assert first.max_staleness == 1
     a, b, c, d = first.cohort
@@ -225,6 +226,8 @@ def test_announcement_checks_invitations() -> None:
     ann = _announce(engine, 1, 1, now=0.0)
     with pytest.raises(wire.WireError, match="invited_in"):
         RoundAnnounce(**{**_fields(ann), "invited_in": ann.invited_in[:-1]})
+    with pytest.raises(wire.WireError, match="invited"):
+        RoundAnnounce(**{**_fields(ann), "invited": ("no such id!",) * len(ann.invited)})
     with pytest.raises(wire.WireError, match="invited_in"):
         RoundAnnounce(**{**_fields(ann), "invited_in": (2,) * len(ann.cohort)})  # the future
     with pytest.raises(wire.WireError, match="only asynchronous"):
@@ -271,6 +274,7 @@ def test_a_device_trains_once_per_invitation_and_drops_a_lapsed_one() -> None:
             "round_id": 3,
             "model_version": 2,
             "cohort": others,
+            "invited": others,
             "invited_in": (3,) * len(others),
         }
     )
@@ -310,3 +314,105 @@ def test_the_in_memory_fleet_runs_async_rounds_on_heavy_tailed_devices() -> None
     assert times == sorted(times)
     assert times[-1] > 10.0
     assert fleet.lost > 0  # the flaky link lost some updates; the buffer filled anyway
+
+
+# ------------------------------------------------------------------- secure asynchronous
+
+
+def _secure_fleet(devices: int, scenario: str = "", **cfg: object) -> InMemoryFleet:
+    config = EngineConfig(
+        **{
+            "mode": "async-secure",
+            "sparsity": "dense",
+            "min_cohort": 3,
+            "buffer": 4,
+            "over_select": 1.25,
+            "concurrency": 8,
+            "max_staleness": 3,
+            "training": TrainingPlan(steps=5, max_samples=128, error_feedback=False),
+            **cfg,
+        }  # type: ignore[arg-type]
+    )
+    spec = '[compute]\ntrain_seconds = 10.0\nspeed = "lognormal"\nspeed_sigma = 1.0\n' + scenario
+    return InMemoryFleet(devices, config, Scenario.parse(spec), seed=5)
+
+
+def test_secure_async_sums_each_group_of_discounted_updates() -> None:
+    fleet = _secure_fleet(16)
+    outcomes = []
+    take = fleet.engine.take_outcome
+
+    def keep() -> object:
+        outcome = take()
+        outcomes.append(outcome)
+        return outcome
+
+    fleet.engine.take_outcome = keep  # type: ignore[method-assign]
+    checked = []
+
+    def check(metrics: dict[str, object]) -> bool:
+        outcome = outcomes[-1]
+        assert outcome is not None
+        assert outcome.mean_update is not None
+        version = int(metrics["model_version"])  # type: ignore[call-overload]
+        total, weights = 0.0, 0.0
+        for dev in outcome.survivors:
+            participant = fleet.devices[dev].participant
+            _, vector, weight = participant.inputs[outcome.round_id]
+            held = fleet.round_results[dev]  # what it trained, before the discount
+            figures = metrics["async"]
+            assert isinstance(figures, dict)
+            # The device scaled its own update by the discount of its staleness.
+            trained = np.asarray(held.update, dtype=np.float64)
+            moved = np.abs(trained) > 1e-6
+            ratio = vector[moved] / trained[moved]
+            discounts = {staleness_weight(t, 0.5) for t in range(4)}
+            assert any(np.allclose(ratio, d, rtol=1e-5) for d in discounts)
+            total = total + vector * weight
+            weights += weight
+        np.testing.assert_allclose(
+            outcome.mean_update, total / weights, atol=outcome.error_bound + 1e-9
+        )
+        assert len(outcome.survivors) >= 4
+        assert sum(metrics["async"]["staleness"].values()) == len(outcome.survivors)  # type: ignore[index]
+        assert metrics["mode"] == "async-secure"
+        assert version >= 1
+        checked.append(outcome.round_id)
+        return False
+
+    history = fleet.run_async(4, on_release=check)
+    assert len(checked) == 4
+    assert fleet.version == 5
+    assert all(m["state"] == "closed" for m in history)
+
+
+def test_secure_async_never_reveals_a_sum_of_fewer_than_the_buffer() -> None:
+    # Half the group vanishes before its masked input: many groups end below the buffer.
+    fleet = _secure_fleet(24, "[dropout]\ncollect = 0.4\n", buffer=4, over_select=1.5)
+    announcements = []
+    deliver = fleet._deliver
+
+    def spy(pubs: list[object]) -> None:
+        for pub in pubs:
+            if topics.parse(pub.topic).kind is topics.Kind.ROUND:  # type: ignore[attr-defined]
+                announcements.append(wire.decode(pub.payload, RoundAnnounce))  # type: ignore[attr-defined]
+        deliver(pubs)  # type: ignore[arg-type]
+
+    fleet._deliver = spy  # type: ignore[method-assign]
+    history = fleet.run_async(3, max_seconds=20_000)
+    closed = [m for m in history if m["state"] == "closed"]
+    aborted = [m for m in history if m["state"] == "aborted"]
+    assert len(closed) == 3
+    assert aborted, "no group fell below the buffer: the test proves nothing"
+    assert all(m["survivors"] >= 4 for m in closed)
+    assert all("at least 4 are required" in str(m["reason"]) for m in aborted)
+    groups = [a for a in announcements if a.cohort and a.state is RoundState.OPEN]
+    assert groups
+    assert all(a.secagg is not None and a.secagg.min_survivors >= 4 for a in groups)
+    calls = [a for a in announcements if not a.cohort and a.state is RoundState.OPEN]
+    assert calls
+    assert all(a.invited and a.secagg is None for a in calls)
+    # A device whose masked input went out never offers that update again.
+    for device in fleet.devices.values():
+        participant = device.participant
+        assert participant.ready_version == 0 or participant.ready_version <= fleet.version

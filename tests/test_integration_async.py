@@ -15,7 +15,13 @@ import pytest
 from fleetlearn.shared import topics
 from tests.conftest import require_mosquitto
 from tests.fleet_harness import fleet
-from tests.test_integration_faults import ROOT, _aggregator_cmd, _rounds_table, _versions
+from tests.test_integration_faults import (
+    ROOT,
+    _aggregator_cmd,
+    _documented_metrics_fields,
+    _rounds_table,
+    _versions,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -70,6 +76,10 @@ async def test_async_rounds_release_every_buffer_and_refuse_a_stale_update(
     assert stale[0]["device"] == slow
     assert closed[-1].metrics["rejected_total"]["stale"] == 1
     assert closed[-1].metrics["async"]["stale_refused_total"] == 1
+    # Every field of an async summary is documented (docs/topics.md), `async` among them.
+    documented = _documented_metrics_fields()
+    assert documented["async"] == "async"
+    assert set(closed[-1].metrics) <= set(documented), set(closed[-1].metrics) - set(documented)
 
 
 async def test_sigkill_mid_buffer_loses_no_release_version(tmp_path: Path) -> None:
@@ -140,3 +150,31 @@ async def test_sigkill_mid_buffer_loses_no_release_version(tmp_path: Path) -> No
     ], table
     assert table[2][2] == "aggregator restarted during the round"
     assert _versions(h.state_dir) == [1, 2, 3, 4, 5]  # none lost, none duplicated
+
+
+async def test_secure_async_groups_release_only_sums_of_the_buffer(tmp_path: Path) -> None:
+    require_mosquitto()
+    async with fleet(tmp_path, 8) as h:
+        h.start_devices()
+        _service, summaries = await h.run_aggregator(
+            timeout=240,
+            **{
+                **ASYNC,
+                "rounds.mode": "async-secure",
+                "rounds.count": "3",
+                "rounds.min_cohort": "3",
+                "fedbuff.buffer": "3",
+                "rounds.over_select": "1.33",  # groups of 4, at least 3 survivors
+            },
+        )
+        await h.stop_all()
+    closed = [s for s in summaries if s.state == "closed"]
+    assert [s.new_version for s in closed] == [2, 3, 4]
+    for s in closed:
+        assert s.metrics["mode"] == "async-secure"
+        assert s.metrics["cohort"] == 4
+        assert s.metrics["survivors"] >= 3
+        figures = s.metrics["async"]
+        assert figures["updates_applied"] == s.metrics["survivors"]
+        assert sum(figures["staleness"].values()) == s.metrics["survivors"]
+        assert s.metrics["stages"]["unmask"]["closed_by"] in ("complete", "quorum")

@@ -101,6 +101,7 @@ def _status() -> st.SearchStrategy[wire.Message]:
         samples=st.integers(0, 10**6),
         note=st.text(max_size=40),
         ticket=st.sampled_from([0, 16]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+        ready_version=st.integers(0, 2**31 - 1),
     )
 
 
@@ -112,7 +113,7 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
 
     cohort = tuple(draw(st.lists(ids, min_size=3, max_size=8, unique=True)))
     mode = draw(st.sampled_from(list(rounds.RoundMode)))
-    secure = mode is rounds.RoundMode.SECURE
+    secure = mode in (rounds.RoundMode.SECURE, rounds.RoundMode.ASYNC_SECURE)
     sparse_mode = draw(
         st.sampled_from([SparseMode.RAND_K, SparseMode.DENSE] if secure else list(SparseMode))
     )
@@ -145,9 +146,12 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
     soft = draw(st.lists(st.floats(0.5, 3600), min_size=4, max_size=4))
     hard = [s + draw(st.floats(0, 3600)) for s in soft]  # each hard limit >= its soft one
     round_id = draw(st.integers(0, 2**31 - 1))
+    invited: tuple[str, ...] = ()
     invited_in: tuple[int, ...] = ()
-    if mode is rounds.RoundMode.ASYNC:  # each member's inviting round, at most this one
-        invited_in = tuple(draw(st.integers(0, round_id)) for _ in cohort)
+    if mode in (rounds.RoundMode.ASYNC, rounds.RoundMode.ASYNC_SECURE):
+        invited = tuple(draw(st.lists(ids, max_size=8, unique=True)))
+        # each invitation's round, at most this one
+        invited_in = tuple(draw(st.integers(0, round_id)) for _ in invited)
     return rounds.RoundAnnounce(
         round_id=round_id,
         mode=mode,
@@ -184,8 +188,10 @@ def _announce_draw(draw: st.DrawFn) -> wire.Message:
         tickets=draw(st.binary(min_size=16 * len(cohort), max_size=16 * len(cohort)))
         if secure or draw(st.booleans())
         else b"",
+        invited=invited,
         invited_in=invited_in,
         max_staleness=draw(st.integers(0, 10_000)),
+        staleness_exponent=draw(st.floats(0.0, 10.0)),
     )
 
 

@@ -37,11 +37,19 @@ class DeviceStatus(Message):
     # aggregator copies it into the announcement of a secure round; a new one follows each
     # round the device advertised in.
     ticket: bytes = b""
+    # Secure asynchronous rounds: the model version of the trained update the device holds,
+    # ready to be summed in a group (0: none).
+    ready_version: int = 0
 
     def __post_init__(self) -> None:
         require_id(self.device_id, "device_id")
         require(len(self.ticket) in (0, 16), "ticket", "must be empty or 16 bytes")
         require(0.0 <= self.battery <= 1.0, "battery", f"{self.battery} is outside 0..1")
         require(self.model_version >= 0, "model_version", "must be >= 0")
+        require(
+            type(self.ready_version) is int and 0 <= self.ready_version < 2**31,
+            "ready_version",
+            "must be in 0..2^31-1",
+        )
         require(self.samples >= 0, "samples", "must be >= 0")
         require(len(self.note) <= 512, "note", "longer than 512 characters")
