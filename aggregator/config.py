@@ -308,7 +308,7 @@ class AggregatorSettings:
                 "aggregation.trim", f"must be in [0, 0.5), got {self.aggregation.trim}"
             )
         k = self.secagg.neighbours
-        if self.rounds.mode in ("secure", "async-secure") and k >= self.rounds.min_cohort:
+        if self.rounds.mode == "secure" and k >= self.rounds.min_cohort:
             raise ConfigError(
                 "secagg.neighbours",
                 f"{k} neighbours need rounds of at least {k + 1} devices; "

@@ -53,7 +53,7 @@ import collections
 import dataclasses
 import enum
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +277,12 @@ class RoundEngine:
         round (always true in other modes)."""
         return self._mode.group_due(self._devices, model_version, now)
 
+    @property
+    def next_lapse(self) -> float | None:
+        """Asynchronous rounds: when the oldest open invitation lapses (its device then
+        counts as stalled at the next round or call)."""
+        return self._mode.next_lapse()
+
     def repeat_call(self) -> None:
         """Let the next `invite` announce even unchanged invitations (after a reconnect, the
         round topic was republished with the last finished round)."""
@@ -372,11 +378,14 @@ class RoundEngine:
         cohort: tuple[str, ...] | None = None,
         labels: tuple[str, ...] = (),
         task: Task = Task.CLASSIFICATION,
+        waiting: Collection[str] = (),
     ) -> list[Publish]:
         """Select (or take) a cohort and announce the round. Raises NotEnoughDevicesError or
         EngineError (nothing changed then), e.g. while a round still runs. `labels`: the
         model's class names (its manifest's), for per-class federated evaluation; `task`:
-        its manifest's task, which names the evaluation figures on `metrics`.
+        its manifest's task, which names the evaluation figures on `metrics`; `waiting`:
+        devices whose answer arrived between rounds and waits for this one (asynchronous
+        rounds: their invitations do not lapse).
 
         With a privacy budget, raises BudgetSpentError when the round, charged as planned,
         would take the run past it. A cohort given by the caller is charged as sampled with
@@ -386,7 +395,7 @@ class RoundEngine:
         c, mode = self.config, self._mode
         rate, candidates = 1.0, None
         if cohort is None:
-            selection = mode.cohort(self._devices, model_version, now)
+            selection = mode.cohort(self._devices, model_version, now, waiting)
             cohort, rate = selection.cohort, selection.sampling_rate
             candidates = selection.candidates
         unknown = [d for d in cohort if not self._devices.known(d)]

@@ -9,6 +9,7 @@ from the service's settings; tests and the simulator build one directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,7 @@ from fleetlearn.aggregator import rules
 from fleetlearn.shared import rounds
 from fleetlearn.shared.errors import FleetlearnError
 from fleetlearn.shared.rounds import StageTimes
+from fleetlearn.shared.secagg.config import MAX_COHORT
 
 
 class EngineError(FleetlearnError):
@@ -189,6 +191,21 @@ class EngineConfig:
                 f"updates would reveal too much), got {self.buffer}",
                 key="fedbuff.buffer",
             )
+        if self.mode == "async-secure":
+            group = max(self.buffer, math.ceil(self.buffer * self.over_select))
+            if group > MAX_COHORT:
+                raise EngineError(
+                    f"fedbuff.buffer * rounds.over_select makes secure groups of {group} "
+                    f"devices; SecAgg+ takes at most {MAX_COHORT}",
+                    key="fedbuff.buffer",
+                )
+            if self.neighbours and self.neighbours >= self.buffer:
+                raise EngineError(
+                    f"secagg.neighbours {self.neighbours} needs groups of at least "
+                    f"{self.neighbours + 1} survivors; raise fedbuff.buffer to "
+                    f"{self.neighbours + 1} or lower secagg.neighbours",
+                    key="secagg.neighbours",
+                )
         if self.mode == "async-secure" and self.training.error_feedback:
             raise EngineError(
                 "training.error_feedback must be false in async-secure mode: a held update "

@@ -220,8 +220,12 @@ class Mode(abc.ABC):
         """Whether selection may take a device with this status."""
         return True
 
-    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
-        """The next round's cohort, chosen from what the engine knows of its devices."""
+    def cohort(
+        self, devices: Devices, model_version: int, now: float, waiting: Collection[str] = ()
+    ) -> Selection:
+        """The next round's cohort, chosen from what the engine knows of its devices.
+        `waiting`: devices whose answer arrived and waits for this round (asynchronous
+        rounds: their invitations stand whatever their age)."""
         return devices.select(model_version, now, self.admits)
 
     def training(self) -> list[str]:
@@ -237,6 +241,10 @@ class Mode(abc.ABC):
     ) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
         """Secure asynchronous rounds: invitations to announce while no round runs (`invited`,
         `invited_in`); None for modes without them."""
+        return None
+
+    def next_lapse(self) -> float | None:
+        """When the oldest open invitation lapses (None: none open, or no invitations)."""
         return None
 
     def compression(self) -> compression.Compression:
@@ -575,7 +583,8 @@ class PlainRound(ModeRound):
             compression.to_dense(m.update, config=setup.compression, dim=setup.dim, seed=setup.seed)
             for m in sent
         ]
-        weights = [m.weight for m in sent]
+        # A FedAvg weight counts up to the plan's max_samples (what an honest device sends).
+        weights = [min(m.weight, float(c.training.max_samples)) for m in sent]
         if c.privacy == "central":
             self._spent = self.planned_charge  # a plain round's noise does not depend on who sent
             mean = self._noisy_mean(dense)
@@ -688,22 +697,35 @@ class _Invitations(Mode):
     def training(self) -> list[str]:
         return sorted(self.invitations)
 
-    def lapse(self, now: float) -> dict[str, Invitation]:
-        """Drop the invitations older than the training hard limit; return them."""
+    def lapse(self, now: float, keep: Collection[str] = ()) -> dict[str, Invitation]:
+        """Drop the invitations older than the training hard limit, but those of `keep`
+        (their answer arrived and waits); return them."""
         limit = self.config.times.collect_hard
-        lapsed = {d: i for d, i in self.invitations.items() if now - i.at >= limit}
+        lapsed = {
+            d: i for d, i in self.invitations.items() if now - i.at >= limit and d not in keep
+        }
         for device in lapsed:
             del self.invitations[device]
         return lapsed
 
+    def next_lapse(self) -> float | None:
+        if not self.invitations:
+            return None
+        return min(i.at for i in self.invitations.values()) + self.config.times.collect_hard
+
     def _refresh(
-        self, devices: Devices, model_version: int, now: float, busy: Collection[str] = ()
+        self,
+        devices: Devices,
+        model_version: int,
+        now: float,
+        busy: Collection[str] = (),
+        keep: Collection[str] = (),
     ) -> None:
         """Lapse old invitations (stalling their devices) and choose new invitees for the
         free slots (not yet invited: `open` or `invite` does that), preferring devices on
         the current release. `busy`: devices that may not be invited either."""
         self._mark = devices.mark
-        lapsed = self.lapse(now)
+        lapsed = self.lapse(now, keep)
         for device, invitation in lapsed.items():
             devices.stall([device], invitation.mark, now)
         taken = set(self.invitations) | set(busy)
@@ -742,10 +764,12 @@ class AsyncMode(_Invitations):
         super().__init__(config)
         self.buffer: list[Buffered] = []
 
-    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
+    def cohort(
+        self, devices: Devices, model_version: int, now: float, waiting: Collection[str] = ()
+    ) -> Selection:
         """The devices still training (their invitations stand) and new invitees for the free
         slots: whoever may send an update in the round."""
-        self._refresh(devices, model_version, now)
+        self._refresh(devices, model_version, now, keep=waiting)
         cohort = tuple(sorted(set(self.invitations) | set(self._new)))
         if not cohort:
             raise NotEnoughDevicesError(
@@ -845,13 +869,22 @@ class AsyncRound(ModeRound):
         taken, mode.buffer = mode.buffer[: c.buffer], mode.buffer[c.buffer :]
         staleness = [setup.model_version - b.message.base_version for b in taken]
         discount = [staleness_weight(s, c.staleness_exponent) for s in staleness]
-        weights = [b.message.weight for b in taken]
+        # A device's FedAvg weight counts up to the plan's max_samples (what an honest one
+        # sends): a claimed 1e9 cannot outweigh the buffer.
+        weights = [min(b.message.weight, float(c.training.max_samples)) for b in taken]
         scaled = [d * w for d, w in zip(discount, weights, strict=True)]
-        # sum(s_i w_i u_i) / sum(w_i): a stale update adds less, and is not made up for by
-        # the others (FedBuff). Robust rules combine the updates, then take the mean discount.
-        mean = rules.aggregate(
-            [b.update for b in taken], scaled, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm
-        ) * (sum(scaled) / sum(weights))
+        updates = [b.update for b in taken]
+        if c.rule == "mean":
+            # sum(s_i w_i u_i) / sum(w_i): a stale update adds less, and is not made up for
+            # by the others (FedBuff).
+            mean = rules.aggregate(updates, scaled, rule="mean", clip_norm=c.clip_norm) * (
+                sum(scaled) / sum(weights)
+            )
+        else:
+            # Robust rules ignore weights: the rule's result times the plain mean discount.
+            mean = rules.aggregate(
+                updates, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm
+            ) * float(np.mean(discount))
         sent = [b.message for b in taken]
         samples = sum(m.samples for m in sent)
         loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)
@@ -932,17 +965,20 @@ class AsyncSecureMode(_Invitations):
         oldest = model_version - self.config.max_staleness
         stalled = devices.stalled(now)
         out: list[tuple[float, str]] = []
-        for device, version, seen in devices.holding():
+        stale: set[tuple[str, int]] = set()
+        for status, since in devices.holding():
+            device, version = status.device_id, status.ready_version
             invitation = self.invitations.get(device)
             if invitation is not None and version >= invitation.version:
                 del self.invitations[device]  # answered: its slot is free
             if version < oldest:
+                stale.add((device, version))
                 if (device, version) not in self._stale_seen:
-                    self._stale_seen.add((device, version))
                     self.stale_refused += 1
                 continue
-            if device not in stalled and version <= model_version:
-                out.append((seen, device))
+            if device not in stalled and version <= model_version and self.admits(status):
+                out.append((since, device))
+        self._stale_seen = stale  # only what is still held: memory stays flat
         return [d for _, d in sorted(out)]
 
     def group_due(self, devices: Devices, model_version: int, now: float) -> bool:
@@ -953,10 +989,12 @@ class AsyncSecureMode(_Invitations):
             return True
         if len(holding) < self.config.buffer:
             return False
-        seen = [devices.seen(d) for d in holding]
-        return now - min(seen) >= self.config.times.collect
+        since = [devices.ready_since(d) for d in holding]
+        return now - min(since) >= self.config.times.collect
 
-    def cohort(self, devices: Devices, model_version: int, now: float) -> Selection:
+    def cohort(
+        self, devices: Devices, model_version: int, now: float, waiting: Collection[str] = ()
+    ) -> Selection:
         holding = self._holding(devices, model_version, now)
         if len(holding) < self.config.buffer:
             raise NotEnoughDevicesError(
@@ -978,16 +1016,24 @@ class AsyncSecureMode(_Invitations):
         return self.invited()
 
     def open(self, setup: RoundSetup) -> AsyncSecureRound:
+        secure = SecureRound(setup, self.config, least=self.config.buffer)
+        # Invited only once the round exists: a round that cannot start invites nobody.
         self.invite(setup.round_id, setup.model_version, setup.seed, setup.opened)
-        return AsyncSecureRound(setup, self.config, self)
+        return AsyncSecureRound(setup, self.config, self, secure)
 
 
 class AsyncSecureRound(ModeRound):
     """One group's SecAgg+ round (`SecureRound`, at least `buffer` survivors), announced with
     the invitations."""
 
-    def __init__(self, setup: RoundSetup, config: EngineConfig, mode: AsyncSecureMode) -> None:
-        self._secure = SecureRound(setup, config, least=config.buffer)
+    def __init__(
+        self,
+        setup: RoundSetup,
+        config: EngineConfig,
+        mode: AsyncSecureMode,
+        secure: SecureRound,
+    ) -> None:
+        self._secure = secure
         self._setup = setup
         self._config = config
         self._mode = mode

@@ -61,6 +61,9 @@ class Devices:
         self._stalled: dict[str, float] = {}  # device -> when it last missed a stage
         self._arrivals = 0  # signs of life so far, from any device
         self._alive_mark: dict[str, int] = {}  # device -> `_arrivals` at its last sign of life
+        # Secure asynchronous rounds: device -> (the version of the update it holds, since
+        # when its status says so).
+        self._ready: dict[str, tuple[int, float]] = {}
 
     def known(self, device: str) -> bool:
         return device in self._known
@@ -73,6 +76,13 @@ class Devices:
     def observe(self, device: str, status: wire.DeviceStatus, now: float) -> None:
         """A (decoded) retained status or last will of a provisioned device."""
         self._devices[device] = _Device(status, now)
+        held = self._ready.get(device)
+        if status.ready_version <= 0:
+            self._ready.pop(device, None)
+        elif held is None or held[0] != status.ready_version:
+            # A status republished for another reason (a new ticket, a release loaded)
+            # keeps the update's place in line.
+            self._ready[device] = (status.ready_version, now)
         if status.online:
             self._stalled.pop(device, None)  # it is back: its connection works again
             self._alive(device)
@@ -99,18 +109,18 @@ class Devices:
         cooldown = self.config.stall_cooldown
         return frozenset(d for d, at in self._stalled.items() if now - at < cooldown)
 
-    def seen(self, device: str) -> float:
-        """When the device's latest status arrived (-inf: none yet)."""
-        info = self._devices.get(device)
-        return -math.inf if info is None else info.seen
+    def ready_since(self, device: str) -> float:
+        """Secure asynchronous rounds: when the device's status first said it holds the
+        update it holds now (inf: it holds none)."""
+        return self._ready.get(device, (0, math.inf))[1]
 
-    def holding(self) -> list[tuple[str, int, float]]:
+    def holding(self) -> list[tuple[wire.DeviceStatus, float]]:
         """Online devices whose status says they hold a trained update (secure asynchronous
-        rounds): (device, its base version, when that status arrived)."""
+        rounds), with `ready_since`."""
         return [
-            (d, info.status.ready_version, info.seen)
+            (info.status, self._ready[d][1])
             for d, info in self._devices.items()
-            if info.status.online and info.status.ready_version > 0
+            if info.status.online and d in self._ready
         ]
 
     def status(self, device: str) -> wire.DeviceStatus | None:

@@ -67,11 +67,13 @@ from fleetlearn.aggregator import privacy, report, rules
 from fleetlearn.aggregator.config import AggregatorSettings
 from fleetlearn.aggregator.engine import (
     BudgetSpentError,
+    EngineError,
     NotEnoughDevicesError,
     Publish,
     RoundEngine,
     RoundOutcome,
 )
+from fleetlearn.aggregator.modes import SLACK
 from fleetlearn.aggregator.store import Store
 from fleetlearn.shared import dataset, evaluation, tflite, topics, wire
 from fleetlearn.shared.dataset import DataError
@@ -99,7 +101,6 @@ from fleetlearn.transport import (
 log = logging.getLogger("fleetlearn.aggregator")
 PUBLISH_WINDOW = 20
 INTAKE_BATCH = 64  # messages taken on the loop between two looks at the network
-MAX_PARKED = 10_000  # asynchronous updates held between two rounds (see _park)
 T = TypeVar("T")
 
 
@@ -196,10 +197,13 @@ class AggregatorService:
         self._gave_up: str | None = None  # why the rounds loop stopped early (max_aborts)
         self.budget_spent: str | None = None  # why no more rounds run (the privacy budget)
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
-        # Asynchronous rounds: updates that arrived between two rounds (see _park).
+        # Asynchronous rounds: updates that arrived between two rounds wait for the next one
+        # (see _park), each at most the size of an honest update of the model.
         self._asynchronous = settings.rounds.mode in ("async", "async-secure")
         self._calls = settings.rounds.mode == "async-secure"  # invitations between rounds
-        self._parked: collections.deque[Incoming] = collections.deque()
+        self._parking = settings.rounds.mode == "async"
+        self._parked: dict[str, Incoming] = {}  # device -> its update
+        self._update_limit = 0  # bytes: set when a round starts (the model's dimension)
 
     # ------------------------------------------------------------------------------- setup
 
@@ -290,7 +294,13 @@ class AggregatorService:
         )
         if self.engine.running:
             return
-        self.engine.repeat_call()  # the call (if any) goes out again after what follows
+        try:
+            await self._republish_finished()
+        finally:
+            # After the finished round went out again: the next call must follow it.
+            self.engine.repeat_call()
+
+    async def _republish_finished(self) -> None:
         finished = await asyncio.to_thread(self.store.last_finished_round)
         if finished is None:
             return
@@ -459,25 +469,30 @@ class AggregatorService:
                 self._outcome.set()
 
     def _park(self, msg: Incoming) -> bool:
-        """Asynchronous rounds: a device update that arrives between two rounds (the release
+        """Plain asynchronous rounds: an update that arrives between two rounds (the release
         being built) waits for the next round, which takes updates on their inviting rounds'
-        topics, instead of counting as late. At most MAX_PARKED wait; beyond, as usual."""
-        if not self._asynchronous or self.engine.running or len(self._parked) >= MAX_PARKED:
+        topics, instead of counting as late. Only one per device with an open invitation,
+        and no larger than an honest update (module doc: one device cannot fill memory);
+        anything else goes to the engine at once, which refuses or counts it."""
+        if not self._parking or self.engine.running or len(msg.payload) > self._update_limit:
             return False
         try:
-            kind = topics.parse(msg.topic).kind
+            topic = topics.parse(msg.topic)
         except topics.TopicError:
             return False
-        if kind is not topics.Kind.UPDATE:
+        device = topic.device_id
+        if topic.kind is not topics.Kind.UPDATE or device is None or device in self._parked:
             return False
-        self._parked.append(msg)
+        if device not in self.engine.training():
+            return False
+        self._parked[device] = msg
         return True
 
     async def _unpark(self) -> None:
         """Feed the parked updates to the round that just started."""
         if not self._parked:
             return
-        parked, self._parked = list(self._parked), collections.deque()
+        parked, self._parked = list(self._parked.values()), {}
         pubs: list[Publish] = []
         async with self._engine_lock:
             now = time.monotonic()
@@ -541,6 +556,8 @@ class AggregatorService:
         """Secure asynchronous rounds: announce the invitations to train (a call, whenever
         they change) until enough devices hold a trained update to sum as a group. False:
         stopping."""
+        waiting_since = warned = time.monotonic()
+        wait = self.settings.rounds.wait_for_devices
         while not self._stop.is_set():
             next_id = await asyncio.to_thread(self.store.next_round_id)
             async with self._engine_lock:
@@ -550,6 +567,16 @@ class AggregatorService:
             await self._publish(pubs)
             if due:
                 return True
+            if now - warned >= wait:
+                warned = now
+                log.warning(
+                    "no secure group of fedbuff.buffer = %d devices holding an update after "
+                    "%.0f s (%d training, %d online)",
+                    self.settings.fedbuff.buffer,
+                    now - waiting_since,
+                    len(self.engine.training()),
+                    len(self.engine.online()),
+                )
             await self._pause(0.2)
         return False
 
@@ -622,7 +649,9 @@ class AggregatorService:
                         now=now,
                         labels=manifest.labels,
                         task=manifest.task,
+                        waiting=frozenset(self._parked),
                     )
+                    self._update_limit = 8 * manifest.parameter_count + SLACK
             except NotEnoughDevicesError as exc:
                 log.warning("cannot start round %d: %s", round_id, exc)
                 await self._pause(1.0)
@@ -630,6 +659,12 @@ class AggregatorService:
             except BudgetSpentError as exc:
                 await self._refuse(round_id, latest.version, exc)
                 break
+            except EngineError as exc:
+                # What the fleet's statuses made of this round cannot run (e.g. a member
+                # without a graph ticket); nothing was announced. The next try selects anew.
+                log.error("cannot start round %d: %s", round_id, exc)
+                await self._pause(5.0)
+                continue
             announce = self.engine.announce
             assert announce is not None
             await asyncio.to_thread(

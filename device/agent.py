@@ -548,16 +548,20 @@ class DeviceAgent:
         version = action.announce.model_version
         if await self._trainer_for(version, action.announce.times.collect_hard) is None:
             why = f"round {action.round_id}: model v{version} not loaded"
+            await self._call(self.participant.untrained, action.round_id)
             await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
             return
         async with self._trainer_lock:
             trainer = self.trainer
             if trainer is None or trainer.version != version:
-                return  # replaced by a newer one meanwhile: this round is stale
+                # Replaced by a newer one meanwhile: this round is stale.
+                await self._call(self.participant.untrained, action.round_id)
+                return
             try:
                 result = await loop.run_in_executor(self._executor, self._train_sync, trainer, plan)
             except (TrainerError, FleetlearnError) as exc:
                 why = f"round {action.round_id}: training failed: {exc}"
+                await self._call(self.participant.untrained, action.round_id)
                 await self._carry_out([Note(NoteKind.ROUND_LEFT, why)])
                 return
         if self._slowdown > 0:

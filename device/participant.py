@@ -391,13 +391,29 @@ class Participant:
                 self._end_round(counted=announce.state is RoundState.CLOSED and self._survived())
             return []
         out: list[Action] = []
+        held = self._held
+        if held is not None and (run is None or run.announce.round_id != announce.round_id):
+            staleness = announce.model_version - held.base_version
+            if staleness > announce.max_staleness:
+                # Too old for any group from now on: drop it, so that the aggregator may
+                # invite this device again (its status says it holds nothing).
+                self._held = None
+                why = (
+                    f"round {announce.round_id}: the held update from v{held.base_version} is "
+                    f"{staleness} releases old (max_staleness {announce.max_staleness}); dropped"
+                )
+                out += [Note(NoteKind.ROUND_SKIPPED, why), PublishStatus()]
         invited = announce.invitation(self.device_id)
         current = self._invitation
         if current is not None and invited != current.round_id:
             self._invitation = None  # lapsed, or replaced by a newer invitation
         if (
             invited is not None
-            and invited > self._last_invitation
+            # A new invitation, or the same one again for a device that has nothing under way:
+            # calls between two rounds share the next round's id, so a lapsed invitation is
+            # renewed under the id it had.
+            and invited >= self._last_invitation
+            and self._invitation is None
             and self._held is None
             and announce.model_version >= self.model_version
         ):
@@ -410,6 +426,23 @@ class Participant:
         ):
             out += self._join_group(announce, now)
         return out
+
+    def untrained(self, round_id: int) -> list[Action]:
+        """The adapter could not train for `round_id` (no model, training failed). An
+        asynchronous invitation is given up, so that the next one is taken; synchronous
+        rounds are left to their deadlines."""
+        invitation = self._invitation
+        if invitation is not None and invitation.round_id == round_id:
+            self._invitation = None
+        run = self._round
+        if (
+            run is not None
+            and run.announce.mode is RoundMode.ASYNC
+            and run.announce.round_id == round_id
+            and not run.trained
+        ):
+            self._round = None
+        return []
 
     def _hold(self, invitation: _Invitation, result: LocalResult) -> list[Action]:
         """Training for an invitation finished: keep the update for a group, and say so."""

@@ -224,7 +224,9 @@ class InMemoryFleet:
         if dev in self._silent or self.trainer is None:
             return
         if action.announce.model_version != self.trainer.version:
-            return  # an announcement of an older release: nothing to train it with
+            # An announcement of an older release: nothing to train it with.
+            d.participant.untrained(action.round_id)
+            return
         result = local_round(
             self.trainer, d.x, d.y, action.announce.training, rng=d.rng, personal=d.personal
         )
@@ -351,8 +353,9 @@ class InMemoryFleet:
                         break
                 continue
             if not self.engine.running and not self._begin():
-                # Secure: no group holds updates yet. The call went out; devices train.
-                if not self._step(None, limit):
+                # Secure: no group holds updates yet. The call went out; devices train, or
+                # their invitations lapse (the next call stalls them and invites others).
+                if not self._step(self.engine.next_lapse, limit):
                     break
                 continue
             if not self._step(self.engine.next_deadline, limit):

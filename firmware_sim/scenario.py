@@ -173,25 +173,29 @@ class Scenario:
         """When this device's shift starts within each day (seconds)."""
         return self.uniform("shift", index) * self.day
 
+    def _into_shift(self, index: int, t: float) -> float:
+        """Seconds since the device's latest shift began, in [0, day). A time a rounding
+        error short of the next start counts as that start."""
+        into = (t - self.shift_start(index)) % self.day
+        return 0.0 if self.day - into < 1e-9 * max(1.0, self.day) else into
+
     def online_at(self, index: int, t: float) -> bool:
         """Whether the device is online at time `t` (seconds from the start of day one)."""
         if self.day <= 0 or self.online >= 1.0:
             return True
-        return (t - self.shift_start(index)) % self.day < self.online * self.day
+        return self._into_shift(index, t) < self.online * self.day
 
     def next_online(self, index: int, t: float) -> float:
         """The first time from `t` on at which the device is online."""
         if self.online_at(index, t):
             return t
-        into = (t - self.shift_start(index)) % self.day
-        return t + (self.day - into)
+        return t + (self.day - self._into_shift(index, t))
 
     def next_offline(self, index: int, t: float) -> float | None:
         """When the device, online at `t`, goes offline next (None: never)."""
         if self.day <= 0 or self.online >= 1.0:
             return None
-        into = (t - self.shift_start(index)) % self.day
-        return t + max(0.0, self.online * self.day - into)
+        return t + max(0.0, self.online * self.day - self._into_shift(index, t))
 
     def link_loses(self, index: int, count: int) -> bool:
         """Whether the device's `count`-th round message is lost on its flaky link."""

@@ -17,11 +17,11 @@ from nacl.signing import SigningKey
 from fleetlearn.aggregator import rules
 from fleetlearn.aggregator.engine import EngineConfig, EngineError, RoundEngine
 from fleetlearn.aggregator.modes import staleness_weight
-from fleetlearn.device.participant import Participant, Train
+from fleetlearn.device.participant import LocalResult, Note, Participant, PublishStatus, Train
 from fleetlearn.firmware_sim.inmemory import InMemoryFleet
 from fleetlearn.firmware_sim.scenario import Scenario
 from fleetlearn.shared import topics, wire
-from fleetlearn.shared.compression.messages import DenseUpdate
+from fleetlearn.shared.compression.messages import Compression, DenseUpdate, SparseMode
 from fleetlearn.shared.rounds import (
     PlainUpdate,
     RoundAnnounce,
@@ -416,3 +416,156 @@ def test_secure_async_never_reveals_a_sum_of_fewer_than_the_buffer() -> None:
     for device in fleet.devices.values():
         participant = device.participant
         assert participant.ready_version == 0 or participant.ready_version <= fleet.version
+
+
+def test_a_held_update_too_stale_for_any_group_is_dropped_and_the_device_invited_again() -> None:
+    participant = Participant(
+        fleet=FLEET,
+        device_id="d00",
+        identity=SigningKey.generate(),
+        aggregator_key=SigningKey.generate().verify_key,
+        registry={},
+        random=os.urandom,
+    )
+    call = RoundAnnounce(
+        round_id=1,
+        mode=RoundMode.ASYNC_SECURE,
+        model_version=1,
+        cohort=(),
+        seed=bytes(32),
+        compression=Compression(mode=SparseMode.DENSE),
+        training=TrainingPlan(),
+        times=StageTimes(),
+        invited=("d00",),
+        invited_in=(1,),
+        max_staleness=2,
+    )
+    assert [type(a) for a in participant.on_round(wire.encode(call), 0.0)] == [Train]
+    result = LocalResult(update=np.ones(4, np.float32), weight=5.0, loss=0.1, correct=1, samples=2)
+    assert [type(a) for a in participant.trained(1, result, 1.0)] == [PublishStatus]
+    assert participant.ready_version == 1  # its status says it holds an update from v1
+    # Two releases later it may still be grouped: kept.
+    later = RoundAnnounce(
+        **{**_fields(call), "round_id": 3, "model_version": 3, "invited": (), "invited_in": ()}
+    )
+    assert participant.on_round(wire.encode(later), 2.0) == []
+    assert participant.ready_version == 1
+    # Three: no group will take it; dropped, and the device takes a new invitation.
+    too_old = RoundAnnounce(
+        **{**_fields(call), "round_id": 4, "model_version": 4, "invited_in": (4,)}
+    )
+    kinds = [type(a) for a in participant.on_round(wire.encode(too_old), 3.0)]
+    assert kinds == [Note, PublishStatus, Train]
+    assert participant.ready_version == 0
+
+
+# ------------------------------------------------------------------------- hostile input
+
+
+def test_a_claimed_weight_counts_at_most_max_samples() -> None:
+    engine = _engine(training=TrainingPlan(max_samples=100, error_feedback=False))
+    first = _announce(engine, 1, 1, now=0.0)
+    a, b, *_ = first.cohort
+    _send(engine, a, 1, 1, [1] * DIM, now=1.0, weight=1e9)  # claims a billion examples
+    _send(engine, b, 1, 1, [3] * DIM, now=2.0, weight=100)
+    outcome = engine.take_outcome()
+    assert outcome is not None
+    np.testing.assert_allclose(outcome.mean_update, [2.0] * DIM)  # 100 against 100
+
+
+def test_an_update_waiting_between_rounds_keeps_its_invitation() -> None:
+    times = StageTimes(collect=5.0, collect_hard=10.0)
+    for waiting in (True, False):
+        engine = _engine(times=times, buffer=1, concurrency=2)
+        first = _announce(engine, 1, 1, now=0.0)
+        a, b = first.cohort
+        _send(engine, a, 1, 1, [1] * DIM, now=1.0)
+        assert engine.take_outcome() is not None
+        # b's update arrived at 9.5 s, while the release was built; the next round starts
+        # at 12 s, past b's invitation's hard limit.
+        keep = frozenset({b}) if waiting else frozenset()
+        engine.start_round(round_id=2, model_version=2, dim=DIM, now=12.0, waiting=keep)
+        assert (b in engine.training()) is waiting
+        _send(engine, b, 1, 1, [5] * DIM, now=12.0)
+        if waiting:
+            outcome = engine.take_outcome()
+            assert outcome is not None
+            assert outcome.survivors == (b,)
+        else:  # its invitation lapsed: the update counts as late and changes nothing
+            assert engine.outcome is None
+            assert engine.late_total == 1
+
+
+def test_async_secure_settings_are_checked() -> None:
+    with pytest.raises(EngineError, match=r"secagg\.neighbours"):
+        EngineConfig(mode="async-secure", buffer=3, neighbours=4)
+    with pytest.raises(EngineError, match="SecAgg"):
+        EngineConfig(mode="async-secure", buffer=60_000, concurrency=60_000, over_select=2.0)
+    with pytest.raises(EngineError, match=r"error_feedback"):
+        EngineConfig(mode="async-secure", training=TrainingPlan(error_feedback=True))
+
+
+def test_a_holding_status_without_a_ticket_is_never_grouped() -> None:
+    fleet = _secure_fleet(12)
+    # One device claims to hold an update, with no graph ticket to open: before, it was
+    # grouped first and the round could not even be built.
+    bogus = wire.DeviceStatus(device_id="dev-0000", online=True, model_version=1, ready_version=1)
+    fleet.engine.observe_status("dev-0000", wire.encode(bogus), 0.0)
+    fleet.devices["dev-0000"].online = False  # and it hears nothing: a stolen identity
+    history = fleet.run_async(2)
+    closed = [m for m in history if m["state"] == "closed"]
+    assert len(closed) == 2
+    assert all("dev-0000" not in fleet.survivors for _ in closed)
+
+
+def test_holding_keeps_its_place_in_line_when_the_status_is_republished() -> None:
+    engine = _engine(n=3)
+    devices = engine._devices
+
+    def status(version: int, ticket: bytes) -> None:
+        s = wire.DeviceStatus(
+            device_id="d00", online=True, model_version=1, ready_version=version, ticket=ticket
+        )
+        devices.observe("d00", s, now)
+
+    now = 1.0
+    status(1, bytes(16))
+    now = 5.0
+    status(1, bytes(range(16)))  # a new ticket after an advert: the same update
+    assert devices.ready_since("d00") == 1.0
+    now = 6.0
+    status(2, bytes(16))  # a new update
+    assert devices.ready_since("d00") == 6.0
+    now = 7.0
+    status(0, bytes(16))  # spent
+    assert devices.ready_since("d00") == float("inf")
+    assert [s.device_id for s, _ in devices.holding()] == []
+
+
+def test_a_lapsed_invitation_renewed_under_the_same_id_is_taken() -> None:
+    participant = Participant(
+        fleet=FLEET,
+        device_id="d00",
+        identity=SigningKey.generate(),
+        aggregator_key=SigningKey.generate().verify_key,
+        registry={},
+        random=os.urandom,
+    )
+    call = RoundAnnounce(
+        round_id=5,
+        mode=RoundMode.ASYNC_SECURE,
+        model_version=1,
+        cohort=(),
+        seed=bytes(32),
+        compression=Compression(mode=SparseMode.DENSE),
+        training=TrainingPlan(),
+        times=StageTimes(),
+        invited=("d00",),
+        invited_in=(5,),
+        max_staleness=2,
+    )
+    assert [type(a) for a in participant.on_round(wire.encode(call), 0.0)] == [Train]
+    assert participant.on_round(wire.encode(call), 1.0) == []  # the same call: training
+    participant.untrained(5)  # the adapter could not train (say the model did not load)
+    # The aggregator lapsed it and invites it again from the same (next) round id.
+    assert [type(a) for a in participant.on_round(wire.encode(call), 2.0)] == [Train]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -57,7 +58,15 @@ async def test_async_rounds_release_every_buffer_and_refuse_a_stale_update(
         h.hooks[slow] = hook
         h.start_devices()
         service, summaries = await h.run_aggregator(
-            timeout=240, **{**ASYNC, "rounds.count": "5", "fedbuff.max_staleness": "1"}
+            timeout=240,
+            # Every device is invited in round 1 (concurrency 8 of 8): slow's update from v1
+            # then waits for v3 while rounds still run.
+            **{
+                **ASYNC,
+                "rounds.count": "5",
+                "fedbuff.max_staleness": "1",
+                "fedbuff.concurrency": "8",
+            },
         )
         await h.stop_all()
     assert [s.state for s in summaries if s.state == "closed"] == ["closed"] * 5
@@ -69,13 +78,18 @@ async def test_async_rounds_release_every_buffer_and_refuse_a_stale_update(
         assert sum(figures["staleness"].values()) == 3
         assert all(int(t) <= 1 for t in figures["staleness"])
         assert s.metrics["mode"] == "async"
-    assert held, "the slow device was never invited"
-    assert service.engine.rejected_total["stale"] == 1
+    assert held == [1]
+    # slow's update was refused as stale and counted (on a loaded machine another device's
+    # may be too: every count covers all of them).
     stale = [e for e in service.recent_events if e.get("reason") == "stale"]
-    assert len(stale) == 1
-    assert stale[0]["device"] == slow
-    assert closed[-1].metrics["rejected_total"]["stale"] == 1
-    assert closed[-1].metrics["async"]["stale_refused_total"] == 1
+    assert slow in {e["device"] for e in stale}
+    detail = next(e for e in stale if e["device"] == slow)["detail"]
+    behind = re.match(r"trained from v1, (\d+) releases behind v(\d+);", detail)
+    assert behind is not None, detail
+    assert int(behind.group(1)) >= 2
+    assert service.engine.rejected_total["stale"] == len(stale)
+    assert closed[-1].metrics["rejected_total"]["stale"] == len(stale)
+    assert closed[-1].metrics["async"]["stale_refused_total"] == len(stale)
     # Every field of an async summary is documented (docs/topics.md), `async` among them.
     documented = _documented_metrics_fields()
     assert documented["async"] == "async"

@@ -265,3 +265,66 @@ async def test_partitioned_user_data_drives_the_simulator(tmp_path: Path) -> Non
     held = sum(int(dataset.evaluation_rows(d.x, 0.2).sum()) for d in loaded)
     assert m["samples"] == held
     assert m["weight_sum"] == pytest.approx(total - held, rel=1e-3)
+
+
+async def test_async_rounds_on_heavy_tailed_speeds_and_a_flaky_link(tmp_path: Path) -> None:
+    scenario = (
+        '[compute]\ntrain_seconds = 0.5\nspeed = "lognormal"\nspeed_sigma = 1.0\n'
+        "[network]\nloss = 0.5\n"
+    )
+    summaries, totals, _ = await run(
+        tmp_path,
+        10,
+        scenario,
+        rounds=3,
+        **{
+            "rounds.mode": "async",
+            "rounds.min_cohort": "1",
+            "fedbuff.buffer": "3",
+            "fedbuff.concurrency": "8",
+            "compression.sparsity": "dense",
+            "stages.collect": "10",
+            "stages.collect_hard": "15",
+        },
+    )
+    closed = [s for s in summaries if s.state == "closed"]
+    assert len(closed) == 3
+    assert all(s.metrics["async"]["updates_applied"] == 3 for s in closed)
+    assert totals["lost_by_scenario"] > 0  # lost updates: their invitations lapse
+    # Every device's compute time is its lognormal factor times 0.5 s.
+    parsed = Scenario.parse(scenario)
+    assert len({round(parsed.compute_seconds(i), 6) for i in range(10)}) == 10
+
+
+async def test_shifts_take_devices_offline_and_back(tmp_path: Path) -> None:
+    require_mosquitto()
+    fleet_dir = tmp_path / "fleet"
+    devices = prov.device_ids(6)
+    prov.provision(fleet_dir, "plant-7", devices)
+    broker = BrokerProcess(BrokerSettings(port=0, fleet_dir=fleet_dir), "mosquitto")
+    broker.start()
+    scenario = Scenario.parse("[shifts]\nday = 6.0\nonline = 0.5\n")
+    spec = SimSpec(
+        broker=broker.url,
+        fleet="plant-7",
+        fleet_dir=str(fleet_dir),
+        devices=tuple(devices),
+        scenario=scenario,
+    )
+    sim = Simulator(spec, procs=1)
+    counts: list[int] = []
+    try:
+        sim.start()
+        for _ in range(300):  # at most 60 s; a day of the fleet is 6 s
+            await asyncio.sleep(0.2)
+            totals = sim.poll()
+            counts.append(totals["connected"])
+            if totals["shifts_ended"] >= 8 and max(counts) > min(counts):
+                break
+    finally:
+        sim.stop()
+        broker.close()
+    assert totals["shifts_ended"] >= 8
+    low = counts.index(min(counts))
+    assert min(counts) < 6  # some devices were off shift...
+    assert max(counts[low:]) > min(counts)  # ...and came back for their next one
