@@ -374,6 +374,8 @@ def test_secure_async_sums_each_group_of_discounted_updates() -> None:
             outcome.mean_update, total / weights, atol=outcome.error_bound + 1e-9
         )
         assert len(outcome.survivors) >= 4
+        # Their masked inputs went out: the updates are spent, none is offered again.
+        assert all(fleet.devices[d].participant.ready_version == 0 for d in outcome.survivors)
         assert sum(metrics["async"]["staleness"].values()) == len(outcome.survivors)  # type: ignore[index]
         assert metrics["mode"] == "async-secure"
         assert version >= 1
@@ -412,14 +414,10 @@ def test_secure_async_never_reveals_a_sum_of_fewer_than_the_buffer() -> None:
     calls = [a for a in announcements if not a.cohort and a.state is RoundState.OPEN]
     assert calls
     assert all(a.invited and a.secagg is None for a in calls)
-    # A device whose masked input went out never offers that update again.
-    for device in fleet.devices.values():
-        participant = device.participant
-        assert participant.ready_version == 0 or participant.ready_version <= fleet.version
 
 
-def test_a_held_update_too_stale_for_any_group_is_dropped_and_the_device_invited_again() -> None:
-    participant = Participant(
+def _device() -> Participant:
+    return Participant(
         fleet=FLEET,
         device_id="d00",
         identity=SigningKey.generate(),
@@ -427,8 +425,12 @@ def test_a_held_update_too_stale_for_any_group_is_dropped_and_the_device_invited
         registry={},
         random=os.urandom,
     )
-    call = RoundAnnounce(
-        round_id=1,
+
+
+def _call(round_id: int) -> RoundAnnounce:
+    """A secure asynchronous call (no group) inviting d00 from `round_id`."""
+    return RoundAnnounce(
+        round_id=round_id,
         mode=RoundMode.ASYNC_SECURE,
         model_version=1,
         cohort=(),
@@ -437,9 +439,14 @@ def test_a_held_update_too_stale_for_any_group_is_dropped_and_the_device_invited
         training=TrainingPlan(),
         times=StageTimes(),
         invited=("d00",),
-        invited_in=(1,),
+        invited_in=(round_id,),
         max_staleness=2,
     )
+
+
+def test_a_held_update_too_stale_for_any_group_is_dropped_and_the_device_invited_again() -> None:
+    participant = _device()
+    call = _call(1)
     assert [type(a) for a in participant.on_round(wire.encode(call), 0.0)] == [Train]
     result = LocalResult(update=np.ones(4, np.float32), weight=5.0, loss=0.1, correct=1, samples=2)
     assert [type(a) for a in participant.trained(1, result, 1.0)] == [PublishStatus]
@@ -543,27 +550,8 @@ def test_holding_keeps_its_place_in_line_when_the_status_is_republished() -> Non
 
 
 def test_a_lapsed_invitation_renewed_under_the_same_id_is_taken() -> None:
-    participant = Participant(
-        fleet=FLEET,
-        device_id="d00",
-        identity=SigningKey.generate(),
-        aggregator_key=SigningKey.generate().verify_key,
-        registry={},
-        random=os.urandom,
-    )
-    call = RoundAnnounce(
-        round_id=5,
-        mode=RoundMode.ASYNC_SECURE,
-        model_version=1,
-        cohort=(),
-        seed=bytes(32),
-        compression=Compression(mode=SparseMode.DENSE),
-        training=TrainingPlan(),
-        times=StageTimes(),
-        invited=("d00",),
-        invited_in=(5,),
-        max_staleness=2,
-    )
+    participant = _device()
+    call = _call(5)
     assert [type(a) for a in participant.on_round(wire.encode(call), 0.0)] == [Train]
     assert participant.on_round(wire.encode(call), 1.0) == []  # the same call: training
     participant.untrained(5)  # the adapter could not train (say the model did not load)
