@@ -723,7 +723,10 @@ class _Invitations(Mode):
     ) -> None:
         """Lapse old invitations (stalling their devices) and choose new invitees for the
         free slots (not yet invited: `open` or `invite` does that), preferring devices on
-        the current release. `busy`: devices that may not be invited either."""
+        the current release. `busy`: devices that may not be invited either. Stalled
+        devices are invited only as a last resort, to keep `buffer` devices training: a
+        device whose update a flaky link lost looks stalled, and a fleet whose every device
+        once lost one must still make progress."""
         self._mark = devices.mark
         lapsed = self.lapse(now, keep)
         for device, invitation in lapsed.items():
@@ -731,14 +734,18 @@ class _Invitations(Mode):
         taken = set(self.invitations) | set(busy)
         free = self.config.concurrency - len(self.invitations)
         self._new = ()
-        if free > 0:
-            self._new = devices.select(
-                model_version,
-                now,
-                lambda status: status.device_id not in taken and self._invitable(status),
-                want=free,
-                least=0,
-            ).cohort
+        if free <= 0:
+            return
+
+        def invitable(status: wire.DeviceStatus) -> bool:
+            return status.device_id not in taken and self._invitable(status)
+
+        least = max(0, min(free, self.config.buffer - len(self.invitations)))
+        try:
+            chosen = devices.select(model_version, now, invitable, want=free, least=least)
+        except NotEnoughDevicesError:  # fewer than that, stalled ones included: take them
+            chosen = devices.select(model_version, now, invitable, want=free, least=0)
+        self._new = chosen.cohort
 
     def _invitable(self, status: wire.DeviceStatus) -> bool:
         return self.admits(status)

@@ -557,3 +557,21 @@ def test_a_lapsed_invitation_renewed_under_the_same_id_is_taken() -> None:
     participant.untrained(5)  # the adapter could not train (say the model did not load)
     # The aggregator lapsed it and invites it again from the same (next) round id.
     assert [type(a) for a in participant.on_round(wire.encode(call), 2.0)] == [Train]
+
+
+def test_a_fleet_whose_every_device_lapsed_still_gets_invited() -> None:
+    # A flaky link loses updates: their invitations lapse and the devices count as stalled.
+    # Once every device did, the next round must still invite enough to fill a buffer.
+    times = StageTimes(collect=5.0, collect_hard=10.0)
+    engine = _engine(n=8, times=times, buffer=2, concurrency=4)
+    now = 0.0
+    for round_id in (1, 2):
+        _announce(engine, round_id, 1, now=now)
+        now += 11.0
+        engine.tick(now)  # nobody answered: aborted, invitations lapsed
+        outcome = engine.take_outcome()
+        assert outcome is not None
+        assert outcome.state is RoundState.ABORTED
+    assert len(engine.stalled(now)) == 8
+    third = _announce(engine, 3, 1, now=now)
+    assert len(third.invited) >= 2  # stalled devices, as a last resort
