@@ -55,7 +55,7 @@ import dataclasses
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -292,6 +292,42 @@ def least_survivors(n: int, dropout: float, risk: float = SURVIVOR_RISK) -> int:
 
 def _limits(sizes: Mapping[Kind, int]) -> dict[Kind, wire.Limits]:
     return {k: wire.Limits(max_compressed=n, max_decompressed=n) for k, n in sizes.items()}
+
+
+def _evaluation(sent: list[PlainUpdate], classes: int) -> dict[str, Any]:
+    """The federated evaluation an Aggregate of plain updates carries: sums over the devices'
+    held-out rows (losses clipped as secure rounds clip them), and per class over the devices
+    that reported per-class counts (a device that sent none adds nothing to any class)."""
+    samples = sum(m.samples for m in sent)
+    loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)
+    correct = sum(m.correct for m in sent)
+    local_correct = sum(m.local_correct for m in sent)
+    return {
+        "mean_loss": loss / samples if samples else None,
+        "accuracy": correct / samples if samples else None,
+        "samples": samples,
+        "local_accuracy": local_correct / samples if samples else None,
+        "class_samples": tuple(
+            sum(m.class_samples[i] for m in sent if m.class_samples) for i in range(classes)
+        ),
+        "class_correct": tuple(
+            sum(m.class_correct[i] for m in sent if m.class_correct) for i in range(classes)
+        ),
+    }
+
+
+def _staleness_figures(staleness: list[int], exponent: float) -> dict[str, Any]:
+    """The `async` figures of a release common to both asynchronous modes."""
+    histogram: dict[str, int] = {}
+    for t in sorted(staleness):
+        histogram[str(t)] = histogram.get(str(t), 0) + 1
+    discount = [staleness_weight(t, exponent) for t in staleness]
+    return {
+        "updates_applied": len(staleness),
+        "staleness": histogram,
+        "mean_staleness": round(float(np.mean(staleness)), 3) if staleness else None,
+        "mean_discount": round(float(np.mean(discount)), 4) if discount else None,
+    }
 
 
 def _expand(setup: RoundSetup, values: np.ndarray) -> np.ndarray:
@@ -605,29 +641,11 @@ class PlainRound(ModeRound):
                 )
         else:
             mean = rules.aggregate(dense, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm)
-        samples = sum(m.samples for m in sent)
-        loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)  # as secure rounds clip
-        correct = sum(m.correct for m in sent)
-        local_correct = sum(m.local_correct for m in sent)
-        # Per class: over the devices that reported per-class counts (all of them, with a
-        # model that has labels); a device that sent none adds nothing to any class.
-        classes = len(setup.labels)
-        rows = tuple(
-            sum(m.class_samples[i] for m in sent if m.class_samples) for i in range(classes)
-        )
-        hits = tuple(
-            sum(m.class_correct[i] for m in sent if m.class_correct) for i in range(classes)
-        )
         return Aggregate(
             mean_update=mean,
             error_bound=0.0,
             survivors=tuple(senders),
-            mean_loss=loss / samples if samples else None,
-            accuracy=correct / samples if samples else None,
-            samples=samples,
-            local_accuracy=local_correct / samples if samples else None,
-            class_samples=rows,
-            class_correct=hits,
+            **_evaluation(sent, len(setup.labels)),
             weight_sum=float(sum(weights)),
             dropouts_recovered=0,
         )
@@ -892,27 +910,9 @@ class AsyncRound(ModeRound):
             mean = rules.aggregate(
                 updates, weights, rule=c.rule, trim=c.trim, clip_norm=c.clip_norm
             ) * float(np.mean(discount))
-        sent = [b.message for b in taken]
-        samples = sum(m.samples for m in sent)
-        loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)
-        correct = sum(m.correct for m in sent)
-        local_correct = sum(m.local_correct for m in sent)
-        classes = len(setup.labels)
-        rows = tuple(
-            sum(m.class_samples[i] for m in sent if m.class_samples) for i in range(classes)
-        )
-        hits = tuple(
-            sum(m.class_correct[i] for m in sent if m.class_correct) for i in range(classes)
-        )
         waits = sorted(self._closed_at - b.arrived for b in taken)
-        histogram: dict[str, int] = {}
-        for s in sorted(staleness):
-            histogram[str(s)] = histogram.get(str(s), 0) + 1
         figures = {
-            "updates_applied": len(taken),
-            "staleness": histogram,
-            "mean_staleness": round(float(np.mean(staleness)), 3),
-            "mean_discount": round(float(np.mean(discount)), 4),
+            **_staleness_figures(staleness, c.staleness_exponent),
             "buffer_wait_s": {
                 "median": round(float(np.median(waits)), 3),
                 "max": round(waits[-1], 3),
@@ -925,12 +925,7 @@ class AsyncRound(ModeRound):
             mean_update=mean,
             error_bound=0.0,
             survivors=tuple(sorted(b.device for b in taken)),
-            mean_loss=loss / samples if samples else None,
-            accuracy=correct / samples if samples else None,
-            samples=samples,
-            local_accuracy=local_correct / samples if samples else None,
-            class_samples=rows,
-            class_correct=hits,
+            **_evaluation([b.message for b in taken], len(setup.labels)),
             weight_sum=float(sum(scaled)),
             dropouts_recovered=0,
             figures={"async": figures},
@@ -1072,15 +1067,8 @@ class AsyncSecureRound(ModeRound):
         c, version = self._config, self._setup.model_version
         # Base versions are public (statuses): which staleness each survivor's discount had.
         staleness = [version - self._versions[d] for d in aggregate.survivors]
-        discount = [staleness_weight(t, c.staleness_exponent) for t in staleness]
-        histogram: dict[str, int] = {}
-        for t in sorted(staleness):
-            histogram[str(t)] = histogram.get(str(t), 0) + 1
         figures = {
-            "updates_applied": len(aggregate.survivors),
-            "staleness": histogram,
-            "mean_staleness": round(float(np.mean(staleness)), 3) if staleness else None,
-            "mean_discount": round(float(np.mean(discount)), 4) if discount else None,
+            **_staleness_figures(staleness, c.staleness_exponent),
             "stale_refused_total": self._mode.stale_refused,
             "in_flight": len(self._mode.invitations),
         }

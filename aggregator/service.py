@@ -454,19 +454,24 @@ class AggregatorService:
             batch = [await self._queue.get()]
             while len(batch) < INTAKE_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            pubs: list[Publish] = []
-            async with self._engine_lock:
-                now = time.monotonic()
-                for msg in batch:
-                    if self._park(msg):
-                        continue
-                    pubs += self._take(msg, now)
-                    if self.engine.close_due:
-                        pubs += await self._tick()
-                        now = time.monotonic()
-            await self._publish(pubs)
-            if self.engine.outcome is not None:
-                self._outcome.set()
+            await self._feed(batch)
+
+    async def _feed(self, messages: list[Incoming]) -> None:
+        """Messages into the engine in order, under its lock; an update that arrives between
+        two asynchronous rounds is parked for the next (see _park)."""
+        pubs: list[Publish] = []
+        async with self._engine_lock:
+            now = time.monotonic()
+            for msg in messages:
+                if self._park(msg):
+                    continue
+                pubs += self._take(msg, now)
+                if self.engine.close_due:
+                    pubs += await self._tick()
+                    now = time.monotonic()
+        await self._publish(pubs)
+        if self.engine.outcome is not None:
+            self._outcome.set()
 
     def _park(self, msg: Incoming) -> bool:
         """Plain asynchronous rounds: an update that arrives between two rounds (the release
@@ -493,19 +498,7 @@ class AggregatorService:
         if not self._parked:
             return
         parked, self._parked = list(self._parked.values()), {}
-        pubs: list[Publish] = []
-        async with self._engine_lock:
-            now = time.monotonic()
-            for msg in parked:
-                if self._park(msg):  # the round closed meanwhile: the next one takes it
-                    continue
-                pubs += self._take(msg, now)
-                if self.engine.close_due:
-                    pubs += await self._tick()
-                    now = time.monotonic()
-        await self._publish(pubs)
-        if self.engine.outcome is not None:
-            self._outcome.set()
+        await self._feed(parked)  # if the round closes meanwhile, the next one takes the rest
 
     def _take(self, msg: Incoming, now: float) -> list[Publish]:
         """One message into the engine. The engine refuses bad input and contains its own
