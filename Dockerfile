@@ -10,8 +10,10 @@ COPY aggregator ./aggregator
 COPY device ./device
 COPY firmware_sim ./firmware_sim
 COPY broker ./broker
-# The image runs the aggregator and the simulator: [sim] (devices, terminal view, plots) and
-# [privacy] (dp-accounting, for an aggregator with privacy.mechanism set).
-RUN pip install --no-cache-dir ".[sim,privacy]"
+COPY dashboard ./dashboard
+# The image runs the aggregator, the simulator and the dashboard: [sim] (devices, terminal view,
+# plots), [privacy] (dp-accounting, for an aggregator with privacy.mechanism set) and
+# [dashboard] (the web page and its Prometheus endpoint).
+RUN pip install --no-cache-dir ".[sim,privacy,dashboard]"
 ENTRYPOINT ["fleetlearn"]
 CMD ["--help"]

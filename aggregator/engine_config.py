@@ -95,9 +95,17 @@ class EngineConfig:
     def asynchronous(self) -> bool:
         return self.mode in ("async", "async-secure")
 
+    @property
+    def cost_report(self) -> bool:
+        """Devices report their cost with their updates, except in private rounds: exact sums
+        of CPU time over cohorts that differ by one device would tell that device's, which
+        follows its sample count, outside the noise (docs/privacy.md)."""
+        return self.privacy == "none"
+
     def plan_for(self, model_version: int) -> rounds.TrainingPlan:
-        """The training plan announced for a round on `model_version`: the rate scheduled."""
-        plan = self.training
+        """The training plan announced for a round on `model_version`: the rate scheduled,
+        and whether devices report their cost."""
+        plan = dataclasses.replace(self.training, cost_report=self.cost_report)
         if self.privacy == "local":
             plan = dataclasses.replace(
                 plan, local_clip=self.dp_clip, local_noise=self.dp_noise_multiplier

@@ -65,6 +65,7 @@ from fleetlearn.aggregator.privacy import RoundCharge
 from fleetlearn.aggregator.report import Aggregate, StageStats, finite
 from fleetlearn.aggregator.selection import Devices, Selection
 from fleetlearn.shared import compression, privacy, protocol, wire
+from fleetlearn.shared.cost import CostTotals
 from fleetlearn.shared.rounds import PlainUpdate, RoundMode, staleness_weight
 from fleetlearn.shared.secagg import messages as sm
 from fleetlearn.shared.secagg.config import (
@@ -295,10 +296,12 @@ def _limits(sizes: Mapping[Kind, int]) -> dict[Kind, wire.Limits]:
 
 
 def _evaluation(sent: list[PlainUpdate], classes: int) -> dict[str, Any]:
-    """The federated evaluation an Aggregate of plain updates carries: sums over the devices'
-    held-out rows (losses clipped as secure rounds clip them), and per class over the devices
-    that reported per-class counts (a device that sent none adds nothing to any class)."""
+    """The federated evaluation and cost sums an Aggregate of plain updates carries: sums
+    over the devices' held-out rows (losses clipped as secure rounds clip them), and per class
+    over the devices that reported per-class counts (a device that sent none adds nothing to
+    any class)."""
     samples = sum(m.samples for m in sent)
+    reports = [m.cost for m in sent if m.cost is not None]
     loss = sum(min(m.loss, MAX_LOSS) * m.samples for m in sent)
     correct = sum(m.correct for m in sent)
     local_correct = sum(m.local_correct for m in sent)
@@ -313,6 +316,9 @@ def _evaluation(sent: list[PlainUpdate], classes: int) -> dict[str, Any]:
         "class_correct": tuple(
             sum(m.class_correct[i] for m in sent if m.class_correct) for i in range(classes)
         ),
+        # Summed over the devices that reported one (local DP updates carry none); None when
+        # none did (the round did not ask: TrainingPlan.cost_report).
+        "cost": CostTotals.of(reports) if reports else None,
     }
 
 
@@ -395,6 +401,7 @@ class SecureRound(ModeRound):
             max_samples=c.training.max_samples,
             classes=len(setup.labels),
             noise=noise,
+            cost_report=c.cost_report,
         )
         if fewest > secagg.min_survivors:
             # Fewer survivors would carry less noise than charged, or reveal a sum of fewer
@@ -511,6 +518,7 @@ class SecureRound(ModeRound):
             local_accuracy=finite(result.local_accuracy),
             class_samples=result.class_samples,
             class_correct=result.class_correct,
+            cost=result.cost,
             weight_sum=result.weight_sum,
             # Sharers that sent no masked input (their pairwise masks were removed with their
             # neighbours' key shares) and survivors that did not help unmask (their self-masks

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fleetlearn.aggregator.privacy import RoundCharge
+from fleetlearn.shared.cost import CostTotals
 from fleetlearn.shared.rounds import RoundAnnounce, RoundState
 from fleetlearn.shared.secagg.config import Stage
 from fleetlearn.shared.tflite.manifest import Task
@@ -86,6 +87,8 @@ class Aggregate:
     # label and the global model's hits among them. Empty without labels.
     class_samples: tuple[int, ...] = ()
     class_correct: tuple[int, ...] = ()
+    # The contributing devices' cost reports, summed (secure rounds: only the sums exist).
+    cost: CostTotals | None = None
     # Figures of the mode's own (asynchronous rounds: `async`), added to the summary as is.
     figures: Mapping[str, Any] = field(default_factory=dict)
 
@@ -164,6 +167,8 @@ def summary(
             weight_sum=aggregate.weight_sum,
             dropouts_recovered=aggregate.dropouts_recovered,
         )
+        if aggregate.cost is not None:
+            metrics["cost"] = aggregate.cost.as_dict()
         metrics.update(aggregate.figures)
         if task is Task.REGRESSION:  # no classes: nothing is right or wrong, only off by
             metrics.update(accuracy=None, device_accuracy=None)

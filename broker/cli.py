@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -21,30 +19,15 @@ from fleetlearn.broker.runner import (
     find_mosquitto,
     start_broker,
 )
+from fleetlearn.shared import cliargs
 from fleetlearn.shared.errors import ConfigError
 from fleetlearn.shared.ids import id_problem
+from fleetlearn.transport import listen_host
 
 DEFAULT_FLEET = "plant-7"
 DEFAULT_FLEET_DIR = Path("fleet")
 DEFAULT_STATE_DIR = Path("broker-state")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0..65535")
-    return value
-
-
-def _fleet_id(text: str) -> str:
-    problem = id_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"fleet id {problem}")
-    return text
 
 
 def _count(text: str) -> int:
@@ -67,20 +50,6 @@ def _owner(text: str) -> tuple[int, int]:
     return owner
 
 
-def _host(text: str) -> str:
-    """An address to listen on: an IP address, or a name this machine resolves."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        try:
-            socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is neither an IP address nor a name this machine resolves"
-            ) from None
-    return text
-
-
 def register(sub: Any) -> None:
     b = sub.add_parser(
         "broker",
@@ -92,9 +61,14 @@ def register(sub: Any) -> None:
         ),
     )
     b.add_argument(
-        "--host", type=_host, default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+        "--host",
+        type=listen_host,
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1)",
     )
-    b.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (default 1883)")
+    b.add_argument(
+        "--port", type=cliargs.port, default=DEFAULT_PORT, help="TCP port (default 1883)"
+    )
     b.add_argument(
         "--fleet-dir",
         type=Path,
@@ -126,7 +100,7 @@ def register(sub: Any) -> None:
             "Re-running adds devices and keeps existing keys unless --rotate is given."
         ),
     )
-    p.add_argument("--fleet", type=_fleet_id, default=DEFAULT_FLEET, help="fleet id")
+    p.add_argument("--fleet", type=cliargs.fleet_id, default=DEFAULT_FLEET, help="fleet id")
     p.add_argument(
         "--devices", type=_count, default=0, help="number of devices (ids PREFIX-0001...)"
     )

@@ -576,8 +576,13 @@ class DeviceAgent:
 
     def _train_sync(self, trainer: LiteRTTrainer, plan: TrainingPlan) -> LocalResult:
         self._eval_fraction = plan.eval_fraction
+        # The CPU time of this thread: the device's cost report (shared.cost). LiteRT runs the
+        # interpreter on the calling thread, so this is the training's own, whatever else the
+        # process (a simulator's other devices) is doing.
+        started = time.thread_time()
         x, y = self.data.training_set(self._data_limit(plan))
         result = local_round(trainer, x, y, plan, rng=self._rng, personal=self._personal)
+        result = dataclasses.replace(result, cpu_s=time.thread_time() - started)
         if self._tamper is not None:
             tampered = self._tamper(result.update).astype(np.float32)
             result = dataclasses.replace(result, update=tampered)

@@ -11,6 +11,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from fleetlearn.shared.cost import (
+    DEFAULT_JOULES_PER_CPU_SECOND,
+    DEFAULT_MICROJOULES_PER_BYTE_DOWN,
+    DEFAULT_MICROJOULES_PER_BYTE_UP,
+)
+
 log = logging.getLogger("fleetlearn.device")
 
 
@@ -76,6 +82,25 @@ def register(sub: Any) -> None:
         help="refuse rounds whose differential-privacy noise multiplier, as this device can "
         "check it, is below this (0: no demand; docs/privacy.md)",
     )
+    d.add_argument(
+        "--joules-per-cpu-second",
+        type=float,
+        default=DEFAULT_JOULES_PER_CPU_SECOND,
+        help="this device's energy per CPU second of training, for the cost it reports "
+        f"({DEFAULT_JOULES_PER_CPU_SECOND:g}; docs/dashboard.md)",
+    )
+    d.add_argument(
+        "--microjoules-per-byte-up",
+        type=float,
+        default=DEFAULT_MICROJOULES_PER_BYTE_UP,
+        help=f"energy per payload byte sent ({DEFAULT_MICROJOULES_PER_BYTE_UP:g})",
+    )
+    d.add_argument(
+        "--microjoules-per-byte-down",
+        type=float,
+        default=DEFAULT_MICROJOULES_PER_BYTE_DOWN,
+        help=f"energy per payload byte received ({DEFAULT_MICROJOULES_PER_BYTE_DOWN:g})",
+    )
     d.add_argument("--ca-file", help="CA certificate for mqtts:// brokers")
     d.set_defaults(handler=run_device)
 
@@ -84,6 +109,7 @@ def run_device(args: argparse.Namespace) -> int:
     from fleetlearn.device.agent import ArrayData, DeviceAgent
     from fleetlearn.device.participant import Participant
     from fleetlearn.shared import fleetdir as prov
+    from fleetlearn.shared.cost import EnergyModel
     from fleetlearn.shared.errors import ConfigError
     from fleetlearn.shared.secagg.config import PrivacyFloor
     from fleetlearn.shared.secagg.errors import SecAggConfigError
@@ -100,6 +126,15 @@ def run_device(args: argparse.Namespace) -> int:
         )
     except SecAggConfigError as exc:
         flag = "--" + exc.key.removeprefix("floor.").replace("_", "-")
+        raise ConfigError(flag, exc.problem) from None
+    try:
+        energy = EnergyModel(
+            joules_per_cpu_second=args.joules_per_cpu_second,
+            microjoules_per_byte_up=args.microjoules_per_byte_up,
+            microjoules_per_byte_down=args.microjoules_per_byte_down,
+        )
+    except ConfigError as exc:
+        flag = "--" + exc.key.removeprefix("cost.").replace("_", "-")
         raise ConfigError(flag, exc.problem) from None
     address = BrokerAddress.parse(args.broker)
     if args.ca_file is not None:
@@ -128,6 +163,7 @@ def run_device(args: argparse.Namespace) -> int:
         registry={d: bytes(k) for d, k in registry.device_keys.items()},
         random=os.urandom,
         floor=floor,
+        energy=energy,
     )
     agent = DeviceAgent(
         participant=participant,

@@ -31,6 +31,10 @@ Rules:
 - Error feedback: what a round did not transmit (unsent coordinates, clipping) is kept for the
   next round; an update that never reached an aggregate (round aborted, device not a survivor)
   is given back with `reclaim`. The adapter persists `feedback.save()` between restarts.
+- Cost (shared.cost): `meter` tallies the payload bytes of every release and round message
+  this device receives and of every round message it sends, and the CPU time of its training
+  (`LocalResult.cpu_s`, measured by the adapter); each update carries the tally since the
+  previous one, inside the masked vector in secure rounds. Local DP updates carry none.
 - No I/O, no clock, no global RNG: `now` and a random-bytes source are passed in.
 """
 
@@ -47,6 +51,7 @@ import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
 from fleetlearn.shared import compression, privacy, protocol, tflite, topics, wire
+from fleetlearn.shared.cost import Cost, CostMeter, EnergyModel
 from fleetlearn.shared.release import ModelRelease, verify_release
 from fleetlearn.shared.rounds import (
     MAX_EVAL_CLASSES,
@@ -123,6 +128,7 @@ class LocalResult:
     # The global model per class of its outputs, on the same rows: rows with each label, hits.
     class_samples: tuple[int, ...] = ()
     class_correct: tuple[int, ...] = ()
+    cpu_s: float = 0.0  # CPU seconds the training took on this device (the adapter measures)
 
 
 # A secure round's client, waiting: in which stage, and whether it already sent its message
@@ -159,6 +165,7 @@ class _Round:
     sent: np.ndarray | None = None  # what error feedback committed, to reclaim on failure
     trained: bool = False
     counted: bool | None = None  # True: in the aggregate; False: reclaimed
+    cost: Cost | None = None  # the cost report the update carries, given back on failure
 
 
 class Participant:
@@ -174,6 +181,7 @@ class Participant:
         feedback: compression.ErrorFeedback | None = None,
         min_version: int = 1,
         floor: PrivacyFloor | None = None,
+        energy: EnergyModel | None = None,
     ) -> None:
         self.fleet = topics.check_id(fleet, "fleet id")
         # The newest release version this device ever accepted: nothing older is loaded.
@@ -201,6 +209,7 @@ class Participant:
         # tests; the last few rounds only.
         self.inputs: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.rounds_joined = 0
+        self.meter = CostMeter(energy)
 
     @property
     def model_version(self) -> int:
@@ -221,6 +230,7 @@ class Participant:
     # ---------------------------------------------------------------------------- releases
 
     def on_model(self, payload: bytes, now: float) -> list[Action]:
+        self.meter.received(len(payload))
         try:
             release = wire.decode(payload, ModelRelease)
         except wire.WireError as exc:
@@ -262,6 +272,7 @@ class Participant:
     # ------------------------------------------------------------------------------ rounds
 
     def on_round(self, payload: bytes, now: float) -> list[Action]:
+        self.meter.received(len(payload))
         try:
             announce = wire.decode(payload, RoundAnnounce)
         except wire.WireError as exc:
@@ -486,6 +497,7 @@ class Participant:
 
     def on_message(self, topic: topics.Topic, payload: bytes, now: float) -> list[Action]:
         """An inbox or survivors message of a secure round."""
+        self.meter.received(len(payload))
         run = self._round
         if run is None or run.client is None or topic.round_id != run.announce.round_id:
             return []
@@ -523,6 +535,7 @@ class Participant:
 
     def trained(self, round_id: int, result: LocalResult, now: float) -> list[Action]:
         """Local training for `round_id` finished (the adapter ran it off the event loop)."""
+        self.meter.cpu(result.cpu_s)
         invitation = self._invitation
         if invitation is not None and invitation.round_id == round_id:
             return self._hold(invitation, result)
@@ -572,6 +585,7 @@ class Participant:
                 local_correct=min(result.local_correct, samples),
                 **_class_counts(result, samples),
                 base_version=ann.model_version if asynchronous else 0,
+                cost=self._report(run),
             )
             run.counted = True  # plain rounds have no survivor list; aborts reclaim it
             if asynchronous:
@@ -612,6 +626,7 @@ class Participant:
             samples=samples,
             local_correct=min(result.local_correct, samples),
             **_class_counts(result, samples),
+            cost=self._report(run) or Cost(),
         )
         try:
             outs = run.client.set_input(vector.astype(np.float64), weight=weight, metrics=metrics)
@@ -689,7 +704,16 @@ class Participant:
             return
         if not counted and run.sent is not None and self.feedback is not None:
             self.feedback.reclaim(run.sent)
+        if not counted and run.cost is not None:
+            self.meter.give_back(run.cost)  # it reached no aggregate: the next report has it
         self._round = None
+
+    def _report(self, run: _Round) -> Cost | None:
+        """The cost report for this round's update, if the round asks for one."""
+        if not run.announce.training.cost_report:
+            return None
+        run.cost = self.meter.take()
+        return run.cost
 
     def _sends(self, messages: list[wire.Message]) -> list[Action]:
         """Each message on the device topic the protocol gives it, under this device's id."""
@@ -700,7 +724,9 @@ class Participant:
                 msg, sm.Advertise | sm.Shares | sm.MaskedInput | sm.Unmask | PlainUpdate
             )
             topic = topics.per_device(self.fleet, msg.round_id, route.kind, self.device_id)
-            out.append(Send(topic, wire.encode(msg), expiry=route.expiry))
+            payload = wire.encode(msg)
+            self.meter.sent(len(payload))
+            out.append(Send(topic, payload, expiry=route.expiry))
         return out
 
 

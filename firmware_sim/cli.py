@@ -8,32 +8,19 @@ import contextlib
 import json
 import math
 import signal
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fleetlearn.shared.errors import ConfigError, require_modules
+from fleetlearn.shared import cliargs
+from fleetlearn.shared.errors import ConfigError, FleetlearnError, require_modules
 from fleetlearn.shared.ids import id_problem
 
 MAX_PROCS = 64
 MAX_DEMO_DEVICES = 10_000  # what one machine simulates (docs/simulation.md)
-
-
-def _whole(lo: int, hi: int) -> Any:
-    """An argparse type: a whole number in lo..hi."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
-        return value
-
-    return parse
 
 
 def _seconds(text: str) -> float:
@@ -46,14 +33,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _fleet_id(text: str) -> str:
-    problem = id_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"fleet id {problem}")
-    return text
-
-
-_positive = _whole(1, 1_000_000)
+_positive = cliargs.whole(1, 1_000_000)
 
 
 def register(sub: Any) -> None:
@@ -69,20 +49,25 @@ def register(sub: Any) -> None:
         ),
     )
     s.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    s.add_argument("--fleet", type=_fleet_id, default="plant-7", help="fleet id (default plant-7)")
+    s.add_argument(
+        "--fleet", type=cliargs.fleet_id, default="plant-7", help="fleet id (default plant-7)"
+    )
     s.add_argument(
         "--fleet-dir", type=Path, default=Path("fleet"), help="provisioned fleet directory"
     )
     s.add_argument(
-        "--devices", type=_whole(1, 100_000), required=True, help="how many devices to simulate"
+        "--devices",
+        type=cliargs.whole(1, 100_000),
+        required=True,
+        help="how many devices to simulate",
     )
     s.add_argument(
-        "--procs", type=_whole(1, MAX_PROCS), default=1, help="worker processes (default 1)"
+        "--procs", type=cliargs.whole(1, MAX_PROCS), default=1, help="worker processes (default 1)"
     )
     s.add_argument("--scenario", type=Path, help="scenario TOML (see docs/simulation.md)")
     s.add_argument(
         "--rounds",
-        type=_whole(0, 1_000_000),
+        type=cliargs.whole(0, 1_000_000),
         default=0,
         help="stop after this many rounds (0: never)",
     )
@@ -113,12 +98,12 @@ def register(sub: Any) -> None:
             "--rounds rounds closed."
         ),
     )
-    d.add_argument("--devices", type=_whole(3, MAX_DEMO_DEVICES), default=200)
+    d.add_argument("--devices", type=cliargs.whole(3, MAX_DEMO_DEVICES), default=200)
     d.add_argument(
-        "--rounds", type=_whole(1, 10_000), default=10, help="rounds to close (default 10)"
+        "--rounds", type=cliargs.whole(1, 10_000), default=10, help="rounds to close (default 10)"
     )
     d.add_argument("--cohort", type=_positive, default=50, help="devices per round (default 50)")
-    d.add_argument("--procs", type=_whole(1, MAX_PROCS), default=2)
+    d.add_argument("--procs", type=cliargs.whole(1, MAX_PROCS), default=2)
     d.add_argument(
         "--mode",
         choices=["secure", "plain", "async", "async-secure"],
@@ -136,6 +121,18 @@ def register(sub: Any) -> None:
     which.add_argument("--embedded", action="store_true", help="use the embedded broker")
     which.add_argument("--mosquitto", action="store_true", help="require mosquitto")
     d.add_argument("--build", action="store_true", help="build the model with TensorFlow first")
+    d.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the live dashboard (docs/dashboard.md) on 127.0.0.1 while the demo runs, "
+        "and print its URL",
+    )
+    d.add_argument(
+        "--dashboard-port",
+        type=cliargs.whole(0, 65_535),
+        default=8050,
+        help="the dashboard's port with --dashboard (default 8050; 0: any free port)",
+    )
     d.add_argument(
         "--data",
         type=Path,
@@ -464,8 +461,29 @@ def _demo_data(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     return data, parts, test
 
 
+def _check_port_free(port: int) -> None:
+    """Refuse a dashboard port another program listens on, before the demo starts anything
+    (binding as uvicorn will: SO_REUSEADDR, so a port in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ConfigError(
+                "--dashboard-port",
+                f"127.0.0.1:{port} is taken ({exc.strerror or exc}); pick another port, or 0 "
+                "for any free one",
+            ) from None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     require_modules("fleetlearn demo", ("rich", "matplotlib", "ai_edge_litert"), "sim")
+    if args.dashboard:
+        require_modules(
+            "fleetlearn demo --dashboard",
+            ("starlette", "uvicorn", "prometheus_client"),
+            "dashboard",
+        )
     from rich.console import Console
 
     from fleetlearn.aggregator.config import AggregatorSettings
@@ -475,6 +493,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from fleetlearn.firmware_sim.fleet import SimSpec, Simulator
     from fleetlearn.firmware_sim.report import (
         class_recall_line,
+        cost_line,
         round_table,
         write_plot,
         write_report,
@@ -486,6 +505,8 @@ def run_demo(args: argparse.Namespace) -> int:
     gave_up = ""
     mode = choose_mode("embedded" if args.embedded else "mosquitto" if args.mosquitto else "auto")
     scenario = _scenario(args.scenario, DEMO_SCENARIO)
+    if args.dashboard and args.dashboard_port:
+        _check_port_free(args.dashboard_port)  # before the broker and the devices start
     if args.cohort < 3 or args.cohort > args.devices:
         raise ConfigError("--cohort", f"must be in 3..{args.devices} (the number of devices)")
     settings.writable_dir(args.out, "--out")  # before the run, not after it
@@ -649,8 +670,35 @@ def run_demo(args: argparse.Namespace) -> int:
             prov.load_registry(fleet_dir),
             on_round=on_round,
         )
+
+        async def serve() -> None:
+            if not args.dashboard:
+                await service.run()
+                return
+            from fleetlearn.dashboard.service import Dashboard
+
+            # The demo's fleet as the read-only dashboard user: the same page
+            # `fleetlearn dashboard` serves, in this process for as long as the rounds run.
+            dashboard = Dashboard(
+                broker=broker.url,
+                fleet="demo",
+                fleet_dir=fleet_dir,
+                port=args.dashboard_port,
+            )
+            url = await dashboard.start()
+            console.print(
+                f"dashboard: [bold]{url}[/] (open it in a browser; it stops with the demo)"
+            )
+            try:
+                await service.run()
+            finally:
+                try:
+                    await dashboard.stop()
+                except FleetlearnError as exc:  # the page failed; the rounds' outcome stands
+                    console.print(f"[yellow]dashboard stopped: {exc}[/]", soft_wrap=True)
+
         try:
-            asyncio.run(service.run())
+            asyncio.run(serve())
         except RoundsAbortedError as exc:
             gave_up = str(exc)
     finally:
@@ -665,6 +713,9 @@ def run_demo(args: argparse.Namespace) -> int:
     recall = class_recall_line(rows)
     if recall is not None:
         console.print(recall)
+    spent = cost_line(rows)
+    if spent is not None:
+        console.print(spent)
     report = {
         "fleet": "demo",
         "devices": args.devices,

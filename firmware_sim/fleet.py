@@ -166,6 +166,7 @@ async def _worker_main(
             registry=keys,
             random=os.urandom,
             floor=scenario.floor,
+            energy=scenario.energy,
         )
         return DeviceAgent(
             participant=participant,

@@ -20,8 +20,10 @@ starts from the release's weights, and the devices train one after another.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +122,7 @@ class InMemoryFleet:
                 registry=registry,
                 random=random,
                 floor=s.floor,
+                energy=s.energy,
             )
             self.devices[dev] = _Device(i, participant, x, y, rng=np.random.default_rng(i))
         self.model = model or default_model()
@@ -227,12 +230,16 @@ class InMemoryFleet:
             # An announcement of an older release: nothing to train it with.
             d.participant.untrained(action.round_id)
             return
+        started = time.thread_time()
         result = local_round(
             self.trainer, d.x, d.y, action.announce.training, rng=d.rng, personal=d.personal
         )
+        # The cost report counts the training's CPU time and the simulated compute time.
+        compute = self.scenario.compute_seconds(d.index)
+        result = dataclasses.replace(result, cpu_s=time.thread_time() - started + compute)
         self.round_results[dev] = result
         self._started += 1
-        at = self.now + self.scenario.compute_seconds(d.index)
+        at = self.now + compute
         heapq.heappush(self._finishing, _Finish(at, self._started, dev, action.round_id, result))
 
     def _step(self, deadline: float | None, limit: float) -> bool:

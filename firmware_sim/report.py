@@ -67,6 +67,23 @@ def round_table(rows: Sequence[dict[str, Any]], title: str | None = "rounds") ->
     return table
 
 
+def cost_line(rows: Sequence[dict[str, Any]]) -> str | None:
+    """What the devices in the rounds' aggregates reported they spent, summed over the rounds
+    (the `cost` of each summary; docs/dashboard.md)."""
+    costs = [m["cost"] for m in rows if isinstance(m.get("cost"), dict)]
+    if not costs:
+        return None
+    total = {
+        k: sum(float(c.get(k) or 0.0) for c in costs)
+        for k in ("cpu_s", "bytes_up", "bytes_down", "energy_j")
+    }
+    return (
+        f"devices spent (their reports, summed over {len(costs)} rounds): "
+        f"{total['cpu_s']:.2f} s of training CPU, {total['bytes_up'] / 1e6:.2f} MB up, "
+        f"{total['bytes_down'] / 1e6:.2f} MB down, about {total['energy_j']:.1f} J"
+    )
+
+
 def class_recall_line(rows: Sequence[dict[str, Any]]) -> str | None:
     """Recall per class in the last round that has it (federated evaluation on the devices'
     held-out rows), with each class's row count: where overall accuracy hides a rare fault."""

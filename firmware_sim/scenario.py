@@ -54,6 +54,11 @@ A scenario is a TOML file (every key optional; defaults are a calm fleet):
     min_advertised_fraction = 0.8   # refuse to deal shares when fewer of the cohort advertised
     min_noise = 0.0           # refuse rounds with less differential-privacy noise (checkable)
 
+    [cost]                    # every device's energy model (shared.cost.EnergyModel)
+    joules_per_cpu_second = 2.0
+    microjoules_per_byte_up = 1.0
+    microjoules_per_byte_down = 0.5
+
 Every problem raises `ConfigError` naming the key (e.g. `dropout.unmask`). Draws per device and
 per round come from hashes of the seed, so a device's fate does not depend on process layout.
 Both simulators honour every section, in synchronous and asynchronous rounds (docs/simulation.md
@@ -71,7 +76,8 @@ from pathlib import Path
 from typing import Any
 
 from fleetlearn.firmware_sim.data import MACHINE_TYPES
-from fleetlearn.shared import protocol, settings
+from fleetlearn.shared import cost, protocol, settings
+from fleetlearn.shared.cost import EnergyModel
 from fleetlearn.shared.errors import ConfigError
 from fleetlearn.shared.secagg.config import STAGES, PrivacyFloor
 from fleetlearn.shared.secagg.errors import SecAggConfigError
@@ -121,6 +127,7 @@ class Scenario:
     battery_min: float = 0.2
     battery_max: float = 1.0
     floor: PrivacyFloor = field(default_factory=PrivacyFloor)
+    energy: EnergyModel = field(default_factory=EnergyModel)
 
     # ------------------------------------------------------------------- per-device draws
 
@@ -254,6 +261,7 @@ class Scenario:
             "eligibility",
             "privacy",
             "shifts",
+            "cost",
         }
         for key in data:
             if key not in known:
@@ -276,6 +284,11 @@ class Scenario:
             data,
             "privacy",
             {"min_cohort", "min_survivors", "min_advertised_fraction", "min_noise"},
+        )
+        energy = _table(
+            data,
+            "cost",
+            {"joules_per_cpu_second", "microjoules_per_byte_up", "microjoules_per_byte_down"},
         )
         default = cls()
         sites = default.sites
@@ -304,6 +317,16 @@ class Scenario:
             battery_min=_num(elig, "eligibility.battery_min", 0.2, 0.0, 1.0),
             battery_max=_num(elig, "eligibility.battery_max", 1.0, 0.0, 1.0),
             floor=_floor(privacy, default.floor),
+            energy=EnergyModel(
+                **{
+                    key: _num(energy, f"cost.{key}", getattr(default.energy, key), 0.0, limit)
+                    for key, limit in (
+                        ("joules_per_cpu_second", cost.MAX_JOULES_PER_CPU_SECOND),
+                        ("microjoules_per_byte_up", cost.MAX_MICROJOULES_PER_BYTE),
+                        ("microjoules_per_byte_down", cost.MAX_MICROJOULES_PER_BYTE),
+                    )
+                }
+            ),
         )
         if scenario.battery_min > scenario.battery_max:
             raise ConfigError("eligibility.battery_min", "must not exceed eligibility.battery_max")

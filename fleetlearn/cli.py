@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fleetlearn.aggregator.cli",
     "fleetlearn.device.cli",
     "fleetlearn.firmware_sim.cli",
+    "fleetlearn.dashboard.cli",
 )
 
 

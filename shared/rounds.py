@@ -13,8 +13,9 @@ The secure stages' own messages live in `shared.secagg.messages`; model releases
   deadlines on its own clock (`shared.stagetime`).
   The same topic later carries the round's end (`state` CLOSED or ABORTED, with a reason), so a
   device that reconnects learns that the round it was in is over.
-- `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight and
-  training metrics, for plain (non-secure) rounds where the aggregator may see each update.
+- `PlainUpdate` on `fl/{fleet}/r/{r}/update/{id}`: a compressed update plus the FedAvg weight,
+  training metrics and the device's cost report (`shared.cost`), for plain (non-secure) rounds
+  where the aggregator may see each update.
 
 Asynchronous rounds (FedBuff): a "round" is the time between two releases. Its announcement
 lists the devices `invited` to train, each with the round that invited it (`invited_in`): the
@@ -43,6 +44,7 @@ from fleetlearn.shared.compression.messages import (
     SparseMode,
     SparseUpdate,
 )
+from fleetlearn.shared.cost import Cost
 from fleetlearn.shared.secagg.config import MAX_CLASSES as SECAGG_MAX_CLASSES
 from fleetlearn.shared.secagg.config import STAGES, SecAggConfig, Stage
 from fleetlearn.shared.secagg.keys import TICKET_BYTES
@@ -151,6 +153,12 @@ class TrainingPlan(wire.Record):
                    clips its update to L2 norm local_clip, adds Gaussian noise of standard
                    deviation local_noise * local_clip to every coordinate before
                    compression, and sends no weight or evaluation figures
+    cost_report    devices send, with each update, what they spent since their previous one
+                   (shared.cost; in secure rounds inside the masked vector, which
+                   `SecAggConfig.cost_report` then lays out). Off by default on the wire, so an
+                   older device refuses an announcement that asks for it instead of sending an
+                   update its aggregator cannot read; the aggregator turns it off in private
+                   rounds (docs/privacy.md)
     """
 
     epochs: int = 1
@@ -163,6 +171,7 @@ class TrainingPlan(wire.Record):
     personal: tuple[str, ...] = ()
     local_clip: float = 0.0
     local_noise: float = 0.0
+    cost_report: bool = False
 
     @property
     def local_dp(self) -> bool:
@@ -247,6 +256,11 @@ class RoundAnnounce(wire.Message):
         wire.require(len(self.seed) == SEED_BYTES, "RoundAnnounce.seed", "must be 32 bytes")
         wire.require(len(self.cohort) <= MAX_COHORT, "RoundAnnounce.cohort", "too large")
         wire.require_ids(self.cohort, "RoundAnnounce.cohort")
+        wire.require(
+            self.secagg is None or self.secagg.cost_report == self.training.cost_report,
+            "RoundAnnounce.secagg",
+            "cost_report must agree with training.cost_report",
+        )
         wire.require(len(self.reason) <= 1000, "RoundAnnounce.reason", "too long")
         if self.tickets:
             wire.require(
@@ -373,6 +387,9 @@ class PlainUpdate(wire.Message):
     # Asynchronous rounds: the model version the update was trained from (the inviting
     # round's); 0 in synchronous rounds, which train the round's own version.
     base_version: int = 0
+    # What the device spent since its previous report (shared.cost); None: not reported
+    # (older devices, local DP).
+    cost: Cost | None = None
 
     def __post_init__(self) -> None:
         wire.require(0 <= self.round_id < 2**31, "PlainUpdate.round_id", "out of range")

@@ -231,5 +231,13 @@ def device_filters(fleet: str, device_id: str) -> tuple[str, ...]:
 
 
 def dashboard_filters(fleet: str) -> tuple[str, ...]:
+    """What the read-only `dashboard` and `simulator` users read (and all the ACL grants
+    them): the JSON topics, plus every device's retained status for the dashboard's device
+    table. Never round traffic, the model or the announcement."""
     base = f"{PREFIX}/{_fleet(fleet)}"
-    return (f"{base}/metrics", f"{base}/events", f"{base}/dev/+/health")
+    return (
+        f"{base}/metrics",
+        f"{base}/events",
+        f"{base}/dev/+/health",
+        f"{base}/dev/+/status",
+    )

@@ -118,6 +118,54 @@ async def test_dashboard_reads_metrics_only(any_broker: BrokerProcess, fleet_dir
         assert str(msg.topic) == topics.metrics(FLEET)
 
 
+async def test_dashboard_reads_statuses_not_round_traffic_and_writes_nothing(
+    any_broker: BrokerProcess, fleet_dir: Path
+) -> None:
+    dash = _client(any_broker, prov.DASHBOARD_USER, prov.dashboard_password(fleet_dir))
+    async with (
+        _aggregator(any_broker, fleet_dir) as agg,
+        _device(any_broker, fleet_dir, "dev-0001") as dev,
+        dash,
+    ):
+        await dash.subscribe(f"fl/{FLEET}/#", qos=1)  # wider than its grants
+        for topic in topics.dashboard_filters(FLEET):
+            await dash.subscribe(topic, qos=1)
+        # Forbidden reads: the aggregator's round traffic and model, then a permitted one on
+        # the same connection (delivered in order: the forbidden ones would come first).
+        await agg.publish(topics.model(FLEET), b"release", qos=1)
+        await agg.publish(topics.per_device(FLEET, 3, topics.Kind.INBOX, "dev-0001"), b"x", qos=1)
+        await agg.publish(topics.per_round(FLEET, 3, topics.Kind.SURVIVORS), b"x", qos=1)
+        await agg.publish(topics.events(FLEET), b"{}", qos=1)
+        msg = await _next(dash)
+        assert str(msg.topic) == topics.events(FLEET)
+        # A device's status reaches the dashboard (its device table). mosquitto delivers a
+        # copy per matching subscription (`#` and the grant), so copies of the event may come.
+        await dev.publish(topics.status(FLEET, "dev-0001"), b"status", qos=1)
+        while str(msg.topic) == topics.events(FLEET):
+            msg = await _next(dash)
+        assert str(msg.topic) == topics.status(FLEET, "dev-0001")
+        assert msg.payload == b"status"
+
+        # The dashboard writes nothing: its QoS 1 publishes are acknowledged (or refused) by
+        # the time publish() returns; a device's status sent after them arrives first.
+        await agg.subscribe(f"fl/{FLEET}/#", qos=1)
+        for topic in (
+            topics.metrics(FLEET),
+            topics.status(FLEET, "dev-0002"),
+            topics.per_device(FLEET, 3, topics.Kind.UPDATE, "dev-0002"),
+        ):
+            try:
+                await dash.publish(topic, b"forged", qos=1)
+            except aiomqtt.MqttError:
+                pass  # refused outright: as good
+        await dev.publish(topics.status(FLEET, "dev-0001"), b"after", qos=1)
+        while True:
+            msg = await _next(agg)
+            if msg.payload == b"after":
+                break
+            assert msg.payload != b"forged", str(msg.topic)
+
+
 @pytest.mark.parametrize(
     ("user", "password"),
     [("dev-0001", "wrong-password"), ("intruder", "whatever"), ("dev-0001", "")],

@@ -9,6 +9,8 @@ must fail before the command connects or starts any work, so none needs a broker
 from __future__ import annotations
 
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "afile").write_text("not a directory\n")
     (root / "garbage.pem").write_text("not a certificate\n")
     (root / "nan-latency.toml").write_text("[network]\nlatency = nan\n")
+    (root / "negative-energy.toml").write_text("[cost]\njoules_per_cpu_second = -1.0\n")
     (root / "huge-samples.toml").write_text("[fleet]\nsamples = 100000000000000000000000\n")
     np.savez(root / "data.npz", x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
     x = np.zeros((4, 8), np.float32)
@@ -129,6 +132,8 @@ CASES = [
     (["demo", "--out", "/proc/fleetlearn-test"], {}, "--out"),
     (["demo", "--devices", "100000000"], {}, "outside 3..10000"),
     (["demo", "--scenario", "{w}/latin1.toml"], {}, "not UTF-8"),
+    (["demo", "--dashboard", "--dashboard-port", "{taken}"], {}, "--dashboard-port"),
+    (["demo", "--dashboard-port", "70000"], {}, "outside 0..65535"),
     # -- the dispatcher itself
     (["no-such-command"], {}, "invalid choice"),
     (["aggregator", "--no-such-flag"], {}, "unrecognized arguments"),
@@ -156,7 +161,24 @@ GUARDS = [
       "--scenario", "{w}/nan-latency.toml"], {}, "network.latency"),
     (["sim", "--broker", "mqtt://127.0.0.1:1", "--fleet-dir", "{w}/fleet", "--devices", "1",
       "--scenario", "{w}/huge-samples.toml"], {}, "fleet.samples"),
+    (["sim", "--broker", "mqtt://127.0.0.1:1", "--fleet-dir", "{w}/fleet", "--devices", "1",
+      "--scenario", "{w}/negative-energy.toml"], {}, "cost.joules_per_cpu_second"),
+    (["device", "--broker", "mqtt://127.0.0.1:1", "--keys", "{w}/fleet/devices/dev-0001",
+      "--data", "{w}/data.npz", "--joules-per-cpu-second", "nan"], {},
+     "--joules-per-cpu-second"),
+    (["device", "--broker", "mqtt://127.0.0.1:1", "--keys", "{w}/fleet/devices/dev-0001",
+      "--data", "{w}/data.npz", "--microjoules-per-byte-up", "1e30"], {},
+     "--microjoules-per-byte-up"),
 ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def taken_port() -> Iterator[int]:
+    """A loopback port something listens on for the module's tests."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -170,6 +192,7 @@ def test_input_error_is_one_line(
     env: dict[str, str],
     needle: str,
     work: Path,
+    taken_port: int,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -177,7 +200,9 @@ def test_input_error_is_one_line(
         monkeypatch.setenv(name, value)
     code: int | str | None
     try:
-        code = main([arg.replace("{w}", str(work)) for arg in argv])
+        code = main(
+            [arg.replace("{w}", str(work)).replace("{taken}", str(taken_port)) for arg in argv]
+        )
     except SystemExit as exc:  # argparse refuses the flag itself
         code = exc.code
     err = capsys.readouterr().err

@@ -53,6 +53,12 @@ def test_demo(tmp_path: Path, broker: str) -> None:
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for line in ("round", "in sum", "recovered", "uplink B/dev", "accuracy"):
         assert line in proc.stdout
+    # The survivors' cost reports, summed securely: every survivor trained and downloaded.
+    for r in rounds:
+        assert r["cost"]["devices"] == r["survivors"], r["cost"]
+        assert r["cost"]["cpu_s"] > 0, r["cost"]
+        assert r["cost"]["bytes_down"] > 0, r["cost"]
+    assert "devices spent (their reports, summed over 10 rounds)" in proc.stdout
 
 
 def test_demo_reports_aborted_rounds_and_stops_after_three_in_a_row(tmp_path: Path) -> None:

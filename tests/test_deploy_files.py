@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import posixpath
 import pwd
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -60,11 +62,78 @@ def _flag(command: list[str], name: str) -> str:
 
 
 def test_services_present(compose: dict[str, Any]) -> None:
-    assert {"mosquitto", "aggregator", "simulator", "provision"} <= set(compose["services"])
+    assert {
+        "mosquitto",
+        "aggregator",
+        "simulator",
+        "provision",
+        "dashboard",
+        "prometheus",
+        "grafana",
+    } <= set(compose["services"])
     for name, service in compose["services"].items():
         assert "image" in service or "build" in service, name
-    for named in ("mosquitto-data", "aggregator-state"):
+    for named in ("mosquitto-data", "aggregator-state", "prometheus-data", "grafana-data"):
         assert named in compose["volumes"]
+
+
+def test_every_published_port_is_on_the_hosts_loopback(compose: dict[str, Any]) -> None:
+    published = 0
+    for name, service in compose["services"].items():
+        for entry in service.get("ports", []):
+            assert str(entry).startswith("127.0.0.1:"), (name, entry)
+            published += 1
+    assert published >= 4  # broker, dashboard, Prometheus, Grafana
+
+
+def test_prometheus_scrapes_the_dashboard_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    dashboard = services["dashboard"]["command"]
+    assert dashboard[0] == "dashboard"
+    port = _flag(dashboard, "--port")
+    assert services["dashboard"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    prometheus = services["prometheus"]
+    mounts = _mounts(prometheus)
+    config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if "config.file" in a)
+    source = mounts[config_path]
+    config = yaml.safe_load((ROOT / source).read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert targets == [f"dashboard:{port}"]
+    # The dashboard reads the fleet the others run, as the read-only dashboard user.
+    provision = services["provision"]["command"]
+    assert _flag(dashboard, "--fleet") == _flag(provision, "--fleet")
+    assert _mounts(services["dashboard"])[_flag(dashboard, "--fleet-dir")] == "./fleet"
+    assert _flag(dashboard, "--broker") == f"mqtt://mosquitto:{DEFAULT_PORT}"
+    # Listening on every interface of the container, it must still refuse Host names other
+    # than the host's loopback names and the one Prometheus uses (DNS rebinding).
+    assert _flag(dashboard, "--host") == "0.0.0.0"
+    allowed = {dashboard[i + 1] for i, a in enumerate(dashboard) if a == "--allowed-host"}
+    assert allowed == {"localhost", "127.0.0.1", "dashboard"}
+    assert targets[0].split(":")[0] in allowed
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_fleet_dashboard(
+    compose: dict[str, Any],
+) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = {target: source.removesuffix(":ro") for target, source in _mounts(grafana).items()}
+    provisioning = ROOT / mounts["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    prometheus_port = compose["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert source["url"] == f"http://prometheus:{prometheus_port}"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "fleetlearn.yml").read_text())[
+        "providers"
+    ]
+    folder = provider["options"]["path"]
+    boards = sorted((ROOT / mounts[folder]).glob("*.json"))
+    assert boards, "no Grafana dashboard JSON is mounted"
+    # No default admin password: compose refuses to start without one.
+    assert "?" in grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
 
 
 def test_mosquitto_service_matches_conf(compose: dict[str, Any]) -> None:
@@ -125,8 +194,8 @@ def test_commands_parse_with_the_cli(compose: dict[str, Any]) -> None:
             registered = set(action.choices)
     checked = []
     for name, service in compose["services"].items():
-        if name == "mosquitto":
-            continue
+        if "build" not in service:
+            continue  # mosquitto, Prometheus, Grafana: their own images
         command = service["command"]
         if command[0] not in registered:
             pytest.skip(f"`fleetlearn {command[0]}` is not built yet ({name} service)")
@@ -146,7 +215,7 @@ def test_dockerfile_installs_the_entrypoint() -> None:
     # The aggregator in the image can run private rounds (dp-accounting: docs/privacy.md).
     install = next(line for line in text.splitlines() if line.startswith("RUN pip install"))
     extras = install.split('".[', 1)[1].split("]", 1)[0].split(",")
-    assert {"sim", "privacy"} <= set(extras)
+    assert {"sim", "privacy", "dashboard"} <= set(extras)
 
 
 def _uids(pid: int) -> list[int]:
@@ -211,3 +280,28 @@ async def test_production_conf_runs_in_real_mosquitto(reachable_tmp: Path) -> No
         proc.terminate()
         proc.wait(timeout=10)
     assert (data / "mosquitto.db").is_file()  # persisted on shutdown, by the dropped user
+
+
+def test_the_grafana_dashboard_queries_only_documented_series() -> None:
+    """Every series the Grafana dashboard plots is one the dashboard's /metrics serves (the
+    table of docs/dashboard.md, which tests/test_dashboard_web.py holds /metrics to), with
+    the labels it has; and every documented series is plotted somewhere."""
+    from tests.test_dashboard_web import documented_series
+
+    documented = documented_series()
+    board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "fleetlearn.json").read_text())
+    used: set[str] = set()
+    for panel in board["panels"]:
+        assert panel["datasource"]["uid"] == "fleetlearn-prometheus", panel["title"]
+        for target in panel["targets"]:
+            for name, labels in re.findall(r"(fleetlearn_[a-z_]+)(\{[^}]*\})?", target["expr"]):
+                assert name in documented, (panel["title"], name)
+                for label in re.findall(r"([a-z_]+)=", labels):
+                    assert label == documented[name]["label"], (panel["title"], name, label)
+                used.add(name)
+            for label in re.findall(r"by \(([a-z_]+)\)", target["expr"]):
+                names = re.findall(r"fleetlearn_[a-z_]+", target["expr"])
+                assert all(documented[n]["label"] == label for n in names), target["expr"]
+    assert used == set(documented), set(documented) - used
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))

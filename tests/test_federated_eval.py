@@ -144,9 +144,10 @@ def test_secure_round_reveals_evaluation_only_as_sums() -> None:
             _, correct, count, local = figures[dev]
             rows, hits = per_class[dev]
             tail = [int(w) for w in words[cfg.dimension + 2 :]]
-            assert len(tail) == 3 + 2 * len(LABELS)
+            cost_words = 4 * cfg.cost_limbs
+            assert len(tail) == 3 + cost_words + 2 * len(LABELS)  # counts, cost, per class
             assert tail[:3] != [correct, count, local]  # equal by chance: 2^-57
-            assert tail[3:] != [*rows, *hits]
+            assert tail[3 + cost_words :] != [*rows, *hits]
     assert masked == 8
 
     # Downlink and the aggregator's own record: no dict names a device next to a figure.

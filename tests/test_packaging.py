@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("shared", "transport", "aggregator", "device", "broker", "firmware_sim")
+SIDES = ("shared", "transport", "aggregator", "device", "broker", "firmware_sim", "dashboard")
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,10 @@ def test_wheel_holds_only_the_fleetlearn_namespace(wheel: Path) -> None:
     stale = [n for n in names if n.endswith(".py") and not (ROOT / n).exists()]
     assert not stale, f"not in the checkout (rm -rf build/ and rebuild): {stale}"
     assert "fleetlearn/aggregator/models/pdm_default.tflite" in names
+    # The dashboard's page and its vendored chart library (served by the app, never a CDN).
+    for asset in ("index.html", "dashboard.js", "dashboard.css", "uPlot.iife.min.js",
+                  "uPlot.min.css", "uPlot.LICENSE.txt"):  # fmt: skip
+        assert f"fleetlearn/dashboard/static/{asset}" in names, asset
     assert not any(n.split("/")[0] in SIDES for n in names)
     assert not any("/tests/" in n or n.startswith(("tests/", "bench/")) for n in names)
 
@@ -141,3 +145,11 @@ def test_installed_wheel_imports_as_fleetlearn_only(wheel: Path, tmp_path: Path)
     )
     assert cli.returncode == 0, cli.stderr
     assert "aggregator" in cli.stdout
+    assert "dashboard" in cli.stdout
+    # The installed dashboard finds its page in the wheel, not in this checkout.
+    page = run(
+        "from fleetlearn.dashboard.app import STATIC;"
+        "print(STATIC, (STATIC / 'index.html').is_file())"
+    )
+    assert page.returncode == 0, page.stderr
+    assert page.stdout.strip() == f"{site / 'fleetlearn' / 'dashboard' / 'static'} True"

@@ -45,6 +45,12 @@ def test_downlink_rows_are_on_topics_devices_read() -> None:
             assert route.kind not in topics.DEVICE_WRITES, route
 
 
+def test_dashboards_read_none_of_the_round_protocol() -> None:
+    read = {topics.parse(f.replace("+", "d")).kind for f in topics.dashboard_filters("f")}
+    assert not read & {route.kind for route in protocol.ROUTES}
+    assert Kind.MODEL not in read
+
+
 def test_retained_and_expiry_agree_with_the_topic_sets() -> None:
     for route in protocol.ROUTES:
         assert route.retained == (route.kind in topics.RETAINED), route

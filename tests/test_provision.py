@@ -103,6 +103,14 @@ def test_acl_grants_match_architecture(tmp_path: Path) -> None:
     assert not ok("d1", "c", "fl/plant-7/metrics", Access.READ)
     assert ok("dashboard", "c", "fl/plant-7/dev/+/health", Access.READ)
     assert not ok("dashboard", "c", "fl/plant-7/round", Access.READ)
+    # The dashboard's device table reads statuses; round traffic and the model stay closed,
+    # and it writes nothing.
+    assert ok("dashboard", "c", "fl/plant-7/dev/+/status", Access.READ)
+    assert not ok("dashboard", "c", "fl/plant-7/dev/d1/status", Access.WRITE)
+    assert not ok("dashboard", "c", "fl/plant-7/r/+/inbox/+", Access.READ)
+    assert not ok("dashboard", "c", "fl/plant-7/r/4/update/d1", Access.READ)
+    assert not ok("dashboard", "c", "fl/plant-7/model", Access.READ)
+    assert not ok("dashboard", "c", "fl/plant-7/metrics", Access.WRITE)
     assert ok("aggregator", "c", "fl/plant-7/model", Access.WRITE)
     assert not ok("aggregator", "c", "fl/other/model", Access.WRITE)
     assert not ok(None, "c", "fl/plant-7/model", Access.READ)

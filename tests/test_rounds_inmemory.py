@@ -29,6 +29,7 @@ from fleetlearn.device.participant import (
     Send,
     Train,
 )
+from fleetlearn.shared import cost as cost_fields
 from fleetlearn.shared import rounds, tflite, topics, wire
 from fleetlearn.shared.release import ModelRelease, make_release, release_weights
 from fleetlearn.shared.secagg import keys as sk
@@ -77,6 +78,7 @@ class Fleet:
     # model's class names passed to start_round by `run_round`.
     class_counts: Callable[[str], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
     labels: tuple[str, ...] = ()
+    cpu_s: float = 0.0  # CPU seconds every local training reports
 
     def publish(self, pubs: list[Publish]) -> None:
         for p in pubs:
@@ -115,7 +117,9 @@ class Fleet:
                     self.evaluation(dev) if self.evaluation else (0.7, 30, 40, 0)
                 )
                 rows, hits = self.class_counts(dev) if self.class_counts else ((), ())
-                result = LocalResult(update, weight, loss, correct, samples, local, rows, hits)
+                result = LocalResult(
+                    update, weight, loss, correct, samples, local, rows, hits, self.cpu_s
+                )
                 self.pending.append((dev, a.round_id, result))
             elif isinstance(a, PublishStatus):
                 self.status(dev)
@@ -322,6 +326,97 @@ def test_plain_round_closes_when_everyone_sent_also_when_deferred() -> None:
     # Every device's update is in, either way.
     assert set(results[0].survivors) == set(results[1].survivors)
     assert results[0].metrics["samples"] == results[1].metrics["samples"]
+
+
+@pytest.mark.parametrize("mode", ["plain", "secure"])
+def test_cost_reports_are_summed_on_metrics(mode: str) -> None:
+    """Each update carries what its device spent since its previous one: the training's CPU
+    time, and the payload bytes it received and sent up to then. The round's `cost` is their
+    sum over the survivors; secure rounds see only the sum (within the rounding)."""
+    fleet = make_fleet(5, mode=mode)
+    fleet.cpu_s = 1.25
+    release = fleet.retained[topics.model(FLEET)]
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    first = out.metrics["cost"]
+    assert first["devices"] == len(out.survivors) == 5
+    # Secure rounds carry each report in whole milliseconds, bytes and millijoules: exact sums.
+    tolerance = 0
+    assert first["cpu_s"] == pytest.approx(5 * 1.25)
+    # Everyone downloaded the release and the announcement before answering.
+    assert first["bytes_down"] >= 5 * len(release) - tolerance
+    sent_before_update = sum(
+        len(p) for _, kind, p in fleet.sent if kind in (topics.Kind.ADVERTISE, topics.Kind.SHARES)
+    )
+    assert first["bytes_up"] == pytest.approx(sent_before_update, abs=tolerance + 1)
+    if mode == "plain":
+        assert first["bytes_up"] == 0  # nothing is sent before a plain update
+    joules = cost_fields.EnergyModel().joules(
+        first["cpu_s"], first["bytes_up"], first["bytes_down"]
+    )
+    assert first["energy_j"] == pytest.approx(joules, abs=5 * 0.0005 + 0.001)
+    # The next report starts where this one stopped: round 1's last messages are in it.
+    last_of_round_1 = sum(
+        len(p)
+        for _, kind, p in fleet.sent
+        if kind in (topics.Kind.UPDATE, topics.Kind.MASKED, topics.Kind.UNMASK)
+    )
+    fleet.sent.clear()
+    run_round(fleet, 2)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    before_update = sum(
+        len(p) for _, kind, p in fleet.sent if kind in (topics.Kind.ADVERTISE, topics.Kind.SHARES)
+    )
+    assert out.metrics["cost"]["bytes_up"] == pytest.approx(
+        last_of_round_1 + before_update, abs=tolerance + 1
+    )
+
+
+def test_private_rounds_ask_for_no_cost_reports() -> None:
+    """With a privacy mechanism the announcement does not ask for cost reports (exact sums
+    outside the noise), so updates carry none and the summary has no `cost`."""
+    fleet = make_fleet(5, mode="plain", privacy="central")
+    fleet.cpu_s = 1.0
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert "cost" not in out.metrics
+    updates = [wire.decode(p) for _, kind, p in fleet.sent if kind is topics.Kind.UPDATE]
+    assert updates
+    assert all(u.cost is None for u in updates)
+
+
+def test_a_report_that_reached_no_aggregate_goes_into_the_next_one() -> None:
+    """A device whose update is left out of the sum (here: its masked input is lost on the
+    way) gives its report back to its tally; its next report carries both rounds' CPU."""
+    fleet = make_fleet(5)
+    fleet.cpu_s = 2.0
+    lost = "d00"
+
+    def lose_masked_once(dev: str, topic: topics.Topic, payload: bytes) -> bytes:
+        if dev == lost and topic.kind is topics.Kind.MASKED and topic.round_id == 1:
+            return b"garbage"  # refused by the aggregator: d00 is not a survivor
+        return payload
+
+    fleet.uplink = lose_masked_once
+    run_round(fleet, 1)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert lost not in out.survivors
+    assert out.metrics["cost"]["cpu_s"] == pytest.approx(2.0 * len(out.survivors))
+    run_round(fleet, 2)
+    out = fleet.engine.outcome
+    assert out is not None
+    assert out.state is rounds.RoundState.CLOSED, out.reason
+    assert lost in out.survivors
+    # Everyone's report holds this round's 2 s; d00's also round 1's.
+    assert out.metrics["cost"]["cpu_s"] == pytest.approx(2.0 * len(out.survivors) + 2.0)
 
 
 def test_plain_round_with_late_device() -> None:

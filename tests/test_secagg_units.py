@@ -3,6 +3,7 @@ messages, contribution encoding, and the state machines' transition tables."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random as pyrandom
 
@@ -12,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleetlearn.shared import cost as cost_fields
 from fleetlearn.shared import wire
 from fleetlearn.shared.compression import CompressionError
+from fleetlearn.shared.cost import Cost
 from fleetlearn.shared.errors import ConfigError, FleetlearnError
 from fleetlearn.shared.secagg import contribution, keys, packing, shamir
 from fleetlearn.shared.secagg.client import TRANSITIONS as CLIENT_TRANSITIONS
@@ -87,6 +90,11 @@ def test_config_defaults() -> None:
     assert config.field_bits == 16 + 10
     assert config.min_survivors == config.threshold
     assert config.packed_bytes == math.ceil((10 + len(EXTRA_COORDINATES)) * 26 / 8)
+    # With cost reports, 16-bit words hold each 32-bit cost figure in two.
+    reported = SecAggConfig.create(cohort_size=1000, dimension=10, cost_report=True)
+    assert reported.cost_limbs == 2
+    assert reported.cost_words == 8
+    assert reported.packed_bytes == math.ceil((10 + len(EXTRA_COORDINATES) + 8) * 26 / 8)
     for n in range(3, 200):
         k = default_neighbours(n)
         assert 2 <= k <= n - 1
@@ -575,18 +583,21 @@ def test_messages_validate_when_built(build: object, field: str) -> None:
 
 
 def test_contribution_layout_and_refusals() -> None:
-    config = SecAggConfig.create(cohort_size=10, dimension=4, max_weight=10.0, max_samples=100)
+    config = SecAggConfig.create(
+        cohort_size=10, dimension=4, max_weight=10.0, max_samples=100, cost_report=True
+    )
     rng = np.random.default_rng(0)
     metrics = TrainingMetrics(loss=0.5, correct=7, samples=9, local_correct=8)
     vector = np.array([-1.0, 0.0, 0.5, 1.0], dtype=np.float32)
     encoded = contribution.encode(config, vector, weight=10.0, metrics=metrics, rng=rng)
     assert encoded.dtype == np.dtype("<u4")
-    assert encoded.shape == (9,)
+    assert encoded.shape == (4 + 5 + 4 * 2,)
     levels = (1 << config.quant_bits) - 1
     assert encoded[0] == 0
     assert encoded[3] == levels
-    assert encoded[6:].tolist() == [7, 9, 8]  # counts travel exactly
+    assert encoded[6:9].tolist() == [7, 9, 8]  # counts travel exactly
     assert encoded[4] == (1 << config.float_extra_bits) - 1  # weight == max_weight
+    assert encoded[9:].tolist() == [0] * 8  # no cost reported: four figures of two zero limbs
     for bad in (
         {"vector": vector[:3]},
         {"vector": np.array([np.nan, 0, 0, 0], dtype=np.float32)},
@@ -604,18 +615,77 @@ def test_contribution_layout_and_refusals() -> None:
 
 
 def test_decode_detects_an_impossible_sum() -> None:
-    config = SecAggConfig.create(cohort_size=10, dimension=2, quant_bits=8)
+    config = SecAggConfig.create(cohort_size=10, dimension=2, quant_bits=8, cost_report=True)
     survivors = ("a", "b")
-    fine = np.array([10, 510, 0, 0, 1, 2, 2], dtype=np.uint32)
+    cost = [0] * (4 * config.cost_limbs)  # 8-bit limbs here: four per figure
+    assert config.cost_limbs == 4
+    fine = np.array([10, 510, 0, 0, 1, 2, 2, *cost], dtype=np.uint32)
     assert contribution.decode(config, fine, survivors).correct == 1
     assert contribution.decode(config, fine, survivors).local_accuracy == 1.0
-    too_big = np.array([511, 0, 0, 0, 1, 2, 0], dtype=np.uint32)  # > 2 * 255
+    too_big = np.array([511, 0, 0, 0, 1, 2, 0, *cost], dtype=np.uint32)  # > 2 * 255
     with pytest.raises(CompressionError):
         contribution.decode(config, too_big, survivors)
     for counts in ([3, 2, 0], [0, 2, 3]):  # more hits than rows
-        total = np.array([0, 0, 0, 0, *counts], dtype=np.uint32)
+        total = np.array([0, 0, 0, 0, *counts, *cost], dtype=np.uint32)
         with pytest.raises(CompressionError):
             contribution.decode(config, total, survivors)
+    # A cost word, or a cost sum, beyond what two honest reports can make.
+    limb_too_big = fine.copy()
+    limb_too_big[-1] = 2 * 255 + 1
+    with pytest.raises(CompressionError):
+        contribution.decode(config, limb_too_big, survivors)
+    cpu_too_big = fine.copy()
+    cpu_too_big[7 + 3] = 255  # the top limb of the CPU milliseconds: 255 * 2^24 ms
+    with pytest.raises(CompressionError):
+        contribution.decode(config, cpu_too_big, survivors)
+
+
+def test_cost_reports_reach_the_aggregator_only_as_exact_sums() -> None:
+    """Each device's cost rides in its masked vector as integers in limbs; the decoded sums
+    are the reports' sums in milliseconds, bytes and millijoules, exactly."""
+    config = SecAggConfig.create(
+        cohort_size=20, dimension=3, max_weight=10.0, max_samples=100, cost_report=True
+    )
+    rng = np.random.default_rng(5)
+    reports = [
+        Cost(cpu_s=0.25 * i, bytes_up=1000.0 + i, bytes_down=50_000.0 * i, energy_j=0.5 + i)
+        for i in range(7)
+    ]
+    mask = (1 << config.field_bits) - 1
+    total = np.zeros(config.coordinates, dtype=np.uint64)
+    for report in reports:
+        metrics = TrainingMetrics(cost=report)
+        words = contribution.encode(config, np.zeros(3), weight=1.0, metrics=metrics, rng=rng)
+        total = (total + words.astype(np.uint64)) & mask
+    result = contribution.decode(config, total.astype(np.uint32), tuple("abcdefg"))
+    assert result.cost.devices == 7
+    for name in cost_fields.FIELDS:
+        exact = sum(getattr(r, name) for r in reports)
+        assert getattr(result.cost, name) == pytest.approx(exact, abs=1e-9), name
+    # A round that asks for no reports lays out no cost words and decodes to none.
+    plain = dataclasses.replace(config, cost_report=False)
+    assert plain.coordinates == config.coordinates - config.cost_words
+    words = contribution.encode(
+        plain, np.zeros(3), weight=1.0, metrics=TrainingMetrics(cost=reports[3]), rng=rng
+    )
+    assert words.shape == (plain.coordinates,)
+    assert contribution.decode(plain, words, ("a",)).cost is None
+    # The largest report of every device at once still sums without wrapping.
+    biggest = Cost(
+        cpu_s=cost_fields.MAX_CPU_S,
+        bytes_up=cost_fields.MAX_BYTES,
+        bytes_down=cost_fields.MAX_BYTES,
+        energy_j=cost_fields.MAX_ENERGY_J,
+    )
+    total = np.zeros(config.coordinates, dtype=np.uint64)
+    for _ in range(20):
+        words = contribution.encode(
+            config, np.zeros(3), weight=1.0, metrics=TrainingMetrics(cost=biggest), rng=rng
+        )
+        total = (total + words.astype(np.uint64)) & mask
+    result = contribution.decode(config, total.astype(np.uint32), tuple(f"d{i}" for i in range(20)))
+    assert result.cost.cpu_s == 20 * cost_fields.MAX_CPU_S
+    assert result.cost.energy_j == 20 * cost_fields.MAX_ENERGY_J
 
 
 # ---------------------------------------------------------------------------- state machines

@@ -98,4 +98,13 @@ def test_filters_cover_exactly_the_role_topics() -> None:
     dev = topics.device_filters("f", "d1")
     assert "fl/f/r/+/inbox/d1" in dev
     assert not any(t.endswith("/+") for t in dev)  # never another device's topics
-    assert topics.dashboard_filters("f") == ("fl/f/metrics", "fl/f/events", "fl/f/dev/+/health")
+    assert topics.dashboard_filters("f") == (
+        "fl/f/metrics",
+        "fl/f/events",
+        "fl/f/dev/+/health",
+        "fl/f/dev/+/status",  # the dashboard's device table
+    )
+    # Dashboards read fleet-wide JSON and per-device state, never a round's or the model.
+    read = {topics.parse(f.replace("+", "d")).kind for f in topics.dashboard_filters("f")}
+    K = topics.Kind
+    assert read == {K.METRICS, K.EVENTS, K.HEALTH, K.STATUS}

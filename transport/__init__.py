@@ -24,6 +24,7 @@ from fleetlearn.transport.base import (
     MqttVersion,
     Transport,
     check_ca_file,
+    listen_host,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "MqttVersion",
     "Transport",
     "check_ca_file",
+    "listen_host",
 ]

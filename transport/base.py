@@ -17,8 +17,11 @@ raises `LinkError`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import ipaddress
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -66,6 +69,21 @@ class BrokerAddress:
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def listen_host(text: str) -> str:
+    """An argparse type for an address to listen on: an IP address, or a name this machine
+    resolves (the commands that serve: `fleetlearn broker`, `fleetlearn dashboard`)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        try:
+            socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither an IP address nor a name this machine resolves"
+            ) from None
+    return text
 
 
 def check_ca_file(path: str, key: str) -> None:

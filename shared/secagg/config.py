@@ -10,8 +10,9 @@ tie them together:
   (Bell et al. 2020);
 - sums live in Z_2^b and must not wrap: b >= q + ceil(log2 n) for q-bit quantized updates;
 - the FedAvg weight and training metrics ride as `EXTRA_COORDINATES` after the d update
-  coordinates, then per class (`classes` of them) the held-out rows and hits, each given the
-  per-device budget b - ceil(log2 n) bits so their sum cannot wrap either.
+  coordinates, then the device's cost report in `cost_limbs` words per figure, then per class
+  (`classes` of them) the held-out rows and hits, each given the per-device budget
+  b - ceil(log2 n) bits so their sum cannot wrap either.
 
 Rules: a config that exists is valid. Every refusal raises `SecAggConfigError` naming the field
 and the fix. Nothing here draws randomness or reads a clock.
@@ -28,6 +29,12 @@ from fleetlearn.shared.secagg.errors import SecAggConfigError
 
 # Order of the values appended after the update coordinates (see shared.secagg.contribution).
 EXTRA_COORDINATES = ("weight", "loss_sum", "correct", "samples", "local_correct")
+# The device's cost report (shared.cost) follows them as exact integers (milliseconds, bytes,
+# millijoules), each below 2^COST_BITS, split into `SecAggConfig.cost_limbs` words of at most
+# COST_LIMB_BITS bits (low first), so the sums are exact whatever the field width.
+COST_BITS = 32
+COST_LIMB_BITS = 16
+COST_FIELDS = 4  # cpu, bytes up, bytes down, energy (shared.cost.FIELDS)
 
 # Per-class counts: at most this many classes ride in a masked vector (2 words each).
 MAX_CLASSES = 1024
@@ -235,6 +242,7 @@ class SecAggConfig(wire.Record):
     max_loss      mean training loss is clipped to [0, max_loss] before loss*samples is sent
     min_survivors fewest devices whose masked inputs may be summed (privacy floor)
     classes       per-class evaluation counts carried (0: none): 2 * classes more coordinates
+    cost_report   the device's cost report rides after the extras (4 * cost_limbs words)
     noise         distributed DP (None: none): the update is clipped, rotated and noised
                   instead of quantized on [-clip, clip] (quant_bits, clip and the FedAvg
                   weight then apply to the extras only; see DistributedNoise)
@@ -253,6 +261,7 @@ class SecAggConfig(wire.Record):
     min_survivors: int
     classes: int = 0
     noise: DistributedNoise | None = None
+    cost_report: bool = False  # the cost words follow the extras (TrainingPlan.cost_report)
 
     @classmethod
     def create(
@@ -271,6 +280,7 @@ class SecAggConfig(wire.Record):
         min_survivors: int | None = None,
         classes: int = 0,
         noise: DistributedNoise | None = None,
+        cost_report: bool = False,
     ) -> SecAggConfig:
         """Fill the derived defaults: k ~ 2 log2 n, t = k//2 + 1, b = q + ceil(log2 n) (with
         noise, at least what the noisy sum needs), min_survivors = t, max_samples = 65535 or
@@ -304,6 +314,7 @@ class SecAggConfig(wire.Record):
             min_survivors=(t if t is not None else 0) if min_survivors is None else min_survivors,
             classes=classes,
             noise=noise,
+            cost_report=cost_report,
         )
 
     def __post_init__(self) -> None:
@@ -411,7 +422,22 @@ class SecAggConfig(wire.Record):
     @property
     def coordinates(self) -> int:
         """Length of the vector that is masked: the update's words plus the extras."""
-        return self.update_words + len(EXTRA_COORDINATES) + 2 * self.classes
+        return self.update_words + len(EXTRA_COORDINATES) + self.cost_words + 2 * self.classes
+
+    @property
+    def cost_words(self) -> int:
+        """Words the cost report takes: 4 figures of `cost_limbs` limbs, or none."""
+        return COST_FIELDS * self.cost_limbs if self.cost_report else 0
+
+    @property
+    def cost_limb_bits(self) -> int:
+        """Bits of each cost word: within the per-device budget, so no sum wraps."""
+        return min(self.extra_bits, COST_LIMB_BITS)
+
+    @property
+    def cost_limbs(self) -> int:
+        """Words per cost figure: enough limbs to hold COST_BITS."""
+        return -(-COST_BITS // self.cost_limb_bits)
 
     @property
     def extra_bits(self) -> int:

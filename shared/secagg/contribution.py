@@ -3,9 +3,11 @@
 What it owns: the layout of the vector that is masked, and the bounds of its decoding.
 
     [ q(w/W * x_1) ... q(w/W * x_d) | weight | loss_sum | correct | samples | local_correct |
+      cost: cpu_ms, bytes_up, bytes_down, energy_mj, L limbs each |
       rows_0 .. rows_{C-1} | hits_0 .. hits_{C-1} ]
-      d update coordinates, q bits; the five EXTRA_COORDINATES and 2C per-class counts (C =
-      config.classes, may be 0), b - ceil(log2 n) bits each
+      d update coordinates, q bits; the five EXTRA_COORDINATES, 4L cost words (only with
+      config.cost_report) and 2C per-class counts (C = config.classes, may be 0),
+      b - ceil(log2 n) bits each
 
 - The update is pre-scaled by w/W (FedAvg weight over `max_weight`), clipped to [-clip, clip]
   and stochastically rounded to q bits by `shared.compression.quantization.quantize` (the one
@@ -17,6 +19,11 @@ What it owns: the layout of the vector that is masked, and the bounds of its dec
   aggregator learns only the sums, never one device's values. The metrics are federated
   evaluation on each device's held-out rows: the global model's loss and hits (in total and
   per class), and the hits of the device's own trained model.
+- The device's cost report (shared.cost: training CPU seconds, bytes up and down, energy) is
+  sent exactly as integers (milliseconds, bytes, millijoules; each below 2^32 by the report's
+  bounds), each split into L = config.cost_limbs words of config.cost_limb_bits bits, low
+  first. Limb sums are recombined after unmasking, so the aggregator learns the fleet's exact
+  sums and nothing per device.
 - No sum can wrap: every coordinate of one device is below 2^(b - ceil(log2 n)) and at most n
   devices add up (checked in SecAggConfig).
 - With distributed DP (`config.noise`, docs/privacy.md) the update words are instead the
@@ -33,10 +40,11 @@ What it owns: the layout of the vector that is masked, and the bounds of its dec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from fleetlearn.shared import cost as costs
 from fleetlearn.shared import privacy
 from fleetlearn.shared.compression import quantization
 from fleetlearn.shared.compression.errors import CompressionError
@@ -55,8 +63,12 @@ class TrainingMetrics:
     # The global model per class on the same rows: rows with each label, and hits among them.
     class_samples: tuple[int, ...] = ()
     class_correct: tuple[int, ...] = ()
+    # What the device spent since its previous report (with `config.cost_report`).
+    cost: costs.Cost = field(default_factory=costs.Cost)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cost, costs.Cost):
+            raise LocalProtocolError("metrics.cost must be a shared.cost.Cost")
         if not isinstance(self.loss, float | int) or not math.isfinite(self.loss):
             raise LocalProtocolError(f"metrics.loss must be a finite number, got {self.loss!r}")
         for name in ("correct", "samples", "local_correct"):
@@ -141,6 +153,7 @@ def encode(
         metrics.correct,
         metrics.samples,
         metrics.local_correct,
+        *(_cost_words(config, metrics.cost) if config.cost_report else ()),
         *per_class,
     )
     out[words:] = np.array(extras, dtype=dtype)
@@ -171,6 +184,32 @@ def _noised(
         raise LocalProtocolError(f"noise: {exc}") from None
 
 
+def _cost_words(config: SecAggConfig, cost: costs.Cost) -> list[int]:
+    """The report's 4L words: each figure in its integer unit, limbs low first."""
+    width, limbs = config.cost_limb_bits, config.cost_limbs
+    low = (1 << width) - 1
+    words: list[int] = []
+    for value in costs.integer_units(cost):
+        words.extend((value >> (width * i)) & low for i in range(limbs))
+    return words
+
+
+def _cost_sums(config: SecAggConfig, words: list[int], count: int) -> costs.CostTotals:
+    """The survivors' summed report from its limb sums; CompressionError when a limb or a
+    figure is beyond what `count` honest reports can make."""
+    width, limbs = config.cost_limb_bits, config.cost_limbs
+    if any(w > count * ((1 << width) - 1) for w in words):
+        raise CompressionError(f"an unmasked cost word is impossible for {count} devices")
+    totals = [
+        sum(words[f * limbs + i] << (width * i) for i in range(limbs))
+        for f in range(len(costs.FIELDS))
+    ]
+    try:
+        return costs.CostTotals.of_units(count, totals)
+    except ValueError as exc:
+        raise CompressionError(f"unmasked cost sums: {exc}") from None
+
+
 def _per_class(config: SecAggConfig, metrics: TrainingMetrics) -> tuple[int, ...]:
     """The 2C per-class words: rows then hits, cut or zero-padded to `config.classes` (a
     model with fewer outputs than the round's classes has no rows of the others)."""
@@ -199,7 +238,7 @@ class SecAggResult:
     survivors: tuple[str, ...]
     vector: np.ndarray  # d coordinates, uint, the sum in Z_2^b
     # The sums after the update coordinates as unmasked, in Z_2^b: the EXTRA_COORDINATES,
-    # then the per-class rows and hits.
+    # the cost words (with `config.cost_report`), then the per-class rows and hits.
     extra_grid: tuple[int, ...]
     weight_sum: float
     loss_sum: float
@@ -208,6 +247,8 @@ class SecAggResult:
     local_correct: int = 0
     class_samples: tuple[int, ...] = ()  # per class: held-out rows with that label (summed)
     class_correct: tuple[int, ...] = ()  # and the global model's hits among them
+    # The survivors' cost reports, summed (None: the round asked for none).
+    cost: costs.CostTotals | None = None
     seed: bytes = b""  # the round seed: with noise, the rotation to undo
 
     @property
@@ -294,6 +335,11 @@ def decode(
     count = len(survivors)
     extras = [int(v) for v in total[d:]]
     weight_total, loss_total, correct, samples, local_correct = extras[: len(EXTRA_COORDINATES)]
+    cost_words = extras[len(EXTRA_COORDINATES) : len(EXTRA_COORDINATES) + config.cost_words]
+    extras = [
+        *extras[: len(EXTRA_COORDINATES)],
+        *extras[len(EXTRA_COORDINATES) + len(cost_words) :],
+    ]
     c = config.classes
     rows = tuple(extras[len(EXTRA_COORDINATES) : len(EXTRA_COORDINATES) + c])
     hits = tuple(extras[len(EXTRA_COORDINATES) + c :])
@@ -336,5 +382,6 @@ def decode(
         local_correct=local_correct,
         class_samples=rows,
         class_correct=hits,
+        cost=_cost_sums(config, cost_words, count) if config.cost_report else None,
         seed=seed,
     )
